@@ -1,0 +1,72 @@
+"""Batched greedy/sampled generation with transformers' `generate`, in a forced or auto thinking mode.
+
+The plain path every backend is checked against; the shared-prefix engine builds on the same inputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from bimode.data.records import Record
+from bimode.modes import ParsedResponse, ThinkingMode, parse_response
+
+
+@dataclass
+class Generation:
+    record_id: str
+    mode: ThinkingMode
+    prompt_suffix: str
+    completion_ids: list[int]
+    completion: str  # text generated after the prompt, special tokens kept
+
+    @property
+    def response(self) -> str:
+        """The whole assistant turn: the mode suffix from the prompt plus what the model wrote."""
+        return self.prompt_suffix + self.completion
+
+    @property
+    def parsed(self) -> ParsedResponse:
+        return parse_response(self.response)
+
+
+def build_prompts(processor, records: list[Record], mode) -> dict:
+    """Left-padded prompt batch ending with the mode suffix."""
+    mode = ThinkingMode.parse(mode)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    texts = [processor.apply_chat_template(r.messages(), add_generation_prompt=True,
+                                           thinking_mode=mode.value, tokenize=False) for r in records]
+    images = [img for r in records for img in r.load_images()]
+    tokenizer.padding_side = "left"
+    if images:
+        return processor(images=images, text=texts, return_tensors="pt", padding=True)
+    return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+
+
+@torch.no_grad()
+def generate(model, processor, records: list[Record], mode="auto", max_new_tokens: int = 64,
+             batch_size: int = 32, do_sample: bool = False, temperature: float = 1.0) -> list[Generation]:
+    tokenizer = getattr(processor, "tokenizer", processor)
+    mode = ThinkingMode.parse(mode)
+    out = []
+    for start in range(0, len(records), batch_size):
+        chunk = records[start: start + batch_size]
+        inputs = build_prompts(processor, chunk, mode)
+        sequences = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                   temperature=temperature if do_sample else None, top_p=None, top_k=None,
+                                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        width = inputs["input_ids"].shape[1]
+        for record, seq in zip(chunk, sequences[:, width:].tolist()):
+            ids = _until_eos(seq, tokenizer.eos_token_id, tokenizer.pad_token_id)
+            text = tokenizer.decode(ids, skip_special_tokens=False)
+            out.append(Generation(record.id, mode, mode.prompt_suffix, ids, text))
+    return out
+
+
+def _until_eos(ids: list[int], eos_id: int, pad_id: int) -> list[int]:
+    if eos_id in ids:
+        return ids[: ids.index(eos_id)]
+    while ids and ids[-1] == pad_id:
+        ids = ids[:-1]
+    return ids

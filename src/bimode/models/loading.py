@@ -1,0 +1,118 @@
+"""Load any local Hugging Face image-text-to-text checkpoint and make it bi-mode ready.
+
+- `<think>` / `</think>` exist as single tokens (added, with embeddings resized, when missing);
+- `\\n\\n` is one token, so the thinking suffix is not a prefix of the non-thinking one (added when the
+  tokenizer splits it, e.g. Llama's SentencePiece);
+- the chat template takes `thinking_mode`: the bimode ChatML template is attached when the model's own has
+  no thinking control, or when asked, with the model's own image placeholder.
+Nothing is downloaded: paths must be local. Custom model code runs only with trust_remote_code=True.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from bimode.modes import THINK_CLOSE, THINK_OPEN, MODE_SUFFIXES, ThinkingMode
+from bimode.templates import chat_template
+
+log = logging.getLogger(__name__)
+
+
+def _check_local(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.is_dir() or not (path / "config.json").exists():
+        raise FileNotFoundError(
+            f"{path}: not a local model directory with a config.json (bimode loads only local checkpoints; "
+            "download once with `hf download` and pass the folder)")
+    return path
+
+
+def needs_remote_code(path: str | Path) -> bool:
+    config = json.loads((Path(path) / "config.json").read_text())
+    return bool(config.get("auto_map"))
+
+
+def image_placeholder(processor) -> str:
+    """What one image looks like in the prompt text for this processor's family."""
+    image_token = getattr(processor, "image_token", None) or "<image>"
+    start = getattr(processor, "vision_start_token", None)
+    if start is None and "image_pad" in image_token:  # Qwen2-VL / Qwen2.5-VL / Qwen3-VL
+        start, end = "<|vision_start|>", "<|vision_end|>"
+    else:
+        end = getattr(processor, "vision_end_token", None)
+    return f"{start}{image_token}{end}" if start and end else image_token
+
+
+def bimode_template_for(processor) -> str:
+    placeholder = image_placeholder(processor)
+    template = chat_template()
+    return template if placeholder == "<image>" else template.replace("'<image>'", repr(placeholder))
+
+
+def has_thinking_control(template: str | None) -> bool:
+    return bool(template) and "thinking_mode" in template
+
+
+def ensure_think_tokens(tokenizer, model=None) -> list[str]:
+    """Add what the bi-mode format needs as single tokens; resize the model's embeddings. Returns added."""
+    from tokenizers import AddedToken
+
+    added = []
+    vocab = tokenizer.get_vocab()
+    for tag in (THINK_OPEN, THINK_CLOSE):
+        if tag not in vocab or len(tokenizer.encode(tag, add_special_tokens=False)) != 1:
+            added.append(tag)
+    if added:
+        tokenizer.add_tokens([AddedToken(t, normalized=False, special=False) for t in added])
+    think = tokenizer.encode(MODE_SUFFIXES[ThinkingMode.THINK], add_special_tokens=False)
+    no_think = tokenizer.encode(MODE_SUFFIXES[ThinkingMode.NO_THINK], add_special_tokens=False)
+    if no_think[: len(think)] == think:
+        log.warning("tokenizer splits '\\n\\n'; adding it as one token so the two mode suffixes differ")
+        tokenizer.add_tokens([AddedToken("\n\n", normalized=False, special=False)])
+        added.append("\n\n")
+    if added and model is not None:
+        model.resize_token_embeddings(len(tokenizer))
+    return added
+
+
+def prepare_processor(processor, model=None, template: str = "auto") -> object:
+    """Make a loaded processor (and model) bi-mode ready in place; see the module docstring.
+
+    template: "auto" attaches ours when the current one has no thinking control, "bimode" always,
+    "keep" never.
+    """
+    if template not in ("auto", "bimode", "keep"):
+        raise ValueError(f"template must be auto, bimode or keep, not {template!r}")
+    tokenizer = getattr(processor, "tokenizer", processor)
+    ensure_think_tokens(tokenizer, model)
+    current = getattr(processor, "chat_template", None)
+    if template == "bimode" or template == "auto" and not has_thinking_control(current):
+        text = bimode_template_for(processor)
+        processor.chat_template = text
+        if tokenizer is not processor:
+            tokenizer.chat_template = text
+    return processor
+
+
+def load_model(path: str | Path, *, trust_remote_code: bool = False, dtype="auto", device_map=None,
+               template: str = "auto", attn_implementation: str | None = None):
+    """(model, processor) from a local image-text-to-text checkpoint, bi-mode ready."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    path = _check_local(path)
+    if needs_remote_code(path) and not trust_remote_code:
+        raise ValueError(
+            f"{path} ships its own model code (auto_map in config.json), as R-4B does; "
+            "pass trust_remote_code=True (--trust-remote-code) if you trust it")
+    kwargs = {"trust_remote_code": trust_remote_code, "local_files_only": True}
+    processor = AutoProcessor.from_pretrained(path, **kwargs)
+    model_kwargs = dict(kwargs, dtype=dtype)
+    if device_map is not None:
+        model_kwargs["device_map"] = device_map
+    if attn_implementation is not None:
+        model_kwargs["attn_implementation"] = attn_implementation
+    model = AutoModelForImageTextToText.from_pretrained(path, **model_kwargs)
+    prepare_processor(processor, model, template=template)
+    return model, processor

@@ -1,0 +1,180 @@
+"""The embedded tiny VLM: LLaVA layout with a SigLIP tower and a Qwen3 language model (R-4B's family).
+
+Built offline, sized to train in minutes on 2 CPU cores (EMBEDDED_DEFAULT.md): 32x32 images in 8x8 patches
+(16 image tokens, one per grid cell), a 1-layer SigLIP of width 64, a 4-layer Qwen3 of width 128 with tied
+embeddings, and a byte-level BPE tokenizer trained on the synthetic world's text. The saved directory is a
+plain transformers checkpoint: AutoProcessor + AutoModelForImageTextToText load it without bimode.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from bimode.data import synthetic
+from bimode.modes import THINK_CLOSE, THINK_OPEN
+from bimode.templates import chat_template
+
+IMAGE_TOKEN = "<image>"
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", THINK_OPEN, THINK_CLOSE, IMAGE_TOKEN]
+# Qwen2/Qwen3's pre-tokenizer split: whitespace runs before a newline stay one piece, so "\n\n" is a
+# single token and the thinking suffix "<think>\n" is never a prefix of the non-thinking one (trap 2).
+QWEN_SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+@dataclass
+class TinyConfig:
+    vocab_size: int = 320
+    text_hidden: int = 128
+    text_layers: int = 4
+    text_heads: int = 4
+    text_kv_heads: int = 2
+    text_mlp: int = 384
+    vision_hidden: int = 64
+    vision_layers: int = 1
+    vision_heads: int = 2
+    vision_mlp: int = 128
+    image_size: int = synthetic.IMAGE_PX
+    patch_size: int = synthetic.CELL_PX
+    max_positions: int = 1024
+    seed: int = 0
+
+
+def build_tokenizer(vocab_size: int = 320, corpus: list[str] | None = None):
+    """A byte-level BPE with Qwen's split, ChatML specials and think tags, as a transformers tokenizer."""
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_SPLIT_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    corpus = corpus if corpus is not None else synthetic.corpus_text()
+    # Chat scaffolding is text too (role names, whitespace around tags). Special tokens are cut out first:
+    # the trainer sees raw text, and merges spent on "<think>" pieces would be wasted.
+    corpus = corpus + ["user\n", "assistant\n", "system\n"] * 200
+    special_split = re.compile("|".join(re.escape(t) for t in SPECIAL_TOKENS))
+    tok.train_from_iterator((piece for text in corpus for piece in special_split.split(text) if piece),
+                            trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+        extra_special_tokens={"image_token": IMAGE_TOKEN},
+        chat_template=chat_template(),
+        model_max_length=TinyConfig.max_positions,
+    )
+
+
+def build_processor(tokenizer, cfg: TinyConfig = TinyConfig()):
+    from transformers import LlavaProcessor
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    image_processor = SiglipImageProcessorPil(size={"height": cfg.image_size, "width": cfg.image_size})
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=cfg.patch_size,
+        vision_feature_select_strategy="full",
+        num_additional_image_tokens=0,  # SigLIP has no CLS token
+        image_token=IMAGE_TOKEN,
+        chat_template=chat_template(),
+    )
+
+
+def build_model(tokenizer, cfg: TinyConfig = TinyConfig()):
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, Qwen3Config, SiglipVisionConfig
+
+    text = Qwen3Config(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.text_hidden,
+        num_hidden_layers=cfg.text_layers,
+        num_attention_heads=cfg.text_heads,
+        num_key_value_heads=cfg.text_kv_heads,
+        head_dim=cfg.text_hidden // cfg.text_heads,
+        intermediate_size=cfg.text_mlp,
+        max_position_embeddings=cfg.max_positions,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+    vision = SiglipVisionConfig(
+        hidden_size=cfg.vision_hidden,
+        num_hidden_layers=cfg.vision_layers,
+        num_attention_heads=cfg.vision_heads,
+        intermediate_size=cfg.vision_mlp,
+        image_size=cfg.image_size,
+        patch_size=cfg.patch_size,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        image_seq_length=(cfg.image_size // cfg.patch_size) ** 2,
+        vision_feature_select_strategy="full",
+        vision_feature_layer=-1,
+        projector_hidden_act="gelu",
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(cfg.seed)
+    model = LlavaForConditionalGeneration(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.bos_token_id = None
+    scale_projector_to_text(model, tokenizer, cfg)
+    return model
+
+
+@torch.no_grad()
+def scale_projector_to_text(model, tokenizer, cfg: TinyConfig = TinyConfig()) -> float:
+    """Rescale the projector's last layer so image tokens start at the norm of text embeddings (trap 1).
+
+    With default initialisation projected image tokens are ~60x larger than text embeddings and the
+    model learns to ignore the image. The fix lives in the weights, so it survives save_pretrained.
+    Returns the factor applied.
+    """
+    generator = torch.Generator().manual_seed(cfg.seed)
+    images = [synthetic.render_grid(synthetic._random_grid(__import__("random").Random(i), 6)) for i in range(16)]
+    pixel_values = build_processor(tokenizer, cfg).image_processor(images, return_tensors="pt")["pixel_values"]
+    features = model.get_image_features(pixel_values=pixel_values)
+    features = torch.cat(list(features)) if isinstance(features, (list, tuple)) else features
+    if hasattr(features, "pooler_output"):
+        features = features.pooler_output
+    image_norm = torch.cat([f.reshape(-1, f.shape[-1]) for f in features]).norm(dim=-1).mean()
+    text_norm = model.get_input_embeddings().weight.norm(dim=-1).mean()
+    factor = float(text_norm / image_norm)
+    projector = model.model.multi_modal_projector
+    projector.linear_2.weight.mul_(factor)
+    if projector.linear_2.bias is not None:
+        projector.linear_2.bias.mul_(factor)
+    del generator
+    return factor
+
+
+def build_tiny(out_dir: str | Path, cfg: TinyConfig = TinyConfig()) -> Path:
+    """Build and save tokenizer, processor and model to out_dir (safetensors); return the path."""
+    out_dir = Path(out_dir)
+    tokenizer = build_tokenizer(cfg.vocab_size)
+    processor = build_processor(tokenizer, cfg)
+    model = build_model(tokenizer, cfg)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    processor.save_pretrained(out_dir)
+    return out_dir

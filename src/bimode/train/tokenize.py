@@ -1,0 +1,68 @@
+"""Records -> model inputs with a loss mask over the assistant response (the whole think block included)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from bimode.data.records import Record
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+    images: list  # PIL images, in order of their <image> placeholders
+
+
+def response_text(record: Record, mode: str, eos: str = "<|im_end|>") -> str:
+    """The assistant turn as the template renders it, from `<think>` through the end-of-turn token."""
+    from bimode.modes import format_target
+
+    message = record.target_message(mode)
+    return format_target(message["content"], message["reasoning_content"]) + eos
+
+
+def tokenize_example(processor, record: Record, mode: str) -> Example:
+    """Tokenize prompt + target; labels are -100 outside the response.
+
+    The response starts with the special token `<think>`, so its ids are the same alone as in context: the
+    last len(response) ids of the rendered conversation are exactly the response (checked, not assumed).
+    """
+    tokenizer = getattr(processor, "tokenizer", processor)
+    messages = record.messages(with_target=mode)
+    text = processor.apply_chat_template(messages, tokenize=False)
+    images = record.load_images()
+    if images:
+        ids = processor(images=images, text=[text], return_tensors="pt")["input_ids"][0].tolist()
+    else:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    tail = tokenizer(text[text.rindex("<|im_start|>assistant\n") + len("<|im_start|>assistant\n"):],
+                     add_special_tokens=False)["input_ids"]
+    response = tokenizer(response_text(record, mode), add_special_tokens=False)["input_ids"]
+    if ids[len(ids) - len(tail):] != tail or tail[: len(response)] != response:
+        raise ValueError(f"record {record.id}: response tokens differ in context; check the chat template")
+    start = len(ids) - len(tail)
+    labels = [IGNORE_INDEX] * start + response + [IGNORE_INDEX] * (len(tail) - len(response))
+    return Example(ids, labels, images)
+
+
+def collate(examples: list[Example], processor, pad_id: int) -> dict:
+    """Right-padded batch; pixel values in placeholder order."""
+    width = max(len(e.input_ids) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    attention = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        input_ids[i, :n] = torch.tensor(e.input_ids)
+        labels[i, :n] = torch.tensor(e.labels)
+        attention[i, :n] = 1
+    batch = {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+    images = [img for e in examples for img in e.images]
+    if images:
+        batch["pixel_values"] = processor.image_processor(images, return_tensors="pt")["pixel_values"]
+    return batch
