@@ -24,3 +24,33 @@ def tiny_processor(tiny_dir):
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_processor):
     return tiny_processor.tokenizer
+
+
+TRAINED_FAMILIES = ("count", "shell")
+TRAINED_MAX_LEVEL = 3
+
+
+@pytest.fixture(scope="session")
+def trained_tiny(tmp_path_factory):
+    """The tiny model after a short bi-mode SFT on two families (about 75 s on 2 cores).
+
+    Shared by the tests that need a model whose outputs mean something: forced-mode generation, image
+    dependence, the engine against plain generation.
+    """
+    import torch
+
+    from bimode.data import synthetic
+    from bimode.models import load_model
+    from bimode.models.tiny import build_tiny
+    from bimode.train.simple import SimpleSFTConfig, train_sft
+
+    path = build_tiny(tmp_path_factory.mktemp("trained") / "base")
+    model, processor = load_model(path, dtype=torch.float32)
+    records = [s.to_record() for s in synthetic.generate(1500, seed=11, families=TRAINED_FAMILIES,
+                                                         max_level=TRAINED_MAX_LEVEL)]
+    # Measured: 400-500 steps of 16 give 0.79-0.83 think-mode accuracy on held-out samples (chance ~0.3).
+    train_sft(model, processor, records, cfg=SimpleSFTConfig(steps=450, batch_size=16, progress=False))
+    out = path.parent / "sft"
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out

@@ -19,13 +19,13 @@ def test_deterministic_by_seed_and_split():
 
 
 def test_splits_share_no_image_question_pair():
-    train = {_key(s) for s in synthetic.generate(3000, seed=0, split="train")}
-    evals = {_key(s) for s in synthetic.generate(600, seed=1, split="eval")}
+    train = {_key(s) for s in synthetic.generate(3000, seed=0, split="train", families=synthetic.FAMILIES)}
+    evals = {_key(s) for s in synthetic.generate(600, seed=1, split="eval", families=synthetic.FAMILIES)}
     assert train and evals and not train & evals
 
 
 def test_families_and_levels_are_balanced():
-    samples = synthetic.generate(260, seed=0, max_level=6)
+    samples = synthetic.generate(260, seed=0, max_level=6, families=synthetic.FAMILIES)
     cells = {(s.family, s.level) for s in samples}
     expected = {(f, lv) for f in synthetic.FAMILIES for lv in synthetic.family_levels(f, 6)}
     assert cells == expected
@@ -40,8 +40,7 @@ def test_user_can_choose_families_and_levels():
         synthetic.generate(3, families=["chess"])
 
 
-def _simulate_shell(grid):
-    ball = 1
+def _simulate_shell(grid, ball=1):
     for colour in grid:
         if colour:
             a, b = synthetic.SWAPS[colour]
@@ -50,22 +49,23 @@ def _simulate_shell(grid):
 
 
 def test_answers_are_right_and_every_trace_ends_in_the_gold_answer():
-    for s in synthetic.generate(500, seed=3):
+    for s in synthetic.generate(500, seed=3, families=synthetic.FAMILIES):
         assert s.reasoning.split()[-1] == s.answer, s
         coloured = [c for c in (s.grid or ()) if c]
         if s.family == "count":
             assert int(s.answer) == len(coloured)
         elif s.family == "shell":
             assert int(s.answer) == _simulate_shell(s.grid) and len(coloured) == s.level
-        elif s.family == "sum":
-            assert int(s.answer) == sum(synthetic.VALUES[c] for c in coloured)
+        elif s.family == "tally":
+            total = 0
+            for c in coloured:
+                total = 0 if c == "green" else total + {"red": 1, "blue": 2}[c]
+            assert int(s.answer) == total
         elif s.family == "shell_mc":
-            assert s.choices[synthetic.LETTERS.index(s.answer)] == f"cup {_simulate_shell(s.grid)}"
-        elif s.family == "arith":
-            value = int(re.search(r"Start at (\d+)", s.question).group(1))
-            for op, n in re.findall(r"(Add|Subtract) (\d+)", s.question):
-                value += int(n) if op == "Add" else -int(n)
-            assert int(s.answer) == value and s.grid is None and s.domain == "text"
+            assert s.choices[synthetic.LETTERS.index(s.answer)] == str(_simulate_shell(s.grid))
+        elif s.family == "shell_text":
+            start, moves = re.search(r"cup (\d)\. Swaps: (.*)\. Where", s.question).groups()
+            assert int(s.answer) == _simulate_shell(moves.split(", "), int(start)) and s.grid is None and s.domain == "text"
         # level = number of steps in the trace (count is a glance: level 1)
         if s.family != "count":
             assert len(s.reasoning.split(" so ")[0].split()) == s.level
@@ -86,5 +86,5 @@ def test_records_carry_every_field():
     assert record.question.startswith("<image>\n") and len(record.images) == 1
     assert record.answer_type == "mc" and record.choices and record.reasoning and record.direct_answer
     assert (record.family, record.domain) == ("shell_mc", "vision") and record.level == 1
-    text = synthetic.generate(1, families=["arith"])[0].to_record()
+    text = synthetic.generate(1, families=["shell_text"])[0].to_record()
     assert text.images == [] and "<image>" not in text.question and text.domain == "text"

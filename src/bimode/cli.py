@@ -23,7 +23,7 @@ def _cmd_data_synth(args) -> int:
     from bimode.data import synthetic
     from bimode.data.records import write_records
 
-    families = tuple(args.families.split(",")) if args.families else synthetic.FAMILIES
+    families = tuple(args.families.split(",")) if args.families else synthetic.DEFAULT_FAMILIES
     samples = synthetic.generate(args.n, seed=args.seed, split=args.split, families=families,
                                  max_level=args.max_level, progress=True)
     out = Path(args.out)
@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=0, help="generation seed")
     synth.add_argument("--split", choices=["train", "eval"], default="train",
                        help="which split; the two never share an image-question pair")
-    synth.add_argument("--families", default=None, help="comma-separated families (default: all)")
+    synth.add_argument("--families", default=None, help="comma-separated families from count,shell,tally,shell_text,shell_mc "
+                       "(default: all but shell_mc)")
     synth.add_argument("--max-level", type=int, default=6, help="highest difficulty level (reasoning steps)")
     synth.add_argument("--format", choices=["jsonl", "parquet"], default="jsonl", help="file format")
     synth.add_argument("--overwrite", action="store_true", help="replace an existing output file")

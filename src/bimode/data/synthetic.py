@@ -9,8 +9,10 @@ Families (level = number of reasoning steps):
 - count     (vision, level 1 only): how many cells are coloured (a glance).
 - shell     (vision, levels 1..L): the ball starts under cup 1; in reading order each red cell swaps cups
             1-2, blue 2-3, green 1-3; under which cup is the ball?
-- sum       (vision, levels 1..L): red=1, blue=2, green=3; the total value of the grid.
-- arith     (text-only, levels 1..L): a start number and a chain of additions/subtractions.
+- tally     (vision, levels 1..L): in reading order red adds 1, blue adds 2, green clears the total.
+            (An order-free sum of cell values was tried first: a tiny model sums directly at every level,
+            so it was no hard family.)
+- shell_text (text-only, levels 1..L): the shell game told in words, from a given start cup.
 - shell_mc  (vision, multiple choice, levels 1..L): the shell game with shuffled lettered options.
 """
 
@@ -28,11 +30,15 @@ IMAGE_PX = GRID * CELL_PX
 COLOURS = {"red": (220, 40, 40), "blue": (40, 70, 220), "green": (30, 170, 60)}
 EMPTY = (245, 245, 245)
 SWAPS = {"red": (1, 2), "blue": (2, 3), "green": (1, 3)}
-VALUES = {"red": 1, "blue": 2, "green": 3}
+VALUES = {"red": 1, "blue": 2}  # tally: green clears the total
 INITIAL = {"red": "r", "blue": "b", "green": "g"}
-FAMILIES = ("count", "shell", "sum", "arith", "shell_mc")
-TEXT_ONLY_FAMILIES = ("arith",)
+FAMILIES = ("count", "shell", "tally", "shell_text", "shell_mc")
+# The demo's mix. shell_mc is left out: measured on the tiny model, 900 SFT steps left it at chance in both
+# modes (mapping the tracked cup to its shuffled letter is a lookup the model does not learn in that budget).
+DEFAULT_FAMILIES = ("count", "shell", "tally", "shell_text")
+TEXT_ONLY_FAMILIES = ("shell_text",)
 LETTERS = "ABC"
+OBJECTS = ("ball", "coin", "ring", "key", "bead", "pearl")
 DEFAULT_MAX_LEVEL = 6
 EVAL_BUCKETS = 5  # one content hash in EVAL_BUCKETS goes to the eval split, the rest to train
 
@@ -97,8 +103,8 @@ def _random_grid(rng: random.Random, n_coloured: int, colours=tuple(COLOURS)) ->
     return tuple(cells)
 
 
-def _shell_steps(grid) -> list[tuple[str, int]]:
-    ball, steps = 1, []
+def _shell_steps(grid, start: int = 1) -> list[tuple[str, int]]:
+    ball, steps = start, []
     for colour in grid:
         if colour is None:
             continue
@@ -124,45 +130,39 @@ def _shell(rng, level):
     return "Where is the ball?", answer, "numeric", f"{trace} so {answer}", grid, None
 
 
-def _sum(rng, level):
+def _tally(rng, level):
     grid = _random_grid(rng, level)
     total, running = 0, []
     for colour in grid:
         if colour is not None:
-            total += VALUES[colour]
+            total = 0 if colour == "green" else total + VALUES[colour]
             running.append(f"{INITIAL[colour]}{total}")
-    return "What is the total value?", str(total), "numeric", f"{' '.join(running)} so {total}", grid, None
+    question = "Red adds 1, blue adds 2, green clears. What is the total?"
+    return question, str(total), "numeric", f"{' '.join(running)} so {total}", grid, None
 
 
-def _arith(rng, level):
-    value = rng.randint(0, 9)
-    text, running = [f"Start at {value}."], []
-    for _ in range(level):
-        if value >= 5 and rng.random() < 0.5 or value >= 10:
-            step = rng.randint(1, min(5, value))
-            value -= step
-            text.append(f"Subtract {step}.")
-            running.append(f"-{step}={value}")
-        else:
-            step = rng.randint(1, 5)
-            value += step
-            text.append(f"Add {step}.")
-            running.append(f"+{step}={value}")
-    question = " ".join(text) + " What is the result?"
-    return question, str(value), "numeric", f"{' '.join(running)} so {value}", None, None
+def _shell_text(rng, level):
+    # A varied start and object keep even level 1 from having only three possible questions.
+    thing, start = rng.choice(OBJECTS), rng.randint(1, 3)
+    moves = [rng.choice(tuple(SWAPS)) for _ in range(level)]
+    steps = _shell_steps(moves, start)
+    trace = " ".join(f"{INITIAL[c]}{ball}" for c, ball in steps)
+    answer = str(steps[-1][1])
+    question = f"The {thing} is under cup {start}. Swaps: {', '.join(moves)}. Where is the {thing}?"
+    return question, answer, "numeric", f"{trace} so {answer}", None, None
 
 
 def _shell_mc(rng, level):
     question, answer, _, trace, grid, _ = _shell(rng, level)
     cups = ["1", "2", "3"]
     rng.shuffle(cups)
-    choices = [f"cup {c}" for c in cups]
+    choices = list(cups)
     letter = LETTERS[cups.index(answer)]
     options = " ".join(f"({LETTERS[i]}) {choice}" for i, choice in enumerate(choices))
     return f"Where is the ball? {options}", letter, "mc", f"{trace} is {letter}", grid, choices
 
 
-_GENERATORS = {"count": _count, "shell": _shell, "sum": _sum, "arith": _arith, "shell_mc": _shell_mc}
+_GENERATORS = {"count": _count, "shell": _shell, "tally": _tally, "shell_text": _shell_text, "shell_mc": _shell_mc}
 
 
 def family_levels(family: str, max_level: int = DEFAULT_MAX_LEVEL) -> list[int]:
@@ -183,7 +183,7 @@ def generate(
     n: int,
     seed: int = 0,
     split: str = "train",
-    families: tuple[str, ...] | list[str] = FAMILIES,
+    families: tuple[str, ...] | list[str] = DEFAULT_FAMILIES,
     max_level: int = DEFAULT_MAX_LEVEL,
     levels: list[int] | None = None,
     progress: bool = False,

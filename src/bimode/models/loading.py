@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+from contextlib import contextmanager
 from pathlib import Path
 
 from bimode.modes import THINK_CLOSE, THINK_OPEN, MODE_SUFFIXES, ThinkingMode
@@ -96,6 +97,51 @@ def prepare_processor(processor, model=None, template: str = "auto") -> object:
     return processor
 
 
+@contextmanager
+def _video_processor_optional():
+    """Let a processor be built with video_processor=None (transformers checks its class otherwise)."""
+    from transformers.processing_utils import ProcessorMixin
+
+    original = ProcessorMixin.check_argument_for_proper_class
+
+    def check(self, name, argument):
+        return None if name == "video_processor" and argument is None else original(self, name, argument)
+
+    ProcessorMixin.check_argument_for_proper_class = check
+    try:
+        yield
+    finally:
+        ProcessorMixin.check_argument_for_proper_class = original
+
+
+def load_image_only_processor(path: str | Path, **kwargs):
+    """Qwen-VL-style processors without their video part, for machines without torchvision.
+
+    transformers' video processors need torchvision, which has no CPU build matching every torch; images
+    and text need only the tokenizer and the (PIL) image processor. Videos are then unsupported.
+    """
+    import transformers
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    path = Path(path)
+    config = {}
+    for name in ("processor_config.json", "preprocessor_config.json"):
+        if (path / name).exists():
+            config = {**json.loads((path / name).read_text()), **config}
+    class_name = config.get("processor_class")
+    processor_class = getattr(transformers, class_name, None) if class_name else None
+    if processor_class is None:
+        raise ImportError(f"{path}: the processor needs torchvision and names no processor_class to build "
+                          "an image-only one; install torchvision")
+    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    image_processor = AutoImageProcessor.from_pretrained(path, **kwargs)
+    log.warning("%s: torchvision is missing; using %s without its video processor (images and text only)",
+                path, class_name)
+    with _video_processor_optional():
+        return processor_class(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
+                               chat_template=getattr(tokenizer, "chat_template", None))
+
+
 def load_model(path: str | Path, *, trust_remote_code: bool = False, dtype="auto", device_map=None,
                template: str = "auto", attn_implementation: str | None = None):
     """(model, processor) from a local image-text-to-text checkpoint, bi-mode ready."""
@@ -107,7 +153,12 @@ def load_model(path: str | Path, *, trust_remote_code: bool = False, dtype="auto
             f"{path} ships its own model code (auto_map in config.json), as R-4B does; "
             "pass trust_remote_code=True (--trust-remote-code) if you trust it")
     kwargs = {"trust_remote_code": trust_remote_code, "local_files_only": True}
-    processor = AutoProcessor.from_pretrained(path, **kwargs)
+    try:
+        processor = AutoProcessor.from_pretrained(path, **kwargs)
+    except ImportError as exc:
+        if "orchvision" not in str(exc):
+            raise
+        processor = load_image_only_processor(path, **kwargs)
     model_kwargs = dict(kwargs, dtype=dtype)
     if device_map is not None:
         model_kwargs["device_map"] = device_map

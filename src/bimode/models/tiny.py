@@ -47,8 +47,13 @@ class TinyConfig:
     seed: int = 0
 
 
-def build_tokenizer(vocab_size: int = 320, corpus: list[str] | None = None):
-    """A byte-level BPE with Qwen's split, ChatML specials and think tags, as a transformers tokenizer."""
+def build_tokenizer(vocab_size: int = 320, corpus: list[str] | None = None,
+                    special_tokens: list[str] = SPECIAL_TOKENS, image_token: str | None = IMAGE_TOKEN,
+                    template: str | None = None):
+    """A byte-level BPE with Qwen's split, ChatML specials and think tags, as a transformers tokenizer.
+
+    special_tokens / image_token / template let tests imitate other families' tokenizers offline.
+    """
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
@@ -59,7 +64,7 @@ def build_tokenizer(vocab_size: int = 320, corpus: list[str] | None = None):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=special_tokens,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -67,7 +72,7 @@ def build_tokenizer(vocab_size: int = 320, corpus: list[str] | None = None):
     # Chat scaffolding is text too (role names, whitespace around tags). Special tokens are cut out first:
     # the trainer sees raw text, and merges spent on "<think>" pieces would be wasted.
     corpus = corpus + ["user\n", "assistant\n", "system\n"] * 200
-    special_split = re.compile("|".join(re.escape(t) for t in SPECIAL_TOKENS))
+    special_split = re.compile("|".join(re.escape(t) for t in SPECIAL_TOKENS + special_tokens))
     tok.train_from_iterator((piece for text in corpus for piece in special_split.split(text) if piece),
                             trainer=trainer)
     return PreTrainedTokenizerFast(
@@ -76,8 +81,8 @@ def build_tokenizer(vocab_size: int = 320, corpus: list[str] | None = None):
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         unk_token=None,
-        extra_special_tokens={"image_token": IMAGE_TOKEN},
-        chat_template=chat_template(),
+        extra_special_tokens={"image_token": image_token} if image_token else {},
+        chat_template=template if template is not None else chat_template(),
         model_max_length=TinyConfig.max_positions,
     )
 
@@ -150,8 +155,7 @@ def scale_projector_to_text(model, tokenizer, cfg: TinyConfig = TinyConfig()) ->
     model learns to ignore the image. The fix lives in the weights, so it survives save_pretrained.
     Returns the factor applied.
     """
-    generator = torch.Generator().manual_seed(cfg.seed)
-    images = [synthetic.render_grid(synthetic._random_grid(__import__("random").Random(i), 6)) for i in range(16)]
+    images = [s.render() for s in synthetic.generate(16, seed=cfg.seed, families=["shell"], levels=[6])]
     pixel_values = build_processor(tokenizer, cfg).image_processor(images, return_tensors="pt")["pixel_values"]
     features = model.get_image_features(pixel_values=pixel_values)
     features = torch.cat(list(features)) if isinstance(features, (list, tuple)) else features
@@ -164,7 +168,6 @@ def scale_projector_to_text(model, tokenizer, cfg: TinyConfig = TinyConfig()) ->
     projector.linear_2.weight.mul_(factor)
     if projector.linear_2.bias is not None:
         projector.linear_2.bias.mul_(factor)
-    del generator
     return factor
 
 

@@ -1,0 +1,293 @@
+"""The transformers backend: batched, KV-cached generation with shared-prefix sample groups.
+
+Every prompt is rendered once in auto mode, so it ends with `<think>`: the part all three modes share.
+That prefix (image encoding included) is prefilled once; its cache is copied to each of the prompt's n
+samples, and each sample's remaining mode suffix (`\\n` for think, `\\n\\n</think>\\n\\n` for no_think,
+nothing for auto) is fed as forced tokens in the decode loop. A bi-mode group of g think + g no_think
+samples therefore costs one prefill, not 2g (vLLM's prefix caching does the same on GPU; TRL's
+transformers path repeats the prompt n times). The prefill's last logits are the auto-mode decision, so
+`p_think` comes for free. The thinking budget is forced tokens too: a closing sentence and `</think>\\n\\n`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from bimode.generation.types import Completion, Prompt, SamplingParams
+from bimode.modes import MODE_SUFFIXES, THINK_CLOSE, ThinkingMode, mode_decision
+
+TokenCallback = Callable[[int, int, int], None]  # (prompt index, sample index, token id)
+
+
+@dataclass
+class _Row:
+    prompt_index: int
+    sample_index: int
+    mode: ThinkingMode
+    forced: list[int]  # tokens still to feed before sampling (mode suffix, budget closing)
+    suffix_left: int  # how many of `forced` belong to the prompt suffix (not generated tokens)
+    suffix_ids: list[int] = field(default_factory=list)
+    ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    closed: bool = False  # `</think>` seen (in the suffix or generated)
+    thinking: int = 0
+    sampled: int = 0  # generated tokens that count toward max_new_tokens (forced budget text does not)
+    budget_hit: bool = False
+    finish: str | None = None
+
+
+def _decision_probability(logits: torch.Tensor, think_ids: list[int], no_think_ids: list[int]) -> torch.Tensor:
+    """P(think) renormalised over the two decisions, from the logits after `<think>`."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    p_yes = probs[..., think_ids].sum(-1)
+    p_no = probs[..., no_think_ids].sum(-1)
+    return p_yes / (p_yes + p_no).clamp_min(1e-12)
+
+
+def _filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    logits = logits / params.temperature
+    if params.top_k:
+        kth = torch.topk(logits, min(params.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+        remove = cumulative - torch.softmax(sorted_logits, dim=-1) >= params.top_p  # keep the first over p
+        sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return logits
+
+
+class TransformersEngine:
+    """Generation on a loaded transformers model (see module docstring)."""
+
+    def __init__(self, model, processor, max_batch_rows: int = 64):
+        self.model = model.eval()
+        self.processor = processor
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.decision = mode_decision(self.tokenizer)
+        self.think_ids = sorted(self.decision.think_ids)
+        self.no_think_ids = sorted(self.decision.no_think_ids)
+        self.suffix_rest = {m: ids[1:] for m, ids in self.decision.suffix_ids.items()}  # after `<think>`
+        eos = {self.tokenizer.eos_token_id}
+        configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        eos |= set(configured if isinstance(configured, list) else [configured] if configured is not None else [])
+        self.eos_ids = {e for e in eos if e is not None}
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
+        self.max_batch_rows = max_batch_rows
+        # Models with multi-axis rotary positions (Qwen-VL's mrope) compute positions from the whole
+        # sequence; our hand-fed positions would be wrong, so they take the plain path.
+        self.shared_prefix = not hasattr(getattr(model, "model", model), "get_rope_index")
+        self.device = next(model.parameters()).device
+
+    # ---- inputs -------------------------------------------------------------------------------------
+    def _render(self, prompt: Prompt, mode: ThinkingMode = ThinkingMode.AUTO) -> str:
+        return self.processor.apply_chat_template(prompt.messages, add_generation_prompt=True,
+                                                  tokenize=False, thinking_mode=mode.value)
+
+    def _encode(self, texts: list[str], images: list) -> dict:
+        self.tokenizer.padding_side = "left"
+        if images:
+            batch = self.processor(images=images, text=texts, return_tensors="pt", padding=True)
+        else:
+            batch = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    # ---- public API ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def p_think(self, prompts: list[Prompt], batch_size: int = 32) -> list[float]:
+        """Auto-mode thinking probability of each prompt: one forward pass, no generation."""
+        out = []
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start:start + batch_size]
+            inputs = self._encode([self._render(p) for p in chunk], [i for p in chunk for i in p.images])
+            logits = self.model(**inputs, logits_to_keep=1).logits[:, -1]
+            out += _decision_probability(logits, self.think_ids, self.no_think_ids).tolist()
+        return out
+
+    @torch.no_grad()
+    def generate(self, prompts: list[Prompt], params: SamplingParams = SamplingParams(),
+                 on_token: TokenCallback | None = None, progress: bool = False) -> list[list[Completion]]:
+        """Completions for every sample of every prompt, in order."""
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(params.seed if params.seed is not None else torch.seed() % 2**63)
+        results: list[list[Completion]] = []
+        batches, current, rows = [], [], 0
+        for p in prompts:  # chunk so that no batch exceeds max_batch_rows samples
+            if current and rows + len(p.modes) > self.max_batch_rows:
+                batches.append(current)
+                current, rows = [], 0
+            current.append(p)
+            rows += len(p.modes)
+        if current:
+            batches.append(current)
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(prompts), desc="generate", unit="prompt")
+        offset = 0
+        for batch in batches:
+            run = self._run_shared if self.shared_prefix else self._run_plain
+            for i, completions in enumerate(run(batch, params, generator, on_token, offset)):
+                results.append(completions)
+            offset += len(batch)
+            if bar:
+                bar.update(len(batch))
+        if bar:
+            bar.close()
+        return results
+
+    # ---- the shared-prefix path ---------------------------------------------------------------------
+    def _run_shared(self, prompts, params, generator, on_token, offset) -> list[list[Completion]]:
+        inputs = self._encode([self._render(p) for p in prompts], [i for p in prompts for i in p.images])
+        mask = inputs["attention_mask"]
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        out = self.model(**inputs, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
+        cache = getattr(out, "cache", None) or out.past_key_values
+        last_logits = out.logits[:, -1].float()
+        p_think = _decision_probability(last_logits, self.think_ids, self.no_think_ids).tolist()
+
+        rows, source = [], []
+        for pi, p in enumerate(prompts):
+            for si, mode in enumerate(p.modes):
+                if mode is ThinkingMode.AUTO and params.think_threshold is not None:
+                    forced_mode = ThinkingMode.THINK if p_think[pi] >= params.think_threshold else ThinkingMode.NO_THINK
+                    suffix = list(self.suffix_rest[forced_mode])
+                else:
+                    suffix = list(self.suffix_rest[mode])
+                row = _Row(pi, si, mode, forced=suffix, suffix_left=len(suffix))
+                row.closed = self.decision.think_close_id in suffix
+                rows.append(row)
+                source.append(pi)
+        index = torch.tensor(source, device=self.device)
+        cache.batch_select_indices(index)
+        mask = mask[index]
+        next_pos = positions[index, -1] + 1
+        logits = last_logits[index]
+        active = list(range(len(rows)))  # rows still running, in cache order
+
+        while active:
+            tokens = []
+            for slot, r in enumerate(active):
+                row = rows[r]
+                self._apply_budget(row, params)
+                forced = bool(row.forced)
+                token = row.forced.pop(0) if forced else self._sample(logits[slot], params, generator)
+                tokens.append(token)
+                self._advance(row, token, forced, logits[slot], params, on_token, offset)
+            keep = [slot for slot, r in enumerate(active) if rows[r].finish is None]
+            if not keep:
+                break
+            if len(keep) < len(active):
+                keep_index = torch.tensor(keep, device=self.device)
+                cache.batch_select_indices(keep_index)
+                mask, next_pos = mask[keep_index], next_pos[keep_index]
+                tokens = [tokens[s] for s in keep]
+                active = [active[s] for s in keep]
+            step_ids = torch.tensor(tokens, device=self.device).unsqueeze(1)
+            mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
+            out = self.model(input_ids=step_ids, attention_mask=mask, position_ids=next_pos.unsqueeze(1),
+                             cache=cache, use_cache=True)
+            cache = getattr(out, "cache", None) or out.past_key_values
+            logits = out.logits[:, -1].float()
+            next_pos = next_pos + 1
+        return self._collect(prompts, rows, p_think)
+
+    def _sample(self, logits: torch.Tensor, params: SamplingParams, generator) -> int:
+        if params.temperature == 0:
+            return int(torch.argmax(logits))
+        probs = torch.softmax(_filter_logits(logits, params), dim=-1)
+        return int(torch.multinomial(probs, 1, generator=generator))
+
+    def _apply_budget(self, row: _Row, params: SamplingParams) -> None:
+        """Before sampling inside an open think block: if the budget is spent, force the closing text."""
+        if (params.max_thinking_tokens is not None and not row.closed and not row.forced and not row.budget_hit
+                and row.thinking >= params.max_thinking_tokens):
+            closing = params.budget_closing + THINK_CLOSE + "\n\n"
+            row.forced = self.tokenizer.encode(closing, add_special_tokens=False)
+            row.budget_hit = True
+
+    def _advance(self, row: _Row, token: int, forced: bool, logits, params, on_token, offset) -> None:
+        """Record one fed token and update the row's thinking state, budget and finish reason."""
+        if row.suffix_left:  # part of the prompt's mode suffix, not generated
+            row.suffix_left -= 1
+            row.suffix_ids.append(token)
+            return
+        if token in self.eos_ids:
+            row.finish = "budget" if row.budget_hit else "stop"
+            return
+        row.ids.append(token)
+        if params.logprobs:
+            row.logprobs.append(float(torch.log_softmax(logits, dim=-1)[token]))
+        if on_token is not None:
+            on_token(offset + row.prompt_index, row.sample_index, token)
+        row.sampled += not forced
+        if not row.closed:
+            row.thinking += not forced
+            if token == self.decision.think_close_id:
+                row.closed = True
+        if row.sampled >= params.max_new_tokens:
+            row.finish = "length"
+
+    def _collect(self, prompts, rows: list[_Row], p_think) -> list[list[Completion]]:
+        out: list[list[Completion]] = [[None] * len(p.modes) for p in prompts]  # type: ignore[list-item]
+        for row in rows:
+            suffix = MODE_SUFFIXES[ThinkingMode.AUTO] + self.tokenizer.decode(row.suffix_ids, skip_special_tokens=False)
+            out[row.prompt_index][row.sample_index] = self._completion(
+                row.mode, suffix, row.ids, row.finish or "length", p_think[row.prompt_index],
+                row.logprobs or None)
+        return out
+
+    def _completion(self, mode, suffix, ids, finish, p_think, logprobs) -> Completion:
+        close = self.decision.think_close_id
+        if close in ids:
+            thinking = ids.index(close) + 1
+        else:
+            thinking = 0 if THINK_CLOSE in suffix else len(ids)
+        text = self.tokenizer.decode(ids, skip_special_tokens=False)
+        return Completion(mode=mode, prompt_suffix=suffix, token_ids=ids, text=text, finish_reason=finish,
+                          thinking_tokens=thinking, answer_tokens=len(ids) - thinking, p_think=p_think,
+                          logprobs=logprobs)
+
+    # ---- the plain path (models with multi-axis positions) ------------------------------------------
+    def _run_plain(self, prompts, params, generator, on_token, offset) -> list[list[Completion]]:
+        """One `model.generate` per (prompt, sample): correct for every model, without prefix sharing."""
+        if params.max_thinking_tokens is not None:
+            raise NotImplementedError("the thinking budget needs the shared-prefix path; this model uses mrope")
+        p_think = self.p_think(prompts)
+        out = []
+        for pi, p in enumerate(prompts):
+            completions = []
+            for si, mode in enumerate(p.modes):
+                if mode is ThinkingMode.AUTO and params.think_threshold is not None:
+                    mode_used = ThinkingMode.THINK if p_think[pi] >= params.think_threshold else ThinkingMode.NO_THINK
+                else:
+                    mode_used = mode
+                inputs = self._encode([self._render(p, mode_used)], p.images)
+                kwargs = dict(max_new_tokens=params.max_new_tokens, pad_token_id=self.pad_id,
+                              eos_token_id=sorted(self.eos_ids))
+                if params.temperature > 0:
+                    kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p,
+                                  top_k=params.top_k or None)
+                else:
+                    kwargs.update(do_sample=False)
+                seq = self.model.generate(**inputs, **kwargs)[0, inputs["input_ids"].shape[1]:].tolist()
+                ids = [t for t in seq if t != self.pad_id]
+                finish = "length"
+                for i, t in enumerate(ids):
+                    if t in self.eos_ids:
+                        ids, finish = ids[:i], "stop"
+                        break
+                for t in ids:
+                    if on_token is not None:
+                        on_token(offset + pi, si, t)
+                completions.append(self._completion(mode, mode_used.prompt_suffix, ids, finish, p_think[pi], None))
+            out.append(completions)
+        return out

@@ -1,0 +1,147 @@
+"""Any OpenAI-compatible endpoint as a generation backend: a vLLM server, `bimode serve`, a hosted API.
+
+Thinking mode travels as vLLM users send it: `chat_template_kwargs: {"thinking_mode": "auto"|"long"|"short"}`.
+Requests run concurrently with retries and back-off and a time limit each. Token ids and p_think are not
+available through the API; token counts come from the usage block when the server reports them.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from bimode.generation.types import Completion, Prompt, SamplingParams
+from bimode.modes import R4B_NAMES, THINK_CLOSE, THINK_OPEN, ThinkingMode
+
+
+def image_data_url(image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def to_openai_messages(messages: list[dict], images: list) -> list[dict]:
+    """Our template's messages -> OpenAI content parts, images as data URLs in placeholder order."""
+    images = list(images)
+    out = []
+    for message in messages:
+        content = message["content"]
+        if isinstance(content, str):
+            out.append({"role": message["role"], "content": content})
+            continue
+        parts = []
+        for part in content:
+            if part["type"] == "image":
+                if not images:
+                    raise ValueError("more image placeholders than images")
+                parts.append({"type": "image_url", "image_url": {"url": image_data_url(images.pop(0))}})
+            else:
+                parts.append({"type": "text", "text": part["text"]})
+        out.append({"role": message["role"], "content": parts})
+    return out
+
+
+class EndpointError(RuntimeError):
+    pass
+
+
+class OpenAIEndpointBackend:
+    def __init__(self, base_url: str, model: str | None = None, api_key: str | None = None,
+                 concurrency: int = 8, retries: int = 3, timeout_s: float = 120.0, backoff_s: float = 1.0):
+        import httpx
+
+        self.base_url = base_url.rstrip("/")
+        if not self.base_url.endswith("/v1"):
+            self.base_url += "/v1"
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.client = httpx.Client(timeout=timeout_s, headers=headers)
+        self.model = model or self._first_model()
+        self.concurrency, self.retries, self.backoff_s = concurrency, retries, backoff_s
+
+    def _first_model(self) -> str:
+        response = self._post_or_get("GET", "/models")
+        data = response.get("data") or []
+        if not data:
+            raise EndpointError(f"{self.base_url}/models lists no model; pass model=")
+        return data[0]["id"]
+
+    def _post_or_get(self, method: str, path: str, body: dict | None = None) -> dict:
+        import httpx
+
+        last = None
+        for attempt in range(self.retries + 1):
+            try:
+                response = self.client.request(method, self.base_url + path, json=body)
+                if response.status_code < 500 and response.status_code != 429:
+                    if response.status_code >= 400:
+                        raise EndpointError(f"{method} {path}: HTTP {response.status_code}: {response.text[:500]}")
+                    return response.json()
+                last = EndpointError(f"{method} {path}: HTTP {response.status_code}: {response.text[:200]}")
+            except (httpx.TransportError, httpx.TimeoutException) as exc:
+                last = EndpointError(f"{method} {path}: {type(exc).__name__}: {exc}")
+            if attempt < self.retries:
+                time.sleep(self.backoff_s * 2 ** attempt)
+        raise last  # type: ignore[misc]
+
+    def _request(self, prompt: Prompt, mode: ThinkingMode, n: int, params: SamplingParams) -> list[Completion]:
+        body = {
+            "model": self.model,
+            "messages": to_openai_messages(prompt.messages, prompt.images),
+            "n": n,
+            "max_tokens": params.max_new_tokens,
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+            "chat_template_kwargs": {"thinking_mode": R4B_NAMES[mode]},
+        }
+        if params.top_k:
+            body["top_k"] = params.top_k
+        if params.seed is not None:
+            body["seed"] = params.seed
+        if params.max_thinking_tokens is not None:
+            body["max_thinking_tokens"] = params.max_thinking_tokens
+        if params.think_threshold is not None:
+            body["think_threshold"] = params.think_threshold
+        data = self._post_or_get("POST", "/chat/completions", body)
+        usage = data.get("usage") or {}
+        reasoning_total = (usage.get("completion_tokens_details") or {}).get("reasoning_tokens")
+        completions = []
+        for choice in data.get("choices", []):
+            message = choice.get("message") or {}
+            reasoning = message.get("reasoning_content") or message.get("reasoning")
+            content = message.get("content") or ""
+            finish = {"length": "length"}.get(choice.get("finish_reason"), "stop")
+            if reasoning and not content and finish == "length":  # cut off while thinking: unclosed block
+                text = f"\n{reasoning}"
+            elif reasoning is not None or THINK_CLOSE not in content:
+                text = f"\n{reasoning.strip()}\n{THINK_CLOSE}\n\n{content}" if reasoning else f"\n\n{THINK_CLOSE}\n\n{content}"
+            else:
+                text = content.split(THINK_OPEN, 1)[-1]
+            n_tokens = (usage.get("completion_tokens") or 0) // max(1, len(data["choices"]))
+            thinking = (reasoning_total or 0) // max(1, len(data["choices"]))
+            completions.append(Completion(mode=mode, prompt_suffix=THINK_OPEN, token_ids=[], text=text,
+                                          finish_reason=finish, thinking_tokens=thinking,
+                                          answer_tokens=max(0, n_tokens - thinking)))
+        return completions
+
+    def generate(self, prompts: list[Prompt], params: SamplingParams = SamplingParams(),
+                 progress: bool = False) -> list[list[Completion]]:
+        jobs = []  # one request per (prompt, mode) with n = that mode's sample count
+        for pi, prompt in enumerate(prompts):
+            for mode in dict.fromkeys(prompt.modes):
+                jobs.append((pi, mode, prompt.modes.count(mode)))
+        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
+            futures = [pool.submit(self._request, prompts[pi], mode, n, params) for pi, mode, n in jobs]
+            iterator = futures
+            if progress:
+                from tqdm import tqdm
+
+                iterator = tqdm(futures, desc="endpoint", unit="request")
+            answers = [f.result() for f in iterator]
+        results: list[list[Completion]] = [[] for _ in prompts]
+        by_key = {(pi, mode): list(a) for (pi, mode, _), a in zip(jobs, answers)}
+        for pi, prompt in enumerate(prompts):
+            for mode in prompt.modes:
+                results[pi].append(by_key[(pi, mode)].pop(0))
+        return results
