@@ -33,6 +33,22 @@ def _cmd_data_synth(args) -> int:
     return 0
 
 
+def _cmd_chat(args) -> int:
+    from bimode.chat import run_chat
+
+    return run_chat(args.model, args.prompt, args.image, args.mode, args.budget, args.max_new_tokens,
+                    args.temperature, args.threshold, args.trust_remote_code)
+
+
+def _cmd_serve(args) -> int:
+    from bimode.serve.app import serve
+
+    serve(args.model, host=args.host, port=args.port, allow_image_dir=args.allow_image_dir,
+          trust_remote_code=args.trust_remote_code, max_batch=args.max_batch,
+          request_timeout_s=args.request_timeout, served_model_name=args.served_model_name)
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from bimode.demo import run_demo
 
@@ -64,6 +80,29 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     synth.set_defaults(func=_cmd_data_synth)
 
+    chat = sub.add_parser("chat", help="chat with a model: streamed, reasoning shown apart from the answer")
+    chat.add_argument("model", help="local model directory")
+    chat.add_argument("--prompt", "-p", default=None, help="one-shot question (omit for an interactive session)")
+    chat.add_argument("--image", action="append", default=[], help="image file for the first turn (repeatable)")
+    chat.add_argument("--mode", default="auto", help="auto | think (long) | no_think (short)")
+    chat.add_argument("--budget", type=int, default=None, help="thinking budget in tokens")
+    chat.add_argument("--threshold", type=float, default=None, help="auto mode thinks iff p_think >= this")
+    chat.add_argument("--max-new-tokens", type=int, default=512, help="generated-token limit")
+    chat.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    chat.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own code")
+    chat.set_defaults(func=_cmd_chat)
+
+    srv = sub.add_parser("serve", help="OpenAI-compatible server (/v1/chat/completions, /v1/models, /health)")
+    srv.add_argument("model", help="local model directory")
+    srv.add_argument("--host", default="127.0.0.1", help="bind address")
+    srv.add_argument("--port", type=int, default=8000, help="port")
+    srv.add_argument("--allow-image-dir", default=None, help="serve local image paths under this directory only")
+    srv.add_argument("--max-batch", type=int, default=32, help="most samples generated together")
+    srv.add_argument("--request-timeout", type=float, default=300.0, help="seconds before a request fails (504)")
+    srv.add_argument("--served-model-name", default=None, help="model id reported (default: folder name)")
+    srv.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own code")
+    srv.set_defaults(func=_cmd_serve)
+
     demo = sub.add_parser("demo", help="run the recipe on the embedded default")
     demo.add_argument("--out", default="runs/demo", help="run directory")
     demo.add_argument("--quick", action="store_true", help="a smaller, faster run (for tests)")
@@ -73,8 +112,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import os
+
+    from bimode.data.records import RecordError
+
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (RecordError, FileNotFoundError, FileExistsError, ValueError) as exc:
+        if os.environ.get("BIMODE_DEBUG"):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

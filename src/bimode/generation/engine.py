@@ -84,7 +84,7 @@ class TransformersEngine:
         self.device = next(model.parameters()).device
 
     # ---- inputs -------------------------------------------------------------------------------------
-    def _render(self, prompt: Prompt, mode: ThinkingMode = ThinkingMode.AUTO) -> str:
+    def render(self, prompt: Prompt, mode: ThinkingMode = ThinkingMode.AUTO) -> str:
         return self.processor.apply_chat_template(prompt.messages, add_generation_prompt=True,
                                                   tokenize=False, thinking_mode=mode.value)
 
@@ -103,7 +103,7 @@ class TransformersEngine:
         out = []
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start:start + batch_size]
-            inputs = self._encode([self._render(p) for p in chunk], [i for p in chunk for i in p.images])
+            inputs = self._encode([self.render(p) for p in chunk], [i for p in chunk for i in p.images])
             logits = self.model(**inputs, logits_to_keep=1).logits[:, -1]
             out += _decision_probability(logits, self.think_ids, self.no_think_ids).tolist()
         return out
@@ -143,7 +143,7 @@ class TransformersEngine:
 
     # ---- the shared-prefix path ---------------------------------------------------------------------
     def _run_shared(self, prompts, params, generator, on_token, offset) -> list[list[Completion]]:
-        inputs = self._encode([self._render(p) for p in prompts], [i for p in prompts for i in p.images])
+        inputs = self._encode([self.render(p) for p in prompts], [i for p in prompts for i in p.images])
         mask = inputs["attention_mask"]
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
         from transformers import DynamicCache
@@ -270,7 +270,7 @@ class TransformersEngine:
                     mode_used = ThinkingMode.THINK if p_think[pi] >= params.think_threshold else ThinkingMode.NO_THINK
                 else:
                     mode_used = mode
-                inputs = self._encode([self._render(p, mode_used)], p.images)
+                inputs = self._encode([self.render(p, mode_used)], p.images)
                 kwargs = dict(max_new_tokens=params.max_new_tokens, pad_token_id=self.pad_id,
                               eos_token_id=sorted(self.eos_ids))
                 if params.temperature > 0:

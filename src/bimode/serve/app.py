@@ -1,0 +1,247 @@
+"""`bimode serve`: an OpenAI-compatible chat server over the generation engine.
+
+One worker thread owns the engine and runs requests in batches (requests with the same sampling settings
+that arrive together share a batch), so concurrent requests are served together without mixing outputs.
+Reasoning is returned apart from the answer (`reasoning_content`, as vLLM's reasoning parsers do).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import queue
+import threading
+import time
+import uuid
+from dataclasses import astuple, dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from bimode.generation.types import Completion, Prompt, SamplingParams
+from bimode.modes import parse_response
+from bimode.serve.requests import BadRequest, ServerLimits, parse_request
+
+
+@dataclass
+class _Job:
+    prompt: Prompt
+    params: SamplingParams
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+    tokens: asyncio.Queue | None = None  # streaming: (sample index, token id) as they come
+    cancelled: bool = False
+    result: list[Completion] = field(default_factory=list)
+
+
+class Batcher:
+    """Collects jobs for a few milliseconds and runs those with equal sampling settings as one batch."""
+
+    def __init__(self, engine, max_batch: int = 32, window_s: float = 0.01):
+        self.engine, self.max_batch, self.window_s = engine, max_batch, window_s
+        self.jobs: queue.Queue[_Job] = queue.Queue()
+        self.thread = threading.Thread(target=self._loop, name="bimode-batcher", daemon=True)
+        self.thread.start()
+
+    def submit(self, job: _Job) -> None:
+        self.jobs.put(job)
+
+    def _loop(self) -> None:
+        pending: list[_Job] = []
+        while True:
+            if not pending:
+                pending.append(self.jobs.get())
+            deadline = time.monotonic() + self.window_s
+            while len(pending) < self.max_batch:
+                try:
+                    pending.append(self.jobs.get(timeout=max(0.0, deadline - time.monotonic())))
+                except queue.Empty:
+                    break
+            key = astuple(pending[0].params)
+            batch = [j for j in pending if astuple(j.params) == key and not j.cancelled][: self.max_batch]
+            pending = [j for j in pending if j not in batch and not j.cancelled]
+            if batch:
+                self._run(batch)
+
+    def _run(self, batch: list[_Job]) -> None:
+        def on_token(prompt_index: int, sample_index: int, token: int) -> None:
+            job = batch[prompt_index]
+            if job.tokens is not None:
+                job.loop.call_soon_threadsafe(job.tokens.put_nowait, (sample_index, token))
+
+        try:
+            results = self.engine.generate([j.prompt for j in batch], batch[0].params, on_token=on_token)
+        except Exception as exc:  # one bad batch must not stop the server
+            for job in batch:
+                job.loop.call_soon_threadsafe(_set_exception, job.future, exc)
+            return
+        for job, completions in zip(batch, results):
+            job.loop.call_soon_threadsafe(_set_result, job.future, completions)
+
+
+def _set_result(future: asyncio.Future, value) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _set_exception(future: asyncio.Future, exc: Exception) -> None:
+    if not future.done():
+        future.set_exception(exc)
+
+
+def _split(completion: Completion) -> tuple[str | None, str]:
+    parsed = completion.parsed
+    if parsed.mode in ("think", "malformed"):
+        return parsed.reasoning, parsed.answer
+    return None, parsed.answer
+
+
+def _usage(prompt_tokens: int, completions: list[Completion]) -> dict:
+    generated = sum(c.num_tokens for c in completions)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": generated,
+            "total_tokens": prompt_tokens + generated,
+            "completion_tokens_details": {"reasoning_tokens": sum(c.thinking_tokens for c in completions)}}
+
+
+def _finish(completion: Completion) -> str:
+    return "length" if completion.finish_reason == "length" else "stop"
+
+
+def create_app(engine, model_name: str, limits: ServerLimits = ServerLimits(), request_timeout_s: float = 300.0,
+               max_batch: int = 32):
+    app = FastAPI(title="bimode", description="OpenAI-compatible auto-thinking VLM server")
+    batcher = Batcher(engine, max_batch=max_batch)
+    tokenizer = engine.tokenizer
+    image_tokens = getattr(getattr(engine.model, "config", None), "image_seq_length", 0) or 0
+
+    def error(status: int, message: str, param: str | None = None):
+        kind = "invalid_request_error" if status < 500 else "server_error"
+        return JSONResponse(status_code=status,
+                            content={"error": {"message": message, "type": kind, "param": param, "code": status}})
+
+    @app.get("/health")
+    def health():
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "bimode"}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return error(400, "the request body is not valid JSON")
+        try:
+            prompt, params, stream, extras = parse_request(body, limits)
+            text = engine.render(prompt)
+            prompt_tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"]) + len(prompt.images) * image_tokens
+        except BadRequest as exc:
+            return error(exc.status, str(exc), exc.param)
+        except (ValueError, TypeError) as exc:  # template errors and the like: the request's fault
+            return error(400, str(exc))
+        if prompt_tokens > limits.max_prompt_tokens:
+            return error(400, f"the prompt has {prompt_tokens} tokens, over the limit of {limits.max_prompt_tokens}",
+                         "messages")
+        loop = asyncio.get_running_loop()
+        job = _Job(prompt, params, loop, loop.create_future(), asyncio.Queue() if stream else None)
+        batcher.submit(job)
+        request_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        created = int(time.time())
+        if stream:
+            return StreamingResponse(_stream(job, request_id, created, prompt_tokens, extras),
+                                     media_type="text/event-stream")
+        try:
+            completions = await asyncio.wait_for(asyncio.shield(job.future), timeout=request_timeout_s)
+        except asyncio.TimeoutError:
+            job.cancelled = True
+            return error(504, f"the request took longer than {request_timeout_s:.0f} s")
+        except Exception as exc:
+            return error(500, f"generation failed: {exc}")
+        choices = []
+        for i, c in enumerate(completions):
+            reasoning, content = _split(c)
+            choices.append({"index": i, "message": {"role": "assistant", "content": content,
+                                                    "reasoning_content": reasoning},
+                            "finish_reason": _finish(c),
+                            "bimode": {"mode": c.parsed.mode, "p_think": c.p_think,
+                                       "budget_hit": c.finish_reason == "budget"}})
+        return {"id": request_id, "object": "chat.completion", "created": created, "model": model_name,
+                "choices": choices, "usage": _usage(prompt_tokens, completions)}
+
+    async def _stream(job: _Job, request_id: str, created: int, prompt_tokens: int, extras: dict):
+        n = len(job.prompt.modes)
+        ids: list[list[int]] = [[] for _ in range(n)]
+        sent = [("", "") for _ in range(n)]
+        suffixes = [m.prompt_suffix for m in job.prompt.modes]
+
+        def chunk(index: int, delta: dict, finish: str | None = None) -> str:
+            payload = {"id": request_id, "object": "chat.completion.chunk", "created": created,
+                       "model": model_name, "choices": [{"index": index, "delta": delta, "finish_reason": finish}]}
+            return f"data: {json.dumps(payload)}\n\n"
+
+        def deltas(index: int, response: str) -> dict:
+            parsed = parse_response(response)
+            reasoning = parsed.reasoning if parsed.mode in ("think", "malformed") else ""
+            old_reasoning, old_answer = sent[index]
+            delta = {}
+            if reasoning.startswith(old_reasoning) and len(reasoning) > len(old_reasoning):
+                delta["reasoning_content"] = reasoning[len(old_reasoning):]
+                old_reasoning = reasoning
+            if parsed.answer.startswith(old_answer) and len(parsed.answer) > len(old_answer):
+                delta["content"] = parsed.answer[len(old_answer):]
+                old_answer = parsed.answer
+            sent[index] = (old_reasoning, old_answer)
+            return delta
+
+        for i in range(n):
+            yield chunk(i, {"role": "assistant", "content": ""})
+        deadline = time.monotonic() + request_timeout_s
+        while not job.future.done() or not job.tokens.empty():
+            try:
+                index, token = await asyncio.wait_for(job.tokens.get(), timeout=0.05)
+            except asyncio.TimeoutError:
+                if time.monotonic() > deadline:
+                    job.cancelled = True
+                    yield f"data: {json.dumps({'error': {'message': 'request timed out', 'code': 504}})}\n\n"
+                    return
+                continue
+            ids[index].append(token)
+            text = tokenizer.decode(ids[index], skip_special_tokens=False)
+            delta = deltas(index, suffixes[index] + text)
+            if delta:
+                yield chunk(index, delta)
+        try:
+            completions = job.future.result()
+        except Exception as exc:
+            yield f"data: {json.dumps({'error': {'message': f'generation failed: {exc}', 'code': 500}})}\n\n"
+            return
+        for i, c in enumerate(completions):
+            delta = deltas(i, c.response)  # the final text can differ from the streamed tokens' (budget)
+            yield chunk(i, delta, _finish(c))
+        if extras.get("include_usage"):
+            payload = {"id": request_id, "object": "chat.completion.chunk", "created": created,
+                       "model": model_name, "choices": [], "usage": _usage(prompt_tokens, completions)}
+            yield f"data: {json.dumps(payload)}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return app
+
+
+def serve(model_path: str, host: str = "127.0.0.1", port: int = 8000, allow_image_dir: str | None = None,
+          trust_remote_code: bool = False, max_batch: int = 32, request_timeout_s: float = 300.0,
+          served_model_name: str | None = None) -> None:
+    import uvicorn
+    from pathlib import Path
+
+    from bimode.generation.engine import TransformersEngine
+    from bimode.models import load_model
+
+    model, processor = load_model(model_path, trust_remote_code=trust_remote_code)
+    engine = TransformersEngine(model, processor, max_batch_rows=max_batch)
+    limits = ServerLimits(allow_image_dir=Path(allow_image_dir) if allow_image_dir else None)
+    name = served_model_name or Path(model_path).name
+    app = create_app(engine, name, limits, request_timeout_s=request_timeout_s, max_batch=max_batch)
+    uvicorn.run(app, host=host, port=port, log_level="info")

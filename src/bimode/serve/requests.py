@@ -1,0 +1,161 @@
+"""Turning an OpenAI chat request into a Prompt and SamplingParams, with 4xx errors that say what is wrong."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from bimode.generation.types import Prompt, SamplingParams
+from bimode.modes import ThinkingMode
+
+
+class BadRequest(ValueError):
+    def __init__(self, message: str, param: str | None = None, status: int = 400):
+        super().__init__(message)
+        self.param, self.status = param, status
+
+
+@dataclass
+class ServerLimits:
+    max_image_bytes: int = 10 * 1024 * 1024
+    max_image_pixels: int = 4096 * 4096
+    max_prompt_tokens: int = 8192
+    max_new_tokens: int = 8192
+    max_n: int = 16
+    allow_image_dir: Path | None = None  # local image paths are refused unless under this directory
+
+
+def _decode_image(url: Any, limits: ServerLimits, where: str) -> Image.Image:
+    if not isinstance(url, str) or not url:
+        raise BadRequest(f"{where}: image_url.url must be a non-empty string", where)
+    if url.startswith("data:"):
+        header, _, payload = url.partition(",")
+        if ";base64" not in header:
+            raise BadRequest(f"{where}: data URLs must be base64-encoded", where)
+        if len(payload) * 3 // 4 > limits.max_image_bytes:
+            raise BadRequest(f"{where}: image is larger than {limits.max_image_bytes} bytes", where, status=413)
+        try:
+            raw = base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError):
+            raise BadRequest(f"{where}: image data is not valid base64", where) from None
+    elif url.startswith(("http://", "https://")):
+        raise BadRequest(f"{where}: remote image URLs are not fetched; send a base64 data URL", where)
+    else:
+        raw = _read_local_image(url.removeprefix("file://"), limits, where)
+    try:
+        with Image.open(io.BytesIO(raw)) as image:
+            if image.width * image.height > limits.max_image_pixels:
+                raise BadRequest(f"{where}: image has {image.width}x{image.height} pixels, over the limit",
+                                 where, status=413)
+            return image.convert("RGB")
+    except BadRequest:
+        raise
+    except Exception as exc:
+        raise BadRequest(f"{where}: cannot decode image: {exc}", where) from None
+
+
+def _read_local_image(path: str, limits: ServerLimits, where: str) -> bytes:
+    if limits.allow_image_dir is None:
+        raise BadRequest(f"{where}: local image paths are disabled (start the server with --allow-image-dir)", where)
+    resolved = Path(path).resolve()
+    if not resolved.is_relative_to(limits.allow_image_dir.resolve()):
+        raise BadRequest(f"{where}: {path} is outside the allowed image directory", where, status=403)
+    if not resolved.is_file():
+        raise BadRequest(f"{where}: no such image file {path}", where)
+    if resolved.stat().st_size > limits.max_image_bytes:
+        raise BadRequest(f"{where}: image is larger than {limits.max_image_bytes} bytes", where, status=413)
+    return resolved.read_bytes()
+
+
+def parse_messages(messages: Any, limits: ServerLimits) -> tuple[list[dict], list[Image.Image]]:
+    """OpenAI messages -> our template's messages and the images in placeholder order."""
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("messages must be a non-empty list", "messages")
+    out, images = [], []
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise BadRequest(f"{where} must be an object", where)
+        role = message.get("role")
+        if role not in ("system", "user", "assistant"):
+            raise BadRequest(f"{where}.role must be system, user or assistant, not {role!r}", f"{where}.role")
+        content = message.get("content")
+        if content is None and role == "assistant":
+            content = ""
+        if isinstance(content, str):
+            entry = {"role": role, "content": content}
+        elif isinstance(content, list):
+            parts = []
+            for j, part in enumerate(content):
+                pwhere = f"{where}.content[{j}]"
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind == "text" and isinstance(part.get("text"), str):
+                    parts.append({"type": "text", "text": part["text"]})
+                elif kind == "image_url" and isinstance(part.get("image_url"), (dict, str)):
+                    url = part["image_url"]["url"] if isinstance(part["image_url"], dict) else part["image_url"]
+                    images.append(_decode_image(url, limits, pwhere))
+                    parts.append({"type": "image"})
+                else:
+                    raise BadRequest(f"{pwhere} must be a text or image_url part", pwhere)
+            entry = {"role": role, "content": parts}
+        else:
+            raise BadRequest(f"{where}.content must be a string or a list of parts", f"{where}.content")
+        if role == "assistant" and isinstance(message.get("reasoning_content"), str):
+            entry["reasoning_content"] = message["reasoning_content"]
+        out.append(entry)
+    return out, images
+
+
+def _number(body: dict, name: str, kind, default, low=None, high=None):
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
+        raise BadRequest(f"{name} must be {'a number' if kind is float else 'an integer'}", name)
+    if low is not None and value < low or high is not None and value > high:
+        raise BadRequest(f"{name} must be between {low} and {high}, got {value}", name)
+    return kind(value)
+
+
+def parse_request(body: Any, limits: ServerLimits) -> tuple[Prompt, SamplingParams, bool, dict]:
+    """(prompt, params, stream, extras) from a /v1/chat/completions body."""
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object")
+    messages, images = parse_messages(body.get("messages"), limits)
+    kwargs = body.get("chat_template_kwargs") or {}
+    if not isinstance(kwargs, dict):
+        raise BadRequest("chat_template_kwargs must be an object", "chat_template_kwargs")
+    enable = kwargs.get("enable_thinking")
+    if enable is not None and not isinstance(enable, bool):
+        raise BadRequest("chat_template_kwargs.enable_thinking must be a boolean", "chat_template_kwargs")
+    try:
+        mode = ThinkingMode.parse(kwargs.get("thinking_mode"), enable_thinking=enable)
+    except ValueError as exc:
+        raise BadRequest(str(exc), "chat_template_kwargs.thinking_mode") from None
+    n = _number(body, "n", int, 1, 1, limits.max_n)
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    max_new = _number({"max_tokens": max_tokens}, "max_tokens", int, min(1024, limits.max_new_tokens), 1,
+                      limits.max_new_tokens)
+    budget = body.get("max_thinking_tokens", kwargs.get("max_thinking_tokens"))
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise BadRequest("stream must be a boolean", "stream")
+    stream_options = body.get("stream_options") or {}
+    params = SamplingParams(
+        max_new_tokens=max_new,
+        temperature=_number(body, "temperature", float, 0.0, 0.0, 2.0),
+        top_p=_number(body, "top_p", float, 1.0, 1e-6, 1.0),
+        top_k=max(0, _number(body, "top_k", int, 0, -1, 10**6)),
+        seed=_number(body, "seed", int, None),
+        max_thinking_tokens=_number({"max_thinking_tokens": budget}, "max_thinking_tokens", int, None, 0,
+                                    limits.max_new_tokens),
+        think_threshold=_number(body, "think_threshold", float, None, 0.0, 1.0),
+    )
+    prompt = Prompt(messages=messages, images=images, modes=[mode] * n)
+    return prompt, params, stream, {"include_usage": bool(stream_options.get("include_usage"))}

@@ -1,0 +1,196 @@
+"""`bimode serve` through the official openai client, on loopback."""
+
+import base64
+import io
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import torch
+
+from bimode.data import synthetic
+from bimode.generation.engine import TransformersEngine
+from bimode.generation.types import Prompt, SamplingParams
+from bimode.models import load_model
+from bimode.serve.app import create_app
+from bimode.serve.requests import ServerLimits
+from tests.conftest import TRAINED_FAMILIES, TRAINED_MAX_LEVEL
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(trained_tiny, tmp_path_factory):
+    import uvicorn
+
+    model, processor = load_model(trained_tiny, dtype=torch.float32)
+    engine = TransformersEngine(model, processor, max_batch_rows=32)
+    image_dir = tmp_path_factory.mktemp("allowed")
+    limits = ServerLimits(allow_image_dir=image_dir, max_image_bytes=200_000, max_prompt_tokens=512,
+                          max_new_tokens=256)
+    app = create_app(engine, "tiny", limits, request_timeout_s=120)
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            if httpx.get(base + "/health", timeout=1).status_code == 200:
+                break
+        except httpx.TransportError:
+            time.sleep(0.1)
+    yield {"base": base, "engine": engine, "image_dir": image_dir}
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=server["base"] + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def _data_url(image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _messages(sample):
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _data_url(sample.render())}},
+                                         {"type": "text", "text": sample.question}]}]
+
+
+@pytest.fixture(scope="module")
+def samples():
+    return synthetic.generate(32, seed=21, split="eval", families=TRAINED_FAMILIES, max_level=TRAINED_MAX_LEVEL)
+
+
+def test_models_and_health(server, client):
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    assert httpx.get(server["base"] + "/health").json() == {"status": "ok"}
+
+
+def test_plain_request_matches_the_engine(server, client, samples):
+    sample = samples[0]
+    response = client.chat.completions.create(model="tiny", messages=_messages(sample), max_tokens=32,
+                                              extra_body={"chat_template_kwargs": {"thinking_mode": "long"}})
+    message = response.choices[0].message
+    expected = server["engine"].generate([Prompt(
+        messages=[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": sample.question}]}],
+        images=[sample.render()], modes=["think"])], SamplingParams(max_new_tokens=32))[0][0]
+    assert message.content == expected.parsed.answer
+    assert message.model_extra["reasoning_content"] == expected.parsed.reasoning != ""
+    usage = response.usage
+    assert usage.completion_tokens == expected.num_tokens
+    assert usage.completion_tokens_details.reasoning_tokens == expected.thinking_tokens
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+
+def test_short_mode_has_empty_reasoning(client, samples):
+    for kwargs in ({"thinking_mode": "short"}, {"enable_thinking": False}):
+        response = client.chat.completions.create(model="tiny", messages=_messages(samples[1]), max_tokens=16,
+                                                  extra_body={"chat_template_kwargs": kwargs})
+        message = response.choices[0].message
+        assert not message.model_extra.get("reasoning_content") and message.content
+        assert response.usage.completion_tokens_details.reasoning_tokens == 0
+
+
+def test_streaming_gives_the_same_text(client, samples):
+    kwargs = dict(model="tiny", messages=_messages(samples[2]), max_tokens=32,
+                  extra_body={"chat_template_kwargs": {"thinking_mode": "think"}})
+    full = client.chat.completions.create(**kwargs).choices[0].message
+    reasoning, content, finish, chunks = "", "", None, 0
+    for chunk in client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs):
+        if not chunk.choices:
+            assert chunk.usage.completion_tokens > 0
+            continue
+        chunks += 1
+        delta = chunk.choices[0].delta
+        reasoning += (delta.model_extra or {}).get("reasoning_content") or ""
+        content += delta.content or ""
+        finish = chunk.choices[0].finish_reason or finish
+    assert chunks > 3 and (reasoning, content) == (full.model_extra["reasoning_content"], full.content)
+    assert finish == "stop"
+
+
+def test_budget_is_applied(client, samples):
+    response = client.chat.completions.create(
+        model="tiny", messages=_messages(samples[3]), max_tokens=64,
+        extra_body={"chat_template_kwargs": {"thinking_mode": "long"}, "max_thinking_tokens": 1})
+    choice = response.choices[0]
+    assert choice.model_extra["bimode"]["budget_hit"] is True
+    assert "Considering the limited time" in choice.message.model_extra["reasoning_content"]
+
+
+def test_32_concurrent_requests_are_answered_correctly(server, client, samples):
+    """Each concurrent answer equals what the engine gives that request alone: nothing mixed up."""
+    def ask(sample):
+        r = client.chat.completions.create(model="tiny", messages=_messages(sample), max_tokens=32,
+                                           extra_body={"chat_template_kwargs": {"thinking_mode": "long"}})
+        return r.choices[0].message.content
+
+    with ThreadPoolExecutor(max_workers=32) as pool:
+        answers = list(pool.map(ask, samples))
+    expected = server["engine"].generate(
+        [Prompt(messages=[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": s.question}]}],
+                images=[s.render()], modes=["think"]) for s in samples], SamplingParams(max_new_tokens=32))
+    assert answers == [e[0].parsed.answer for e in expected]
+    assert sum(a == s.answer for a, s in zip(answers, samples)) / len(samples) > 0.5
+
+
+def _post(server, body):
+    return httpx.post(server["base"] + "/v1/chat/completions", json=body, timeout=60)
+
+
+GOOD = [{"role": "user", "content": "Where is the ball?"}]
+
+
+@pytest.mark.parametrize("body, status, words", [
+    ({"messages": GOOD, "chat_template_kwargs": {"thinking_mode": "medium"}}, 400, "unknown thinking mode"),
+    ({"messages": GOOD, "chat_template_kwargs": {"enable_thinking": "yes"}}, 400, "enable_thinking"),
+    ({"messages": []}, 400, "messages must be a non-empty list"),
+    ({}, 400, "messages must be a non-empty list"),
+    ({"messages": [{"role": "robot", "content": "hi"}]}, 400, "role"),
+    ({"messages": [{"role": "user", "content": 5}]}, 400, "content must be"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@"}}]}]}, 400, "base64"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(b"nope").decode()}}]}]}, 400, "cannot decode image"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64," + "A" * 400_000}}]}]}, 413, "larger than"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "/etc/passwd"}}]}]}, 403, "outside the allowed"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}]}, 400, "not fetched"),
+    ({"messages": [{"role": "user", "content": "word " * 2000}]}, 400, "over the limit"),
+    ({"messages": GOOD, "max_tokens": 100000}, 400, "max_tokens must be between"),
+    ({"messages": GOOD, "max_tokens": "ten"}, 400, "max_tokens must be an integer"),
+    ({"messages": GOOD, "temperature": "hot"}, 400, "temperature must be a number"),
+    ({"messages": GOOD, "n": 0}, 400, "n must be between"),
+    ({"messages": GOOD, "stream": "yes"}, 400, "stream must be a boolean"),
+])
+def test_bad_requests_get_4xx_and_the_server_stays_up(server, client, body, status, words):
+    response = _post(server, body)
+    assert response.status_code == status, response.text
+    assert words in response.json()["error"]["message"]
+    assert httpx.get(server["base"] + "/health").status_code == 200
+
+
+def test_invalid_json_is_400(server):
+    response = httpx.post(server["base"] + "/v1/chat/completions", content=b"{not json",
+                          headers={"content-type": "application/json"})
+    assert response.status_code == 400
+
+
+def test_local_image_paths_only_under_the_allowed_dir(server, client, samples):
+    path = server["image_dir"] / "grid.png"
+    samples[4].render().save(path)
+    body = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": f"file://{path}"}},
+                                                      {"type": "text", "text": samples[4].question}]}],
+            "max_tokens": 8, "chat_template_kwargs": {"thinking_mode": "short"}}
+    assert _post(server, body).status_code == 200
