@@ -174,14 +174,17 @@ class TransformersEngine:
         active = list(range(len(rows)))  # rows still running, in cache order
 
         while active:
+            sampled = self._sample(logits, params, generator).tolist()  # one call for all rows
+            logprobs = torch.log_softmax(logits, dim=-1) if params.logprobs else None
             tokens = []
             for slot, r in enumerate(active):
                 row = rows[r]
                 self._apply_budget(row, params)
                 forced = bool(row.forced)
-                token = row.forced.pop(0) if forced else self._sample(logits[slot], params, generator)
+                token = row.forced.pop(0) if forced else sampled[slot]
                 tokens.append(token)
-                self._advance(row, token, forced, logits[slot], params, on_token, offset)
+                logprob = float(logprobs[slot, token]) if logprobs is not None else None
+                self._advance(row, token, forced, logprob, on_token, offset, params)
             keep = [slot for slot, r in enumerate(active) if rows[r].finish is None]
             if not keep:
                 break
@@ -200,11 +203,12 @@ class TransformersEngine:
             next_pos = next_pos + 1
         return self._collect(prompts, rows, p_think)
 
-    def _sample(self, logits: torch.Tensor, params: SamplingParams, generator) -> int:
+    def _sample(self, logits: torch.Tensor, params: SamplingParams, generator) -> torch.Tensor:
+        """Next token of every row: argmax when greedy, else temperature / top-k / top-p sampling."""
         if params.temperature == 0:
-            return int(torch.argmax(logits))
+            return torch.argmax(logits, dim=-1)
         probs = torch.softmax(_filter_logits(logits, params), dim=-1)
-        return int(torch.multinomial(probs, 1, generator=generator))
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
     def _apply_budget(self, row: _Row, params: SamplingParams) -> None:
         """Before sampling inside an open think block: if the budget is spent, force the closing text."""
@@ -214,7 +218,7 @@ class TransformersEngine:
             row.forced = self.tokenizer.encode(closing, add_special_tokens=False)
             row.budget_hit = True
 
-    def _advance(self, row: _Row, token: int, forced: bool, logits, params, on_token, offset) -> None:
+    def _advance(self, row: _Row, token: int, forced: bool, logprob, on_token, offset, params) -> None:
         """Record one fed token and update the row's thinking state, budget and finish reason."""
         if row.suffix_left:  # part of the prompt's mode suffix, not generated
             row.suffix_left -= 1
@@ -224,8 +228,8 @@ class TransformersEngine:
             row.finish = "budget" if row.budget_hit else "stop"
             return
         row.ids.append(token)
-        if params.logprobs:
-            row.logprobs.append(float(torch.log_softmax(logits, dim=-1)[token]))
+        if logprob is not None:
+            row.logprobs.append(logprob)
         if on_token is not None:
             on_token(offset + row.prompt_index, row.sample_index, token)
         row.sampled += not forced
