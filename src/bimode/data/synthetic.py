@@ -194,7 +194,9 @@ def generate(
     unknown = set(families) - set(_GENERATORS)
     if unknown:
         raise ValueError(f"unknown families {sorted(unknown)}; known: {', '.join(FAMILIES)}")
-    cells = [(f, lv) for f in families for lv in family_levels(f, max_level) if levels is None or lv in levels]
+    # Level-major order, so that even a small n covers every family.
+    cells = sorted(((f, lv) for f in families for lv in family_levels(f, max_level) if levels is None or lv in levels),
+                   key=lambda cell: (cell[1], list(families).index(cell[0])))
     if not cells:
         raise ValueError(f"no (family, level) pair matches families={families} levels={levels}")
     rng = random.Random(f"bimode-world|{seed}|{split}")

@@ -1,0 +1,73 @@
+"""The console commands, run as a user runs them."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bimode.data import synthetic
+from bimode.data.records import read_records
+
+BIMODE = [sys.executable, "-m", "bimode.cli"]
+
+
+def run(*args, input=None, check=True):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([*BIMODE, *args], capture_output=True, text=True, input=input, check=check, env=env)
+
+
+def test_help_lists_every_command():
+    out = run("--help").stdout
+    for command in ("tiny", "data", "chat", "serve", "demo"):
+        assert command in out
+
+
+def test_tiny_writes_a_loadable_model_and_refuses_to_overwrite(tmp_path):
+    run("tiny", "--out", str(tmp_path / "m"))
+    assert (tmp_path / "m" / "model.safetensors").exists() and (tmp_path / "m" / "chat_template.jinja").exists()
+    again = run("tiny", "--out", str(tmp_path / "m"), check=False)
+    assert again.returncode == 2 and "--overwrite" in again.stderr
+    run("tiny", "--out", str(tmp_path / "m"), "--overwrite")
+
+
+def test_data_synth_writes_records(tmp_path):
+    run("data", "synth", "--out", str(tmp_path), "--n", "20", "--seed", "3", "--split", "eval")
+    records = read_records(tmp_path / "eval.jsonl")
+    expected = synthetic.generate(20, seed=3, split="eval")
+    assert [r.id for r in records] == [s.id for s in expected]
+    assert [r.answer for r in records] == [s.answer for s in expected]
+    run("data", "synth", "--out", str(tmp_path / "x.parquet"), "--n", "5", "--families", "shell_mc,shell_text")
+    assert {r.family for r in read_records(tmp_path / "x.parquet")} == {"shell_mc", "shell_text"}
+    bad = run("data", "synth", "--out", str(tmp_path), "--n", "5", "--families", "chess", check=False)
+    assert bad.returncode == 2 and "unknown families" in bad.stderr
+
+
+def test_chat_one_shot_and_interactive(trained_tiny, tmp_path):
+    sample = synthetic.generate(1, seed=2, split="eval", families=["shell"], levels=[2])[0]
+    sample.render().save(tmp_path / "grid.png")
+    think = run("chat", str(trained_tiny), "-p", sample.question, "--image", str(tmp_path / "grid.png"),
+                "--mode", "think").stdout
+    assert "[thinking] " in think and "[answer] " in think and "thinking +" in think
+    assert think.index("[thinking]") < think.index("[answer]")
+    short = run("chat", str(trained_tiny), "-p", sample.question, "--image", str(tmp_path / "grid.png"),
+                "--mode", "short").stdout
+    assert "[thinking]" not in short and "[answer] " in short and "0 thinking +" in short
+    session = run("chat", str(trained_tiny), "--image", str(tmp_path / "grid.png"), "--mode", "think",
+                  input=f"{sample.question}\nAnd now?\n\n").stdout
+    assert session.count("[answer] ") == 2
+    missing = run("chat", str(trained_tiny), "-p", "hi", "--image", str(tmp_path / "nope.png"), check=False)
+    assert missing.returncode == 2 and "image file not found" in missing.stderr
+
+
+def test_quick_demo_runs_every_stage_and_resumes(tmp_path):
+    out = tmp_path / "demo"
+    first = run("demo", "--quick", "--out", str(out)).stdout
+    for stage in ("[world] running", "[tiny model] running", "[bi-mode warm-up SFT] running"):
+        assert stage in first
+    assert "| level | n | think | no_think | auto | auto thinks |" in first
+    assert (out / "sft" / "model.safetensors").exists() and (out / "data" / "eval.jsonl").exists()
+    second = run("demo", "--quick", "--out", str(out)).stdout
+    assert "[bi-mode warm-up SFT] already done" in second and "[world] already done" in second
