@@ -49,6 +49,45 @@ def _cmd_serve(args) -> int:
     return 0
 
 
+def _cmd_eval(args) -> int:
+    import shutil
+
+    from bimode.eval.report import write_report
+    from bimode.eval.runner import EvalConfig, read_samples, run_eval
+    from bimode.generation.engine import TransformersEngine
+    from bimode.models import load_model
+
+    out = Path(args.out)
+    if args.overwrite and out.exists():
+        shutil.rmtree(out)
+    judge = None
+    if args.judge:
+        from bimode.generation.openai_backend import OpenAIEndpointBackend
+
+        judge = OpenAIEndpointBackend(args.judge, model=args.judge_model)
+    model, processor = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    engine = TransformersEngine(model, processor, max_batch_rows=args.batch_size * 3)
+    cfg = EvalConfig(modes=tuple(m.strip() for m in args.modes.split(",")), max_new_tokens=args.max_new_tokens,
+                     max_thinking_tokens=args.budget, think_threshold=args.threshold, batch_size=args.batch_size,
+                     limit=args.limit, judge=judge)
+    samples = run_eval(engine, args.bench, out, cfg)
+    write_report(read_samples(samples), out, title=f"bimode eval of {args.model}")
+    print(f"report: {out / 'report.md'}; metrics: {out / 'metrics.json'}; samples: {samples}")
+    return 0
+
+
+def _cmd_eval_compare(argv: list[str]) -> int:
+    from bimode.eval.report import compare_runs
+
+    parser = argparse.ArgumentParser(prog="bimode eval compare",
+                                     description="two eval runs side by side (say, before and after BPO)")
+    parser.add_argument("run_a", help="first run directory (with metrics.json)")
+    parser.add_argument("run_b", help="second run directory")
+    args = parser.parse_args(argv)
+    print(compare_runs(Path(args.run_a), Path(args.run_b)))
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from bimode.demo import run_demo
 
@@ -103,6 +142,22 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own code")
     srv.set_defaults(func=_cmd_serve)
 
+    ev = sub.add_parser("eval", help="evaluate a model in each mode (`bimode eval compare A B` compares runs)")
+    ev.add_argument("model", help="local model directory")
+    ev.add_argument("--bench", nargs="+", required=True, help="benchmark record files (JSONL/JSON/Parquet)")
+    ev.add_argument("--modes", default="auto,think,no_think", help="comma-separated modes")
+    ev.add_argument("--out", required=True, help="run directory (samples.jsonl, metrics.json, report.md, PNGs)")
+    ev.add_argument("--max-new-tokens", type=int, default=256, help="generated-token limit per sample")
+    ev.add_argument("--budget", type=int, default=None, help="thinking budget in tokens")
+    ev.add_argument("--threshold", type=float, default=None, help="auto mode thinks iff p_think >= this")
+    ev.add_argument("--batch-size", type=int, default=32, help="questions per generation batch")
+    ev.add_argument("--limit", type=int, default=None, help="first N records of each benchmark")
+    ev.add_argument("--judge", default=None, help="OpenAI-compatible URL of an LLM judge for text answers")
+    ev.add_argument("--judge-model", default=None, help="judge model id (default: the endpoint's first)")
+    ev.add_argument("--overwrite", action="store_true", help="start again instead of resuming")
+    ev.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own code")
+    ev.set_defaults(func=_cmd_eval)
+
     demo = sub.add_parser("demo", help="run the recipe on the embedded default")
     demo.add_argument("--out", default="runs/demo", help="run directory")
     demo.add_argument("--quick", action="store_true", help="a smaller, faster run (for tests)")
@@ -116,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from bimode.data.records import RecordError
 
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:2] == ["eval", "compare"]:
+        return _cmd_eval_compare(argv[2:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -235,17 +235,23 @@ def read_records(path: str | os.PathLike) -> list[Record]:
     return list(iter_records(path))
 
 
-def iter_records(path: str | os.PathLike) -> Iterator[Record]:
+def iter_records(path: str | os.PathLike, on_error=None) -> Iterator[Record]:
     """Records from a .jsonl, .json (a list), .parquet file or a `datasets.save_to_disk` directory.
 
     Plain question/answer files work too: `problem` is read as `question`, and a missing id becomes
-    `<file stem>-<row>`. Raises RecordError naming file, row and field on the first bad row.
+    `<file stem>-<row>`. A bad row raises RecordError naming file, row and field; with `on_error`, the
+    error is passed to it instead and reading goes on with the next row.
     """
     path = Path(path)
     if not path.exists():
         raise RecordError("no such file or directory", path)
-    for row_number, row in _iter_raw_rows(path):
-        yield record_from_dict(_normalize_plain(row, path, row_number), path, row_number, path.parent)
+    for row_number, row in _iter_raw_rows(path, on_error):
+        try:
+            yield record_from_dict(_normalize_plain(row, path, row_number), path, row_number, path.parent)
+        except RecordError as exc:
+            if on_error is None:
+                raise
+            on_error(exc)
 
 
 def _normalize_plain(row: Any, path: Path, row_number: int) -> Any:
@@ -262,7 +268,7 @@ def _normalize_plain(row: Any, path: Path, row_number: int) -> Any:
     return row
 
 
-def _iter_raw_rows(path: Path) -> Iterator[tuple[int, Any]]:
+def _iter_raw_rows(path: Path, on_error=None) -> Iterator[tuple[int, Any]]:
     if path.is_dir():
         import datasets
 
@@ -274,9 +280,14 @@ def _iter_raw_rows(path: Path) -> Iterator[tuple[int, Any]]:
                 if not line.strip():
                     continue
                 try:
-                    yield i, json.loads(line)
+                    row = json.loads(line)
                 except json.JSONDecodeError as exc:
-                    raise RecordError(f"invalid JSON: {exc.msg} at column {exc.colno}", path, i) from None
+                    error = RecordError(f"invalid JSON: {exc.msg} at column {exc.colno}", path, i)
+                    if on_error is None:
+                        raise error from None
+                    on_error(error)
+                    continue
+                yield i, row
     elif path.suffix == ".json":
         try:
             data = json.loads(path.read_text(encoding="utf-8"))

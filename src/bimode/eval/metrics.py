@@ -1,0 +1,152 @@
+"""Evaluation metrics as pure functions over per-sample rows.
+
+A row is one (query, mode) outcome: {"bench", "id", "mode", "score", "tokens", "thinking_tokens",
+"answer_tokens", "thought", "p_think", "family", "level"}. Modes: "think", "no_think", "auto".
+
+The oracle router picks, per query, the cheapest forced mode that is correct (no_think if both are right or
+both wrong); its accuracy and tokens are the limit any auto mode can reach with the same model.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import defaultdict
+from statistics import mean
+
+MODES = ("no_think", "auto", "think")
+
+
+def bootstrap_ci(values: list[float], n_boot: int = 1000, seed: int = 0, alpha: float = 0.05) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean."""
+    if not values:
+        return (math.nan, math.nan)
+    if len(values) == 1:
+        return (values[0], values[0])
+    rng = random.Random(seed)
+    n = len(values)
+    means = sorted(sum(rng.choices(values, k=n)) / n for _ in range(n_boot))
+    return (means[int(alpha / 2 * n_boot)], means[min(n_boot - 1, int((1 - alpha / 2) * n_boot))])
+
+
+def mode_summary(rows: list[dict]) -> dict:
+    """Accuracy (with a 95% interval), mean tokens split into thinking and answer, and thinking rate."""
+    if not rows:
+        return {"n": 0}
+    scores = [float(r["score"]) for r in rows]
+    lo, hi = bootstrap_ci(scores)
+    return {
+        "n": len(rows),
+        "accuracy": mean(scores),
+        "ci95": [lo, hi],
+        "tokens": mean(r["tokens"] for r in rows),
+        "thinking_tokens": mean(r["thinking_tokens"] for r in rows),
+        "answer_tokens": mean(r["answer_tokens"] for r in rows),
+        "thinking_rate": mean(1.0 if r["thought"] else 0.0 for r in rows),
+    }
+
+
+def _by_query(rows: list[dict]) -> dict:
+    queries: dict = defaultdict(dict)
+    for r in rows:
+        queries[(r["bench"], r["id"])][r["mode"]] = r
+    return queries
+
+
+def oracle_choice(think: dict, no_think: dict) -> str:
+    """The cheapest correct forced mode; no_think when neither or both are right."""
+    if no_think["score"] >= 1 or think["score"] < 1:
+        return "no_think"
+    return "think"
+
+
+def oracle_summary(rows: list[dict]) -> dict:
+    """Oracle accuracy and tokens over queries that have both forced modes."""
+    chosen = []
+    for modes in _by_query(rows).values():
+        if "think" in modes and "no_think" in modes:
+            chosen.append(modes[oracle_choice(modes["think"], modes["no_think"])])
+    if not chosen:
+        return {"n": 0}
+    return {"n": len(chosen), "accuracy": mean(float(r["score"]) for r in chosen),
+            "tokens": mean(r["tokens"] for r in chosen),
+            "thinking_rate": mean(1.0 if r["mode"] == "think" else 0.0 for r in chosen)}
+
+
+def matthews(predicted: list[bool], actual: list[bool]) -> float:
+    """Matthews correlation; 0.0 where it is undefined (a constant predictor or label)."""
+    tp = sum(p and a for p, a in zip(predicted, actual))
+    tn = sum(not p and not a for p, a in zip(predicted, actual))
+    fp = sum(p and not a for p, a in zip(predicted, actual))
+    fn = sum(not p and a for p, a in zip(predicted, actual))
+    denominator = math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+    return 0.0 if denominator == 0 else (tp * tn - fp * fn) / denominator
+
+
+def mode_selection(rows: list[dict]) -> dict:
+    """How well auto mode picks: Hybrid Accuracy (share choosing the oracle's mode) and MCC of thinking
+    against the oracle's need to think (think right and no_think wrong)."""
+    picked, needed, agree = [], [], []
+    for modes in _by_query(rows).values():
+        if not {"think", "no_think", "auto"} <= set(modes):
+            continue
+        oracle = oracle_choice(modes["think"], modes["no_think"])
+        thought = bool(modes["auto"]["thought"])
+        picked.append(thought)
+        needed.append(oracle == "think")
+        agree.append((oracle == "think") == thought)
+    if not picked:
+        return {"n": 0}
+    return {"n": len(picked), "hybrid_accuracy": mean(1.0 if a else 0.0 for a in agree),
+            "mcc": matthews(picked, needed), "need_think_rate": mean(1.0 if n else 0.0 for n in needed)}
+
+
+def threshold_curve(rows: list[dict], thresholds: list[float] | None = None) -> list[dict]:
+    """Accuracy and tokens if auto thought exactly when p_think >= t, from the forced-mode outcomes.
+
+    With greedy decoding a thresholded auto sample is the forced sample of the chosen mode, so the curve
+    needs no new generation. Thresholds default to every distinct p_think plus 0 and just above 1.
+    """
+    queries = [m for m in _by_query(rows).values()
+               if "think" in m and "no_think" in m and m["think"].get("p_think") is not None]
+    if not queries:
+        return []
+    if thresholds is None:
+        thresholds = sorted({0.0, 1.0 + 1e-9} | {q["think"]["p_think"] for q in queries})
+    curve = []
+    for t in thresholds:
+        chosen = [q["think"] if q["think"]["p_think"] >= t else q["no_think"] for q in queries]
+        curve.append({"threshold": t, "accuracy": mean(float(r["score"]) for r in chosen),
+                      "tokens": mean(r["tokens"] for r in chosen),
+                      "thinking_rate": mean(1.0 if r["mode"] == "think" else 0.0 for r in chosen)})
+    return curve
+
+
+def relative_efficiency(summary: dict) -> dict:
+    """Auto against think: accuracy difference and token ratio."""
+    auto, think = summary.get("auto"), summary.get("think")
+    if not auto or not think or not auto.get("n") or not think.get("n"):
+        return {}
+    ratio = auto["tokens"] / think["tokens"] if think["tokens"] else math.nan
+    return {"accuracy_delta": auto["accuracy"] - think["accuracy"], "token_ratio": ratio}
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Every metric for one group of rows."""
+    modes = {m: mode_summary([r for r in rows if r["mode"] == m]) for m in MODES}
+    modes = {m: s for m, s in modes.items() if s["n"]}
+    return {"modes": modes, "oracle": oracle_summary(rows), "selection": mode_selection(rows),
+            "auto_vs_think": relative_efficiency(modes), "threshold_curve": threshold_curve(rows)}
+
+
+def group_metrics(rows: list[dict]) -> dict:
+    """summarize() overall, per benchmark, and per benchmark x family and benchmark x level."""
+    out = {"overall": summarize(rows), "benchmarks": {}}
+    for bench in sorted({r["bench"] for r in rows}):
+        bench_rows = [r for r in rows if r["bench"] == bench]
+        entry = summarize(bench_rows)
+        for key in ("family", "level"):
+            values = sorted({r.get(key) for r in bench_rows if r.get(key) is not None}, key=str)
+            entry[f"by_{key}"] = {str(v): summarize([r for r in bench_rows if r.get(key) == v]) for v in values}
+        out["benchmarks"][bench] = entry
+    return out

@@ -1,0 +1,158 @@
+"""`bimode eval`: run benchmarks in each mode through the engine, score, and write per-sample rows.
+
+Per-sample rows go to `samples.jsonl`, appended batch by batch and keyed by (bench, id, mode): a re-run
+skips what is there, so an interrupted eval resumes. Bad benchmark rows go to `rejects.jsonl`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from bimode.data.records import Record, RecordError, iter_records
+from bimode.generation.types import Prompt, SamplingParams
+from bimode.modes import ThinkingMode
+from bimode.rewards import accuracy_reward
+
+
+@dataclass
+class EvalConfig:
+    modes: tuple[str, ...] = ("auto", "think", "no_think")
+    max_new_tokens: int = 256
+    max_thinking_tokens: int | None = None
+    think_threshold: float | None = None
+    batch_size: int = 32
+    limit: int | None = None  # first N records of each benchmark
+    judge: object | None = None  # an OpenAIEndpointBackend for open-ended answers (answer_type "text")
+
+
+def bench_name(path: str | os.PathLike) -> str:
+    path = Path(path)
+    return path.parent.name + "/" + path.stem if path.stem in ("eval", "test", "train", "data") else path.stem
+
+
+def load_bench(path, limit=None, rejects: list | None = None) -> list[Record]:
+    """Records of a benchmark file; bad rows and rows without a gold answer go to `rejects`."""
+    name = bench_name(path)
+
+    def reject(exc: RecordError) -> None:
+        if rejects is None:
+            raise exc
+        rejects.append({"bench": name, "row": exc.row, "field": exc.field, "reason": str(exc)})
+
+    records = []
+    for record in iter_records(path, on_error=reject):
+        if not record.answer:
+            reject(RecordError(f"record {record.id} has no gold answer", path, None, "answer"))
+            continue
+        records.append(record)
+        if limit and len(records) >= limit:
+            break
+    return records
+
+
+JUDGE_PROMPT = (
+    "Reference answer: {gold}\nCandidate answer: {answer}\n"
+    "Does the candidate give the same answer as the reference? Reply with only yes or no."
+)
+
+
+def judge_score(judge, answer: str, gold: str) -> float:
+    prompt = Prompt(messages=[{"role": "user", "content": JUDGE_PROMPT.format(gold=gold, answer=answer)}],
+                    modes=[ThinkingMode.NO_THINK])
+    reply = judge.generate([prompt], SamplingParams(max_new_tokens=8))[0][0].parsed.answer.lower()
+    return 1.0 if re.match(r"\W*yes\b", reply) else 0.0
+
+
+def score(record: Record, response: str, judge=None) -> float:
+    if judge is not None and (record.answer_type == "text"):
+        from bimode.modes import extract_answer
+
+        final = extract_answer(response)
+        return 0.0 if final is None else judge_score(judge, final, record.answer)
+    return accuracy_reward(response, record.answer, record.answer_type, record.choices)
+
+
+def _done_keys(samples_path: Path) -> set:
+    done = set()
+    if samples_path.exists():
+        with open(samples_path, encoding="utf-8") as fh:
+            for line in fh:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut by a kill mid-write: redone
+                done.add((row["bench"], row["id"], row["mode"]))
+    return done
+
+
+def run_eval(engine, bench_paths: list, out_dir: Path, cfg: EvalConfig = EvalConfig(), progress: bool = True) -> Path:
+    """Generate and score every (record, mode); returns the samples file."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    samples_path = out_dir / "samples.jsonl"
+    done = _done_keys(samples_path)
+    rejects: list = []
+    params = SamplingParams(max_new_tokens=cfg.max_new_tokens, max_thinking_tokens=cfg.max_thinking_tokens,
+                            think_threshold=cfg.think_threshold)
+    modes = [ThinkingMode.parse(m) for m in cfg.modes]
+    work = []
+    for path in bench_paths:
+        name = bench_name(path)
+        for record in load_bench(path, cfg.limit, rejects):
+            todo = [m for m in modes if (name, record.id, m.value) not in done]
+            if todo:
+                work.append((name, record, todo))
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=sum(len(t) for _, _, t in work), desc="eval", unit="sample")
+    if samples_path.exists() and samples_path.stat().st_size:
+        with open(samples_path, "rb+") as fh:  # a kill mid-write leaves a cut last line: end it
+            fh.seek(-1, os.SEEK_END)
+            if fh.read(1) != b"\n":
+                fh.write(b"\n")
+    with open(samples_path, "a", encoding="utf-8") as fh:
+        for start in range(0, len(work), cfg.batch_size):
+            chunk = work[start:start + cfg.batch_size]
+            prompts = [Prompt.from_record(record, todo) for _, record, todo in chunk]
+            results = engine.generate(prompts, params)
+            lines = []
+            for (name, record, todo), completions in zip(chunk, results):
+                for mode, c in zip(todo, completions):
+                    parsed = c.parsed
+                    lines.append(json.dumps({
+                        "bench": name, "id": record.id, "mode": mode.value, "family": record.family,
+                        "level": record.level, "domain": record.domain, "answer_type": record.answer_type,
+                        "gold": record.answer, "response": c.response, "answer": parsed.answer,
+                        "parsed_mode": parsed.mode, "thought": parsed.mode in ("think", "malformed"),
+                        "score": score(record, c.response, cfg.judge), "tokens": c.num_tokens,
+                        "thinking_tokens": c.thinking_tokens, "answer_tokens": c.answer_tokens,
+                        "finish_reason": c.finish_reason, "p_think": c.p_think,
+                    }) + "\n")
+            fh.write("".join(lines))  # one write per batch: a kill loses at most the batch in flight
+            fh.flush()
+            if bar:
+                bar.update(sum(len(t) for _, _, t in chunk))
+    if bar:
+        bar.close()
+    if rejects:
+        with open(out_dir / "rejects.jsonl", "a", encoding="utf-8") as fh:
+            fh.writelines(json.dumps(r) + "\n" for r in rejects)
+    return samples_path
+
+
+def read_samples(path: Path) -> list[dict]:
+    rows = []
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue
+    # one row per key: the last write wins (a resumed batch may repeat a half-written one)
+    return list({(r["bench"], r["id"], r["mode"]): r for r in rows}.values())

@@ -1,0 +1,80 @@
+"""End-to-end eval of the tiny model: all three modes, report files that hold the JSON's numbers, resume."""
+
+import json
+import re
+
+import pytest
+import torch
+
+from bimode.data import synthetic
+from bimode.data.records import write_records
+from bimode.eval.report import PLOTS, compare_runs, write_report
+from bimode.eval.runner import EvalConfig, read_samples, run_eval
+from bimode.generation.engine import TransformersEngine
+from bimode.models import load_model
+from tests.conftest import TRAINED_FAMILIES, TRAINED_MAX_LEVEL
+
+
+@pytest.fixture(scope="module")
+def engine(trained_tiny):
+    model, processor = load_model(trained_tiny, dtype=torch.float32)
+    return TransformersEngine(model, processor)
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bench") / "eval.jsonl"
+    samples = synthetic.generate(30, seed=4, split="eval", families=TRAINED_FAMILIES, max_level=TRAINED_MAX_LEVEL)
+    write_records([s.to_record() for s in samples], path)
+    with open(path, "a") as fh:  # one bad row and one without a gold answer: rejected, the rest evaluated
+        fh.write('{"id": "bad", "question": 3}\n{"id": "nogold", "question": "what?"}\n')
+    return path
+
+
+def test_eval_all_modes_report_and_plots(engine, bench, tmp_path):
+    samples = run_eval(engine, [bench], tmp_path, EvalConfig(max_new_tokens=32), progress=False)
+    rows = read_samples(samples)
+    assert len(rows) == 90 and {r["mode"] for r in rows} == {"auto", "think", "no_think"}
+    rejects = [json.loads(line) for line in (tmp_path / "rejects.jsonl").read_text().splitlines()]
+    assert [(r["row"], r["field"]) for r in rejects] == [(31, "question"), (None, "answer")]
+    metrics = write_report(rows, tmp_path)
+    assert json.loads((tmp_path / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
+    for plot in PLOTS:
+        assert (tmp_path / plot).stat().st_size > 1000
+    think = metrics["benchmarks"]["bench0/eval"]["modes"]["think"]
+    assert think["accuracy"] > 0.5  # the trained tiny model reasons correctly in think mode
+    report = (tmp_path / "report.md").read_text()
+    # the markdown shows the JSON's numbers
+    assert f"| think | 30 | {100 * think['accuracy']:.1f} (" in report
+    oracle = metrics["benchmarks"]["bench0/eval"]["oracle"]
+    assert f"| oracle router | 30 | {100 * oracle['accuracy']:.1f} | {oracle['tokens']:.1f} |" in report
+    # per-sample rows carry what the issue asks for
+    r = rows[0]
+    for key in ("id", "mode", "response", "answer", "score", "tokens", "p_think", "thinking_tokens"):
+        assert key in r
+
+
+def test_resume_gives_the_same_rows(engine, bench, tmp_path):
+    full = read_samples(run_eval(engine, [bench], tmp_path / "full", EvalConfig(max_new_tokens=32, batch_size=8),
+                                 progress=False))
+    part_dir = tmp_path / "part"
+    run_eval(engine, [bench], part_dir, EvalConfig(max_new_tokens=32, batch_size=8, limit=12), progress=False)
+    lines = (part_dir / "samples.jsonl").read_text().splitlines()
+    (part_dir / "samples.jsonl").write_text("\n".join(lines[:-5]) + "\n" + lines[-5][:20])  # killed mid-write
+    resumed = read_samples(run_eval(engine, [bench], part_dir, EvalConfig(max_new_tokens=32, batch_size=8),
+                                    progress=False))
+    by_key = lambda rows: {(r["id"], r["mode"]): r for r in rows}
+    full, resumed = by_key(full), by_key(resumed)
+    assert full.keys() == resumed.keys() and len(full) == 90
+    for k in full:  # identical, but p_think to float tolerance (batches are composed differently)
+        assert {**full[k], "p_think": 0} == {**resumed[k], "p_think": 0}
+        assert full[k]["p_think"] == pytest.approx(resumed[k]["p_think"], abs=1e-5)
+
+
+def test_compare_two_runs(engine, bench, tmp_path):
+    for name, modes in (("a", ("no_think", "think")), ("b", ("no_think", "think"))):
+        rows = read_samples(run_eval(engine, [bench], tmp_path / name, EvalConfig(modes=modes, max_new_tokens=32),
+                                     progress=False))
+        write_report(rows, tmp_path / name)
+    table = compare_runs(tmp_path / "a", tmp_path / "b")
+    assert re.search(r"\| bench0/eval \| think \| [\d.]+ \| [\d.]+ \| \+0\.0 \| no \|", table)
