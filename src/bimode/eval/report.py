@@ -72,6 +72,11 @@ def render_markdown(metrics: dict, title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _legend(ax) -> None:
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=6)
+
+
 def _plots(metrics: dict, out_dir: Path) -> None:
     import matplotlib
 
@@ -86,7 +91,8 @@ def _plots(metrics: dict, out_dir: Path) -> None:
         if xs:
             ax.plot(xs, [100 * levels[lv]["modes"]["auto"]["thinking_rate"] for lv in xs], marker="o", label=bench)
     ax.set_xlabel("difficulty level"), ax.set_ylabel("auto-mode thinking rate (%)"), ax.set_ylim(-5, 105)
-    ax.set_title("Thinking rate by difficulty"), ax.legend(fontsize=7) if benches else None
+    ax.set_title("Thinking rate by difficulty")
+    _legend(ax)
     fig.tight_layout(), fig.savefig(out_dir / PLOTS[0], dpi=100), plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -97,7 +103,7 @@ def _plots(metrics: dict, out_dir: Path) -> None:
         if m["oracle"].get("n"):
             ax.scatter(m["oracle"]["tokens"], 100 * m["oracle"]["accuracy"], marker="*", s=150, label=f"{bench} oracle")
     ax.set_xlabel("mean tokens"), ax.set_ylabel("accuracy (%)"), ax.set_title("Accuracy and tokens per mode")
-    ax.legend(fontsize=6)
+    _legend(ax)
     fig.tight_layout(), fig.savefig(out_dir / PLOTS[1], dpi=100), plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -106,7 +112,8 @@ def _plots(metrics: dict, out_dir: Path) -> None:
         if curve:
             ax.plot([c["tokens"] for c in curve], [100 * c["accuracy"] for c in curve], marker=".", label=bench)
     ax.set_xlabel("mean tokens"), ax.set_ylabel("accuracy (%)")
-    ax.set_title("think_threshold sweep over p_think"), ax.legend(fontsize=7) if benches else None
+    ax.set_title("think_threshold sweep over p_think")
+    _legend(ax)
     fig.tight_layout(), fig.savefig(out_dir / PLOTS[2], dpi=100), plt.close(fig)
 
 
