@@ -54,3 +54,33 @@ def trained_tiny(tmp_path_factory):
     model.save_pretrained(out)
     processor.save_pretrained(out)
     return out
+
+
+def serve_in_thread(app):
+    """Run an ASGI app with uvicorn on a free loopback port; returns (base URL, stop function)."""
+    import socket
+    import threading
+    import time
+
+    import httpx
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            if httpx.get(base + "/health", timeout=1).status_code == 200:
+                break
+        except httpx.TransportError:
+            time.sleep(0.1)
+
+    def stop():
+        server.should_exit = True
+        thread.join(timeout=10)
+
+    return base, stop

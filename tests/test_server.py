@@ -2,9 +2,6 @@
 
 import base64
 import io
-import socket
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -17,39 +14,20 @@ from bimode.generation.types import Prompt, SamplingParams
 from bimode.models import load_model
 from bimode.serve.app import create_app
 from bimode.serve.requests import ServerLimits
-from tests.conftest import TRAINED_FAMILIES, TRAINED_MAX_LEVEL
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.conftest import TRAINED_FAMILIES, TRAINED_MAX_LEVEL, serve_in_thread
 
 
 @pytest.fixture(scope="module")
 def server(trained_tiny, tmp_path_factory):
-    import uvicorn
-
     model, processor = load_model(trained_tiny, dtype=torch.float32)
     engine = TransformersEngine(model, processor, max_batch_rows=32)
     image_dir = tmp_path_factory.mktemp("allowed")
     limits = ServerLimits(allow_image_dir=image_dir, max_image_bytes=200_000, max_prompt_tokens=512,
                           max_new_tokens=256)
     app = create_app(engine, "tiny", limits, request_timeout_s=120)
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(100):
-        try:
-            if httpx.get(base + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.1)
+    base, stop = serve_in_thread(app)
     yield {"base": base, "engine": engine, "image_dir": image_dir}
-    server.should_exit = True
-    thread.join(timeout=10)
+    stop()
 
 
 @pytest.fixture(scope="module")

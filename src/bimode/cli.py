@@ -88,6 +88,38 @@ def _cmd_eval_compare(argv: list[str]) -> int:
     return 0
 
 
+def _cmd_curate(args) -> int:
+    from bimode.curate import CurateConfig, make_backend, run_curation
+
+    annotator = make_backend(args.annotator, args.trust_remote_code, args.concurrency, args.request_timeout,
+                             args.annotator_model)
+    reasoner = None
+    if args.reasoner:
+        reasoner = annotator if args.reasoner == args.annotator else make_backend(
+            args.reasoner, args.trust_remote_code, args.concurrency, args.request_timeout)
+    keywords = CurateConfig.blocked_keywords
+    if args.blocked_keywords:
+        keywords = tuple(k.strip() for k in Path(args.blocked_keywords).read_text().splitlines() if k.strip())
+    cfg = CurateConfig(n_samples=args.n, max_correct=args.k, temperature=args.temperature,
+                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
+                       judge_prompt=args.judge_prompt, blocked_keywords=keywords,
+                       max_question_chars=args.max_question_chars, annotator_name=args.annotator)
+    summary = run_curation(annotator, args.input, Path(args.out), cfg, reasoner=reasoner, overwrite=args.overwrite,
+                           input_format=args.input_format)
+    total = summary["total"]
+    print(f"curated {total['curated']} ({total['think']} thinking, {total['no_think']} non-thinking), "
+          f"rejected {total['rejected']}; see {Path(args.out) / 'summary.md'}")
+    return 0
+
+
+def _cmd_data_convert(args) -> int:
+    from bimode.data.convert import convert_file
+
+    n = convert_file(args.input, args.out, args.format, overwrite=args.overwrite)
+    print(f"{n} records written to {args.out}")
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from bimode.demo import run_demo
 
@@ -118,6 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--format", choices=["jsonl", "parquet"], default="jsonl", help="file format")
     synth.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     synth.set_defaults(func=_cmd_data_synth)
+    conv = data_sub.add_parser("convert", help="convert LLaVA / ShareGPT / QA files into records")
+    conv.add_argument("--input", required=True, help="JSON or JSONL file")
+    conv.add_argument("--out", required=True, help="output .jsonl / .parquet / directory")
+    conv.add_argument("--format", default="auto", choices=["auto", "llava", "sharegpt", "qa"], help="input layout")
+    conv.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    conv.set_defaults(func=_cmd_data_convert)
 
     chat = sub.add_parser("chat", help="chat with a model: streamed, reasoning shown apart from the answer")
     chat.add_argument("model", help="local model directory")
@@ -157,6 +195,30 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--overwrite", action="store_true", help="start again instead of resuming")
     ev.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own code")
     ev.set_defaults(func=_cmd_eval)
+
+    cur = sub.add_parser("curate", help="label samples thinking / non-thinking (R-4B's heuristics) and build targets")
+    cur.add_argument("--input", nargs="+", required=True, help="record, LLaVA, ShareGPT or QA files")
+    cur.add_argument("--input-format", default="auto", choices=["auto", "llava", "sharegpt", "qa"],
+                     help="layout of the input files (auto detects per row)")
+    cur.add_argument("--out", required=True, help="output directory (curated.jsonl, rejects.jsonl, summary.*)")
+    cur.add_argument("--annotator", required=True, help="local model directory or OpenAI-compatible URL")
+    cur.add_argument("--annotator-model", default=None, help="model id at the endpoint (default: its first)")
+    cur.add_argument("--reasoner", default=None,
+                     help="model or URL that writes missing reasoning traces (thinking mode; kept if verified)")
+    cur.add_argument("--n", type=int, default=8, help="non-thinking samples per verifiable query (N)")
+    cur.add_argument("--k", type=int, default=0, help="at most k of N right -> thinking (0 = all wrong)")
+    cur.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    cur.add_argument("--max-new-tokens", type=int, default=256, help="tokens per sampled answer")
+    cur.add_argument("--batch-size", type=int, default=16, help="queries per batch (the resume unit)")
+    cur.add_argument("--seed", type=int, default=0, help="base seed")
+    cur.add_argument("--judge-prompt", default=None, help="prompt file for the difficulty judge ({question})")
+    cur.add_argument("--blocked-keywords", default=None, help="file of keywords (one a line) that drop a trace")
+    cur.add_argument("--max-question-chars", type=int, default=8000, help="longer questions are rejected")
+    cur.add_argument("--concurrency", type=int, default=8, help="parallel requests to an endpoint")
+    cur.add_argument("--request-timeout", type=float, default=120.0, help="seconds per endpoint request")
+    cur.add_argument("--overwrite", action="store_true", help="redo a finished curation")
+    cur.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own code")
+    cur.set_defaults(func=_cmd_curate)
 
     demo = sub.add_parser("demo", help="run the recipe on the embedded default")
     demo.add_argument("--out", default="runs/demo", help="run directory")

@@ -57,8 +57,8 @@ class OpenAIEndpointBackend:
             self.base_url += "/v1"
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.client = httpx.Client(timeout=timeout_s, headers=headers)
-        self.model = model or self._first_model()
         self.concurrency, self.retries, self.backoff_s = concurrency, retries, backoff_s
+        self.model = model or self._first_model()
 
     def _first_model(self) -> str:
         response = self._post_or_get("GET", "/models")

@@ -1,0 +1,264 @@
+"""`bimode curate`: label each sample thinking or non-thinking and give it the matching target.
+
+Batches of records go through the annotator (a local model through the engine, or an OpenAI-compatible
+endpoint). Each finished batch is appended to `batches.jsonl` as one line (all or nothing), and a batch is
+sampled with a seed derived from its index, so a killed run, re-run with the same command, skips the
+finished batches and ends with the same output as an uninterrupted one. `curated.jsonl`, `rejects.jsonl`
+and the summaries are written at the end, atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from bimode.data.curation import (
+    DEFAULT_BLOCKED_KEYWORDS, blocked_keyword, find_duplicates, is_verifiable, parse_verdict, performance_label,
+)
+from bimode.data.records import Record, RecordError, record_to_dict
+from bimode.generation.types import Prompt, SamplingParams
+from bimode.modes import ThinkingMode
+from bimode.rewards import accuracy_reward
+
+OUTPUT_FILES = ("curated.jsonl", "rejects.jsonl", "summary.json", "summary.md")
+PROGRESS_FILE = "batches.jsonl"  # the resume log: one line per finished batch
+
+
+@dataclass
+class CurateConfig:
+    n_samples: int = field(default=8, metadata={"help": "non-thinking answers sampled per verifiable query (N)"})
+    max_correct: int = field(default=0, metadata={"help": "at most this many right -> thinking (k; 0 = all wrong)"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature of the N answers"})
+    max_new_tokens: int = field(default=256, metadata={"help": "tokens per sampled answer"})
+    trace_max_new_tokens: int = field(default=1024, metadata={"help": "tokens per generated reasoning trace"})
+    trace_tries: int = field(default=2, metadata={"help": "reasoning traces tried per query before rejecting"})
+    batch_size: int = field(default=16, metadata={"help": "queries per batch (the resume unit)"})
+    seed: int = field(default=0, metadata={"help": "base seed; batch i samples with seed + i"})
+    judge_prompt: str | None = field(default=None, metadata={"help": "prompt file for the difficulty judge"})
+    blocked_keywords: tuple[str, ...] = DEFAULT_BLOCKED_KEYWORDS
+    max_question_chars: int = field(default=8000, metadata={"help": "longer questions are rejected"})
+    near_duplicate_threshold: float = field(default=0.9, metadata={"help": "trigram Jaccard for near-dups"})
+    annotator_name: str = ""
+
+
+def default_judge_prompt() -> str:
+    from importlib.resources import files
+
+    return files("bimode").joinpath("prompts/judge_reasoning.txt").read_text(encoding="utf-8")
+
+
+def check_record(record: Record, cfg: CurateConfig) -> str | None:
+    """Why a record cannot be curated, or None."""
+    if len(record.question) > cfg.max_question_chars:
+        return f"question longer than {cfg.max_question_chars} characters"
+    if record.answer_type in ("math", "numeric", "mc") and not record.answer:
+        return "missing answer on a verifiable sample"
+    try:
+        record.load_images()
+    except ValueError as exc:
+        return f"bad image: {exc}"
+    return None
+
+
+def curate_batch(backend, records: list[Record], cfg: CurateConfig, batch_index: int, reasoner=None,
+                 judge_template: str | None = None) -> tuple[list[Record], list[dict]]:
+    """Label and complete one batch; returns (curated records, rejects)."""
+    kept, rejects = [], []
+    good = []
+    for record in records:
+        reason = check_record(record, cfg)
+        if reason:
+            rejects.append({"id": record.id, "reason": reason})
+        else:
+            good.append(record)
+    seed = cfg.seed + batch_index
+    verifiable = [r for r in good if is_verifiable(r)]
+    open_ended = [r for r in good if not is_verifiable(r)]
+    labels: dict[str, dict] = {}
+    if verifiable:
+        params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=seed)
+        prompts = [Prompt.from_record(r, [ThinkingMode.NO_THINK] * cfg.n_samples) for r in verifiable]
+        for record, samples in zip(verifiable, backend.generate(prompts, params)):
+            passes = sum(accuracy_reward(s.response, record.answer, record.answer_type, record.choices) for s in samples)
+            labels[record.id] = {"heuristic": "performance", "pass_count": int(passes), "n": cfg.n_samples,
+                                 "mode": performance_label(int(passes), cfg.n_samples, cfg.max_correct)}
+    if open_ended:
+        template = judge_template or default_judge_prompt()
+        prompts = [Prompt(messages=_judge_messages(r, template), images=r.load_images(),
+                          modes=[ThinkingMode.NO_THINK], id=r.id) for r in open_ended]
+        replies = backend.generate(prompts, SamplingParams(max_new_tokens=16, seed=seed))
+        for record, reply in zip(open_ended, replies):
+            verdict = parse_verdict(reply[0].response)
+            labels[record.id] = {"heuristic": "difficulty", "verdict": verdict,
+                                 "mode": verdict if verdict != "unparseable" else None}
+    need_trace = [r for r in good if labels[r.id]["mode"] == "think" and not r.reasoning]
+    traces = _generate_traces(reasoner, need_trace, cfg, seed) if reasoner is not None and need_trace else {}
+    for record in good:
+        label = labels[record.id]
+        meta = {**record.meta, "curation": {**label, "annotator": cfg.annotator_name}}
+        if label["mode"] is None:
+            rejects.append({"id": record.id, "reason": "unparseable judge verdict", "curation": label})
+            continue
+        if label["mode"] == "think":
+            trace, source = (record.reasoning, "record") if record.reasoning else traces.get(record.id, (None, None))
+            if not trace:
+                rejects.append({"id": record.id, "reason": "thinking label but no verified reasoning trace",
+                                "curation": label})
+                continue
+            keyword = blocked_keyword(trace, cfg.blocked_keywords)
+            if keyword:
+                rejects.append({"id": record.id, "reason": f"trace contains blocked keyword {keyword!r}",
+                                "curation": label})
+                continue
+            meta["curation"]["trace_source"] = source
+            kept.append(replace(record, mode="think", reasoning=trace, meta=meta))
+        else:
+            kept.append(replace(record, mode="no_think", direct_answer=record.direct_answer or record.answer,
+                                meta=meta))
+    return kept, rejects
+
+
+def _judge_messages(record: Record, template: str) -> list[dict]:
+    question = record.question
+    content = [{"type": "image"} for _ in range(question.count("<image>") or len(record.images))]
+    content.append({"type": "text", "text": template.format(question=question.replace("<image>", "").strip())})
+    return [{"role": "user", "content": content}]
+
+
+def _generate_traces(reasoner, records: list[Record], cfg: CurateConfig, seed: int) -> dict:
+    """Thinking-mode traces whose answer verifies against the gold (the consistency filter)."""
+    traces = {}
+    prompts = [Prompt.from_record(r, [ThinkingMode.THINK] * cfg.trace_tries) for r in records]
+    params = SamplingParams(max_new_tokens=cfg.trace_max_new_tokens, temperature=cfg.temperature, seed=seed)
+    for record, samples in zip(records, reasoner.generate(prompts, params)):
+        for s in samples:
+            parsed = s.parsed
+            if parsed.mode != "think":
+                continue
+            if record.answer and not accuracy_reward(s.response, record.answer, record.answer_type, record.choices):
+                continue
+            traces[record.id] = (parsed.reasoning, "generated")
+            break
+    return traces
+
+
+def _finished_batches(progress: Path) -> dict[int, dict]:
+    """Batches already done: one JSON line each; a line cut by a kill is ignored (the batch is redone)."""
+    done = {}
+    if progress.exists():
+        for line in progress.read_text(encoding="utf-8").splitlines():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            done[entry["batch"]] = entry
+    return done
+
+
+def run_curation(backend, inputs: list, out: Path, cfg: CurateConfig = CurateConfig(), reasoner=None,
+                 overwrite: bool = False, progress: bool = True, input_format: str = "auto") -> dict:
+    """Curate every input file into out/; resumes when out/ holds a partial run of the same command."""
+    from bimode.data.convert import iter_converted
+
+    start = time.time()
+    out = Path(out)
+    if (out / "summary.json").exists() or (out / PROGRESS_FILE).exists():
+        if overwrite:
+            for name in OUTPUT_FILES + (PROGRESS_FILE,):
+                (out / name).unlink(missing_ok=True)
+        elif (out / "summary.json").exists():
+            raise FileExistsError(f"{out} holds a finished curation; pass --overwrite to redo it")
+    out.mkdir(parents=True, exist_ok=True)
+    read_rejects: list[dict] = []
+
+    def on_error(exc: RecordError) -> None:
+        read_rejects.append({"id": f"{Path(exc.path).name}:row{exc.row}", "reason": str(exc), "field": exc.field})
+
+    records = [r for path in inputs for r in iter_converted(path, input_format, on_error=on_error)]
+    duplicates = find_duplicates(records, cfg.near_duplicate_threshold)
+    unique = [r for r in records if r.id not in duplicates]
+    judge_template = Path(cfg.judge_prompt).read_text(encoding="utf-8") if cfg.judge_prompt else None
+    progress_path = out / PROGRESS_FILE
+    done = _finished_batches(progress_path)
+    batches = [unique[i:i + cfg.batch_size] for i in range(0, len(unique), cfg.batch_size)]
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(unique), desc="curate", unit="query")
+    for index, batch in enumerate(batches):
+        if index not in done:
+            kept, rejects = curate_batch(backend, batch, cfg, index, reasoner, judge_template)
+            rows = [record_to_dict(r, image_dir=out / "curated_images", base_dir=out) for r in kept]
+            entry = {"batch": index, "ids": [r.id for r in batch], "curated": rows, "rejects": rejects}
+            with open(progress_path, "a", encoding="utf-8") as fh:  # one line per batch: all or nothing
+                fh.write(json.dumps(entry, ensure_ascii=False) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+            done[index] = entry
+        if bar:
+            bar.update(len(batch))
+    if bar:
+        bar.close()
+    curated = [row for i in sorted(done) for row in done[i]["curated"]]
+    rejects = read_rejects + [{"id": rid, "reason": f"duplicate of {first}"} for rid, first in duplicates.items()]
+    rejects += [row for i in sorted(done) for row in done[i]["rejects"]]
+    _write_jsonl(out / "curated.jsonl", curated)
+    _write_jsonl(out / "rejects.jsonl", rejects)
+    return summarize(out, curated, rejects, time.time() - start)
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    from bimode.data.records import _atomic_write_text
+
+    _atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def summarize(out: Path, curated: list[dict], rejects: list[dict], seconds: float) -> dict:
+    by_domain: dict = defaultdict(Counter)
+    by_level: dict = defaultdict(Counter)
+    for row in curated:
+        by_domain[row.get("domain") or "unknown"][row["mode"]] += 1
+        if row.get("level") is not None:
+            by_level[row["level"]][row["mode"]] += 1
+    total = Counter(row["mode"] for row in curated)
+    reasons = Counter(r["reason"].split(" of ")[0] if r["reason"].startswith("duplicate") else r["reason"]
+                      for r in rejects)
+    summary = {
+        "total": {"think": total["think"], "no_think": total["no_think"], "curated": len(curated),
+                  "rejected": len(rejects)},
+        "by_domain": {d: dict(c) for d, c in sorted(by_domain.items())},
+        "think_share_by_level": {str(lv): c["think"] / (c["think"] + c["no_think"]) for lv, c in sorted(by_level.items())},
+        "rejects_by_reason": dict(reasons.most_common()),
+        "seconds": round(seconds, 1),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    lines = ["# Curation summary", "", "| domain | thinking | non-thinking | total |", "|---|---|---|---|"]
+    for domain, counts in summary["by_domain"].items():
+        lines.append(f"| {domain} | {counts.get('think', 0)} | {counts.get('no_think', 0)} | {sum(counts.values())} |")
+    lines.append(f"| **all** | {total['think']} | {total['no_think']} | {len(curated)} |")
+    if summary["think_share_by_level"]:
+        lines += ["", "| level | labelled thinking |", "|---|---|"]
+        lines += [f"| {lv} | {100 * share:.0f}% |" for lv, share in summary["think_share_by_level"].items()]
+    lines += ["", f"Rejected: {len(rejects)}", ""] + [f"- {reason}: {n}" for reason, n in reasons.most_common()]
+    lines += ["", f"Time: {seconds:.0f} s"]
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    return summary
+
+
+def make_backend(spec: str, trust_remote_code: bool = False, concurrency: int = 8, timeout_s: float = 120,
+                 model_name: str | None = None):
+    """A local model directory -> the transformers engine; an http(s) URL -> an endpoint client."""
+    if spec.startswith(("http://", "https://")):
+        from bimode.generation.openai_backend import OpenAIEndpointBackend
+
+        return OpenAIEndpointBackend(spec, model=model_name, concurrency=concurrency, timeout_s=timeout_s)
+    from bimode.generation.engine import TransformersEngine
+    from bimode.models import load_model
+
+    model, processor = load_model(spec, trust_remote_code=trust_remote_code)
+    return TransformersEngine(model, processor)
