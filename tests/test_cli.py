@@ -65,9 +65,21 @@ def test_chat_one_shot_and_interactive(trained_tiny, tmp_path):
 def test_quick_demo_runs_every_stage_and_resumes(tmp_path):
     out = tmp_path / "demo"
     first = run("demo", "--quick", "--out", str(out)).stdout
-    for stage in ("[world] running", "[tiny model] running", "[bi-mode warm-up SFT] running"):
+    for stage in ("[world] running", "[tiny model] running", "[annotator warm-up (non-thinking SFT)] running",
+                  "[curation (performance-based, N = 4)] running", "[bi-mode annealing on the curated mix] running",
+                  "[evaluation (auto, think, no_think)] running"):
         assert stage in first
-    assert "| level | n | think | no_think | auto | auto thinks |" in first
-    assert (out / "sft" / "model.safetensors").exists() and (out / "data" / "eval.jsonl").exists()
+    for path in ("data/eval.jsonl", "annotator/model.safetensors", "curation/curated.jsonl",
+                 "annealed/model.safetensors", "eval_annealed/metrics.json", "eval_annealed/report.md", "report.md"):
+        assert (out / path).exists(), path
+    # the report's numbers are the metrics file's
+    metrics = json.loads((out / "eval_annealed" / "metrics.json").read_text())
+    modes = next(iter(metrics["benchmarks"].values()))["modes"]
+    report = (out / "report.md").read_text()
+    assert (f"| all | {modes['think']['n']} | {100 * modes['no_think']['accuracy']:.1f} | "
+            f"{100 * modes['think']['accuracy']:.1f} | {100 * modes['auto']['accuracy']:.1f} |") in report
+    curation = json.loads((out / "curation" / "summary.json").read_text())
+    for level, share in curation["think_share_by_level"].items():
+        assert f"| {level} | {100 * share:.0f}% |" in report
     second = run("demo", "--quick", "--out", str(out)).stdout
-    assert "[bi-mode warm-up SFT] already done" in second and "[world] already done" in second
+    assert "[bi-mode annealing on the curated mix] already done" in second and "[world] already done" in second
