@@ -4,9 +4,7 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-import pytest
 
 from bimode.data import synthetic
 from bimode.data.records import read_records

@@ -4,7 +4,6 @@ import json
 
 import pytest
 import torch
-from PIL import Image
 
 from bimode.curate import CurateConfig, run_curation
 from bimode.data import synthetic

@@ -25,7 +25,7 @@ def test_shared_prefix_greedy_equals_plain_generate(setup, mode):
     model, processor, engine, records = setup
     plain = generate(model, processor, records, mode=mode, max_new_tokens=24)
     shared = engine.generate([Prompt.from_record(r, [mode]) for r in records], SamplingParams(max_new_tokens=24))
-    assert [p.completion_ids for p in plain] == [s[0].token_ids for s in shared]
+    assert [p.token_ids for p in plain] == [s[0].token_ids for s in shared]
     assert [p.response for p in plain] == [s[0].response for s in shared]
 
 

@@ -34,7 +34,7 @@ def test_each_forced_mode_generates_its_format(model_and_processor, eval_records
     for g in think:  # the prompt ends with "<think>\n": the model writes a trace, closes, answers
         assert g.response.startswith("<think>\n") and g.parsed.mode == "think" and g.parsed.answer, g.response
     for g in no_think:  # the prompt ends with the closed empty block: the model answers at once
-        assert "</think>" not in g.completion and g.parsed.mode == "no_think" and g.parsed.answer, g.response
+        assert "</think>" not in g.text and g.parsed.mode == "no_think" and g.parsed.answer, g.response
     assert _accuracy(think, eval_records) > 0.6  # chance is about 0.3
 
 

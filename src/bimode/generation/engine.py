@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from bimode.generation.types import Completion, Prompt, SamplingParams
+from bimode.generation.types import Completion, Prompt, SamplingParams, completion_from_ids
 from bimode.modes import MODE_SUFFIXES, THINK_CLOSE, ThinkingMode, mode_decision
 
 TokenCallback = Callable[[int, int, int], None]  # (prompt index, sample index, token id)
@@ -250,15 +250,8 @@ class TransformersEngine:
         return out
 
     def _completion(self, mode, suffix, ids, finish, p_think, logprobs) -> Completion:
-        close = self.decision.think_close_id
-        if close in ids:
-            thinking = ids.index(close) + 1
-        else:
-            thinking = 0 if THINK_CLOSE in suffix else len(ids)
-        text = self.tokenizer.decode(ids, skip_special_tokens=False)
-        return Completion(mode=mode, prompt_suffix=suffix, token_ids=ids, text=text, finish_reason=finish,
-                          thinking_tokens=thinking, answer_tokens=len(ids) - thinking, p_think=p_think,
-                          logprobs=logprobs)
+        return completion_from_ids(self.tokenizer, mode, suffix, ids, finish, self.decision.think_close_id,
+                                   p_think, logprobs)
 
     # ---- the plain path (models with multi-axis positions) ------------------------------------------
     def _run_plain(self, prompts, params, generator, on_token, offset) -> list[list[Completion]]:

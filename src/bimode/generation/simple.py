@@ -5,30 +5,11 @@ The plain path every backend is checked against; the shared-prefix engine builds
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from bimode.data.records import Record
-from bimode.modes import ParsedResponse, ThinkingMode, parse_response
-
-
-@dataclass
-class Generation:
-    record_id: str
-    mode: ThinkingMode
-    prompt_suffix: str
-    completion_ids: list[int]
-    completion: str  # text generated after the prompt, special tokens kept
-
-    @property
-    def response(self) -> str:
-        """The whole assistant turn: the mode suffix from the prompt plus what the model wrote."""
-        return self.prompt_suffix + self.completion
-
-    @property
-    def parsed(self) -> ParsedResponse:
-        return parse_response(self.response)
+from bimode.generation.types import Completion, completion_from_ids
+from bimode.modes import THINK_CLOSE, ThinkingMode
 
 
 def build_prompts(processor, records: list[Record], mode) -> dict:
@@ -46,9 +27,11 @@ def build_prompts(processor, records: list[Record], mode) -> dict:
 
 @torch.no_grad()
 def generate(model, processor, records: list[Record], mode="auto", max_new_tokens: int = 64,
-             batch_size: int = 32, do_sample: bool = False, temperature: float = 1.0) -> list[Generation]:
+             batch_size: int = 32, do_sample: bool = False, temperature: float = 1.0) -> list[Completion]:
+    """One Completion per record from `model.generate` on prompts ending with the mode suffix."""
     tokenizer = getattr(processor, "tokenizer", processor)
     mode = ThinkingMode.parse(mode)
+    close_id = tokenizer.convert_tokens_to_ids(THINK_CLOSE)
     out = []
     for start in range(0, len(records), batch_size):
         chunk = records[start: start + batch_size]
@@ -59,8 +42,8 @@ def generate(model, processor, records: list[Record], mode="auto", max_new_token
         width = inputs["input_ids"].shape[1]
         for record, seq in zip(chunk, sequences[:, width:].tolist()):
             ids = _until_eos(seq, tokenizer.eos_token_id, tokenizer.pad_token_id)
-            text = tokenizer.decode(ids, skip_special_tokens=False)
-            out.append(Generation(record.id, mode, mode.prompt_suffix, ids, text))
+            finish = "stop" if tokenizer.eos_token_id in seq else "length"
+            out.append(completion_from_ids(tokenizer, mode, mode.prompt_suffix, ids, finish, close_id))
     return out
 
 

@@ -85,3 +85,18 @@ class Completion:
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+
+def completion_from_ids(tokenizer, mode: ThinkingMode, suffix: str, ids: list[int], finish: str,
+                        close_id: int, p_think: float | None = None, logprobs=None) -> Completion:
+    """A Completion from generated ids (end-of-turn removed): decodes and splits the token counts."""
+    from bimode.modes import THINK_CLOSE
+
+    if close_id in ids:
+        thinking = ids.index(close_id) + 1
+    else:
+        thinking = 0 if THINK_CLOSE in suffix else len(ids)
+    text = tokenizer.decode(ids, skip_special_tokens=False)
+    return Completion(mode=mode, prompt_suffix=suffix, token_ids=ids, text=text, finish_reason=finish,
+                      thinking_tokens=thinking, answer_tokens=len(ids) - thinking, p_think=p_think,
+                      logprobs=logprobs)

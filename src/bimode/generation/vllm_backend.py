@@ -9,7 +9,7 @@ think_threshold (both need control between tokens), and token ids of forced suff
 from __future__ import annotations
 
 from bimode.generation.openai_backend import to_openai_messages
-from bimode.generation.types import Completion, Prompt, SamplingParams
+from bimode.generation.types import Completion, Prompt, SamplingParams, completion_from_ids
 from bimode.modes import MODE_SUFFIXES, R4B_NAMES, THINK_CLOSE, ThinkingMode
 
 
@@ -48,18 +48,11 @@ class VLLMBackend:
 
     def _completion(self, mode: ThinkingMode, output) -> Completion:
         ids = list(output.token_ids)
-        eos = self.tokenizer.eos_token_id
-        if ids and ids[-1] == eos:
+        if ids and ids[-1] == self.tokenizer.eos_token_id:
             ids = ids[:-1]
-        suffix = MODE_SUFFIXES[mode]
-        if self.close_id in ids:
-            thinking = ids.index(self.close_id) + 1
-        else:
-            thinking = 0 if THINK_CLOSE in suffix else len(ids)
         logprobs = None
         if output.logprobs:
             logprobs = [step[token].logprob for step, token in zip(output.logprobs, ids)]
-        return Completion(mode=mode, prompt_suffix=suffix, token_ids=ids,
-                          text=self.tokenizer.decode(ids, skip_special_tokens=False),
-                          finish_reason="length" if output.finish_reason == "length" else "stop",
-                          thinking_tokens=thinking, answer_tokens=len(ids) - thinking, logprobs=logprobs)
+        finish = "length" if output.finish_reason == "length" else "stop"
+        return completion_from_ids(self.tokenizer, mode, MODE_SUFFIXES[mode], ids, finish, self.close_id,
+                                   logprobs=logprobs)

@@ -14,7 +14,6 @@ import threading
 import time
 import uuid
 from dataclasses import astuple, dataclass, field
-from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
