@@ -64,7 +64,7 @@ def test_quick_demo_runs_every_stage_and_resumes(tmp_path):
     out = tmp_path / "demo"
     first = run("demo", "--quick", "--out", str(out)).stdout
     for stage in ("[world] running", "[tiny model] running", "[annotator warm-up (non-thinking SFT)] running",
-                  "[curation (performance-based, N = 4)] running", "[bi-mode annealing on the curated mix] running",
+                  "[curation (performance-based, N = 4, k = 1)] running", "[bi-mode annealing on the curated mix] running",
                   "[evaluation (auto, think, no_think)] running"):
         assert stage in first
     for path in ("data/eval.jsonl", "annotator/model.safetensors", "curation/curated.jsonl",

@@ -78,3 +78,35 @@ def test_compare_two_runs(engine, bench, tmp_path):
         write_report(rows, tmp_path / name)
     table = compare_runs(tmp_path / "a", tmp_path / "b")
     assert re.search(r"\| bench0/eval \| think \| [\d.]+ \| [\d.]+ \| \+0\.0 \| no \|", table)
+
+
+class StubJudge:
+    """Says yes when the candidate contains the reference: stands in for an endpoint judge."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def generate(self, prompts, params):
+        from bimode.generation.types import Completion
+        from bimode.modes import ThinkingMode
+
+        self.calls += 1
+        text = prompts[0].messages[0]["content"]
+        gold = text.split("Reference answer: ")[1].split("\n")[0]
+        candidate = text.split("Candidate answer: ")[1].split("\n")[0]
+        reply = "yes" if gold.lower() in candidate.lower() else "no"
+        return [[Completion(ThinkingMode.NO_THINK, "<think>\n\n</think>\n\n", [], reply, "stop", 0, 1)]]
+
+
+def test_judge_scores_open_ended_answers_only():
+    from bimode.data.records import Record
+    from bimode.eval.runner import score
+
+    judge = StubJudge()
+    text = Record(id="t", question="Describe it", answer="a red square", answer_type="text")
+    assert score(text, "<think>\n\n</think>\n\nIt is a red square on white.", judge) == 1.0
+    assert score(text, "<think>\n\n</think>\n\nA blue circle.", judge) == 0.0
+    assert score(text, "<think>\nstill thinking", judge) == 0.0  # truncated: no judge call needed
+    assert judge.calls == 2
+    numeric = Record(id="n", question="How many?", answer="3", answer_type="numeric")
+    assert score(numeric, "<think>\n\n</think>\n\n3", judge) == 1.0 and judge.calls == 2  # rule-based

@@ -27,10 +27,15 @@ class DemoSize:
     anneal_steps: int
     curate_n: int = 8
     curate_temperature: float = 0.5
+    # The paper's rule is "all N wrong" (k = 0), made for open answers that are hard to guess. Here answers
+    # come from a handful of values (cups 1-3), so a model at chance gets about N/3 right by luck and k = 0
+    # labels almost nothing as thinking (measured: 8-21% per level, no trend). k = N * 3/8 asks for better
+    # than chance instead.
+    curate_max_correct: int = 3
 
 
 FULL = DemoSize(n_train=3000, n_eval=400, warmup_steps=600, anneal_steps=900)
-QUICK = DemoSize(n_train=240, n_eval=60, warmup_steps=40, anneal_steps=40, curate_n=4)
+QUICK = DemoSize(n_train=240, n_eval=60, warmup_steps=40, anneal_steps=40, curate_n=4, curate_max_correct=1)
 
 
 def _stage(name: str, done: Path, out: Path) -> bool:
@@ -91,10 +96,12 @@ def run_demo(out: Path, quick: bool = False, overwrite: bool = False, seed: int 
                       cfg=SimpleSFTConfig(steps=size.warmup_steps, seed=seed))
             _save(model, processor, out / "annotator")
         timed("annotator warm-up", warmup)
-    if _stage(f"curation (performance-based, N = {size.curate_n})", out / "curation" / "summary.json", out):
+    if _stage(f"curation (performance-based, N = {size.curate_n}, k = {size.curate_max_correct})",
+              out / "curation" / "summary.json", out):
         def curate():
             model, processor = load_model(out / "annotator", dtype=torch.float32)
-            cfg = CurateConfig(n_samples=size.curate_n, temperature=size.curate_temperature, max_new_tokens=8,
+            cfg = CurateConfig(n_samples=size.curate_n, max_correct=size.curate_max_correct,
+                               temperature=size.curate_temperature, max_new_tokens=8,
                                batch_size=64, seed=seed, annotator_name="tiny annotator (non-thinking warm-up)")
             run_curation(TransformersEngine(model, processor), [data / "train.jsonl"], out / "curation", cfg)
         timed("curation", curate)
@@ -116,10 +123,33 @@ def run_demo(out: Path, quick: bool = False, overwrite: bool = False, seed: int 
             write_report(read_samples(samples), out / "eval_annealed", title="Annealed tiny model")
         timed("evaluation", evaluate)
     _write_report(out, summary, timings, time.time() - start)
+    _print_samples(out / "eval_annealed" / "samples.jsonl")
     print((out / "report.md").read_text())
     print(f"done in {time.time() - start:.0f} s; the annealed model is in {out / 'annealed'} "
           f"(try `bimode chat {out / 'annealed'}`)")
     return 0
+
+
+def _print_samples(samples_path: Path, per_family: int = 1) -> None:
+    """One eval question per family with the annealed model's response in each mode."""
+    from bimode.eval.runner import read_samples
+
+    rows = read_samples(samples_path)
+    by_query: dict = {}
+    for r in rows:
+        by_query.setdefault((r["family"], r["id"]), {})[r["mode"]] = r
+    shown: dict = {}
+    print("\nSamples from the eval split (annealed model):")
+    for (family, _), modes in sorted(by_query.items(), key=lambda kv: (kv[0][0], -(next(iter(kv[1].values()))["level"] or 0))):
+        if shown.get(family, 0) >= per_family or len(modes) < 3:
+            continue
+        shown[family] = shown.get(family, 0) + 1
+        first = next(iter(modes.values()))
+        print(f"- {family} level {first['level']}, gold {first['gold']}:")
+        for mode in ("no_think", "think", "auto"):
+            r = modes[mode]
+            print(f"    {mode:>8} {'right' if r['score'] else 'wrong'}: {r['response']!r}")
+    print()
 
 
 def _write_report(out: Path, curation: dict, timings: dict, seconds: float) -> None:
