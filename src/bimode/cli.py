@@ -220,6 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     cur.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own code")
     cur.set_defaults(func=_cmd_curate)
 
+    sub.add_parser("anneal", add_help=False,
+                   help="bi-mode annealing on TRL's SFTTrainer: --config RECIPE.yaml [--field value ...]")
+
     demo = sub.add_parser("demo", help="run the recipe on the embedded default")
     demo.add_argument("--out", default="runs/demo", help="run directory")
     demo.add_argument("--quick", action="store_true", help="a smaller, faster run (for tests)")
@@ -236,6 +239,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:2] == ["eval", "compare"]:
         return _cmd_eval_compare(argv[2:])
+    if argv[:1] == ["anneal"]:  # TRL's parser: --config RECIPE.yaml plus any SFTConfig / AnnealConfig field
+        from bimode.train.anneal import main as anneal_main
+
+        return anneal_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -26,8 +26,11 @@ def response_text(record: Record, mode: str, eos: str = "<|im_end|>") -> str:
     return format_target(message["content"], message["reasoning_content"]) + eos
 
 
-def tokenize_example(processor, record: Record, mode: str) -> Example:
+def tokenize_example(processor, record: Record, mode: str, mask_empty_think: bool = False) -> Example:
     """Tokenize prompt + target; labels are -100 outside the response.
+
+    mask_empty_think: the paper's non-thinking loss masking; a non-thinking target keeps its empty think
+    block `<think>\n\n</think>\n\n` in the sequence, but those tokens carry no loss.
 
     The response starts with the special token `<think>`, so its ids are the same alone as in context: the
     last len(response) ids of the rendered conversation are exactly the response (checked, not assumed).
@@ -46,7 +49,15 @@ def tokenize_example(processor, record: Record, mode: str) -> Example:
     if ids[len(ids) - len(tail):] != tail or tail[: len(response)] != response:
         raise ValueError(f"record {record.id}: response tokens differ in context; check the chat template")
     start = len(ids) - len(tail)
-    labels = [IGNORE_INDEX] * start + response + [IGNORE_INDEX] * (len(tail) - len(response))
+    targets = list(response)
+    if mask_empty_think and mode == "no_think":
+        from bimode.modes import MODE_SUFFIXES, ThinkingMode
+
+        block = tokenizer(MODE_SUFFIXES[ThinkingMode.NO_THINK], add_special_tokens=False)["input_ids"]
+        if targets[: len(block)] != block:
+            raise ValueError(f"record {record.id}: the non-thinking target does not start with the empty block")
+        targets[: len(block)] = [IGNORE_INDEX] * len(block)
+    labels = [IGNORE_INDEX] * start + targets + [IGNORE_INDEX] * (len(tail) - len(response))
     return Example(ids, labels, images)
 
 

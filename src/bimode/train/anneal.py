@@ -1,0 +1,161 @@
+"""`bimode anneal`: bi-mode annealing (SFT on mixed thinking / non-thinking targets) on TRL's SFTTrainer.
+
+Runs as it is and under `accelerate launch`. Records are tokenized on the fly with the loss on the
+assistant response only (its whole think block included; optionally the empty block of non-thinking
+targets masked, the paper's non-thinking loss masking). The vision tower, projector and language model each
+get their own learning rate or are frozen (R4B_NOTES.md section 5).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import datasets
+import torch
+from trl import SFTConfig, SFTTrainer
+
+from bimode.data.records import Record, read_records
+from bimode.train.components import COMPONENTS, freeze, optimizer_groups
+from bimode.train.tokenize import collate, tokenize_example
+
+
+@dataclass
+class AnnealConfig(SFTConfig):
+    model_path: str = field(default="", metadata={"help": "local model directory to start from"})
+    train_files: list[str] = field(default_factory=list, metadata={"help": "record files to train on"})
+    target_modes: str = field(default="labelled", metadata={
+        "help": "labelled: each record in its `mode` (else think if it has a trace); both: every record in "
+                "both modes (records without a trace only non-thinking); think / no_think: one mode for all"})
+    vision_lr: float | None = field(default=None, metadata={"help": "vision tower LR (default: learning_rate)"})
+    projector_lr: float | None = field(default=None, metadata={"help": "projector LR (default: learning_rate)"})
+    llm_lr: float | None = field(default=None, metadata={"help": "language model LR (default: learning_rate)"})
+    freeze_vision: bool = field(default=False, metadata={"help": "keep the vision tower fixed"})
+    freeze_projector: bool = field(default=False, metadata={"help": "keep the projector fixed"})
+    freeze_llm: bool = field(default=False, metadata={"help": "keep the language model fixed"})
+    nonthinking_loss_mask: bool = field(default=False, metadata={
+        "help": "no loss on the empty think block of non-thinking targets (the paper's pre-training trick)"})
+    trust_remote_code: bool = field(default=False, metadata={"help": "allow the checkpoint's own code"})
+
+    def component_lrs(self) -> dict[str, float]:
+        given = {"vision": self.vision_lr, "projector": self.projector_lr, "llm": self.llm_lr}
+        return {c: self.learning_rate if lr is None else lr for c, lr in given.items()}
+
+    def frozen(self) -> set[str]:
+        flags = {"vision": self.freeze_vision, "projector": self.freeze_projector, "llm": self.freeze_llm}
+        return {c for c, f in flags.items() if f}
+
+
+def expand_targets(records: list[Record], target_modes: str) -> list[tuple[Record, str]]:
+    """(record, target mode) pairs to train on."""
+    pairs = []
+    for r in records:
+        if target_modes == "labelled":
+            pairs.append((r, r.mode or ("think" if r.reasoning else "no_think")))
+        elif target_modes == "both":
+            pairs += [(r, "think")] * bool(r.reasoning) + [(r, "no_think")]
+        elif target_modes in ("think", "no_think"):
+            pairs.append((r, target_modes))
+        else:
+            raise ValueError(f"target_modes must be labelled, both, think or no_think, not {target_modes!r}")
+    return pairs
+
+
+class BimodeCollator:
+    """Turns dataset rows ({"row": index into the (record, mode) pairs}) into a padded batch.
+
+    TRL wants a `datasets.Dataset`; holding only indices there and tokenizing here keeps images decoded
+    only when a batch needs them.
+    """
+
+    def __init__(self, pairs, processor, mask_empty_think: bool = False):
+        self.pairs, self.processor, self.mask = pairs, processor, mask_empty_think
+        tokenizer = getattr(processor, "tokenizer", processor)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def __call__(self, rows):
+        examples = [tokenize_example(self.processor, *self.pairs[row["row"]], self.mask) for row in rows]
+        return collate(examples, self.processor, self.pad_id)
+
+
+class AnnealTrainer(SFTTrainer):
+    """SFTTrainer with one AdamW parameter group per model component, each at its own learning rate."""
+
+    def __init__(self, *args, component_lrs: dict[str, float], **kwargs):
+        self.component_lrs = component_lrs
+        super().__init__(*args, **kwargs)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        """Load checkpoint weights through from_pretrained, strictly.
+
+        transformers 5 saves VLM checkpoints under their legacy key names (`language_model.model.*`) while
+        the live model uses `model.language_model.*`; Trainer's resume loads with strict=False and so
+        silently keeps the initial weights (measured: resumed runs drifted 0.0076 from uninterrupted ones).
+        DeepSpeed and FSDP restore through their own checkpoints and keep the stock path.
+        """
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        model = model or self.model
+        loaded = type(model).from_pretrained(resume_from_checkpoint, dtype=next(model.parameters()).dtype)
+        model.load_state_dict(loaded.state_dict(), strict=True)
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            groups = optimizer_groups(self.model, self.component_lrs, self.args.weight_decay)
+            for g in groups:
+                g.pop("component")
+            self.optimizer = torch.optim.AdamW(groups, betas=(self.args.adam_beta1, self.args.adam_beta2),
+                                               eps=self.args.adam_epsilon)
+        return self.optimizer
+
+
+def build_trainer(cfg: AnnealConfig, model=None, processor=None) -> AnnealTrainer:
+    from bimode.models import load_model
+
+    if model is None:
+        model, processor = load_model(cfg.model_path, trust_remote_code=cfg.trust_remote_code, dtype=torch.float32)
+    if not cfg.train_files:
+        raise ValueError("train_files is empty: give record files to train on")
+    records = [r for path in cfg.train_files for r in read_records(path)]
+    pairs = expand_targets(records, cfg.target_modes)
+    random.Random(cfg.seed).shuffle(pairs)
+    counts = freeze(model, cfg.frozen())
+    if not any(counts.values()):
+        raise ValueError("every component is frozen: nothing to train")
+    cfg.dataset_kwargs = {"skip_prepare_dataset": True}
+    cfg.remove_unused_columns = False
+    return AnnealTrainer(
+        model=model,
+        args=cfg,
+        train_dataset=datasets.Dataset.from_dict({"row": list(range(len(pairs)))}),
+        data_collator=BimodeCollator(pairs, processor, cfg.nonthinking_loss_mask),
+        processing_class=processor,
+        component_lrs=cfg.component_lrs(),
+    )
+
+
+def run_anneal(cfg: AnnealConfig) -> Path:
+    trainer = build_trainer(cfg)
+    resume = cfg.resume_from_checkpoint
+    if resume in ("true", "True", True):
+        resume = True
+    trainer.train(resume_from_checkpoint=resume)
+    out = Path(cfg.output_dir) / "final"
+    trainer.save_model(str(out))
+    if trainer.accelerator.is_main_process:
+        trainer.processing_class.save_pretrained(str(out))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    from trl import TrlParser
+
+    parser = TrlParser(AnnealConfig)
+    (cfg,) = parser.parse_args_and_config(args=argv)
+    out = run_anneal(cfg)
+    print(f"annealed model saved to {out}")
+    return 0
+
+
+__all__ = ["AnnealConfig", "AnnealTrainer", "COMPONENTS", "build_trainer", "expand_targets", "main", "run_anneal"]

@@ -1,0 +1,96 @@
+"""Bi-mode annealing on TRL: loss masks, per-component learning rates and freezing, exact resume."""
+
+import pytest
+import torch
+
+from bimode.data import synthetic
+from bimode.data.records import write_records
+from bimode.modes import format_target
+from bimode.train.anneal import AnnealConfig, build_trainer, expand_targets
+from bimode.train.components import component_of
+from bimode.train.tokenize import IGNORE_INDEX, response_text, tokenize_example
+
+
+@pytest.mark.parametrize("mode, mask", [("think", False), ("no_think", False), ("no_think", True), ("think", True)])
+def test_loss_mask_positions_are_exact(tiny_processor, mode, mask):
+    record = synthetic.generate(1, families=["shell"], levels=[2])[0].to_record()
+    ex = tokenize_example(tiny_processor, record, mode, mask_empty_think=mask)
+    tok = tiny_processor.tokenizer
+    response = tok.encode(response_text(record, mode), add_special_tokens=False)
+    # the response is the last tokens before the final newline; nothing before it carries loss
+    start = len(ex.input_ids) - len(response) - 1
+    assert ex.input_ids[start:start + len(response)] == response
+    assert all(label == IGNORE_INDEX for label in ex.labels[:start]) and ex.labels[-1] == IGNORE_INDEX
+    expected = list(response)
+    if mode == "no_think" and mask:  # <think> \n\n </think> \n\n: in the sequence, out of the loss
+        assert tok.decode(response[:4]) == "<think>\n\n</think>\n\n"
+        expected[:4] = [IGNORE_INDEX] * 4
+    assert ex.labels[start:start + len(response)] == expected
+    assert tok.decode(response).startswith(format_target(record.answer, record.reasoning if mode == "think" else None))
+    assert tok.decode(response).endswith("<|im_end|>")
+
+
+def test_component_names_across_families():
+    assert component_of("model.vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight") == "vision"
+    assert component_of("model.multi_modal_projector.linear_1.weight") == "projector"
+    assert component_of("model.language_model.layers.0.self_attn.q_proj.weight") == "llm"
+    assert component_of("lm_head.weight") == "llm"
+    assert component_of("model.visual.merger.mlp.0.weight") == "projector"  # Qwen-VL
+    assert component_of("model.visual.blocks.0.attn.qkv.weight") == "vision"
+
+
+def test_expand_targets():
+    recs = [r.to_record() for r in synthetic.generate(3, families=["shell"])]
+    recs[0].mode, recs[1].mode, recs[2].reasoning = "no_think", "think", None
+    assert [m for _, m in expand_targets(recs, "labelled")] == ["no_think", "think", "no_think"]
+    assert [m for _, m in expand_targets(recs, "both")] == ["think", "no_think", "think", "no_think", "no_think"]
+    with pytest.raises(ValueError, match="target_modes"):
+        expand_targets(recs, "sometimes")
+
+
+@pytest.fixture
+def train_file(tmp_path):
+    path = tmp_path / "train.jsonl"
+    write_records([s.to_record() for s in synthetic.generate(64, seed=3, families=["count", "shell"], max_level=2)],
+                  path)
+    return path
+
+
+def _cfg(tmp_path, train_file, tiny_dir, **kw):
+    base = dict(model_path=str(tiny_dir), train_files=[str(train_file)], output_dir=str(tmp_path / "out"),
+                max_steps=4, per_device_train_batch_size=8, learning_rate=1e-3, report_to=[], logging_steps=1,
+                save_strategy="no", seed=0, use_cpu=True, lr_scheduler_type="constant", target_modes="both",
+                dataloader_num_workers=0)
+    base.update(kw)
+    return AnnealConfig(**base)
+
+
+def test_component_learning_rates_and_freezing(tmp_path, train_file, tiny_dir):
+    cfg = _cfg(tmp_path, train_file, tiny_dir, vision_lr=1e-4, projector_lr=2e-3, llm_lr=5e-4, freeze_vision=True)
+    trainer = build_trainer(cfg)
+    model = trainer.model
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = trainer.create_optimizer()
+    lrs = {}
+    for group in optimizer.param_groups:
+        names = {n for n, p in model.named_parameters() if any(p is q for q in group["params"])}
+        (component,) = {component_of(n) for n in names}
+        lrs.setdefault(component, set()).add(group["lr"])
+    assert lrs == {"projector": {2e-3}, "llm": {5e-4}}  # vision frozen: not in the optimizer
+    trainer.train()
+    for name, param in model.named_parameters():
+        changed = not torch.equal(before[name], param.detach())
+        assert changed == (component_of(name) != "vision"), name
+
+
+def test_resume_gives_the_same_weights(tmp_path, train_file, tiny_dir):
+    straight = build_trainer(_cfg(tmp_path / "a", train_file, tiny_dir, max_steps=6))
+    straight.train()
+    first = build_trainer(_cfg(tmp_path / "b", train_file, tiny_dir, max_steps=6, save_strategy="steps",
+                               save_steps=3))
+    first.train()  # runs all 6; the step-3 checkpoint is what an interrupted run would have left
+    resumed = build_trainer(_cfg(tmp_path / "b", train_file, tiny_dir, max_steps=6, save_strategy="steps",
+                                 save_steps=3))
+    resumed.train(resume_from_checkpoint=str(tmp_path / "b" / "out" / "checkpoint-3"))
+    for (name, p), (_, q) in zip(straight.model.named_parameters(), resumed.model.named_parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
