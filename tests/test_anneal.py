@@ -166,3 +166,7 @@ def test_two_processes_train_on_different_data(tmp_path, train_file, tiny_dir):
 
     gen = generate(model, processor, [record], mode="think", max_new_tokens=8)[0]
     assert gen.num_tokens > 0 and gen.response.startswith("<think>\n")
+
+
+def test_tensorboard_logging_by_default(tmp_path):
+    assert AnnealConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False).report_to == ["tensorboard"]

@@ -37,6 +37,8 @@ class AnnealConfig(SFTConfig):
     nonthinking_loss_mask: bool = field(default=False, metadata={
         "help": "no loss on the empty think block of non-thinking targets (the paper's pre-training trick)"})
     trust_remote_code: bool = field(default=False, metadata={"help": "allow the checkpoint's own code"})
+    report_to: None | str | list[str] = field(default="tensorboard", metadata={
+        "help": "where to log (tensorboard by default; 'none' to turn off, 'wandb', ...)"})
 
     def component_lrs(self) -> dict[str, float]:
         given = {"vision": self.vision_lr, "projector": self.projector_lr, "llm": self.llm_lr}
