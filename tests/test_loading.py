@@ -72,3 +72,25 @@ def test_remote_code_needs_explicit_opt_in(tmp_path):
 def test_missing_path_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="local model directory"):
         load_model(tmp_path / "nope")
+
+
+def test_engine_runs_qwen_vl_through_the_plain_path(tmp_path):
+    """Qwen-VL's multi-axis rotary positions take the per-sample `generate` path, with the same results."""
+    from bimode.generation.engine import TransformersEngine
+    from bimode.generation.types import Prompt, SamplingParams
+
+    model, processor = load_model(build_tiny_qwen25_vl(tmp_path / "qwen"))
+    engine = TransformersEngine(model, processor)
+    assert engine.shared_prefix is False
+    image = Image.new("RGB", (56, 56), "red")
+    [group] = engine.generate([Prompt(USER, images=[image], modes=["think", "no_think", "auto"])],
+                              SamplingParams(max_new_tokens=4))
+    assert [c.prompt_suffix for c in group] == ["<think>\n", "<think>\n\n</think>\n\n", "<think>"]
+    assert all(0 <= c.p_think <= 1 and c.num_tokens <= 4 for c in group)
+    # the think sample is what plain transformers generates from the think-mode prompt
+    text = processor.apply_chat_template(USER, add_generation_prompt=True, tokenize=False, thinking_mode="think")
+    inputs = processor(images=[image], text=[text], return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=4, do_sample=False)[0, inputs["input_ids"].shape[1]:].tolist()
+    eos = processor.tokenizer.eos_token_id
+    assert group[0].token_ids == (out[: out.index(eos)] if eos in out else out)
