@@ -84,3 +84,15 @@ def serve_in_thread(app):
         thread.join(timeout=10)
 
     return base, stop
+
+
+@pytest.fixture(scope="session")
+def trained_engine(trained_tiny):
+    """The transformers engine over the trained tiny model, shared by the eval and curation tests."""
+    import torch
+
+    from bimode.generation.engine import TransformersEngine
+    from bimode.models import load_model
+
+    model, processor = load_model(trained_tiny, dtype=torch.float32)
+    return TransformersEngine(model, processor)

@@ -3,14 +3,11 @@
 import json
 
 import pytest
-import torch
 
 from bimode.curate import CurateConfig, run_curation
 from bimode.data import synthetic
 from bimode.data.curation import performance_label
 from bimode.data.records import read_records, write_records
-from bimode.generation.engine import TransformersEngine
-from bimode.models import load_model
 from bimode.serve.app import create_app
 from tests.conftest import TRAINED_FAMILIES, TRAINED_MAX_LEVEL, serve_in_thread
 
@@ -18,9 +15,8 @@ CFG = CurateConfig(n_samples=4, batch_size=6, max_new_tokens=8, annotator_name="
 
 
 @pytest.fixture(scope="module")
-def engine(trained_tiny):
-    model, processor = load_model(trained_tiny, dtype=torch.float32)
-    return TransformersEngine(model, processor)
+def engine(trained_engine):
+    return trained_engine
 
 
 @pytest.fixture(scope="module")

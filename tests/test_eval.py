@@ -4,21 +4,17 @@ import json
 import re
 
 import pytest
-import torch
 
 from bimode.data import synthetic
 from bimode.data.records import write_records
 from bimode.eval.report import PLOTS, compare_runs, write_report
 from bimode.eval.runner import EvalConfig, read_samples, run_eval
-from bimode.generation.engine import TransformersEngine
-from bimode.models import load_model
 from tests.conftest import TRAINED_FAMILIES, TRAINED_MAX_LEVEL
 
 
 @pytest.fixture(scope="module")
-def engine(trained_tiny):
-    model, processor = load_model(trained_tiny, dtype=torch.float32)
-    return TransformersEngine(model, processor)
+def engine(trained_engine):
+    return trained_engine
 
 
 @pytest.fixture(scope="module")
