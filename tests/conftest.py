@@ -87,7 +87,7 @@ def serve_in_thread(app):
 
 
 @pytest.fixture(scope="session")
-def trained_engine(trained_tiny):
+def engine(trained_tiny):
     """The transformers engine over the trained tiny model, shared by the eval and curation tests."""
     import torch
 

@@ -15,11 +15,6 @@ CFG = CurateConfig(n_samples=4, batch_size=6, max_new_tokens=8, annotator_name="
 
 
 @pytest.fixture(scope="module")
-def engine(trained_engine):
-    return trained_engine
-
-
-@pytest.fixture(scope="module")
 def pool(tmp_path_factory):
     path = tmp_path_factory.mktemp("pool") / "train.jsonl"
     samples = synthetic.generate(24, seed=31, families=TRAINED_FAMILIES, max_level=TRAINED_MAX_LEVEL)

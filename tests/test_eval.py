@@ -13,11 +13,6 @@ from tests.conftest import TRAINED_FAMILIES, TRAINED_MAX_LEVEL
 
 
 @pytest.fixture(scope="module")
-def engine(trained_engine):
-    return trained_engine
-
-
-@pytest.fixture(scope="module")
 def bench(tmp_path_factory):
     path = tmp_path_factory.mktemp("bench") / "eval.jsonl"
     samples = synthetic.generate(30, seed=4, split="eval", families=TRAINED_FAMILIES, max_level=TRAINED_MAX_LEVEL)
