@@ -222,6 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("anneal", add_help=False,
                    help="bi-mode annealing on TRL's SFTTrainer: --config RECIPE.yaml [--field value ...]")
+    sub.add_parser("bpo", add_help=False,
+                   help="Bi-mode Policy Optimization on TRL's GRPOTrainer: --config RECIPE.yaml [--field value ...]")
 
     demo = sub.add_parser("demo", help="run the recipe on the embedded default")
     demo.add_argument("--out", default="runs/demo", help="run directory")
@@ -239,6 +241,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:2] == ["eval", "compare"]:
         return _cmd_eval_compare(argv[2:])
+    if argv[:1] == ["bpo"]:  # TRL's parser: --config RECIPE.yaml plus any GRPOConfig / BPOConfig field
+        from bimode.train.bpo import main as bpo_main
+
+        return bpo_main(argv[1:])
     if argv[:1] == ["anneal"]:  # TRL's parser: --config RECIPE.yaml plus any SFTConfig / AnnealConfig field
         from bimode.train.anneal import main as anneal_main
 

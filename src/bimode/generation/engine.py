@@ -47,6 +47,19 @@ def _decision_probability(logits: torch.Tensor, think_ids: list[int], no_think_i
     return p_yes / (p_yes + p_no).clamp_min(1e-12)
 
 
+def _media_token_ids(processor, tokenizer) -> list[int]:
+    """Image / video placeholder ids: a response must never contain one (an untrained model samples them,
+    and a placeholder in a completion breaks the model's image-token count on the next forward pass)."""
+    ids = set()
+    for attr in ("image_token", "video_token"):
+        token = getattr(processor, attr, None)
+        if isinstance(token, str):
+            token_id = tokenizer.convert_tokens_to_ids(token)
+            if token_id is not None and token_id != getattr(tokenizer, "unk_token_id", None):
+                ids.add(token_id)
+    return sorted(ids)
+
+
 def _filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     logits = logits / params.temperature
     if params.top_k:
@@ -81,7 +94,11 @@ class TransformersEngine:
         # Models with multi-axis rotary positions (Qwen-VL's mrope) compute positions from the whole
         # sequence; our hand-fed positions would be wrong, so they take the plain path.
         self.shared_prefix = not hasattr(getattr(model, "model", model), "get_rope_index")
-        self.device = next(model.parameters()).device
+        self.banned_ids = _media_token_ids(processor, self.tokenizer)
+
+    @property
+    def device(self) -> torch.device:  # read per call: BPO swaps in the training model, which may move
+        return next(self.model.parameters()).device
 
     # ---- inputs -------------------------------------------------------------------------------------
     def render(self, prompt: Prompt, mode: ThinkingMode = ThinkingMode.AUTO) -> str:
@@ -95,6 +112,11 @@ class TransformersEngine:
         else:
             batch = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         return {k: v.to(self.device) for k, v in batch.items()}
+
+    def prompt_ids(self, prompt: Prompt, mode: ThinkingMode = ThinkingMode.AUTO) -> list[int]:
+        """The token ids the engine feeds for a prompt (image placeholders expanded), unpadded."""
+        inputs = self._encode([self.render(prompt, mode)], prompt.images)
+        return inputs["input_ids"][0][inputs["attention_mask"][0].bool()].tolist()
 
     # ---- public API ---------------------------------------------------------------------------------
     @torch.no_grad()
@@ -205,6 +227,8 @@ class TransformersEngine:
 
     def _sample(self, logits: torch.Tensor, params: SamplingParams, generator) -> torch.Tensor:
         """Next token of every row: argmax when greedy, else temperature / top-k / top-p sampling."""
+        if self.banned_ids:
+            logits = logits.index_fill(-1, torch.tensor(self.banned_ids, device=logits.device), float("-inf"))
         if params.temperature == 0:
             return torch.argmax(logits, dim=-1)
         probs = torch.softmax(_filter_logits(logits, params), dim=-1)
@@ -269,6 +293,7 @@ class TransformersEngine:
                     mode_used = mode
                 inputs = self._encode([self.render(p, mode_used)], p.images)
                 kwargs = dict(max_new_tokens=params.max_new_tokens, pad_token_id=self.pad_id,
+                              suppress_tokens=self.banned_ids or None,
                               eos_token_id=sorted(self.eos_ids))
                 if params.temperature > 0:
                     kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p,

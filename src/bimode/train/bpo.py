@@ -1,0 +1,302 @@
+"""`bimode bpo`: Bi-mode Policy Optimization on TRL's GRPOTrainer (R4B_NOTES.md section 6).
+
+Every prompt is rendered in auto mode (ending in `<think>`) and rolled out `num_generations = 2g` times: the
+first g rollouts are forced to think (`\\n` after `<think>`), the other g not to (`\\n\\n</think>\\n\\n`).
+TRL's group normalization then runs over the mixed group of 2g, which is BPO's advantage. The forced suffix
+is the start of each completion, not part of the prompt (appending it to the prompt ids would shift
+Qwen-VL's multi-axis positions, which TRL recomputes from the prompt text), so `mode_token_loss` decides
+what it contributes: off (no loss), on (the rollout's advantage, like any token) or a weight in between.
+`rollout: auto` is plain GRPO in auto mode at the same rollout budget, the paper's baseline.
+
+Pinned to TRL 1.16 (pyproject): this relies on `rollout_func`, `_generate_and_score_completions` and the
+(B, T) advantages `_compute_loss` accepts; tests/test_bpo.py guards each.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import datasets
+import torch
+from trl import GRPOConfig, GRPOTrainer
+from trl.models import unwrap_model_for_generation
+
+from bimode.data.records import Record, read_records
+from bimode.generation.engine import TransformersEngine
+from bimode.generation.types import Prompt, SamplingParams
+from bimode.modes import ThinkingMode
+from bimode.train.bpo_core import (ROLLOUTS, mode_token_weights, parse_mode_token_loss, per_mode_stats,
+                                   response_mode, rollout_modes)
+from bimode.train.bpo_rewards import build_rewards
+from bimode.train.checkpoint import StrictResumeMixin
+from bimode.train.components import freeze
+
+MODE_CODES = {"think": 0, "no_think": 1, "malformed": 2}
+
+
+@dataclass
+class BPOConfig(GRPOConfig):
+    model_path: str = field(default="", metadata={"help": "local model directory to start from (an annealed model)"})
+    train_files: list[str] = field(default_factory=list, metadata={"help": "record files with prompts and answers"})
+    rollout: str = field(default="bimode", metadata={
+        "help": "bimode: num_generations/2 rollouts forced to think and as many not to, normalized together "
+                "(BPO); auto: every rollout in auto mode (plain GRPO, the paper's baseline)"})
+    mode_token_loss: str = field(default="on", metadata={
+        "help": "loss on the forced mode tokens: off (none; the paper's literal reading), on (the rollout's "
+                "advantage, like any token) or a weight in (0, 1). Default on: measured on the embedded "
+                "default (README, 'BPO in miniature')"})
+    rewards: list[str] = field(default_factory=lambda: ["accuracy"], metadata={
+        "help": "reward functions: accuracy, format (a collapse risk; weight it low) or package.module:function; "
+                "weights in reward_weights"})
+    probe_files: list[str] = field(default_factory=list, metadata={
+        "help": "records whose auto-mode p_think is logged by level every probe_steps (default: train records)"})
+    probe_size: int = field(default=256, metadata={"help": "records in the p_think probe set"})
+    probe_steps: int = field(default=10, metadata={"help": "probe p_think every this many steps (0: never)"})
+    rollout_batch_rows: int = field(default=256, metadata={
+        "help": "most rollouts decoded together by the shared-prefix engine (transformers path)"})
+    freeze_vision: bool = field(default=False, metadata={"help": "keep the vision tower fixed"})
+    trust_remote_code: bool = field(default=False, metadata={"help": "allow the checkpoint's own code"})
+    report_to: None | str | list[str] = field(default="tensorboard", metadata={
+        "help": "where to log (tensorboard by default; 'none' to turn off, 'wandb', ...)"})
+
+    def __post_init__(self):
+        if self.chat_template_kwargs is None:
+            self.chat_template_kwargs = {}
+        if isinstance(self.chat_template_kwargs, dict):
+            self.chat_template_kwargs.setdefault("thinking_mode", "auto")
+        if self.rollout not in ROLLOUTS:
+            raise ValueError(f"rollout must be one of {ROLLOUTS}, not {self.rollout!r}")
+        if self.rollout == "bimode" and self.num_generations % 2:
+            raise ValueError(f"rollout bimode needs an even num_generations (2g), got {self.num_generations}")
+        parse_mode_token_loss(self.mode_token_loss)
+        super().__post_init__()
+
+
+class BPOTrainer(StrictResumeMixin, GRPOTrainer):
+    """GRPOTrainer with bi-mode rollouts, mode-token loss weights, guarded rewards and per-mode logging."""
+
+    def __init__(self, *, model, args: BPOConfig, records: list[Record], processor,
+                 probe_records: list[Record] | None = None, **kwargs):
+        os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func's warning: guarded by our tests
+        self.records = records
+        self.probe_records = probe_records or []
+        self.mode_weight = parse_mode_token_loss(args.mode_token_loss)
+        tokenizer = getattr(processor, "tokenizer", processor)
+        self.guarded_rewards = build_rewards(args.rewards, tokenizer)
+        self._engine: TransformersEngine | None = None
+        self._rows: list[int] = []
+        self._rollout_info: dict = {}
+        self._last_probe = -1
+        super().__init__(model=model, reward_funcs=self.guarded_rewards, args=args,
+                         train_dataset=datasets.Dataset.from_dict({"row": list(range(len(records)))}),
+                         processing_class=processor, rollout_func=self._rollout, **kwargs)
+
+    # ---- rollouts -----------------------------------------------------------------------------------
+    def _example(self, row: int) -> dict:
+        r = self.records[row]
+        return {"prompt": r.messages(), "images": r.load_images(), "answer": r.answer,
+                "answer_type": r.answer_type, "choices": r.choices, "level": r.level, "family": r.family,
+                "record_id": r.id, "row": row}
+
+    @contextmanager
+    def _generation_engine(self):
+        """The shared-prefix engine on the current weights (gathered under ZeRO-3), in eval mode."""
+        with unwrap_model_for_generation(self.model_wrapped, self.accelerator,
+                                         gather_deepspeed3_params=self.args.ds3_gather_for_generation) as model:
+            was_training = model.training
+            if self._engine is None:
+                self._engine = TransformersEngine(model, self.processing_class,
+                                                  max_batch_rows=self.args.rollout_batch_rows)
+            self._engine.model = model.eval()
+            try:
+                with torch.no_grad():
+                    yield self._engine
+            finally:
+                model.train(was_training)
+
+    def _rollout(self, prompts: list, trainer) -> dict:
+        """TRL's rollout_func: gets each prompt repeated once per rollout (local slice of the batch)."""
+        n = len(prompts)
+        modes = rollout_modes(self.accelerator.process_index * n, n, self.num_generations, self.args.rollout)
+        groups: list[tuple[int, list[ThinkingMode]]] = []  # (row, modes) of consecutive rollouts of one record
+        for row, mode in zip(self._rows, modes):
+            if groups and groups[-1][0] == row:
+                groups[-1][1].append(mode)
+            else:
+                groups.append((row, [mode]))
+        batch = [Prompt.from_record(self.records[row], group_modes) for row, group_modes in groups]
+        with self._generation_engine() as engine:
+            suffix = engine.suffix_rest
+            prompt_ids = [engine.prompt_ids(p) for p in batch]
+            if self.use_vllm:
+                completions = self._vllm_completions(engine, batch, prompt_ids)
+            else:
+                params = SamplingParams(max_new_tokens=self.args.max_completion_length,
+                                        temperature=self.args.temperature, top_p=self.args.top_p,
+                                        top_k=self.args.top_k or 0,
+                                        seed=self.args.seed + 100_003 * self.state.global_step
+                                        + self.accelerator.process_index)
+                eos = engine.tokenizer.eos_token_id
+                completions = [[(list(suffix[c.mode]), c.token_ids + ([eos] if c.finish_reason != "length" else []),
+                                 None) for c in group] for group in engine.generate(batch, params)]
+        out = {"prompt_ids": [], "completion_ids": [], "logprobs": []}
+        suffix_lengths = []
+        for ids, group in zip(prompt_ids, completions):
+            for forced, generated, logprobs in group:
+                out["prompt_ids"].append(ids)
+                out["completion_ids"].append(forced + generated)
+                out["logprobs"].append(None if logprobs is None else [float("nan")] * len(forced) + logprobs)
+                suffix_lengths.append(len(forced))
+        if any(lp is None for lp in out["logprobs"]):
+            out["logprobs"] = None
+        self._rollout_info = {"modes": modes, "suffix_lengths": suffix_lengths}
+        out["rollout_mode"] = [m.value for m in modes]  # reaches reward functions as a column
+        return out
+
+    def _vllm_completions(self, engine, batch, prompt_ids):
+        """vLLM (colocate or server): the forced suffix joins the prompt for vLLM only, and is returned as the
+        start of the completion with NaN sampling logprobs (TRL then leaves those tokens' IS ratio at 1)."""
+        flat_prompts, flat_images, forced = [], [], []
+        for p, ids in zip(batch, prompt_ids):
+            for mode in p.modes:
+                flat_prompts.append(ids + engine.suffix_rest[mode])
+                flat_images.append(p.images or None)
+                forced.append(list(engine.suffix_rest[mode]))
+        images = flat_images if any(flat_images) else None
+        _, completion_ids, logprobs, _ = self.vllm_generation.generate(prompts=flat_prompts, images=images,
+                                                                       num_generations=1)
+        rows = iter(zip(forced, completion_ids, logprobs))
+        return [[(f, list(c), [lp[0] for lp in lps]) for f, c, lps in (next(rows) for _ in p.modes)]
+                for p in batch]
+
+    # ---- scoring, loss weights, logging ---------------------------------------------------------------
+    def _generate_and_score_completions(self, inputs):
+        self._rows = [x["row"] for x in inputs]
+        inputs = [self._example(x["row"]) for x in inputs]
+        output = super()._generate_and_score_completions(inputs)
+        suffix_lengths = self._rollout_info["suffix_lengths"]
+        width = output["completion_ids"].size(1)
+        device = output["completion_ids"].device
+        if self.args.rollout == "bimode" and self.mode_weight < 1.0:
+            weights = mode_token_weights(suffix_lengths, width, self.mode_weight).to(device)
+            if self.mode_weight == 0.0:
+                keep = (weights > 0).long()
+                output["tool_mask"] = keep * output["tool_mask"] if "tool_mask" in output else keep
+                loss_mask = output["completion_mask"] * output["tool_mask"]
+                output["num_items_in_batch"] = self.accelerator.gather(loss_mask.sum()).sum()
+            else:
+                output["advantages"] = output["advantages"].reshape(-1, 1) * weights
+        self._log_modes(output, suffix_lengths)
+        self._maybe_probe()
+        return output
+
+    def _log_modes(self, output, suffix_lengths) -> None:
+        engine = self._engine
+        taken = [response_mode(ids[ids_mask.bool()].tolist(), engine.decision.think_ids, engine.decision.no_think_ids)
+                 for ids, ids_mask in zip(output["completion_ids"], output["completion_mask"])]
+        rewards = torch.zeros(len(taken))
+        for weight, func in zip(self.reward_weights.tolist(), self.guarded_rewards):
+            rewards += weight * torch.tensor(func.last, dtype=torch.float32)
+        advantages = output["advantages"]
+        advantages = advantages[:, 0] if advantages.dim() == 2 else advantages
+        lengths = output["completion_mask"].sum(1).cpu() - torch.tensor(suffix_lengths)
+        device = self.accelerator.device
+        codes = torch.tensor([MODE_CODES[m] for m in taken], device=device)
+        gathered = [self.accelerator.gather(t.to(device).float()) for t in (codes, rewards, advantages, lengths)]
+        names = {v: k for k, v in MODE_CODES.items()}
+        modes = [names[int(c)] for c in gathered[0].tolist()]
+        for key, value in per_mode_stats(modes, *[t.cpu() for t in gathered[1:]]).items():
+            self._metrics["train"][f"bpo/{key}"].append(value)
+
+    def _maybe_probe(self) -> None:
+        step = self.state.global_step
+        if not self.probe_records or not self.args.probe_steps or step % self.args.probe_steps or step == self._last_probe:
+            return
+        self._last_probe = step
+        result = self.probe()
+        for key, value in result.items():
+            self._metrics["train"][f"probe/{key}"].append(value)
+        if self.accelerator.is_main_process:
+            Path(self.args.output_dir).mkdir(parents=True, exist_ok=True)
+            with open(Path(self.args.output_dir) / "probe.jsonl", "a") as f:
+                f.write(json.dumps({"step": step, **result}) + "\n")
+
+    def probe(self) -> dict[str, float]:
+        """Mean auto-mode p_think and the greedy thinking rate (p_think >= 0.5) per level, one forward pass."""
+        with self._generation_engine() as engine:
+            p = engine.p_think([Prompt.from_record(r) for r in self.probe_records])
+        by_level = defaultdict(list)
+        for record, value in zip(self.probe_records, p):
+            by_level["all" if record.level is None else record.level].append(value)
+        out = {}
+        for level in sorted(by_level, key=str):
+            values = by_level[level]
+            out[f"p_think/level_{level}"] = sum(values) / len(values)
+            out[f"think_rate/level_{level}"] = sum(v >= 0.5 for v in values) / len(values)
+        return out
+
+
+def pick_probe(records: list[Record], size: int, seed: int) -> list[Record]:
+    """Up to `size` records, as many from each level as the levels allow."""
+    by_level = defaultdict(list)
+    for r in records:
+        by_level[r.level].append(r)
+    rng = random.Random(seed)
+    for group in by_level.values():
+        rng.shuffle(group)
+    out, i = [], 0
+    while len(out) < size and any(i < len(g) for g in by_level.values()):
+        out += [g[i] for g in by_level.values() if i < len(g)][: size - len(out)]
+        i += 1
+    return out
+
+
+def build_trainer(cfg: BPOConfig, model=None, processor=None) -> BPOTrainer:
+    from bimode.models import load_model
+
+    if model is None:
+        model, processor = load_model(cfg.model_path, trust_remote_code=cfg.trust_remote_code, dtype=torch.float32)
+    if not cfg.train_files:
+        raise ValueError("train_files is empty: give record files with prompts and answers")
+    records = [r for path in cfg.train_files for r in read_records(path)]
+    missing = [r.id for r in records if not r.answer]
+    if missing:
+        raise ValueError(f"{len(missing)} records have no answer to reward (first: {missing[0]})")
+    probe_source = [r for path in cfg.probe_files for r in read_records(path)] if cfg.probe_files else records
+    if cfg.freeze_vision:
+        freeze(model, {"vision"})
+    cfg.remove_unused_columns = False
+    return BPOTrainer(model=model, args=cfg, records=records, processor=processor,
+                      probe_records=pick_probe(probe_source, cfg.probe_size, cfg.seed))
+
+
+def run_bpo(cfg: BPOConfig) -> Path:
+    trainer = build_trainer(cfg)
+    resume = cfg.resume_from_checkpoint
+    if resume in ("true", "True", True):
+        resume = True
+    trainer.train(resume_from_checkpoint=resume)
+    out = Path(cfg.output_dir) / "final"
+    trainer.save_model(str(out))
+    if trainer.accelerator.is_main_process:
+        trainer.processing_class.save_pretrained(str(out))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    from trl import TrlParser
+
+    parser = TrlParser(BPOConfig)
+    (cfg,) = parser.parse_args_and_config(args=argv)
+    out = run_bpo(cfg)
+    print(f"BPO model saved to {out}")
+    return 0
+
+
+__all__ = ["BPOConfig", "BPOTrainer", "build_trainer", "main", "pick_probe", "run_bpo"]

@@ -1,0 +1,88 @@
+"""The bi-mode parts of BPO as small framework-free functions (R4B_NOTES.md section 6).
+
+TRL's GRPOTrainer does the PPO-clipped loss and the group normalization; BPO differs from GRPO in which
+rollouts share a group (g forced thinking + g forced non-thinking for every prompt, normalized together) and
+in what the forced mode tokens contribute to the loss. Those two differences live here.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from bimode.modes import ThinkingMode
+
+ROLLOUTS = ("bimode", "auto")
+
+
+def rollout_modes(offset: int, n: int, num_generations: int, rollout: str = "bimode") -> list[ThinkingMode]:
+    """The mode of each of n local rollouts that start at global position `offset` of the generation batch.
+
+    TRL lays a generation batch out as consecutive groups of `num_generations` rollouts of one prompt and may
+    split a group across processes, so the mode must follow the global position, not the local one: the
+    first half of every group thinks, the second half does not. `rollout: auto` lets the model choose.
+    """
+    if rollout == "auto":
+        return [ThinkingMode.AUTO] * n
+    if rollout != "bimode":
+        raise ValueError(f"rollout must be one of {ROLLOUTS}, not {rollout!r}")
+    if num_generations % 2:
+        raise ValueError(f"bi-mode rollouts need an even num_generations (2g), got {num_generations}")
+    g = num_generations // 2
+    return [ThinkingMode.THINK if (offset + i) % num_generations < g else ThinkingMode.NO_THINK
+            for i in range(n)]
+
+
+def parse_mode_token_loss(value) -> float:
+    """`off` -> 0.0, `on` -> 1.0, a number in (0, 1) -> itself: the loss weight of the forced mode tokens."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in ("off", "false", "no"):
+            return 0.0
+        if text in ("on", "true", "yes"):
+            return 1.0
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError(f"mode_token_loss must be off, on or a weight in (0, 1), not {value!r}") from None
+    weight = float(value)
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"mode_token_loss weight must be in [0, 1], got {weight}")
+    return weight
+
+
+def mode_token_weights(suffix_lengths: list[int], width: int, weight: float) -> torch.Tensor:
+    """Per-token loss weights (rows x width): `weight` on each row's leading forced mode tokens, 1 elsewhere.
+
+    The forced suffix (`\\n` for thinking, `\\n\\n</think>\\n\\n` for non-thinking, after the prompt's
+    `<think>`) opens every completion; its first token is the auto-mode decision.
+    """
+    weights = torch.ones(len(suffix_lengths), width)
+    for row, length in enumerate(suffix_lengths):
+        weights[row, :min(length, width)] = weight
+    return weights
+
+
+def response_mode(completion_ids: list[int], think_ids, no_think_ids) -> str:
+    """Which mode a completion that starts right after `<think>` took: think, no_think or malformed."""
+    if not completion_ids:
+        return "malformed"
+    if completion_ids[0] in think_ids:
+        return "think"
+    if completion_ids[0] in no_think_ids:
+        return "no_think"
+    return "malformed"
+
+
+def per_mode_stats(modes: list[str], rewards: torch.Tensor, advantages: torch.Tensor,
+                   lengths: torch.Tensor) -> dict[str, float]:
+    """Mean reward, advantage and completion length of the think and no_think rollouts, and the think share."""
+    stats: dict[str, float] = {}
+    for name in ("think", "no_think"):
+        pick = torch.tensor([m == name for m in modes], dtype=torch.bool)
+        if pick.any():
+            stats[f"{name}/reward"] = rewards[pick].float().nanmean().item()
+            stats[f"{name}/advantage"] = advantages[pick].float().mean().item()
+            stats[f"{name}/length"] = lengths[pick].float().mean().item()
+    if modes:
+        stats["think_share"] = sum(m == "think" for m in modes) / len(modes)
+    return stats

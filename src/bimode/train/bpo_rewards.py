@@ -1,0 +1,138 @@
+"""Reward functions for BPO in TRL's calling convention, and the guard that keeps a failing one from stopping
+training.
+
+TRL calls `f(prompts=, completions=, completion_ids=, **dataset_columns)` and wants one float per rollout.
+TRL decodes `completions` with special tokens removed, which strips `<think>`/`</think>` on tokenizers that
+register them as special; the rewards here decode `completion_ids` themselves so the think block survives.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from typing import Callable
+
+from bimode.modes import THINK_OPEN, parse_response
+from bimode.rewards import accuracy_reward
+
+logger = logging.getLogger(__name__)
+
+
+def _texts(tokenizer, completion_ids) -> list[str]:
+    # Completions start right after the prompt's `<think>`; put it back so the response parses.
+    return [THINK_OPEN + tokenizer.decode(ids, skip_special_tokens=False).split(tokenizer.eos_token)[0]
+            for ids in completion_ids]
+
+
+def _column(kwargs: dict, name: str, n: int) -> list:
+    values = kwargs.get(name)
+    return list(values) if values is not None else [None] * n
+
+
+def make_accuracy_reward(tokenizer) -> Callable:
+    """1.0 when the final answer (after `</think>`) matches the record's `answer`, else 0.0."""
+
+    def accuracy(prompts, completions, completion_ids, **kwargs) -> list[float]:
+        texts = _texts(tokenizer, completion_ids)
+        n = len(texts)
+        return [accuracy_reward(t, a or "", kind, ch) for t, a, kind, ch in zip(
+            texts, _column(kwargs, "answer", n), _column(kwargs, "answer_type", n), _column(kwargs, "choices", n))]
+
+    return accuracy
+
+
+def make_format_reward(tokenizer) -> Callable:
+    """1.0 for a well-formed response (a closed think block, then a non-empty answer), else 0.0.
+
+    A collapse risk: it pays every rollout the same when the model already writes the format, and pays
+    short answers as much as correct ones, so weight it well below accuracy (or leave it off).
+    """
+
+    def format_ok(prompts, completions, completion_ids, **kwargs) -> list[float]:
+        out = []
+        for text in _texts(tokenizer, completion_ids):
+            parsed = parse_response(text)
+            out.append(float(parsed.mode in ("think", "no_think") and bool(parsed.answer.strip())))
+        return out
+
+    return format_ok
+
+
+def import_reward(path: str) -> Callable:
+    """A user reward function from `package.module:function` (or `package.module.function`)."""
+    module_name, sep, attr = path.partition(":")
+    if not sep:
+        module_name, _, attr = path.rpartition(".")
+    if not module_name or not attr:
+        raise ValueError(f"reward {path!r}: expected 'package.module:function'")
+    try:
+        func = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"reward {path!r} cannot be imported: {exc}") from exc
+    if not callable(func):
+        raise ValueError(f"reward {path!r} is not callable")
+    return func
+
+
+class GuardedReward:
+    """Calls a reward function; where it raises or returns a non-number, the rollout scores 0 and is counted.
+
+    A batch that raises is retried one rollout at a time, so one bad rollout does not zero its neighbours.
+    `failures` counts the rollouts scored 0 this way over the run; `last` holds the latest batch's rewards.
+    """
+
+    def __init__(self, func: Callable, name: str | None = None):
+        self.func = func
+        self.__name__ = name or getattr(func, "__name__", type(func).__name__)
+        self.failures = 0
+        self.last: list[float] = []
+
+    def __call__(self, prompts, completions, completion_ids, **kwargs) -> list[float]:
+        n = len(completion_ids)
+        try:
+            values = self._clean(self.func(prompts=prompts, completions=completions,
+                                           completion_ids=completion_ids, **kwargs), n)
+        except Exception as exc:
+            logger.warning("reward %s failed on a batch (%s: %s); scoring rollouts one by one",
+                           self.__name__, type(exc).__name__, exc)
+            values = [self._one(i, prompts, completions, completion_ids, kwargs) for i in range(n)]
+        log_metric = kwargs.get("log_metric")
+        if log_metric is not None:
+            log_metric(f"rewards/{self.__name__}/failures", float(self.failures))
+        self.last = values
+        return values
+
+    def _clean(self, values, n: int) -> list[float]:
+        values = list(values)
+        if len(values) != n:
+            raise ValueError(f"returned {len(values)} rewards for {n} rollouts")
+        out = []
+        for v in values:
+            try:
+                out.append(float(v))
+            except (TypeError, ValueError):
+                self.failures += 1
+                out.append(0.0)
+        return out
+
+    def _one(self, i, prompts, completions, completion_ids, kwargs) -> float:
+        row_kwargs = {k: (v[i:i + 1] if isinstance(v, list) and len(v) == len(completion_ids) else v)
+                      for k, v in kwargs.items()}
+        try:
+            return self._clean(self.func(prompts=prompts[i:i + 1], completions=completions[i:i + 1],
+                                         completion_ids=completion_ids[i:i + 1], **row_kwargs), 1)[0]
+        except Exception:
+            self.failures += 1
+            return 0.0
+
+
+def build_rewards(names: list[str], tokenizer) -> list[GuardedReward]:
+    """`accuracy`, `format` or an import path, each wrapped in the guard."""
+    builtin = {"accuracy": make_accuracy_reward, "format": make_format_reward}
+    out = []
+    for name in names:
+        if name in builtin:
+            out.append(GuardedReward(builtin[name](tokenizer), name))
+        else:
+            out.append(GuardedReward(import_reward(name), name.replace(":", ".")))
+    return out

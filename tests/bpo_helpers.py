@@ -1,0 +1,15 @@
+"""Controlled rewards for the BPO tests, importable by path (`tests.bpo_helpers:...`)."""
+
+
+def no_think_wins(prompts, completions, completion_ids, rollout_mode, **kwargs):
+    return [float(mode == "no_think") for mode in rollout_mode]
+
+
+def think_wins(prompts, completions, completion_ids, rollout_mode, **kwargs):
+    return [float(mode == "think") for mode in rollout_mode]
+
+
+def fails_on_thinking(prompts, completions, completion_ids, rollout_mode, **kwargs):
+    if any(mode == "think" for mode in rollout_mode):
+        raise RuntimeError("this reward cannot score thinking rollouts")
+    return [1.0] * len(rollout_mode)

@@ -1,0 +1,204 @@
+"""BPO: bi-mode rollouts on TRL's GRPOTrainer (mixed-group advantages, mode-token loss, rewards, 2 ranks)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bimode.data import synthetic
+from bimode.data.records import write_records
+from bimode.modes import ThinkingMode
+from bimode.train.bpo_core import mode_token_weights, parse_mode_token_loss, per_mode_stats, rollout_modes
+from bimode.train.bpo_rewards import GuardedReward, import_reward
+
+from tests.conftest import TRAINED_FAMILIES, TRAINED_MAX_LEVEL
+
+ROOT = Path(__file__).resolve().parents[1]
+BATCH = [{"row": i // 4} for i in range(8)]  # a generation batch as TRL samples it: 2 prompts x 4 rollouts
+T, N = ThinkingMode.THINK, ThinkingMode.NO_THINK
+
+
+# ---- pure parts -------------------------------------------------------------------------------------
+def test_modes_follow_the_global_position_so_a_split_group_stays_mixed():
+    assert rollout_modes(0, 8, 4) == [T, T, N, N, T, T, N, N]
+    # a group of 4 split over two ranks of 2: rank 0 holds its thinking half, rank 1 its non-thinking half
+    assert rollout_modes(0, 2, 4) == [T, T] and rollout_modes(2, 2, 4) == [N, N]
+    assert rollout_modes(3, 3, 4) == [N, T, T]
+    assert rollout_modes(0, 4, 4, "auto") == [ThinkingMode.AUTO] * 4
+    with pytest.raises(ValueError, match="even"):
+        rollout_modes(0, 3, 3)
+
+
+def test_mode_token_loss_setting_and_weights():
+    assert parse_mode_token_loss("off") == 0.0 and parse_mode_token_loss("on") == 1.0
+    assert parse_mode_token_loss("0.3") == pytest.approx(0.3)
+    with pytest.raises(ValueError, match="mode_token_loss"):
+        parse_mode_token_loss("sometimes")
+    with pytest.raises(ValueError, match="in \\[0, 1\\]"):
+        parse_mode_token_loss(1.5)
+    w = mode_token_weights([1, 3, 0], 5, 0.25)
+    assert w.tolist() == [[0.25, 1, 1, 1, 1], [0.25, 0.25, 0.25, 1, 1], [1, 1, 1, 1, 1]]
+
+
+def test_per_mode_stats():
+    stats = per_mode_stats(["think", "think", "no_think", "malformed"], torch.tensor([1.0, 0.0, 1.0, 0.0]),
+                           torch.tensor([0.5, -0.5, 1.0, -1.0]), torch.tensor([20, 30, 2, 5]))
+    assert stats["think/reward"] == 0.5 and stats["no_think/reward"] == 1.0
+    assert stats["think/length"] == 25 and stats["no_think/advantage"] == 1.0
+    assert stats["think_share"] == 0.5
+
+
+def test_guarded_reward_scores_failures_zero_and_counts_them():
+    def flaky(prompts, completions, completion_ids, **kw):
+        if any(ids == [9] for ids in completion_ids):
+            raise RuntimeError("cannot score")
+        return [1.0 if ids == [1] else "not a number" for ids in completion_ids]
+
+    guard = GuardedReward(flaky)
+    assert guard([None] * 3, ["a", "b", "c"], [[1], [9], [2]]) == [1.0, 0.0, 0.0]
+    assert guard.failures == 2  # the raising rollout and the non-number, one by one
+    with pytest.raises(ValueError, match="cannot be imported"):
+        import_reward("no_such_module:reward")
+    assert import_reward("tests.bpo_helpers:think_wins").__name__ == "think_wins"
+
+
+# ---- the trainer ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def bpo_file(tmp_path_factory):
+    records = [s.to_record() for s in synthetic.generate(96, seed=5, families=TRAINED_FAMILIES,
+                                                         max_level=TRAINED_MAX_LEVEL)]
+    return write_records(records, tmp_path_factory.mktemp("bpo") / "train.jsonl")
+
+
+def make_trainer(model_dir, train_file, out, **overrides):
+    from bimode.train.bpo import BPOConfig, build_trainer
+
+    args = dict(model_path=str(model_dir), train_files=[str(train_file)], output_dir=str(out),
+                num_generations=4, per_device_train_batch_size=8, max_completion_length=24, max_steps=2,
+                learning_rate=1e-3, report_to=[], save_strategy="no", logging_steps=1, use_cpu=True,
+                bf16=False, probe_steps=0, seed=0)
+    args.update(overrides)
+    return build_trainer(BPOConfig(**args))
+
+
+def test_advantages_are_normalized_over_the_mixed_group(tmp_path, trained_tiny, bpo_file):
+    trainer = make_trainer(trained_tiny, bpo_file, tmp_path, rewards=["tests.bpo_helpers:no_think_wins"])
+    trainer.model.train()
+    output = trainer._generate_and_score_completions(BATCH)
+    rewards = torch.tensor(trainer.guarded_rewards[0].last)
+    assert rewards.tolist() == [0.0, 0.0, 1.0, 1.0] * 2  # think rollouts first, then non-thinking
+    # by hand, group of 2g = 4 with rewards [0, 0, 1, 1]: mean 0.5, sample std sqrt(1/3)
+    expected = (0.5 / (3 ** -0.5 + 1e-4))
+    assert output["advantages"].tolist() == pytest.approx([-expected, -expected, expected, expected] * 2, rel=1e-5)
+    # completions open with the forced suffix; the prompt ends at `<think>` for every rollout
+    suffix = trainer._engine.suffix_rest
+    for ids, mode in zip(output["completion_ids"].tolist(), trainer._rollout_info["modes"]):
+        assert ids[:len(suffix[mode])] == suffix[mode]
+
+
+def test_rollout_auto_is_plain_grpo_without_forced_tokens(tmp_path, trained_tiny, bpo_file):
+    trainer = make_trainer(trained_tiny, bpo_file, tmp_path, rollout="auto")
+    trainer.model.train()
+    output = trainer._generate_and_score_completions(BATCH)
+    assert trainer._rollout_info["suffix_lengths"] == [0] * 8
+    decision = trainer._engine.decision
+    first = output["completion_ids"][:, 0].tolist()
+    assert all(t in decision.think_ids | decision.no_think_ids for t in first)
+
+
+def decision_grads(trainer):
+    """Gradient of the loss at the positions that predict each rollout's forced mode tokens."""
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1  # set by the training loop, which this test skips
+    inputs = trainer._generate_and_score_completions(BATCH)
+    captured = {}
+    norm = trainer.model.model.language_model.norm
+
+    def keep_grad(module, args, out):
+        out.register_hook(lambda g: captured.setdefault("g", g))
+
+    handle = norm.register_forward_hook(keep_grad)
+    try:
+        trainer.compute_loss(trainer.model, inputs).backward()
+    finally:
+        handle.remove()
+    grad = captured["g"]  # (rows, prompt + completion, hidden)
+    start = inputs["prompt_ids"].size(1) - 1  # this position predicts the first completion token
+    lengths = trainer._rollout_info["suffix_lengths"]
+    forced = torch.stack([grad[r, start:start + n].abs().sum() for r, n in enumerate(lengths)])
+    rest = torch.stack([grad[r, start + n:].abs().sum() for r, n in enumerate(lengths)])
+    return forced, rest
+
+
+def test_mode_token_loss_off_gives_the_decision_no_gradient(tmp_path, trained_tiny, bpo_file):
+    forced, rest = decision_grads(make_trainer(trained_tiny, bpo_file, tmp_path, mode_token_loss="off",
+                                               rewards=["tests.bpo_helpers:no_think_wins"]))
+    assert torch.all(forced == 0) and torch.all(rest > 0)
+    forced_on, _ = decision_grads(make_trainer(trained_tiny, bpo_file, tmp_path / "on", mode_token_loss="on",
+                                               rewards=["tests.bpo_helpers:no_think_wins"]))
+    assert torch.all(forced_on > 0)
+
+
+def test_mode_token_weight_scales_the_forced_tokens_advantage(tmp_path, trained_tiny, bpo_file):
+    trainer = make_trainer(trained_tiny, bpo_file, tmp_path, mode_token_loss="0.25",
+                           rewards=["tests.bpo_helpers:no_think_wins"])
+    trainer.model.train()
+    adv = trainer._generate_and_score_completions(BATCH)["advantages"]
+    for row, n in enumerate(trainer._rollout_info["suffix_lengths"]):
+        assert adv[row, :n].tolist() == pytest.approx([0.25 * adv[row, -1].item()] * n)
+
+
+def test_mode_token_loss_on_moves_the_decision_toward_the_rewarded_mode(tmp_path, trained_tiny, bpo_file):
+    trainer = make_trainer(trained_tiny, bpo_file, tmp_path, mode_token_loss="on", max_steps=6,
+                           learning_rate=3e-3, rewards=["tests.bpo_helpers:no_think_wins"], probe_size=48)
+    before = trainer.probe()
+    trainer.train()
+    after = trainer.probe()
+    levels = [k for k in before if k.startswith("p_think/")]
+    drop = sum(before[k] - after[k] for k in levels) / len(levels)
+    assert drop > 0.15, (before, after)
+
+
+def test_a_failing_reward_does_not_stop_training(tmp_path, trained_tiny, bpo_file):
+    trainer = make_trainer(trained_tiny, bpo_file, tmp_path, rewards=["tests.bpo_helpers:fails_on_thinking"],
+                           max_steps=2)
+    trainer.train()
+    assert trainer.state.global_step == 2
+    guard = trainer.guarded_rewards[0]
+    assert guard.failures == 2 * 4  # the 4 thinking rollouts of each of the 2 steps, each scored 0
+    logged = [h for h in trainer.state.log_history if "rewards/tests.bpo_helpers.fails_on_thinking/failures" in h]
+    assert logged and logged[-1]["rewards/tests.bpo_helpers.fails_on_thinking/failures"] > 0
+    assert logged[-1]["bpo/no_think/reward"] == 1.0 and logged[-1]["bpo/think/reward"] == 0.0
+
+
+def test_probe_logs_p_think_by_level(tmp_path, trained_tiny, bpo_file):
+    trainer = make_trainer(trained_tiny, bpo_file, tmp_path, max_steps=2, probe_steps=1, probe_size=24)
+    trainer.train()
+    lines = [json.loads(x) for x in (tmp_path / "probe.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [0, 1]
+    for level in range(1, TRAINED_MAX_LEVEL + 1):
+        assert 0.0 <= lines[0][f"p_think/level_{level}"] <= 1.0
+        assert lines[0][f"think_rate/level_{level}"] in {i / 8 for i in range(9)}  # 24 probes over 3 levels
+
+
+def test_two_processes_keep_mixed_groups_intact(tmp_path, trained_tiny, bpo_file):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    # per-device batch 2 with groups of 4: every group is split, its thinking half on rank 0
+    subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                    str(ROOT / "configs/accelerate/cpu2.yaml"), str(ROOT / "tests/bpo_ranks.py"),
+                    "--model_path", str(trained_tiny), "--train_files", str(bpo_file), "--output_dir", str(out),
+                    "--max_steps", "1", "--per_device_train_batch_size", "2", "--num_generations", "4",
+                    "--max_completion_length", "16", "--rewards", "tests.bpo_helpers:think_wins", "--report_to", "none",
+                    "--save_strategy", "no", "--probe_steps", "0", "--use_cpu", "true"],
+                   check=True, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    ranks = [json.loads((out / f"rank-{r}.json").read_text())[0] for r in (0, 1)]
+    assert ranks[0]["rows"] == ranks[1]["rows"] and len(set(ranks[0]["rows"])) == 1  # one prompt's group
+    assert ranks[0]["modes"] == ["think", "think"] and ranks[1]["modes"] == ["no_think", "no_think"]
+    expected = 0.5 / (3 ** -0.5 + 1e-4)  # normalized over the 4 rollouts of both ranks, not per rank
+    assert ranks[0]["advantages"] == pytest.approx([expected] * 2, rel=1e-5)
+    assert ranks[1]["advantages"] == pytest.approx([-expected] * 2, rel=1e-5)
