@@ -36,9 +36,10 @@ def needs_reasoning(record) -> bool:
         record.family == "tally" and record.level >= 3)
 
 
-def anneal(model_dir: Path, files: list[Path], out: Path, steps: int, seed: int) -> Path:
+def anneal(model_dir: Path, files: list[Path], out: Path, steps: int, seed: int,
+           target_modes: str = "labelled") -> Path:
     cfg = AnnealConfig(model_path=str(model_dir), train_files=[str(f) for f in files], output_dir=str(out),
-                       target_modes="labelled", max_steps=steps, per_device_train_batch_size=32,
+                       target_modes=target_modes, max_steps=steps, per_device_train_batch_size=32,
                        learning_rate=3e-3, adam_beta2=0.98, weight_decay=0.0, warmup_steps=0.05,
                        lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": 0.1},
                        report_to=[], save_strategy="no", logging_steps=50, seed=seed,

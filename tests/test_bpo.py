@@ -202,3 +202,44 @@ def test_two_processes_keep_mixed_groups_intact(tmp_path, trained_tiny, bpo_file
     expected = 0.5 / (3 ** -0.5 + 1e-4)  # normalized over the 4 rollouts of both ranks, not per rank
     assert ranks[0]["advantages"] == pytest.approx([expected] * 2, rel=1e-5)
     assert ranks[1]["advantages"] == pytest.approx([-expected] * 2, rel=1e-5)
+
+
+def test_recipes_parse_into_the_config():
+    from trl import TrlParser
+
+    from bimode.train.bpo import BPOConfig
+
+    (tiny,) = TrlParser(BPOConfig).parse_args_and_config(
+        args=["--config", str(ROOT / "configs/recipes/tiny_bpo.yaml"), "--use_cpu", "true"])
+    assert tiny.rollout == "bimode" and tiny.num_generations == 8 and tiny.mode_token_loss == "on"
+    assert tiny.chat_template_kwargs == {"thinking_mode": "auto"}
+    # the R-4B-scale recipe asks for bf16 and vLLM (GPU only); every other key must be a real field
+    (r4b,) = TrlParser(BPOConfig).parse_args_and_config(
+        args=["--config", str(ROOT / "configs/recipes/r4b_bpo.yaml"), "--bf16", "false", "--use_vllm", "false",
+              "--use_cpu", "true", "--gradient_checkpointing", "false"])
+    assert r4b.num_generations == 16 and r4b.max_steps == 320 and r4b.beta == 0.001
+
+
+def test_cli_bpo_trains_and_saves(tmp_path, trained_tiny, bpo_file):
+    from bimode.cli import main
+
+    out = tmp_path / "run"
+    assert main(["bpo", "--config", str(ROOT / "configs/recipes/tiny_bpo.yaml"), "--model_path", str(trained_tiny),
+                 "--train_files", str(bpo_file), "--probe_files", str(bpo_file), "--output_dir", str(out),
+                 "--max_steps", "2", "--per_device_train_batch_size", "16", "--probe_steps", "1",
+                 "--probe_size", "12", "--report_to", "none", "--use_cpu", "true"]) == 0
+    assert (out / "final" / "model.safetensors").exists() and (out / "final" / "chat_template.jinja").exists()
+    assert len((out / "probe.jsonl").read_text().splitlines()) == 2
+
+
+def test_bad_settings_fail_clearly(tmp_path, trained_tiny, bpo_file):
+    from bimode.train.bpo import BPOConfig
+
+    with pytest.raises(ValueError, match="even num_generations"):
+        BPOConfig(output_dir=str(tmp_path), num_generations=3, per_device_train_batch_size=3)
+    with pytest.raises(ValueError, match="rollout must be"):
+        BPOConfig(output_dir=str(tmp_path), rollout="sometimes")
+    with pytest.raises(ValueError, match="mode_token_loss"):
+        BPOConfig(output_dir=str(tmp_path), mode_token_loss="maybe")
+    with pytest.raises(ValueError, match="cannot be imported"):
+        make_trainer(trained_tiny, bpo_file, tmp_path, rewards=["nowhere.module:reward"])
