@@ -65,17 +65,24 @@ def test_quick_demo_runs_every_stage_and_resumes(tmp_path):
     first = run("demo", "--quick", "--out", str(out)).stdout
     for stage in ("[world] running", "[tiny model] running", "[annotator warm-up (non-thinking SFT)] running",
                   "[curation (performance-based, N = 4, k = 1)] running", "[bi-mode annealing on the curated mix] running",
-                  "[evaluation (auto, think, no_think)] running"):
+                  "[BPO (bi-mode rollouts, mixed-group advantages)] running",
+                  "[evaluation of the annealed model (auto, think, no_think)] running",
+                  "[evaluation of the bpo model (auto, think, no_think)] running"):
         assert stage in first
     for path in ("data/eval.jsonl", "annotator/model.safetensors", "curation/curated.jsonl",
-                 "annealed/model.safetensors", "eval_annealed/metrics.json", "eval_annealed/report.md", "report.md"):
+                 "annealed/model.safetensors", "bpo/model.safetensors", "bpo/chat_template.jinja",
+                 "bpo_run/probe.jsonl", "eval_annealed/metrics.json", "eval_bpo/metrics.json",
+                 "eval_bpo/report.md", "report.md"):
         assert (out / path).exists(), path
-    # the report's numbers are the metrics file's
-    metrics = json.loads((out / "eval_annealed" / "metrics.json").read_text())
-    modes = next(iter(metrics["benchmarks"].values()))["modes"]
+    # the report's numbers are the metrics files'
     report = (out / "report.md").read_text()
-    assert (f"| all | {modes['think']['n']} | {100 * modes['no_think']['accuracy']:.1f} | "
-            f"{100 * modes['think']['accuracy']:.1f} | {100 * modes['auto']['accuracy']:.1f} |") in report
+    for name, title in (("annealed", "## Annealed model"), ("bpo", "## After BPO")):
+        metrics = json.loads((out / f"eval_{name}" / "metrics.json").read_text())
+        modes = next(iter(metrics["benchmarks"].values()))["modes"]
+        section = report.split(title)[1].split("## ")[0]
+        assert (f"| all | {modes['think']['n']} | {100 * modes['no_think']['accuracy']:.1f} | "
+                f"{100 * modes['think']['accuracy']:.1f} | {100 * modes['auto']['accuracy']:.1f} |") in section
+    assert "| after BPO, auto thinks on level 1 <= 20% |" in report
     curation = json.loads((out / "curation" / "summary.json").read_text())
     for level, share in curation["think_share_by_level"].items():
         assert f"| {level} | {100 * share:.0f}% |" in report

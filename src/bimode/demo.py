@@ -1,10 +1,10 @@
 """`bimode demo`: the R-4B recipe on the embedded default, stage by stage.
 
 world -> tiny model -> annotator warm-up (non-thinking SFT) -> curation (performance-based heuristic,
-N = 8) -> bi-mode annealing on the curated mix -> evaluation in auto, think and no_think mode.
+N = 8) -> bi-mode annealing on the curated mix (TRL SFTTrainer) -> BPO (TRL GRPOTrainer) -> evaluation of
+the annealed and the BPO model in auto, think and no_think mode -> report.md.
 Each stage writes into the run directory and is skipped when its output is there, so a re-run resumes;
-delete a stage's folder to run it again. BPO and the TRL-based annealing land with their issues; until
-then annealing here uses the plain SFT loop (bimode.train.simple).
+delete a stage's folder to run it again.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ class DemoSize:
     n_eval: int
     warmup_steps: int
     anneal_steps: int
+    bpo_steps: int
+    bpo_prompts: int = 8  # prompts per BPO step, each with 4 thinking + 4 non-thinking rollouts
     curate_n: int = 8
     curate_temperature: float = 0.5
     # The paper's rule is "all N wrong" (k = 0), made for open answers that are hard to guess. Here answers
@@ -34,8 +36,13 @@ class DemoSize:
     curate_max_correct: int = 3
 
 
-FULL = DemoSize(n_train=3000, n_eval=400, warmup_steps=600, anneal_steps=900)
-QUICK = DemoSize(n_train=240, n_eval=60, warmup_steps=40, anneal_steps=40, curate_n=4, curate_max_correct=1)
+FULL = DemoSize(n_train=3000, n_eval=400, warmup_steps=600, anneal_steps=900, bpo_steps=200)
+QUICK = DemoSize(n_train=240, n_eval=60, warmup_steps=40, anneal_steps=40, bpo_steps=3, bpo_prompts=2,
+                 curate_n=4, curate_max_correct=1)
+
+
+_TRAINER_COMMON = dict(report_to=[], save_strategy="no", use_cpu=True, bf16=False, dataloader_num_workers=0,
+                       disable_tqdm=False)
 
 
 def _stage(name: str, done: Path, out: Path) -> bool:
@@ -65,6 +72,10 @@ def run_demo(out: Path, quick: bool = False, overwrite: bool = False, seed: int 
     from bimode.generation.engine import TransformersEngine
     from bimode.models import load_model
     from bimode.models.tiny import build_tiny
+    from bimode.train.anneal import AnnealConfig
+    from bimode.train.anneal import build_trainer as anneal_trainer
+    from bimode.train.bpo import BPOConfig
+    from bimode.train.bpo import build_trainer as bpo_trainer
     from bimode.train.simple import SimpleSFTConfig, train_sft
 
     size = QUICK if quick else FULL
@@ -110,23 +121,44 @@ def run_demo(out: Path, quick: bool = False, overwrite: bool = False, seed: int 
         f"L{lv} {100 * share:.0f}%" for lv, share in summary["think_share_by_level"].items()), flush=True)
     if _stage("bi-mode annealing on the curated mix", out / "annealed" / "config.json", out):
         def anneal():
-            model, processor = load_model(out / "annotator", dtype=torch.float32)
-            curated = read_records(out / "curation" / "curated.jsonl")
-            train_sft(model, processor, curated, modes=None, cfg=SimpleSFTConfig(steps=size.anneal_steps, seed=seed))
-            _save(model, processor, out / "annealed")
+            cfg = AnnealConfig(model_path=str(out / "annotator"), train_files=[str(out / "curation" / "curated.jsonl")],
+                               output_dir=str(out / "anneal_run"), target_modes="labelled",
+                               max_steps=size.anneal_steps, per_device_train_batch_size=32, learning_rate=3e-3,
+                               adam_beta2=0.98, weight_decay=0.0, warmup_steps=0.05,
+                               lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": 0.1},
+                               logging_steps=50, seed=seed, **_TRAINER_COMMON)
+            trainer = anneal_trainer(cfg)
+            trainer.train()
+            _save(trainer.model, trainer.processing_class, out / "annealed")
         timed("annealing", anneal)
-    if _stage("evaluation (auto, think, no_think)", out / "eval_annealed" / "report.md", out):
-        def evaluate():
-            model, processor = load_model(out / "annealed", dtype=torch.float32)
-            engine = TransformersEngine(model, processor, max_batch_rows=96)
-            samples = run_eval(engine, [data / "eval.jsonl"], out / "eval_annealed", EvalConfig(max_new_tokens=48))
-            write_report(read_samples(samples), out / "eval_annealed", title="Annealed tiny model")
-        timed("evaluation", evaluate)
+    if _stage("BPO (bi-mode rollouts, mixed-group advantages)", out / "bpo" / "config.json", out):
+        def bpo():
+            # configs/recipes/tiny_bpo.yaml's settings
+            cfg = BPOConfig(model_path=str(out / "annealed"), train_files=[str(data / "train.jsonl")],
+                            probe_files=[str(data / "eval.jsonl")], output_dir=str(out / "bpo_run"),
+                            num_generations=8, per_device_train_batch_size=8 * size.bpo_prompts,
+                            max_completion_length=40, max_steps=size.bpo_steps, learning_rate=1e-4,
+                            adam_beta2=0.98, weight_decay=0.0, warmup_steps=0.05,
+                            lr_scheduler_type="constant_with_warmup", logging_steps=10,
+                            probe_steps=max(1, size.bpo_steps // 10), probe_size=240, seed=seed,
+                            **_TRAINER_COMMON)
+            trainer = bpo_trainer(cfg)
+            trainer.train()
+            _save(trainer.model, trainer.processing_class, out / "bpo")
+        timed("BPO", bpo)
+    for name, title in (("annealed", "Annealed tiny model"), ("bpo", "Tiny model after BPO")):
+        if _stage(f"evaluation of the {name} model (auto, think, no_think)", out / f"eval_{name}" / "report.md", out):
+            def evaluate(name=name, title=title):
+                model, processor = load_model(out / name, dtype=torch.float32)
+                engine = TransformersEngine(model, processor, max_batch_rows=96)
+                samples = run_eval(engine, [data / "eval.jsonl"], out / f"eval_{name}", EvalConfig(max_new_tokens=48))
+                write_report(read_samples(samples), out / f"eval_{name}", title=title)
+            timed(f"evaluation ({name})", evaluate)
     _write_report(out, summary, timings, time.time() - start)
-    _print_samples(out / "eval_annealed" / "samples.jsonl")
+    _print_samples(out / "eval_bpo" / "samples.jsonl")
     print((out / "report.md").read_text())
-    print(f"done in {time.time() - start:.0f} s; the annealed model is in {out / 'annealed'} "
-          f"(try `bimode chat {out / 'annealed'}`)")
+    print(f"done in {time.time() - start:.0f} s; the final model is in {out / 'bpo'} "
+          f"(try `bimode chat {out / 'bpo'}` or `bimode serve {out / 'bpo'}`)")
     return 0
 
 
@@ -152,29 +184,67 @@ def _print_samples(samples_path: Path, per_family: int = 1) -> None:
     print()
 
 
+def _level_table(bench: dict) -> list[str]:
+    lines = ["| level | n | no_think acc | think acc | auto acc | auto thinks | auto tokens | think tokens |",
+             "|---|---|---|---|---|---|---|---|"]
+    rows = list(bench.get("by_level", {}).items()) + [("all", bench)]
+    for lv, g in rows:
+        m = g["modes"]
+        lines.append(f"| {lv} | {m['think']['n']} | {100 * m['no_think']['accuracy']:.1f} | "
+                     f"{100 * m['think']['accuracy']:.1f} | {100 * m['auto']['accuracy']:.1f} | "
+                     f"{100 * m['auto']['thinking_rate']:.0f}% | {m['auto']['tokens']:.1f} | {m['think']['tokens']:.1f} |")
+    return lines
+
+
+def demo_targets(annealed: dict, bpo: dict) -> list[tuple[str, str, bool]]:
+    """The issue's targets as (what, measured, met), from the two models' eval metrics."""
+    levels = sorted(bpo["by_level"], key=int)
+    easy, hard = levels[0], levels[-1]
+
+    def acc(bench, mode, level=None):
+        return 100 * (bench["by_level"][level] if level else bench)["modes"][mode]["accuracy"]
+
+    def rate(bench, level):
+        return 100 * bench["by_level"][level]["modes"]["auto"]["thinking_rate"]
+
+    gap_hard = acc(annealed, "think", hard) - acc(annealed, "no_think", hard)
+    gap_easy = abs(acc(annealed, "think", easy) - acc(annealed, "no_think", easy))
+    auto, think = bpo["modes"]["auto"], bpo["modes"]["think"]
+    token_share = 100 * auto["tokens"] / max(think["tokens"], 1e-9)
+    return [
+        (f"premise: think - no_think on level {hard} >= 30 pts (annealed)", f"{gap_hard:+.1f} pts", gap_hard >= 30),
+        (f"premise: |think - no_think| on level {easy} <= 2 pts (annealed)", f"{gap_easy:.1f} pts", gap_easy <= 2),
+        (f"after BPO, auto thinks on level {easy} <= 20%", f"{rate(bpo, easy):.0f}%", rate(bpo, easy) <= 20),
+        (f"after BPO, auto thinks on level {hard} >= 80%", f"{rate(bpo, hard):.0f}%", rate(bpo, hard) >= 80),
+        ("after BPO, auto acc within 2 pts of think acc", f"{100 * (auto['accuracy'] - think['accuracy']):+.1f} pts",
+         100 * (think["accuracy"] - auto["accuracy"]) <= 2),
+        ("after BPO, auto tokens <= 60% of think tokens", f"{token_share:.0f}%", token_share <= 60),
+        ("after BPO, auto acc above the annealed model's", f"{acc(annealed, 'auto'):.1f} -> {acc(bpo, 'auto'):.1f}",
+         acc(bpo, "auto") > acc(annealed, "auto")),
+    ]
+
+
 def _write_report(out: Path, curation: dict, timings: dict, seconds: float) -> None:
-    metrics = json.loads((out / "eval_annealed" / "metrics.json").read_text())
-    bench = next(iter(metrics["benchmarks"].values()))
+    benches = {name: next(iter(json.loads((out / f"eval_{name}" / "metrics.json").read_text())["benchmarks"].values()))
+               for name in ("annealed", "bpo")}
     lines = ["# bimode demo: the R-4B recipe on the embedded default", "",
              "## Curation: share labelled thinking by difficulty level", "",
              "| level | labelled thinking |", "|---|---|"]
     lines += [f"| {lv} | {100 * s:.0f}% |" for lv, s in curation["think_share_by_level"].items()]
     lines += ["", f"{curation['total']['think']} thinking and {curation['total']['no_think']} non-thinking samples "
-              f"curated; {curation['total']['rejected']} rejected.", "",
-              "## Annealed model on the held-out eval split", "",
-              "| level | n | no_think acc | think acc | auto acc | auto thinks | auto tokens | think tokens |",
-              "|---|---|---|---|---|---|---|---|"]
-    for lv, g in bench.get("by_level", {}).items():
-        m = g["modes"]
-        lines.append(f"| {lv} | {m['think']['n']} | {100 * m['no_think']['accuracy']:.1f} | "
-                     f"{100 * m['think']['accuracy']:.1f} | {100 * m['auto']['accuracy']:.1f} | "
-                     f"{100 * m['auto']['thinking_rate']:.0f}% | {m['auto']['tokens']:.1f} | {m['think']['tokens']:.1f} |")
-    m = bench["modes"]
-    lines.append(f"| all | {m['think']['n']} | {100 * m['no_think']['accuracy']:.1f} | {100 * m['think']['accuracy']:.1f} | "
-                 f"{100 * m['auto']['accuracy']:.1f} | {100 * m['auto']['thinking_rate']:.0f}% | "
-                 f"{m['auto']['tokens']:.1f} | {m['think']['tokens']:.1f} |")
-    oracle = bench["oracle"]
-    lines += ["", f"Oracle router: {100 * oracle['accuracy']:.1f}% at {oracle['tokens']:.1f} tokens. "
-              f"Full report: eval_annealed/report.md", "", "## Time per stage (s)", ""]
+              f"curated; {curation['total']['rejected']} rejected.", ""]
+    for name, title in (("annealed", "Annealed model"), ("bpo", "After BPO")):
+        lines += [f"## {title}, held-out eval split", ""] + _level_table(benches[name]) + [""]
+    lines += ["## Auto mode against the oracle router (per query, the cheaper forced mode that is right)", "",
+              "| model | auto acc | auto tokens | oracle acc | oracle tokens |", "|---|---|---|---|---|"]
+    for name in ("annealed", "bpo"):
+        auto, oracle = benches[name]["modes"]["auto"], benches[name]["oracle"]
+        lines.append(f"| {name} | {100 * auto['accuracy']:.1f} | {auto['tokens']:.1f} | "
+                     f"{100 * oracle['accuracy']:.1f} | {oracle['tokens']:.1f} |")
+    lines += ["", "## Targets (issue #8), measured", "", "| target | measured | met |", "|---|---|---|"]
+    lines += [f"| {what} | {measured} | {'yes' if met else 'no'} |"
+              for what, measured, met in demo_targets(benches["annealed"], benches["bpo"])]
+    lines += ["", "Full reports: eval_annealed/report.md, eval_bpo/report.md; p_think by level during BPO: "
+              "bpo_run/probe.jsonl", "", "## Time per stage (s)", ""]
     lines += [f"- {name}: {s}" for name, s in timings.items()] + [f"- total this run: {seconds:.0f}"]
     (out / "report.md").write_text("\n".join(lines) + "\n")
