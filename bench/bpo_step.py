@@ -79,7 +79,8 @@ def main() -> int:
     if not (Path(args.model) / "config.json").exists():
         sys.exit(f"{args.model}: no model there; run scripts/bpo_miniature.py first (it saves the annealed model)")
     torch.manual_seed(0)
-    records = read_records(args.records)[:512]
+    # stock TRL cannot mix image and text-only prompts in one batch: image records only, for all three
+    records = [r for r in read_records(args.records) if r.images][:512]
     trainers = {"stock": stock_trainer(args.model, records, f"{args.out}/stock"),
                 "ours": bimode_trainer(args.model, records, f"{args.out}/ours", "auto"),
                 "bpo": bimode_trainer(args.model, records, f"{args.out}/bpo", "bimode")}

@@ -61,6 +61,8 @@ def main() -> None:
     parser.add_argument("--n-eval", type=int, default=400)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--runs", nargs="*", default=list(RUNS))
+    parser.add_argument("--start", help="an annealed model to start from instead of annealing in both formats "
+                                        "(e.g. runs/table3/mixed/final from scripts/anneal_table3.py)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -69,11 +71,12 @@ def main() -> None:
     bench = write_records([s.to_record() for s in synthetic.generate(args.n_eval, args.seed, "eval")],
                           out / "eval.jsonl", overwrite=True)
     base = out / "tiny" if (out / "tiny" / "config.json").exists() else build_tiny(out / "tiny")
-    start = out / "annealed" / "final"
-    if not (start / "config.json").exists():
+    start = Path(args.start) if args.start else out / "annealed" / "final"
+    if not (start / "config.json").exists() and not args.start:
         anneal(base, [train], out / "annealed", args.anneal_steps, args.seed, target_modes="both")
     modes = ("auto", "think", "no_think")
     results = {"no RL (annealed)": evaluate(start, bench, out / "annealed" / "eval", modes)}
+    (out / "start.txt").write_text(str(start) + "\n")
     for name in args.runs:
         directory = out / name.split(",")[0].split(" (")[0].lower() / name.replace(" ", "_").replace(",", "")
         model_dir = directory / "final"
