@@ -21,12 +21,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from anneal_table3 import anneal, evaluate  # noqa: E402
+from anneal_table3 import anneal, evaluate
 
-from bimode.data import synthetic  # noqa: E402
-from bimode.data.records import write_records  # noqa: E402
-from bimode.models.tiny import build_tiny  # noqa: E402
-from bimode.train.bpo import BPOConfig, build_trainer  # noqa: E402
+from bimode.data import synthetic
+from bimode.data.records import write_records
+from bimode.models.tiny import build_tiny
+from bimode.train.bpo import BPOConfig, build_trainer
 
 RUNS = {
     "BPO, mode tokens on": dict(rollout="bimode", mode_token_loss="on"),

@@ -96,3 +96,16 @@ def engine(trained_tiny):
 
     model, processor = load_model(trained_tiny, dtype=torch.float32)
     return TransformersEngine(model, processor)
+
+
+def launch_two_cpu_processes(script: str, *args: str) -> None:
+    """Run tests/<script> under `accelerate launch` with configs/accelerate/cpu2.yaml (2 processes, gloo)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                    str(root / "configs/accelerate/cpu2.yaml"), str(root / "tests" / script), *args],
+                   check=True, capture_output=True, text=True, env=env, cwd=root, timeout=600)

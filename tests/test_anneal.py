@@ -141,21 +141,16 @@ def test_anneal_raises_held_out_accuracy(tmp_path, tiny_dir):
 
 def test_two_processes_train_on_different_data(tmp_path, train_file, tiny_dir):
     import json
-    import os
-    import subprocess
-    import sys
 
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    root = Path(__file__).resolve().parents[1]
+    from tests.conftest import launch_two_cpu_processes
+
     out = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
-    subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                    str(root / "configs/accelerate/cpu2.yaml"), str(root / "tests/anneal_ranks.py"),
-                    "--model_path", str(tiny_dir), "--train_files", str(train_file), "--output_dir", str(out),
-                    "--max_steps", "3", "--per_device_train_batch_size", "4", "--report_to", "none",
-                    "--save_strategy", "no", "--target_modes", "both", "--use_cpu", "true"],
-                   check=True, capture_output=True, text=True, env=env, cwd=root, timeout=600)
+    launch_two_cpu_processes(
+        "anneal_ranks.py", "--model_path", str(tiny_dir), "--train_files", str(train_file), "--output_dir", str(out),
+        "--max_steps", "3", "--per_device_train_batch_size", "4", "--report_to", "none",
+        "--save_strategy", "no", "--target_modes", "both", "--use_cpu", "true")
     rows = [json.loads((out / f"rows-{rank}.json").read_text()) for rank in (0, 1)]
     assert len(rows[0]) >= 12 and len(rows[1]) >= 12
     assert not set(rows[0]) & set(rows[1])  # each rank saw its own shard

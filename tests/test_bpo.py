@@ -1,9 +1,6 @@
 """BPO: bi-mode rollouts on TRL's GRPOTrainer (mixed-group advantages, mode-token loss, rewards, 2 ranks)."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +12,7 @@ from bimode.modes import ThinkingMode
 from bimode.train.bpo_core import mode_token_weights, parse_mode_token_loss, per_mode_stats, rollout_modes
 from bimode.train.bpo_rewards import GuardedReward, import_reward
 
-from tests.conftest import TRAINED_FAMILIES, TRAINED_MAX_LEVEL
+from tests.conftest import TRAINED_FAMILIES, TRAINED_MAX_LEVEL, launch_two_cpu_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCH = [{"row": i // 4} for i in range(8)]  # a generation batch as TRL samples it: 2 prompts x 4 rollouts
@@ -187,15 +184,12 @@ def test_probe_logs_p_think_by_level(tmp_path, trained_tiny, bpo_file):
 
 def test_two_processes_keep_mixed_groups_intact(tmp_path, trained_tiny, bpo_file):
     out = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     # per-device batch 2 with groups of 4: every group is split, its thinking half on rank 0
-    subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                    str(ROOT / "configs/accelerate/cpu2.yaml"), str(ROOT / "tests/bpo_ranks.py"),
-                    "--model_path", str(trained_tiny), "--train_files", str(bpo_file), "--output_dir", str(out),
-                    "--max_steps", "1", "--per_device_train_batch_size", "2", "--num_generations", "4",
-                    "--max_completion_length", "16", "--rewards", "tests.bpo_helpers:think_wins", "--report_to", "none",
-                    "--save_strategy", "no", "--probe_steps", "0", "--use_cpu", "true"],
-                   check=True, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    launch_two_cpu_processes(
+        "bpo_ranks.py", "--model_path", str(trained_tiny), "--train_files", str(bpo_file), "--output_dir", str(out),
+        "--max_steps", "1", "--per_device_train_batch_size", "2", "--num_generations", "4",
+        "--max_completion_length", "16", "--rewards", "tests.bpo_helpers:think_wins", "--report_to", "none",
+        "--save_strategy", "no", "--probe_steps", "0", "--use_cpu", "true")
     ranks = [json.loads((out / f"rank-{r}.json").read_text())[0] for r in (0, 1)]
     assert ranks[0]["rows"] == ranks[1]["rows"] and len(set(ranks[0]["rows"])) == 1  # one prompt's group
     assert ranks[0]["modes"] == ["think", "think"] and ranks[1]["modes"] == ["no_think", "no_think"]

@@ -63,7 +63,7 @@ def test_chat_one_shot_and_interactive(trained_tiny, tmp_path):
 def test_quick_demo_runs_every_stage_and_resumes(tmp_path):
     out = tmp_path / "demo"
     first = run("demo", "--quick", "--out", str(out)).stdout
-    for stage in ("[world] running", "[tiny model] running", "[annotator warm-up (non-thinking SFT)] running",
+    for stage in ("[world] running", "[tiny model] running", "[annotator warm-up (SFT in both formats)] running",
                   "[curation (performance-based, N = 4, k = 1)] running", "[bi-mode annealing on the curated mix] running",
                   "[BPO (bi-mode rollouts, mixed-group advantages)] running",
                   "[evaluation of the annealed model (auto, think, no_think)] running",

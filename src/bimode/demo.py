@@ -1,6 +1,6 @@
 """`bimode demo`: the R-4B recipe on the embedded default, stage by stage.
 
-world -> tiny model -> annotator warm-up (non-thinking SFT) -> curation (performance-based heuristic,
+world -> tiny model -> annotator warm-up (SFT in both formats) -> curation (performance-based heuristic,
 N = 8) -> bi-mode annealing on the curated mix (TRL SFTTrainer) -> BPO (TRL GRPOTrainer) -> evaluation of
 the annealed and the BPO model in auto, think and no_think mode -> report.md.
 Each stage writes into the run directory and is skipped when its output is there, so a re-run resumes;
@@ -36,7 +36,7 @@ class DemoSize:
     curate_max_correct: int = 3
 
 
-FULL = DemoSize(n_train=3000, n_eval=400, warmup_steps=600, anneal_steps=900, bpo_steps=200)
+FULL = DemoSize(n_train=3000, n_eval=400, warmup_steps=900, anneal_steps=600, bpo_steps=200)
 QUICK = DemoSize(n_train=240, n_eval=60, warmup_steps=40, anneal_steps=40, bpo_steps=3, bpo_prompts=2,
                  curate_n=4, curate_max_correct=1)
 
@@ -100,10 +100,13 @@ def run_demo(out: Path, quick: bool = False, overwrite: bool = False, seed: int 
         timed("world", world)
     if _stage("tiny model", out / "tiny" / "config.json", out):
         timed("tiny model", lambda: build_tiny(out / "tiny"))
-    if _stage("annotator warm-up (non-thinking SFT)", out / "annotator" / "config.json", out):
+    # The annotator learns both formats: curation samples its non-thinking answers, and annealing starts from
+    # it. A non-thinking-only warm-up answered level-1 shell questions at chance, so its labels did not
+    # follow difficulty, and annealing from it learned traces poorly (docs/demo_results.md).
+    if _stage("annotator warm-up (SFT in both formats)", out / "annotator" / "config.json", out):
         def warmup():
             model, processor = load_model(out / "tiny", dtype=torch.float32)
-            train_sft(model, processor, read_records(data / "train.jsonl"), modes=("no_think",),
+            train_sft(model, processor, read_records(data / "train.jsonl"), modes=("think", "no_think"),
                       cfg=SimpleSFTConfig(steps=size.warmup_steps, seed=seed))
             _save(model, processor, out / "annotator")
         timed("annotator warm-up", warmup)
@@ -113,7 +116,7 @@ def run_demo(out: Path, quick: bool = False, overwrite: bool = False, seed: int 
             model, processor = load_model(out / "annotator", dtype=torch.float32)
             cfg = CurateConfig(n_samples=size.curate_n, max_correct=size.curate_max_correct,
                                temperature=size.curate_temperature, max_new_tokens=8,
-                               batch_size=64, seed=seed, annotator_name="tiny annotator (non-thinking warm-up)")
+                               batch_size=64, seed=seed, annotator_name="tiny annotator (both-format warm-up)")
             run_curation(TransformersEngine(model, processor), [data / "train.jsonl"], out / "curation", cfg)
         timed("curation", curate)
     summary = json.loads((out / "curation" / "summary.json").read_text())

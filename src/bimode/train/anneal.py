@@ -17,7 +17,7 @@ import torch
 from trl import SFTConfig, SFTTrainer
 
 from bimode.data.records import Record, read_records
-from bimode.train.checkpoint import StrictResumeMixin
+from bimode.train.checkpoint import StrictResumeMixin, cli_main, train_and_save
 from bimode.train.components import COMPONENTS, freeze, optimizer_groups
 from bimode.train.tokenize import collate, tokenize_example
 
@@ -125,26 +125,11 @@ def build_trainer(cfg: AnnealConfig, model=None, processor=None) -> AnnealTraine
 
 
 def run_anneal(cfg: AnnealConfig) -> Path:
-    trainer = build_trainer(cfg)
-    resume = cfg.resume_from_checkpoint
-    if resume in ("true", "True", True):
-        resume = True
-    trainer.train(resume_from_checkpoint=resume)
-    out = Path(cfg.output_dir) / "final"
-    trainer.save_model(str(out))
-    if trainer.accelerator.is_main_process:
-        trainer.processing_class.save_pretrained(str(out))
-    return out
+    return train_and_save(build_trainer(cfg), cfg.resume_from_checkpoint)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from trl import TrlParser
-
-    parser = TrlParser(AnnealConfig)
-    (cfg,) = parser.parse_args_and_config(args=argv)
-    out = run_anneal(cfg)
-    print(f"annealed model saved to {out}")
-    return 0
+    return cli_main(AnnealConfig, build_trainer, argv, "annealed model")
 
 
 __all__ = ["AnnealConfig", "AnnealTrainer", "COMPONENTS", "build_trainer", "expand_targets", "main", "run_anneal"]

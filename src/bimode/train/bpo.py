@@ -34,7 +34,7 @@ from bimode.modes import ThinkingMode
 from bimode.train.bpo_core import (ROLLOUTS, mode_token_weights, parse_mode_token_loss, per_mode_stats,
                                    response_mode, rollout_modes)
 from bimode.train.bpo_rewards import build_rewards
-from bimode.train.checkpoint import StrictResumeMixin
+from bimode.train.checkpoint import StrictResumeMixin, cli_main, train_and_save
 from bimode.train.components import freeze
 
 MODE_CODES = {"think": 0, "no_think": 1, "malformed": 2}
@@ -277,26 +277,11 @@ def build_trainer(cfg: BPOConfig, model=None, processor=None) -> BPOTrainer:
 
 
 def run_bpo(cfg: BPOConfig) -> Path:
-    trainer = build_trainer(cfg)
-    resume = cfg.resume_from_checkpoint
-    if resume in ("true", "True", True):
-        resume = True
-    trainer.train(resume_from_checkpoint=resume)
-    out = Path(cfg.output_dir) / "final"
-    trainer.save_model(str(out))
-    if trainer.accelerator.is_main_process:
-        trainer.processing_class.save_pretrained(str(out))
-    return out
+    return train_and_save(build_trainer(cfg), cfg.resume_from_checkpoint)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from trl import TrlParser
-
-    parser = TrlParser(BPOConfig)
-    (cfg,) = parser.parse_args_and_config(args=argv)
-    out = run_bpo(cfg)
-    print(f"BPO model saved to {out}")
-    return 0
+    return cli_main(BPOConfig, build_trainer, argv, "BPO model")
 
 
 __all__ = ["BPOConfig", "BPOTrainer", "build_trainer", "main", "pick_probe", "run_bpo"]

@@ -1,6 +1,8 @@
-"""Resuming Trainer runs of VLMs with the weights actually restored."""
+"""Trainer runs of bimode: strict resume for VLMs, and train-then-save for the CLI commands."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 
 class StrictResumeMixin:
@@ -19,3 +21,25 @@ class StrictResumeMixin:
         model = model or self.model
         loaded = type(model).from_pretrained(resume_from_checkpoint, dtype=next(model.parameters()).dtype)
         model.load_state_dict(loaded.state_dict(), strict=True)
+
+
+def train_and_save(trainer, resume_from_checkpoint=None) -> Path:
+    """Train (resuming when asked; "true" means the latest checkpoint) and save the model and processor
+    to OUTPUT_DIR/final, where `bimode chat`, `serve`, `eval` and the next stage take it."""
+    resume = True if resume_from_checkpoint in ("true", "True", True) else resume_from_checkpoint
+    trainer.train(resume_from_checkpoint=resume)
+    out = Path(trainer.args.output_dir) / "final"
+    trainer.save_model(str(out))
+    if trainer.accelerator.is_main_process:
+        trainer.processing_class.save_pretrained(str(out))
+    return out
+
+
+def cli_main(config_class, build, argv, what: str) -> int:
+    """`bimode anneal` / `bimode bpo`: TRL's parser (--config RECIPE.yaml plus any field), train, save."""
+    from trl import TrlParser
+
+    (cfg,) = TrlParser(config_class).parse_args_and_config(args=argv)
+    out = train_and_save(build(cfg), cfg.resume_from_checkpoint)
+    print(f"{what} saved to {out}")
+    return 0
