@@ -72,7 +72,7 @@ def test_quick_demo_runs_every_stage_and_resumes(tmp_path):
     for path in ("data/eval.jsonl", "annotator/model.safetensors", "curation/curated.jsonl",
                  "annealed/model.safetensors", "bpo/model.safetensors", "bpo/chat_template.jinja",
                  "bpo_run/probe.jsonl", "eval_annealed/metrics.json", "eval_bpo/metrics.json",
-                 "eval_bpo/report.md", "report.md"):
+                 "eval_bpo/report.md", "report.md", "bpo_p_think.png"):
         assert (out / path).exists(), path
     # the report's numbers are the metrics files'
     report = (out / "report.md").read_text()

@@ -24,7 +24,8 @@ def setup(trained_tiny):
 def test_shared_prefix_greedy_equals_plain_generate(setup, mode):
     model, processor, engine, records = setup
     plain = generate(model, processor, records, mode=mode, max_new_tokens=24)
-    shared = engine.generate([Prompt.from_record(r, [mode]) for r in records], SamplingParams(max_new_tokens=24))
+    shared = engine.generate([Prompt.from_record(r, [mode]) for r in records],
+                             SamplingParams(max_new_tokens=24, constrain_decision=False))  # as model.generate
     assert [p.token_ids for p in plain] == [s[0].token_ids for s in shared]
     assert [p.response for p in plain] == [s[0].response for s in shared]
 
@@ -102,3 +103,21 @@ def test_p_think_and_thresholds(setup):
         assert prob == 1.0 or g[0].response.startswith("<think>\n\n</think>\n\n")
     # generation reports the same p_think as the standalone forward pass
     assert [g[0].p_think for g in out] == pytest.approx(p, abs=1e-5)
+
+
+def test_auto_mode_decision_is_always_a_decision_token(tiny_dir):
+    # an untrained model's likeliest token after `<think>` is almost never a mode decision
+    model, processor = load_model(tiny_dir, dtype=torch.float32)
+    engine = TransformersEngine(model, processor)
+    records = [s.to_record() for s in synthetic.generate(16, seed=3, split="eval")]
+    prompts = [Prompt.from_record(r) for r in records]
+    decision = set(engine.think_ids) | set(engine.no_think_ids)
+    for params in (SamplingParams(max_new_tokens=3), SamplingParams(max_new_tokens=3, temperature=1.0, seed=1)):
+        firsts = [g[0].token_ids[0] for g in engine.generate(prompts, params)]
+        assert all(t in decision for t in firsts)
+    free = [g[0].token_ids[0] for g in engine.generate(prompts, SamplingParams(max_new_tokens=3,
+                                                                               constrain_decision=False))]
+    assert not all(t in decision for t in free)  # the constraint is what made the difference
+    stats = engine.decision_stats(prompts[:4])
+    assert all(0 < mass < 0.5 and 0 <= p <= 1 for p, mass in stats)  # untrained: little mass on decisions
+    assert [p for p, _ in stats] == pytest.approx(engine.p_think(prompts[:4]))

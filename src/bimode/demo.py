@@ -227,6 +227,27 @@ def demo_targets(annealed: dict, bpo: dict) -> list[tuple[str, str, bool]]:
     ]
 
 
+def plot_probe(probe_file: Path, png: Path) -> None:
+    """Auto-mode p_think per level over BPO steps (the paper's trigger-rate curves) from probe.jsonl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in probe_file.read_text().splitlines() if line.strip()]
+    levels = sorted({k.split("level_")[1] for r in rows for k in r if k.startswith("p_think/")}, key=str)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for level in levels:
+        ax.plot([r["step"] for r in rows], [r.get(f"p_think/level_{level}") for r in rows], marker=".",
+                label=f"level {level}")
+    ax.set(xlabel="BPO step", ylabel="mean auto-mode p_think", ylim=(-0.02, 1.02),
+           title="Thinking probability on held-out probes during BPO")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
 def _write_report(out: Path, curation: dict, timings: dict, seconds: float) -> None:
     benches = {name: next(iter(json.loads((out / f"eval_{name}" / "metrics.json").read_text())["benchmarks"].values()))
                for name in ("annealed", "bpo")}
@@ -247,7 +268,9 @@ def _write_report(out: Path, curation: dict, timings: dict, seconds: float) -> N
     lines += ["", "## Targets (issue #8), measured", "", "| target | measured | met |", "|---|---|---|"]
     lines += [f"| {what} | {measured} | {'yes' if met else 'no'} |"
               for what, measured, met in demo_targets(benches["annealed"], benches["bpo"])]
-    lines += ["", "Full reports: eval_annealed/report.md, eval_bpo/report.md; p_think by level during BPO: "
+    plot_probe(out / "bpo_run" / "probe.jsonl", out / "bpo_p_think.png")
+    lines += ["", "## Thinking probability by level during BPO", "", "![p_think during BPO](bpo_p_think.png)", "",
+              "Full reports with plots: eval_annealed/report.md, eval_bpo/report.md; the probe's numbers: "
               "bpo_run/probe.jsonl", "", "## Time per stage (s)", ""]
     lines += [f"- {name}: {s}" for name, s in timings.items()] + [f"- total this run: {seconds:.0f}"]
     (out / "report.md").write_text("\n".join(lines) + "\n")

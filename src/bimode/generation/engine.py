@@ -119,15 +119,21 @@ class TransformersEngine:
         return inputs["input_ids"][0][inputs["attention_mask"][0].bool()].tolist()
 
     # ---- public API ---------------------------------------------------------------------------------
-    @torch.no_grad()
     def p_think(self, prompts: list[Prompt], batch_size: int = 32) -> list[float]:
         """Auto-mode thinking probability of each prompt: one forward pass, no generation."""
+        return [p for p, _ in self.decision_stats(prompts, batch_size)]
+
+    @torch.no_grad()
+    def decision_stats(self, prompts: list[Prompt], batch_size: int = 32) -> list[tuple[float, float]]:
+        """(p_think, decision mass) of each prompt in auto mode: p_think renormalised over the two decisions,
+        and the probability the model puts on any decision token at all after `<think>`."""
         out = []
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start:start + batch_size]
             inputs = self._encode([self.render(p) for p in chunk], [i for p in chunk for i in p.images])
-            logits = self.model(**inputs, logits_to_keep=1).logits[:, -1]
-            out += _decision_probability(logits, self.think_ids, self.no_think_ids).tolist()
+            probs = torch.softmax(self.model(**inputs, logits_to_keep=1).logits[:, -1].float(), dim=-1)
+            yes, no = probs[:, self.think_ids].sum(-1), probs[:, self.no_think_ids].sum(-1)
+            out += list(zip((yes / (yes + no).clamp_min(1e-12)).tolist(), (yes + no).tolist()))
         return out
 
     @torch.no_grad()
@@ -195,7 +201,14 @@ class TransformersEngine:
         logits = last_logits[index]
         active = list(range(len(rows)))  # rows still running, in cache order
 
+        decision_ids = torch.tensor(self.think_ids + self.no_think_ids, device=self.device)
+        first = True
         while active:
+            if first and params.constrain_decision:  # the auto rows' first token is their mode decision
+                free = torch.tensor([not rows[r].forced for r in active], device=self.device)
+                allowed = torch.zeros_like(logits, dtype=torch.bool).index_fill(-1, decision_ids, True)
+                logits = logits.masked_fill(free.unsqueeze(1) & ~allowed, float("-inf"))
+            first = False
             sampled = self._sample(logits, params, generator).tolist()  # one call for all rows
             logprobs = torch.log_softmax(logits, dim=-1) if params.logprobs else None
             tokens = []
@@ -289,6 +302,10 @@ class TransformersEngine:
             for si, mode in enumerate(p.modes):
                 if mode is ThinkingMode.AUTO and params.think_threshold is not None:
                     mode_used = ThinkingMode.THINK if p_think[pi] >= params.think_threshold else ThinkingMode.NO_THINK
+                elif mode is ThinkingMode.AUTO and params.constrain_decision:  # the decision, drawn from p_think
+                    draw = p_think[pi] >= 0.5 if params.temperature == 0 else (
+                        torch.rand((), generator=generator, device=self.device).item() < p_think[pi])
+                    mode_used = ThinkingMode.THINK if draw else ThinkingMode.NO_THINK
                 else:
                     mode_used = mode
                 inputs = self._encode([self.render(p, mode_used)], p.images)

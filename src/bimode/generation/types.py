@@ -20,6 +20,10 @@ class SamplingParams:
     seed: int | None = None
     max_thinking_tokens: int | None = None  # thinking budget; None = unlimited
     think_threshold: float | None = None  # auto mode thinks iff p_think >= threshold; None = the model decides
+    # Auto mode: the token after `<think>` is drawn from the decision tokens only (think or no-think), the
+    # model's own probabilities among them. Off: any token (a model whose decision mass leaked elsewhere,
+    # as BPO-trained tiny models did, then writes an answer straight after `<think>`).
+    constrain_decision: bool = True
     logprobs: bool = False
     budget_closing: str = BUDGET_CLOSING  # written before `</think>` when the budget runs out
 

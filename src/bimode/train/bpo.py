@@ -228,17 +228,20 @@ class BPOTrainer(StrictResumeMixin, GRPOTrainer):
                 f.write(json.dumps({"step": step, **result}) + "\n")
 
     def probe(self) -> dict[str, float]:
-        """Mean auto-mode p_think and the greedy thinking rate (p_think >= 0.5) per level, one forward pass."""
+        """Per level: mean auto-mode p_think, the greedy thinking rate (p_think >= 0.5) and the decision mass
+        (probability on any decision token after `<think>`); one forward pass, no generation."""
         with self._generation_engine() as engine:
-            p = engine.p_think([Prompt.from_record(r) for r in self.probe_records])
+            stats = engine.decision_stats([Prompt.from_record(r) for r in self.probe_records])
         by_level = defaultdict(list)
-        for record, value in zip(self.probe_records, p):
+        for record, value in zip(self.probe_records, stats):
             by_level["all" if record.level is None else record.level].append(value)
         out = {}
         for level in sorted(by_level, key=str):
             values = by_level[level]
-            out[f"p_think/level_{level}"] = sum(values) / len(values)
-            out[f"think_rate/level_{level}"] = sum(v >= 0.5 for v in values) / len(values)
+            out[f"p_think/level_{level}"] = sum(p for p, _ in values) / len(values)
+            out[f"think_rate/level_{level}"] = sum(p >= 0.5 for p, _ in values) / len(values)
+            # below 1, the decision's probability is leaking to other tokens (see SamplingParams.constrain_decision)
+            out[f"decision_mass/level_{level}"] = sum(m for _, m in values) / len(values)
         return out
 
 
