@@ -34,6 +34,10 @@ class DemoSize:
     # labels almost nothing as thinking (measured: 8-21% per level, no trend). k = N * 3/8 asks for better
     # than chance instead.
     curate_max_correct: int = 3
+    # The image families. shell_text (the same game as text) is left out: this model answers its level-1
+    # questions directly at 19% against 100% with a trace (measured), so the world would have no easy level
+    # where a direct answer suffices, which is the recipe's premise.
+    families: tuple[str, ...] = ("count", "shell", "tally")
 
 
 FULL = DemoSize(n_train=3000, n_eval=400, warmup_steps=900, anneal_steps=600, bpo_steps=200)
@@ -83,20 +87,21 @@ def run_demo(out: Path, quick: bool = False, overwrite: bool = False, seed: int 
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    timings = {}
+    timings_file = out / "timings.json"  # seconds per stage, kept across resumed runs
+    timings = json.loads(timings_file.read_text()) if timings_file.exists() else {}
 
     def timed(name, fn):
         t = time.time()
         fn()
         timings[name] = round(time.time() - t, 1)
+        timings_file.write_text(json.dumps(timings, indent=1))
 
     data = out / "data"
     if _stage("world", data / "eval.jsonl", out):
         def world():
-            write_records((s.to_record() for s in synthetic.generate(size.n_train, seed, "train")),
-                          data / "train.jsonl", overwrite=True)
-            write_records((s.to_record() for s in synthetic.generate(size.n_eval, seed, "eval")),
-                          data / "eval.jsonl", overwrite=True)
+            for split, n in (("train", size.n_train), ("eval", size.n_eval)):
+                write_records((s.to_record() for s in synthetic.generate(n, seed, split, families=size.families)),
+                              data / f"{split}.jsonl", overwrite=True)
         timed("world", world)
     if _stage("tiny model", out / "tiny" / "config.json", out):
         timed("tiny model", lambda: build_tiny(out / "tiny"))
@@ -136,8 +141,10 @@ def run_demo(out: Path, quick: bool = False, overwrite: bool = False, seed: int 
         timed("annealing", anneal)
     if _stage("BPO (bi-mode rollouts, mixed-group advantages)", out / "bpo" / "config.json", out):
         def bpo():
-            # configs/recipes/tiny_bpo.yaml's settings
-            cfg = BPOConfig(model_path=str(out / "annealed"), train_files=[str(data / "train.jsonl")],
+            # configs/recipes/tiny_bpo.yaml's settings, but mode tokens at weight 0.3 and a KL term (beta 0.04):
+            # on this start they left less thinking drift on easy levels (docs/demo_results.md, BPO variants)
+            cfg = BPOConfig(mode_token_loss="0.3", beta=0.04,
+                            model_path=str(out / "annealed"), train_files=[str(data / "train.jsonl")],
                             probe_files=[str(data / "eval.jsonl")], output_dir=str(out / "bpo_run"),
                             num_generations=8, per_device_train_batch_size=8 * size.bpo_prompts,
                             max_completion_length=40, max_steps=size.bpo_steps, learning_rate=1e-4,
@@ -210,13 +217,17 @@ def demo_targets(annealed: dict, bpo: dict) -> list[tuple[str, str, bool]]:
     def rate(bench, level):
         return 100 * bench["by_level"][level]["modes"]["auto"]["thinking_rate"]
 
-    gap_hard = acc(annealed, "think", hard) - acc(annealed, "no_think", hard)
-    gap_easy = abs(acc(annealed, "think", easy) - acc(annealed, "no_think", easy))
+    def gap(bench, level):  # think minus no_think accuracy; at the easy level no_think may also be better
+        return acc(bench, "think", level) - acc(bench, "no_think", level)
+
+    gap_hard, gap_easy = gap(annealed, hard), gap(annealed, easy)
     auto, think = bpo["modes"]["auto"], bpo["modes"]["think"]
     token_share = 100 * auto["tokens"] / max(think["tokens"], 1e-9)
     return [
-        (f"premise: think - no_think on level {hard} >= 30 pts (annealed)", f"{gap_hard:+.1f} pts", gap_hard >= 30),
-        (f"premise: |think - no_think| on level {easy} <= 2 pts (annealed)", f"{gap_easy:.1f} pts", gap_easy <= 2),
+        (f"premise: think - no_think on level {hard} >= 30 pts (annealed)",
+         f"{gap_hard:+.1f} pts (after BPO {gap(bpo, hard):+.1f})", gap_hard >= 30),
+        (f"premise: think - no_think on level {easy} <= 2 pts (annealed)",
+         f"{gap_easy:+.1f} pts (after BPO {gap(bpo, easy):+.1f})", gap_easy <= 2),
         (f"after BPO, auto thinks on level {easy} <= 20%", f"{rate(bpo, easy):.0f}%", rate(bpo, easy) <= 20),
         (f"after BPO, auto thinks on level {hard} >= 80%", f"{rate(bpo, hard):.0f}%", rate(bpo, hard) >= 80),
         ("after BPO, auto acc within 2 pts of think acc", f"{100 * (auto['accuracy'] - think['accuracy']):+.1f} pts",
@@ -271,6 +282,7 @@ def _write_report(out: Path, curation: dict, timings: dict, seconds: float) -> N
     plot_probe(out / "bpo_run" / "probe.jsonl", out / "bpo_p_think.png")
     lines += ["", "## Thinking probability by level during BPO", "", "![p_think during BPO](bpo_p_think.png)", "",
               "Full reports with plots: eval_annealed/report.md, eval_bpo/report.md; the probe's numbers: "
-              "bpo_run/probe.jsonl", "", "## Time per stage (s)", ""]
-    lines += [f"- {name}: {s}" for name, s in timings.items()] + [f"- total this run: {seconds:.0f}"]
+              "bpo_run/probe.jsonl", "", "## Time per stage (s, as measured when the stage ran)", ""]
+    lines += [f"- {name}: {s}" for name, s in timings.items()]
+    lines += [f"- all stages: {sum(timings.values()):.0f}", f"- this run (stages not skipped): {seconds:.0f}"]
     (out / "report.md").write_text("\n".join(lines) + "\n")
