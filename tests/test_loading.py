@@ -87,6 +87,7 @@ def test_engine_runs_qwen_vl_through_the_plain_path(tmp_path):
                               SamplingParams(max_new_tokens=4))
     assert [c.prompt_suffix for c in group] == ["<think>\n", "<think>\n\n</think>\n\n", "<think>"]
     assert all(0 <= c.p_think <= 1 and c.num_tokens <= 4 for c in group)
+    assert group[2].token_ids[0] in set(engine.think_ids) | set(engine.no_think_ids)  # auto decides first
     # the think sample is what plain transformers generates from the think-mode prompt
     text = processor.apply_chat_template(USER, add_generation_prompt=True, tokenize=False, thinking_mode="think")
     inputs = processor(images=[image], text=[text], return_tensors="pt")

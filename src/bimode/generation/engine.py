@@ -60,6 +60,20 @@ def _media_token_ids(processor, tokenizer) -> list[int]:
     return sorted(ids)
 
 
+class _FirstTokenAmong:
+    """A `generate` logits processor: the first new token must be one of `allowed` (auto mode's decision)."""
+
+    def __init__(self, prompt_length: int, allowed: list[int]):
+        self.prompt_length, self.allowed = prompt_length, allowed
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if input_ids.shape[1] != self.prompt_length:
+            return scores
+        keep = torch.zeros_like(scores, dtype=torch.bool)
+        keep[:, self.allowed] = True
+        return scores.masked_fill(~keep, float("-inf"))
+
+
 def _filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     logits = logits / params.temperature
     if params.top_k:
@@ -302,16 +316,15 @@ class TransformersEngine:
             for si, mode in enumerate(p.modes):
                 if mode is ThinkingMode.AUTO and params.think_threshold is not None:
                     mode_used = ThinkingMode.THINK if p_think[pi] >= params.think_threshold else ThinkingMode.NO_THINK
-                elif mode is ThinkingMode.AUTO and params.constrain_decision:  # the decision, drawn from p_think
-                    draw = p_think[pi] >= 0.5 if params.temperature == 0 else (
-                        torch.rand((), generator=generator, device=self.device).item() < p_think[pi])
-                    mode_used = ThinkingMode.THINK if draw else ThinkingMode.NO_THINK
                 else:
                     mode_used = mode
                 inputs = self._encode([self.render(p, mode_used)], p.images)
                 kwargs = dict(max_new_tokens=params.max_new_tokens, pad_token_id=self.pad_id,
                               suppress_tokens=self.banned_ids or None,
                               eos_token_id=sorted(self.eos_ids))
+                if mode_used is ThinkingMode.AUTO and params.constrain_decision:
+                    kwargs["logits_processor"] = [_FirstTokenAmong(inputs["input_ids"].shape[1],
+                                                                   self.think_ids + self.no_think_ids)]
                 if params.temperature > 0:
                     kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p,
                                   top_k=params.top_k or None)
