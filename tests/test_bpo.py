@@ -237,3 +237,7 @@ def test_bad_settings_fail_clearly(tmp_path, trained_tiny, bpo_file):
         BPOConfig(output_dir=str(tmp_path), mode_token_loss="maybe")
     with pytest.raises(ValueError, match="cannot be imported"):
         make_trainer(trained_tiny, bpo_file, tmp_path, rewards=["nowhere.module:reward"])
+    no_answer = tmp_path / "no_answer.jsonl"
+    no_answer.write_text('{"id": "a", "question": "1+1?", "answer": "2"}\n{"id": "b", "question": "2+2?", "answer": ""}\n')
+    with pytest.raises(ValueError, match=f"file {no_answer}, row 2, field 'answer': no answer to reward"):
+        make_trainer(trained_tiny, no_answer, tmp_path)

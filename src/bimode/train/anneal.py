@@ -16,8 +16,8 @@ import datasets
 import torch
 from trl import SFTConfig, SFTTrainer
 
-from bimode.data.records import Record, read_records
-from bimode.train.checkpoint import StrictResumeMixin, cli_main, train_and_save
+from bimode.data.records import Record
+from bimode.train.checkpoint import StrictResumeMixin, cli_main, load_start, train_and_save
 from bimode.train.components import COMPONENTS, freeze, optimizer_groups
 from bimode.train.tokenize import collate, tokenize_example
 
@@ -100,13 +100,8 @@ class AnnealTrainer(StrictResumeMixin, SFTTrainer):
 
 
 def build_trainer(cfg: AnnealConfig, model=None, processor=None) -> AnnealTrainer:
-    from bimode.models import load_model
-
-    if model is None:
-        model, processor = load_model(cfg.model_path, trust_remote_code=cfg.trust_remote_code, dtype=torch.float32)
-    if not cfg.train_files:
-        raise ValueError("train_files is empty: give record files to train on")
-    records = [r for path in cfg.train_files for r in read_records(path)]
+    model, processor, by_file = load_start(cfg, model, processor)
+    records = [r for file_records in by_file.values() for r in file_records]
     pairs = expand_targets(records, cfg.target_modes)
     random.Random(cfg.seed).shuffle(pairs)
     counts = freeze(model, cfg.frozen())

@@ -27,14 +27,14 @@ import torch
 from trl import GRPOConfig, GRPOTrainer
 from trl.models import unwrap_model_for_generation
 
-from bimode.data.records import Record, read_records
+from bimode.data.records import Record, RecordError, read_records
 from bimode.generation.engine import TransformersEngine
 from bimode.generation.types import Prompt, SamplingParams
 from bimode.modes import ThinkingMode
 from bimode.train.bpo_core import (ROLLOUTS, mode_token_weights, parse_mode_token_loss, per_mode_stats,
                                    response_mode, rollout_modes)
 from bimode.train.bpo_rewards import build_rewards
-from bimode.train.checkpoint import StrictResumeMixin, cli_main, train_and_save
+from bimode.train.checkpoint import StrictResumeMixin, cli_main, load_start, train_and_save
 from bimode.train.components import freeze
 
 MODE_CODES = {"think": 0, "no_think": 1, "malformed": 2}
@@ -261,16 +261,13 @@ def pick_probe(records: list[Record], size: int, seed: int) -> list[Record]:
 
 
 def build_trainer(cfg: BPOConfig, model=None, processor=None) -> BPOTrainer:
-    from bimode.models import load_model
-
-    if model is None:
-        model, processor = load_model(cfg.model_path, trust_remote_code=cfg.trust_remote_code, dtype=torch.float32)
-    if not cfg.train_files:
-        raise ValueError("train_files is empty: give record files with prompts and answers")
-    records = [r for path in cfg.train_files for r in read_records(path)]
-    missing = [r.id for r in records if not r.answer]
-    if missing:
-        raise ValueError(f"{len(missing)} records have no answer to reward (first: {missing[0]})")
+    model, processor, by_file = load_start(cfg, model, processor, "record files with prompts and answers")
+    for path, file_records in by_file.items():
+        missing = [row for row, r in enumerate(file_records, 1) if not r.answer]
+        if missing:
+            raise RecordError(f"no answer to reward ({len(missing)} records without one)", row=missing[0],
+                              field_name="answer", path=path)
+    records = [r for file_records in by_file.values() for r in file_records]
     probe_source = [r for path in cfg.probe_files for r in read_records(path)] if cfg.probe_files else records
     if cfg.freeze_vision:
         freeze(model, {"vision"})

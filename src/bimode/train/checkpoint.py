@@ -1,4 +1,4 @@
-"""Trainer runs of bimode: strict resume for VLMs, and train-then-save for the CLI commands."""
+"""Trainer runs of bimode: the start model and records, strict resume for VLMs, train-then-save for the CLI."""
 
 from __future__ import annotations
 
@@ -43,3 +43,17 @@ def cli_main(config_class, build, argv, what: str) -> int:
     out = train_and_save(build(cfg), cfg.resume_from_checkpoint)
     print(f"{what} saved to {out}")
     return 0
+
+
+def load_start(cfg, model=None, processor=None, what: str = "records to train on"):
+    """The model (cfg.model_path unless given) and the records of cfg.train_files, in file order."""
+    import torch
+
+    from bimode.data.records import read_records
+    from bimode.models import load_model
+
+    if model is None:
+        model, processor = load_model(cfg.model_path, trust_remote_code=cfg.trust_remote_code, dtype=torch.float32)
+    if not cfg.train_files:
+        raise ValueError(f"train_files is empty: give {what}")
+    return model, processor, {path: read_records(path) for path in cfg.train_files}
