@@ -141,6 +141,7 @@ def run_demo(out: Path, quick: bool = False, overwrite: bool = False, seed: int 
         timed("annealing", anneal)
     if _stage("BPO (bi-mode rollouts, mixed-group advantages)", out / "bpo" / "config.json", out):
         def bpo():
+            shutil.rmtree(out / "bpo_run", ignore_errors=True)  # a re-run starts its probe log afresh
             # configs/recipes/tiny_bpo.yaml's settings, but mode tokens at weight 0.3 and a KL term (beta 0.04):
             # on this start they left less thinking drift on easy levels (docs/demo_results.md, BPO variants)
             cfg = BPOConfig(mode_token_loss="0.3", beta=0.04,
