@@ -39,12 +39,13 @@ class _Row:
     finish: str | None = None
 
 
-def _decision_probability(logits: torch.Tensor, think_ids: list[int], no_think_ids: list[int]) -> torch.Tensor:
-    """P(think) renormalised over the two decisions, from the logits after `<think>`."""
+def _decision(logits: torch.Tensor, think_ids: list[int], no_think_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """From the logits after `<think>`: P(think) renormalised over the two decisions, and the decision mass
+    (the probability on any decision token at all)."""
     probs = torch.softmax(logits.float(), dim=-1)
     p_yes = probs[..., think_ids].sum(-1)
     p_no = probs[..., no_think_ids].sum(-1)
-    return p_yes / (p_yes + p_no).clamp_min(1e-12)
+    return p_yes / (p_yes + p_no).clamp_min(1e-12), p_yes + p_no
 
 
 def _media_token_ids(processor, tokenizer) -> list[int]:
@@ -145,9 +146,9 @@ class TransformersEngine:
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start:start + batch_size]
             inputs = self._encode([self.render(p) for p in chunk], [i for p in chunk for i in p.images])
-            probs = torch.softmax(self.model(**inputs, logits_to_keep=1).logits[:, -1].float(), dim=-1)
-            yes, no = probs[:, self.think_ids].sum(-1), probs[:, self.no_think_ids].sum(-1)
-            out += list(zip((yes / (yes + no).clamp_min(1e-12)).tolist(), (yes + no).tolist()))
+            p_think, mass = _decision(self.model(**inputs, logits_to_keep=1).logits[:, -1], self.think_ids,
+                                      self.no_think_ids)
+            out += list(zip(p_think.tolist(), mass.tolist()))
         return out
 
     @torch.no_grad()
@@ -194,7 +195,7 @@ class TransformersEngine:
         out = self.model(**inputs, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
         cache = getattr(out, "cache", None) or out.past_key_values
         last_logits = out.logits[:, -1].float()
-        p_think = _decision_probability(last_logits, self.think_ids, self.no_think_ids).tolist()
+        p_think = _decision(last_logits, self.think_ids, self.no_think_ids)[0].tolist()
 
         rows, source = [], []
         for pi, p in enumerate(prompts):

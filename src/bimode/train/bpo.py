@@ -91,6 +91,8 @@ class BPOTrainer(StrictResumeMixin, GRPOTrainer):
         self.guarded_rewards = build_rewards(args.rewards, tokenizer)
         self._engine: TransformersEngine | None = None
         self._rows: list[int] = []
+        self._images: dict[int, list] = {}  # row -> its decoded images, for the current generation batch
+        self._probe_prompts: list[Prompt] | None = None
         self._rollout_info: dict = {}
         self._last_probe = -1
         super().__init__(model=model, reward_funcs=self.guarded_rewards, args=args,
@@ -100,7 +102,7 @@ class BPOTrainer(StrictResumeMixin, GRPOTrainer):
     # ---- rollouts -----------------------------------------------------------------------------------
     def _example(self, row: int) -> dict:
         r = self.records[row]
-        return {"prompt": r.messages(), "images": r.load_images(), "answer": r.answer,
+        return {"prompt": r.messages(), "images": self._images[row], "answer": r.answer,
                 "answer_type": r.answer_type, "choices": r.choices, "level": r.level, "family": r.family,
                 "record_id": r.id, "row": row}
 
@@ -130,7 +132,8 @@ class BPOTrainer(StrictResumeMixin, GRPOTrainer):
                 groups[-1][1].append(mode)
             else:
                 groups.append((row, [mode]))
-        batch = [Prompt.from_record(self.records[row], group_modes) for row, group_modes in groups]
+        batch = [Prompt(self.records[row].messages(), self._images[row], group_modes, self.records[row].id)
+                 for row, group_modes in groups]
         with self._generation_engine() as engine:
             suffix = engine.suffix_rest
             prompt_ids = [engine.prompt_ids(p) for p in batch]
@@ -178,7 +181,9 @@ class BPOTrainer(StrictResumeMixin, GRPOTrainer):
     # ---- scoring, loss weights, logging ---------------------------------------------------------------
     def _generate_and_score_completions(self, inputs):
         self._rows = [x["row"] for x in inputs]
-        inputs = [self._example(x["row"]) for x in inputs]
+        # each record comes once per rollout: read its images once for TRL's inputs and the rollouts
+        self._images = {row: self.records[row].load_images() for row in dict.fromkeys(self._rows)}
+        inputs = [self._example(row) for row in self._rows]
         output = super()._generate_and_score_completions(inputs)
         suffix_lengths = self._rollout_info["suffix_lengths"]
         width = output["completion_ids"].size(1)
@@ -230,8 +235,10 @@ class BPOTrainer(StrictResumeMixin, GRPOTrainer):
     def probe(self) -> dict[str, float]:
         """Per level: mean auto-mode p_think, the greedy thinking rate (p_think >= 0.5) and the decision mass
         (probability on any decision token after `<think>`); one forward pass, no generation."""
+        if self._probe_prompts is None:  # fixed set: decode its images once
+            self._probe_prompts = [Prompt.from_record(r) for r in self.probe_records]
         with self._generation_engine() as engine:
-            stats = engine.decision_stats([Prompt.from_record(r) for r in self.probe_records])
+            stats = engine.decision_stats(self._probe_prompts)
         by_level = defaultdict(list)
         for record, value in zip(self.probe_records, stats):
             by_level["all" if record.level is None else record.level].append(value)
