@@ -6,6 +6,7 @@ import sys
 from trl import TrlParser
 
 from bimode.train.anneal import AnnealConfig, build_trainer
+from bimode.train.checkpoint import end_processes
 
 (cfg,) = TrlParser(AnnealConfig).parse_args_and_config(args=sys.argv[1:])
 trainer = build_trainer(cfg)
@@ -27,3 +28,4 @@ trainer.accelerator.wait_for_everyone()
 trainer.save_model(f"{cfg.output_dir}/final")
 if trainer.accelerator.is_main_process:
     trainer.processing_class.save_pretrained(f"{cfg.output_dir}/final")
+end_processes(trainer)

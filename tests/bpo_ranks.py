@@ -6,6 +6,7 @@ import sys
 from trl import TrlParser
 
 from bimode.train.bpo import BPOConfig, build_trainer
+from bimode.train.checkpoint import end_processes
 
 (cfg,) = TrlParser(BPOConfig).parse_args_and_config(args=sys.argv[1:])
 trainer = build_trainer(cfg)
@@ -24,3 +25,4 @@ trainer._generate_and_score_completions = spy
 trainer.train()
 with open(f"{cfg.output_dir}/rank-{trainer.accelerator.process_index}.json", "w") as fh:
     json.dump(seen, fh)
+end_processes(trainer)

@@ -40,9 +40,19 @@ def cli_main(config_class, build, argv, what: str) -> int:
     from trl import TrlParser
 
     (cfg,) = TrlParser(config_class).parse_args_and_config(args=argv)
-    out = train_and_save(build(cfg), cfg.resume_from_checkpoint)
+    trainer = build(cfg)
+    out = train_and_save(trainer, cfg.resume_from_checkpoint)
+    end_processes(trainer)
     print(f"{what} saved to {out}")
     return 0
+
+
+def end_processes(trainer) -> None:
+    """Tear the process group down before exit: under `accelerate launch` on gloo a rank left with a live group
+    sometimes aborts at interpreter exit ("terminate called without an active exception"), failing the launch
+    after training finished."""
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()
 
 
 def load_start(cfg, model=None, processor=None, what: str = "records to train on"):
