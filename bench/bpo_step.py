@@ -29,23 +29,23 @@ from bimode.train.bpo import BPOConfig, BPOTrainer
 from bimode.train.bpo_rewards import build_rewards
 
 COMMON = dict(num_generations=8, per_device_train_batch_size=64, max_completion_length=40, learning_rate=1e-4,
-              temperature=1.0, report_to=[], save_strategy="no", logging_steps=1, use_cpu=True, bf16=False,
+              report_to=[], save_strategy="no", logging_steps=1, use_cpu=True, bf16=False,
               seed=0, chat_template_kwargs={"thinking_mode": "auto"})
 
 
-def stock_trainer(model_dir, records, out):
+def stock_trainer(model_dir, records, out, **extra):
     model, processor = load_model(model_dir, dtype=torch.float32)
     rows = [{"prompt": r.messages(), "images": r.load_images(), "answer": r.answer, "answer_type": r.answer_type,
              "choices": r.choices} for r in records]
     dataset = datasets.Dataset.from_list(rows)
-    args = GRPOConfig(output_dir=str(out), max_steps=10_000, **COMMON)
+    args = GRPOConfig(output_dir=str(out), max_steps=10_000, **COMMON, **extra)
     return GRPOTrainer(model=model, reward_funcs=build_rewards(["accuracy"], processor.tokenizer), args=args,
                        train_dataset=dataset, processing_class=processor)
 
 
-def bimode_trainer(model_dir, records, out, rollout):
+def bimode_trainer(model_dir, records, out, rollout, **extra):
     model, processor = load_model(model_dir, dtype=torch.float32)
-    args = BPOConfig(output_dir=str(out), max_steps=10_000, rollout=rollout, probe_steps=0, **COMMON)
+    args = BPOConfig(output_dir=str(out), max_steps=10_000, rollout=rollout, probe_steps=0, **COMMON, **extra)
     return BPOTrainer(model=model, args=args, records=records, processor=processor)
 
 
@@ -75,15 +75,20 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--out", default="/tmp/bimode_bench_bpo")
+    # TRL turns gradient checkpointing on by default; the tiny recipes turn it off (it only recomputes there)
+    # near-greedy by default: stock and `ours` then produce the same completions, so the same lengths are timed
+    parser.add_argument("--temperature", type=float, default=1e-3)
+    parser.add_argument("--gradient-checkpointing", choices=("on", "off"), default="off")
     args = parser.parse_args()
     if not (Path(args.model) / "config.json").exists():
         sys.exit(f"{args.model}: no model there; run scripts/bpo_miniature.py first (it saves the annealed model)")
     torch.manual_seed(0)
     # stock TRL cannot mix image and text-only prompts in one batch: image records only, for all three
     records = [r for r in read_records(args.records) if r.images][:512]
-    trainers = {"stock": stock_trainer(args.model, records, f"{args.out}/stock"),
-                "ours": bimode_trainer(args.model, records, f"{args.out}/ours", "auto"),
-                "bpo": bimode_trainer(args.model, records, f"{args.out}/bpo", "bimode")}
+    extra = {"gradient_checkpointing": args.gradient_checkpointing == "on", "temperature": args.temperature}
+    trainers = {"stock": stock_trainer(args.model, records, f"{args.out}/stock", **extra),
+                "ours": bimode_trainer(args.model, records, f"{args.out}/ours", "auto", **extra),
+                "bpo": bimode_trainer(args.model, records, f"{args.out}/bpo", "bimode", **extra)}
     for trainer in trainers.values():
         timed_steps(trainer, 1)  # warm-up
     times = {name: [] for name in trainers}
@@ -95,7 +100,7 @@ def main() -> int:
             lengths[name].append(length)
     base = statistics.median(times["stock"])
     print(f"{args.rounds} rounds x {args.steps} steps, 8 prompts x 8 rollouts, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
+          f"{torch.get_num_threads()} threads, gradient checkpointing {args.gradient_checkpointing}, temperature {args.temperature}")
     print("| trainer | median step (s) | ratio to stock | mean completion length |\n|---|---|---|---|")
     for name in trainers:
         median = statistics.median(times[name])

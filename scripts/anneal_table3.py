@@ -44,7 +44,7 @@ def anneal(model_dir: Path, files: list[Path], out: Path, steps: int, seed: int,
                        lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": 0.1},
                        report_to=[], save_strategy="no", logging_steps=50, seed=seed,
                        use_cpu=not torch.cuda.is_available(), bf16=False,
-                       dataloader_num_workers=0)
+                       dataloader_num_workers=0, gradient_checkpointing=False)
     trainer = build_trainer(cfg)
     trainer.train()
     final = out / "final"

@@ -42,7 +42,7 @@ def rl(start: Path, train: Path, probe: Path, out: Path, steps: int, seed: int, 
                     learning_rate=1e-4, adam_beta2=0.98, weight_decay=0.0, temperature=1.0, beta=0.0,
                     warmup_steps=0.05, lr_scheduler_type="constant_with_warmup", report_to=[],
                     save_strategy="no", logging_steps=10, probe_steps=10, probe_size=240, seed=seed,
-                    use_cpu=not torch.cuda.is_available(), bf16=False, **setting)
+                    use_cpu=not torch.cuda.is_available(), bf16=False, gradient_checkpointing=False, **setting)
     trainer = build_trainer(cfg)
     trainer.train()
     final = out / "final"

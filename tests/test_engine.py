@@ -40,6 +40,15 @@ def test_bimode_group_equals_separate_runs(setup):
         assert [g[index + 1].token_ids for g in groups] == [a[0].token_ids for a in alone]
 
 
+def test_completions_carry_the_prompt_ids_the_engine_fed(setup):
+    """Left-padded prefill of prompts of different lengths: each completion returns its own prompt, unpadded."""
+    _, _, engine, records = setup
+    prompts = [Prompt.bimode_group(r, 1) for r in records[:8]]
+    assert len({len(engine.prompt_ids(p)) for p in prompts}) > 1  # padding is exercised
+    for p, group in zip(prompts, engine.generate(prompts, SamplingParams(max_new_tokens=4))):
+        assert [c.prompt_token_ids for c in group] == [engine.prompt_ids(p)] * 2
+
+
 def test_forced_modes_start_as_they_must_and_counts_add_up(setup):
     _, _, engine, records = setup
     out = engine.generate([Prompt.bimode_group(r, 2) for r in records[:8]],

@@ -45,8 +45,9 @@ QUICK = DemoSize(n_train=240, n_eval=60, warmup_steps=40, anneal_steps=40, bpo_s
                  curate_n=4, curate_max_correct=1)
 
 
+# TRL turns gradient checkpointing on by default; on the tiny model it only recomputes (same weights, ~20% slower)
 _TRAINER_COMMON = dict(report_to=[], save_strategy="no", use_cpu=True, bf16=False, dataloader_num_workers=0,
-                       disable_tqdm=False)
+                       disable_tqdm=False, gradient_checkpointing=False)
 
 
 def _stage(name: str, done: Path, out: Path) -> bool:

@@ -251,7 +251,8 @@ class TransformersEngine:
             cache = getattr(out, "cache", None) or out.past_key_values
             logits = out.logits[:, -1].float()
             next_pos = next_pos + 1
-        return self._collect(prompts, rows, p_think)
+        prompt_ids = [ids[keep].tolist() for ids, keep in zip(inputs["input_ids"], inputs["attention_mask"].bool())]
+        return self._collect(prompts, rows, p_think, prompt_ids)
 
     def _sample(self, logits: torch.Tensor, params: SamplingParams, generator) -> torch.Tensor:
         """Next token of every row: argmax when greedy, else temperature / top-k / top-p sampling."""
@@ -292,13 +293,14 @@ class TransformersEngine:
         if row.sampled >= params.max_new_tokens:
             row.finish = "length"
 
-    def _collect(self, prompts, rows: list[_Row], p_think) -> list[list[Completion]]:
+    def _collect(self, prompts, rows: list[_Row], p_think, prompt_ids) -> list[list[Completion]]:
         out: list[list[Completion]] = [[None] * len(p.modes) for p in prompts]  # type: ignore[list-item]
         for row in rows:
             suffix = MODE_SUFFIXES[ThinkingMode.AUTO] + self.tokenizer.decode(row.suffix_ids, skip_special_tokens=False)
-            out[row.prompt_index][row.sample_index] = self._completion(
-                row.mode, suffix, row.ids, row.finish or "length", p_think[row.prompt_index],
-                row.logprobs or None)
+            completion = self._completion(row.mode, suffix, row.ids, row.finish or "length",
+                                          p_think[row.prompt_index], row.logprobs or None)
+            completion.prompt_token_ids = prompt_ids[row.prompt_index]
+            out[row.prompt_index][row.sample_index] = completion
         return out
 
     def _completion(self, mode, suffix, ids, finish, p_think, logprobs) -> Completion:

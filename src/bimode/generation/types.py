@@ -77,6 +77,9 @@ class Completion:
     answer_tokens: int  # generated tokens after `</think>`
     p_think: float | None = None  # the prompt's auto-mode thinking probability, when read
     logprobs: list[float] | None = None
+    # the auto-mode prompt ids this completion continues (its forced suffix is the start of the response);
+    # the shared-prefix path has them from its prefill, so trainers need not encode the prompt again
+    prompt_token_ids: list[int] | None = None
 
     @property
     def response(self) -> str:

@@ -136,8 +136,8 @@ class BPOTrainer(StrictResumeMixin, GRPOTrainer):
                  for row, group_modes in groups]
         with self._generation_engine() as engine:
             suffix = engine.suffix_rest
-            prompt_ids = [engine.prompt_ids(p) for p in batch]
             if self.use_vllm:
+                prompt_ids = [engine.prompt_ids(p) for p in batch]
                 completions = self._vllm_completions(engine, batch, prompt_ids)
             else:
                 params = SamplingParams(max_new_tokens=self.args.max_completion_length,
@@ -146,8 +146,11 @@ class BPOTrainer(StrictResumeMixin, GRPOTrainer):
                                         seed=self.args.seed + 100_003 * self.state.global_step
                                         + self.accelerator.process_index)
                 eos = engine.tokenizer.eos_token_id
+                groups_out = engine.generate(batch, params)
+                # the shared-prefix path returns the prompt ids it fed; the plain path renders per mode
+                prompt_ids = [group[0].prompt_token_ids or engine.prompt_ids(p) for p, group in zip(batch, groups_out)]
                 completions = [[(list(suffix[c.mode]), c.token_ids + ([eos] if c.finish_reason != "length" else []),
-                                 None) for c in group] for group in engine.generate(batch, params)]
+                                 None) for c in group] for group in groups_out]
         out = {"prompt_ids": [], "completion_ids": [], "logprobs": []}
         suffix_lengths = []
         for ids, group in zip(prompt_ids, completions):
