@@ -99,15 +99,17 @@ def engine(trained_tiny):
 
 
 def launch_two_cpu_processes(script: str, *args: str) -> None:
-    """Run tests/<script> under `accelerate launch` with configs/accelerate/cpu2.yaml (2 processes, gloo)."""
+    """Run tests/<script> (a .py name) or a module (`-m bimode.cli`) under `accelerate launch` with
+    configs/accelerate/cpu2.yaml (2 processes, gloo)."""
     import subprocess
     import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    target = script.split() if script.startswith("-m ") else [str(root / "tests" / script)]
     done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                           str(root / "configs/accelerate/cpu2.yaml"), str(root / "tests" / script), *args],
+                           str(root / "configs/accelerate/cpu2.yaml"), *target, *args],
                           check=False, capture_output=True, text=True, env=env, cwd=root, timeout=600)
     # the children's output is the only trace of why a launch failed: show its end in the test report
     assert done.returncode == 0, (f"{script} exited {done.returncode}\n--- stdout ---\n{done.stdout[-4000:]}"

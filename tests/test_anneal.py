@@ -163,5 +163,18 @@ def test_two_processes_train_on_different_data(tmp_path, train_file, tiny_dir):
     assert gen.num_tokens > 0 and gen.response.startswith("<think>\n")
 
 
+def test_readme_two_process_cli_anneal_runs_and_saves(tmp_path, tiny_dir, train_file):
+    """The README's CPU multi-process command: `accelerate launch --config_file configs/accelerate/cpu2.yaml
+    -m bimode.cli anneal --config configs/recipes/tiny_anneal.yaml --use_cpu true ...` exits cleanly."""
+    from tests.conftest import launch_two_cpu_processes
+
+    out = tmp_path / "cli"
+    launch_two_cpu_processes(
+        "-m bimode.cli", "anneal", "--config", "configs/recipes/tiny_anneal.yaml", "--use_cpu", "true",
+        "--model_path", str(tiny_dir), "--train_files", str(train_file), "--output_dir", str(out),
+        "--max_steps", "2", "--per_device_train_batch_size", "4", "--report_to", "none", "--save_strategy", "no")
+    assert (out / "final" / "model.safetensors").exists() and (out / "final" / "chat_template.jinja").exists()
+
+
 def test_tensorboard_logging_by_default(tmp_path):
     assert AnnealConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False).report_to == ["tensorboard"]
