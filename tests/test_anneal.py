@@ -85,6 +85,22 @@ def test_component_learning_rates_and_freezing(tmp_path, train_file, tiny_dir):
         assert changed == (component_of(name) != "vision"), name
 
 
+def test_anneal_trains_a_qwen_vl_model_with_its_image_grid(tmp_path, train_file):
+    """Qwen-VL needs image_grid_thw next to pixel_values (the collator passes every image-processor output);
+    its `visual.merger` is the projector, frozen here, while the vision tower and the LLM train."""
+    from tests.hf_fixtures import build_tiny_qwen25_vl
+
+    model_dir = build_tiny_qwen25_vl(tmp_path / "qwen")
+    trainer = build_trainer(_cfg(tmp_path, train_file, model_dir, max_steps=2, freeze_projector=True,
+                                 gradient_checkpointing=False))
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+    assert batch["image_grid_thw"].shape == (2, 3)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    changed = {component_of(n) for n, p in trainer.model.named_parameters() if not torch.equal(before[n], p.detach())}
+    assert changed == {"vision", "llm"}
+
+
 def test_resume_gives_the_same_weights(tmp_path, train_file, tiny_dir):
     straight = build_trainer(_cfg(tmp_path / "a", train_file, tiny_dir, max_steps=6))
     straight.train()

@@ -241,3 +241,43 @@ def test_bad_settings_fail_clearly(tmp_path, trained_tiny, bpo_file):
     no_answer.write_text('{"id": "a", "question": "1+1?", "answer": "2"}\n{"id": "b", "question": "2+2?", "answer": ""}\n')
     with pytest.raises(ValueError, match=f"file {no_answer}, row 2, field 'answer': no answer to reward"):
         make_trainer(trained_tiny, no_answer, tmp_path)
+
+
+# ---- a model with multi-axis rotary positions (Qwen2.5-VL): the engine's plain path -----------------------
+def test_qwen_vl_rollouts_are_scored_as_the_forced_mode_prompt_would_be(tmp_path):
+    """The forced suffix starts the completion, not the prompt (the issue's warning: in the prompt it breaks
+    Qwen-VL position ids). TRL's log-probs of the generated tokens must equal a plain forward of the
+    forced-mode prompt followed by them, and the mode tokens must train."""
+    from bimode.models import load_model
+    from tests.hf_fixtures import build_tiny_qwen25_vl
+
+    model_dir = build_tiny_qwen25_vl(tmp_path / "qwen")
+    records = [s.to_record() for s in synthetic.generate(8, seed=5, families=["shell"], max_level=3)]
+    train = write_records(records, tmp_path / "train.jsonl")
+    # num_iterations 2 makes TRL compute the rollouts' log-probs right after generation (old_per_token_logps)
+    trainer = make_trainer(model_dir, train, tmp_path / "run", max_completion_length=6, num_iterations=2,
+                           rewards=["tests.bpo_helpers:no_think_wins"], temperature=1.0)
+    trainer.model.train()
+    output = trainer._generate_and_score_completions(BATCH)
+    assert trainer._engine.shared_prefix is False
+    model, processor = load_model(model_dir, dtype=torch.float32)
+    suffix = trainer._engine.suffix_rest
+    for r, (row, mode) in enumerate(zip(trainer._rows, trainer._rollout_info["modes"])):
+        completion = output["completion_ids"][r][output["completion_mask"][r].bool()].tolist()
+        n = len(suffix[mode])
+        assert completion[:n] == suffix[mode]
+        generated = completion[n:]
+        record = records[row]
+        text = processor.apply_chat_template(record.messages(), add_generation_prompt=True, tokenize=False,
+                                             thinking_mode=mode.value)
+        inputs = processor(images=record.load_images(), text=[text], return_tensors="pt")
+        prompt_len = inputs["input_ids"].size(1)
+        ids = torch.cat([inputs["input_ids"], torch.tensor([generated])], dim=1)
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=inputs["pixel_values"],
+                           image_grid_thw=inputs["image_grid_thw"]).logits[0, prompt_len - 1:-1]
+        direct = torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(generated)[:, None])[:, 0]
+        trl = output["old_per_token_logps"][r, n:n + len(generated)]
+        assert trl.tolist() == pytest.approx(direct.tolist(), abs=2e-4), (r, mode)
+    forced, rest = decision_grads(trainer)
+    assert torch.all(forced > 0) and torch.all(rest > 0)

@@ -62,7 +62,8 @@ def tokenize_example(processor, record: Record, mode: str, mask_empty_think: boo
 
 
 def collate(examples: list[Example], processor, pad_id: int) -> dict:
-    """Right-padded batch; pixel values in placeholder order."""
+    """Right-padded batch; pixel values in placeholder order, with every other image input the family's
+    image processor returns (Qwen-VL's image_grid_thw, LLaVA-NeXT's image_sizes, ...): the model needs them."""
     width = max(len(e.input_ids) for e in examples)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
@@ -75,5 +76,5 @@ def collate(examples: list[Example], processor, pad_id: int) -> dict:
     batch = {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
     images = [img for e in examples for img in e.images]
     if images:
-        batch["pixel_values"] = processor.image_processor(images, return_tensors="pt")["pixel_values"]
+        batch.update(processor.image_processor(images, return_tensors="pt"))
     return batch
