@@ -22,7 +22,9 @@ QWEN_TEMPLATE = (
 
 def build_tiny_qwen25_vl(out: Path) -> Path:
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        Qwen2VLImageProcessorPil,
+    )
 
     tok = build_tokenizer(300, special_tokens=QWEN_SPECIALS, image_token=None, template=QWEN_TEMPLATE)
     ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
@@ -63,5 +65,42 @@ def build_tiny_llava_llama_style(out: Path) -> Path:
     processor.chat_template = tok.chat_template
     model = build_model(tok, TinyConfig())
     model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+def build_tiny_llava_next(out: Path) -> Path:
+    """R-4B's own layout in miniature: LLaVA-NeXT (AnyRes tiles, image_sizes) with a SigLIP tower and a Qwen3
+    LLM. Images of different shapes get different numbers of image tokens."""
+    from transformers import (
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextProcessor,
+        Qwen3Config,
+        SiglipVisionConfig,
+    )
+    from transformers.models.llava_next.image_processing_pil_llava_next import (
+        LlavaNextImageProcessorPil,
+    )
+
+    from bimode.models.tiny import IMAGE_TOKEN, chat_template
+
+    tok = build_tokenizer(300)
+    pinpoints = [[32, 32], [32, 64], [64, 32]]
+    image_processor = LlavaNextImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                                                 image_grid_pinpoints=pinpoints, do_center_crop=False)
+    processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=tok, patch_size=8,
+                                   vision_feature_select_strategy="full", image_token=IMAGE_TOKEN,
+                                   num_additional_image_tokens=0, chat_template=chat_template())
+    text = Qwen3Config(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=16, intermediate_size=128, tie_word_embeddings=True,
+                       pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None)
+    vision = SiglipVisionConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                image_size=32, patch_size=8, vision_use_head=False)
+    config = LlavaNextConfig(vision_config=vision, text_config=text,
+                             image_token_index=tok.convert_tokens_to_ids(IMAGE_TOKEN),
+                             vision_feature_select_strategy="full", vision_feature_layer=-1,
+                             image_grid_pinpoints=pinpoints, tie_word_embeddings=True)
+    LlavaNextForConditionalGeneration(config).save_pretrained(out)
     processor.save_pretrained(out)
     return out

@@ -1,0 +1,76 @@
+"""R-4B's architecture family (LLaVA-NeXT: AnyRes tiles, image_sizes, SigLIP + Qwen3): every stage runs on it."""
+
+import pytest
+import torch
+from PIL import Image
+
+from bimode.data import synthetic
+from bimode.data.records import write_records
+from bimode.generation.engine import TransformersEngine
+from bimode.generation.types import Prompt, SamplingParams
+from bimode.models import load_model
+from bimode.train.components import component_of
+from tests.hf_fixtures import build_tiny_llava_next
+
+USER = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Where is the ball?"}]}]
+
+
+@pytest.fixture(scope="module")
+def next_dir(tmp_path_factory):
+    return build_tiny_llava_next(tmp_path_factory.mktemp("llava_next") / "model")
+
+
+@pytest.fixture(scope="module")
+def train_file(tmp_path_factory):
+    records = [s.to_record() for s in synthetic.generate(32, seed=5, families=["shell", "shell_text"], max_level=3)]
+    return write_records(records, tmp_path_factory.mktemp("llava_next_data") / "train.jsonl")
+
+
+def test_shared_prefix_engine_equals_plain_generate_across_tile_counts(next_dir):
+    model, processor = load_model(next_dir, dtype=torch.float32)
+    engine = TransformersEngine(model, processor)
+    assert engine.shared_prefix
+    # a wide, a tall and a square image: different tile grids, so different prompt lengths in one batch
+    images = [Image.new("RGB", size, colour) for size, colour in (((64, 32), "red"), ((32, 64), "blue"),
+                                                                   ((32, 32), "green"))]
+    prompts = [Prompt(USER, images=[image], modes=["think", "no_think"]) for image in images]
+    assert len({len(engine.prompt_ids(p)) for p in prompts}) > 1
+    shared = engine.generate(prompts, SamplingParams(max_new_tokens=6))
+    for p, group in zip(prompts, shared):
+        for mode, completion in zip(("think", "no_think"), group):
+            text = processor.apply_chat_template(USER, add_generation_prompt=True, tokenize=False,
+                                                 thinking_mode=mode)
+            inputs = processor(images=p.images, text=[text], return_tensors="pt")
+            with torch.no_grad():
+                out = model.generate(**inputs, max_new_tokens=6, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+            eos = processor.tokenizer.eos_token_id
+            out = out.tolist()
+            assert completion.token_ids == (out[: out.index(eos)] if eos in out else out)
+
+
+def test_anneal_trains_every_component_with_image_sizes(tmp_path, next_dir, train_file):
+    from bimode.train.anneal import AnnealConfig, build_trainer
+
+    trainer = build_trainer(AnnealConfig(
+        model_path=str(next_dir), train_files=[str(train_file)], output_dir=str(tmp_path), target_modes="both",
+        max_steps=2, per_device_train_batch_size=8, learning_rate=1e-3, report_to=[], save_strategy="no",
+        use_cpu=True, bf16=False, gradient_checkpointing=False, lr_scheduler_type="constant"))
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    changed = {component_of(n) for n, p in trainer.model.named_parameters() if not torch.equal(before[n], p.detach())}
+    assert changed == {"vision", "projector", "llm"}
+
+
+def test_bpo_step_trains_on_it(tmp_path, next_dir, train_file):
+    from bimode.train.bpo import BPOConfig, build_trainer
+
+    trainer = build_trainer(BPOConfig(
+        model_path=str(next_dir), train_files=[str(train_file)], output_dir=str(tmp_path), num_generations=4,
+        per_device_train_batch_size=8, max_completion_length=6, max_steps=1, learning_rate=1e-3, report_to=[],
+        save_strategy="no", use_cpu=True, bf16=False, probe_steps=0, seed=0, gradient_checkpointing=False,
+        rewards=["tests.bpo_helpers:no_think_wins"]))
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    assert trainer.state.log_history[0]["bpo/no_think/advantage"] > 0
+    changed = {component_of(n) for n, p in trainer.model.named_parameters() if not torch.equal(before[n], p.detach())}
+    assert changed == {"vision", "projector", "llm"}
