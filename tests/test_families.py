@@ -1,4 +1,5 @@
-"""R-4B's architecture family (LLaVA-NeXT: AnyRes tiles, image_sizes, SigLIP + Qwen3): every stage runs on it."""
+"""Every stage on other model families: R-4B's own layout (LLaVA-NeXT: AnyRes tiles, image_sizes, SigLIP + Qwen3)
+and LLaVA with a Llama-style tokenizer (no think tags, `\n\n` as two tokens). Qwen2.5-VL: test_anneal, test_bpo."""
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from bimode.generation.engine import TransformersEngine
 from bimode.generation.types import Prompt, SamplingParams
 from bimode.models import load_model
 from bimode.train.components import component_of
-from tests.hf_fixtures import build_tiny_llava_next
+from tests.hf_fixtures import build_tiny_llava_llama_style, build_tiny_llava_next
 
 USER = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Where is the ball?"}]}]
 
@@ -18,6 +19,13 @@ USER = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text":
 @pytest.fixture(scope="module")
 def next_dir(tmp_path_factory):
     return build_tiny_llava_next(tmp_path_factory.mktemp("llava_next") / "model")
+
+
+@pytest.fixture(scope="module", params=["llava_next", "llava_llama_style"])
+def family_dir(request, tmp_path_factory, next_dir):
+    if request.param == "llava_next":
+        return next_dir
+    return build_tiny_llava_llama_style(tmp_path_factory.mktemp("llama_style") / "model")
 
 
 @pytest.fixture(scope="module")
@@ -48,11 +56,11 @@ def test_shared_prefix_engine_equals_plain_generate_across_tile_counts(next_dir)
             assert completion.token_ids == (out[: out.index(eos)] if eos in out else out)
 
 
-def test_anneal_trains_every_component_with_image_sizes(tmp_path, next_dir, train_file):
+def test_anneal_trains_every_component(tmp_path, family_dir, train_file):
     from bimode.train.anneal import AnnealConfig, build_trainer
 
     trainer = build_trainer(AnnealConfig(
-        model_path=str(next_dir), train_files=[str(train_file)], output_dir=str(tmp_path), target_modes="both",
+        model_path=str(family_dir), train_files=[str(train_file)], output_dir=str(tmp_path), target_modes="both",
         max_steps=2, per_device_train_batch_size=8, learning_rate=1e-3, report_to=[], save_strategy="no",
         use_cpu=True, bf16=False, gradient_checkpointing=False, lr_scheduler_type="constant"))
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
@@ -61,11 +69,11 @@ def test_anneal_trains_every_component_with_image_sizes(tmp_path, next_dir, trai
     assert changed == {"vision", "projector", "llm"}
 
 
-def test_bpo_step_trains_on_it(tmp_path, next_dir, train_file):
+def test_bpo_step_trains_every_component(tmp_path, family_dir, train_file):
     from bimode.train.bpo import BPOConfig, build_trainer
 
     trainer = build_trainer(BPOConfig(
-        model_path=str(next_dir), train_files=[str(train_file)], output_dir=str(tmp_path), num_generations=4,
+        model_path=str(family_dir), train_files=[str(train_file)], output_dir=str(tmp_path), num_generations=4,
         per_device_train_batch_size=8, max_completion_length=6, max_steps=1, learning_rate=1e-3, report_to=[],
         save_strategy="no", use_cpu=True, bf16=False, probe_steps=0, seed=0, gradient_checkpointing=False,
         rewards=["tests.bpo_helpers:no_think_wins"]))
