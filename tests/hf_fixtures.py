@@ -20,14 +20,30 @@ QWEN_TEMPLATE = (
 )
 
 
-def build_tiny_qwen25_vl(out: Path) -> Path:
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+def _qwen_tokenizer():
+    tok = build_tokenizer(300, special_tokens=QWEN_SPECIALS, image_token=None, template=QWEN_TEMPLATE)
+    return tok, {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
+
+
+def _save_qwen(out: Path, model, tok, patch_size: int, processor_class: str) -> Path:
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
         Qwen2VLImageProcessorPil,
     )
 
-    tok = build_tokenizer(300, special_tokens=QWEN_SPECIALS, image_token=None, template=QWEN_TEMPLATE)
-    ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
+    side = 2 * patch_size  # one merged 2x2 patch group at least, 2x2 groups at most
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=side * side, max_pixels=4 * side * side,
+                                               patch_size=patch_size, merge_size=2, temporal_patch_size=2)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    image_processor.save_pretrained(out)
+    (out / "processor_config.json").write_text(json.dumps({"processor_class": processor_class}))
+    return out
+
+
+def build_tiny_qwen25_vl(out: Path) -> Path:
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    tok, ids = _qwen_tokenizer()
     config = Qwen2_5_VLConfig(
         text_config=dict(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, intermediate_size=128,
@@ -39,14 +55,28 @@ def build_tiny_qwen25_vl(out: Path) -> Path:
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
     )
-    model = Qwen2_5_VLForConditionalGeneration(config)
-    image_processor = Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=56 * 56, patch_size=14,
-                                               merge_size=2, temporal_patch_size=2)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    image_processor.save_pretrained(out)
-    (out / "processor_config.json").write_text(json.dumps({"processor_class": "Qwen2_5_VLProcessor"}))
-    return out
+    return _save_qwen(out, Qwen2_5_VLForConditionalGeneration(config), tok, 14, "Qwen2_5_VLProcessor")
+
+
+def build_tiny_qwen3_vl(out: Path) -> Path:
+    """Qwen3-VL: interleaved multi-axis rotary positions that need the processor's mm_token_type_ids, and
+    deepstack mergers that feed vision features into early LLM layers."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    tok, ids = _qwen_tokenizer()
+    config = Qwen3VLConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=16, intermediate_size=128,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3],
+                                          "mrope_interleaved": True},
+                         eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"]),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                           patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=16,
+                           deepstack_visual_indexes=[0]),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+    )
+    return _save_qwen(out, Qwen3VLForConditionalGeneration(config), tok, 16, "Qwen3VLProcessor")
 
 
 def build_tiny_llava_llama_style(out: Path) -> Path:

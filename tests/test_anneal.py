@@ -39,6 +39,7 @@ def test_component_names_across_families():
     assert component_of("lm_head.weight") == "llm"
     assert component_of("model.visual.merger.mlp.0.weight") == "projector"  # Qwen-VL
     assert component_of("model.visual.blocks.0.attn.qkv.weight") == "vision"
+    assert component_of("model.visual.deepstack_merger_list.0.linear_fc1.weight") == "projector"  # Qwen3-VL
 
 
 def test_expand_targets():
@@ -85,16 +86,22 @@ def test_component_learning_rates_and_freezing(tmp_path, train_file, tiny_dir):
         assert changed == (component_of(name) != "vision"), name
 
 
-def test_anneal_trains_a_qwen_vl_model_with_its_image_grid(tmp_path, train_file):
-    """Qwen-VL needs image_grid_thw next to pixel_values (the collator passes every image-processor output);
-    its `visual.merger` is the projector, frozen here, while the vision tower and the LLM train."""
-    from tests.hf_fixtures import build_tiny_qwen25_vl
+@pytest.mark.parametrize("family", ["qwen25_vl", "qwen3_vl"])
+def test_anneal_trains_a_qwen_vl_model_with_its_image_grid(tmp_path, train_file, family):
+    """Qwen-VL needs image_grid_thw next to pixel_values (the collator passes every image-processor output),
+    Qwen3-VL also the per-token mm_token_type_ids; the mergers are the projector, frozen here, while the
+    vision tower and the LLM train."""
+    from tests import hf_fixtures
 
-    model_dir = build_tiny_qwen25_vl(tmp_path / "qwen")
+    model_dir = getattr(hf_fixtures, f"build_tiny_{family}")(tmp_path / family)
     trainer = build_trainer(_cfg(tmp_path, train_file, model_dir, max_steps=2, freeze_projector=True,
                                  gradient_checkpointing=False))
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
     assert batch["image_grid_thw"].shape == (2, 3)
+    if family == "qwen3_vl":  # 1 on image tokens, 0 on text and padding
+        assert batch["mm_token_type_ids"].shape == batch["input_ids"].shape
+        image_token = trainer.processing_class.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+        assert torch.equal(batch["mm_token_type_ids"] == 1, batch["input_ids"] == image_token)
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     trainer.train()
     changed = {component_of(n) for n, p in trainer.model.named_parameters() if not torch.equal(before[n], p.detach())}

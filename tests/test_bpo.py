@@ -244,14 +244,15 @@ def test_bad_settings_fail_clearly(tmp_path, trained_tiny, bpo_file):
 
 
 # ---- a model with multi-axis rotary positions (Qwen2.5-VL): the engine's plain path -----------------------
-def test_qwen_vl_rollouts_are_scored_as_the_forced_mode_prompt_would_be(tmp_path):
+@pytest.mark.parametrize("family", ["qwen25_vl", "qwen3_vl"])
+def test_qwen_vl_rollouts_are_scored_as_the_forced_mode_prompt_would_be(tmp_path, family):
     """The forced suffix starts the completion, not the prompt (the issue's warning: in the prompt it breaks
     Qwen-VL position ids). TRL's log-probs of the generated tokens must equal a plain forward of the
     forced-mode prompt followed by them, and the mode tokens must train."""
     from bimode.models import load_model
-    from tests.hf_fixtures import build_tiny_qwen25_vl
+    from tests import hf_fixtures
 
-    model_dir = build_tiny_qwen25_vl(tmp_path / "qwen")
+    model_dir = getattr(hf_fixtures, f"build_tiny_{family}")(tmp_path / family)
     records = [s.to_record() for s in synthetic.generate(8, seed=5, families=["shell"], max_level=3)]
     train = write_records(records, tmp_path / "train.jsonl")
     # num_iterations 2 makes TRL compute the rollouts' log-probs right after generation (old_per_token_logps)
@@ -270,12 +271,15 @@ def test_qwen_vl_rollouts_are_scored_as_the_forced_mode_prompt_would_be(tmp_path
         record = records[row]
         text = processor.apply_chat_template(record.messages(), add_generation_prompt=True, tokenize=False,
                                              thinking_mode=mode.value)
-        inputs = processor(images=record.load_images(), text=[text], return_tensors="pt")
+        inputs = dict(processor(images=record.load_images(), text=[text], return_tensors="pt"))
         prompt_len = inputs["input_ids"].size(1)
-        ids = torch.cat([inputs["input_ids"], torch.tensor([generated])], dim=1)
+        for key in ("input_ids", "mm_token_type_ids"):  # per-token inputs continue over the generated tokens
+            if key in inputs:
+                more = torch.tensor([generated]) if key == "input_ids" else torch.zeros(1, len(generated))
+                inputs[key] = torch.cat([inputs[key], more.to(inputs[key].dtype)], dim=1)
+        inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
         with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=inputs["pixel_values"],
-                           image_grid_thw=inputs["image_grid_thw"]).logits[0, prompt_len - 1:-1]
+            logits = model(**inputs).logits[0, prompt_len - 1:-1]
         direct = torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(generated)[:, None])[:, 0]
         trl = output["old_per_token_logps"][r, n:n + len(generated)]
         assert trl.tolist() == pytest.approx(direct.tolist(), abs=2e-4), (r, mode)

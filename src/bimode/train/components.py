@@ -1,7 +1,8 @@
 """Which parameters belong to the vision tower, the projector and the language model.
 
 R-4B trains each with its own learning rate (and some stages freeze some of them). Names differ across
-families: LLaVA `vision_tower` / `multi_modal_projector`, Qwen-VL `visual` with its `merger` as projector,
+families: LLaVA `vision_tower` / `multi_modal_projector`, Qwen-VL `visual` with its `merger` as projector
+(Qwen3-VL also its `deepstack_merger_list`, which feeds vision features into early LLM layers),
 others `vision_model` / `mm_projector` / `connector`. The projector is matched first because Qwen-VL's
 `visual.merger` sits inside the vision module.
 """
@@ -9,7 +10,7 @@ others `vision_model` / `mm_projector` / `connector`. The projector is matched f
 from __future__ import annotations
 
 COMPONENTS = ("vision", "projector", "llm")
-PROJECTOR_KEYS = ("multi_modal_projector", "mm_projector", "merger", "connector", "projector")
+PROJECTOR_KEYS = ("multi_modal_projector", "mm_projector", "merger", "deepstack_merger_list", "connector", "projector")
 VISION_KEYS = ("vision_tower", "visual", "vision_model", "vision_encoder", "image_encoder")
 
 

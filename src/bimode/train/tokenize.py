@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -16,6 +16,9 @@ class Example:
     input_ids: list[int]
     labels: list[int]
     images: list  # PIL images, in order of their <image> placeholders
+    # per-token inputs the processor returns next to input_ids (Qwen3-VL's mm_token_type_ids, Gemma 3's
+    # token_type_ids): the model needs them to place image tokens
+    token_features: dict[str, list[int]] = field(default_factory=dict)
 
 
 def response_text(record: Record, mode: str, eos: str = "<|im_end|>") -> str:
@@ -39,8 +42,12 @@ def tokenize_example(processor, record: Record, mode: str, mask_empty_think: boo
     messages = record.messages(with_target=mode)
     text = processor.apply_chat_template(messages, tokenize=False)
     images = record.load_images()
+    features = {}
     if images:
-        ids = processor(images=images, text=[text], return_tensors="pt")["input_ids"][0].tolist()
+        encoded = processor(images=images, text=[text], return_tensors="pt")
+        ids = encoded["input_ids"][0].tolist()
+        features = {k: v[0].tolist() for k, v in encoded.items() if k not in ("input_ids", "attention_mask")
+                    and isinstance(v, torch.Tensor) and v.shape == encoded["input_ids"].shape}
     else:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     tail = tokenizer(text[text.rindex("<|im_start|>assistant\n") + len("<|im_start|>assistant\n"):],
@@ -58,7 +65,7 @@ def tokenize_example(processor, record: Record, mode: str, mask_empty_think: boo
             raise ValueError(f"record {record.id}: the non-thinking target does not start with the empty block")
         targets[: len(block)] = [IGNORE_INDEX] * len(block)
     labels = [IGNORE_INDEX] * start + targets + [IGNORE_INDEX] * (len(tail) - len(response))
-    return Example(ids, labels, images)
+    return Example(ids, labels, images, features)
 
 
 def collate(examples: list[Example], processor, pad_id: int) -> dict:
@@ -74,6 +81,13 @@ def collate(examples: list[Example], processor, pad_id: int) -> dict:
         labels[i, :n] = torch.tensor(e.labels)
         attention[i, :n] = 1
     batch = {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+    # 0 marks a text token in these features, so text-only examples and padding get zeros
+    for key in sorted({k for e in examples for k in e.token_features}):
+        values = torch.zeros((len(examples), width), dtype=torch.long)
+        for i, e in enumerate(examples):
+            if key in e.token_features:
+                values[i, :len(e.input_ids)] = torch.tensor(e.token_features[key])
+        batch[key] = values
     images = [img for e in examples for img in e.images]
     if images:
         batch.update(processor.image_processor(images, return_tensors="pt"))
