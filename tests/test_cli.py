@@ -19,8 +19,14 @@ def run(*args, input=None, check=True):
 
 def test_help_lists_every_command():
     out = run("--help").stdout
-    for command in ("tiny", "data", "chat", "serve", "demo"):
+    for command in ("tiny", "data", "chat", "serve", "eval", "curate", "anneal", "bpo", "demo"):
         assert command in out
+
+
+def test_training_commands_help_names_the_command_and_our_fields():
+    for command, field in (("anneal", "--target_modes"), ("bpo", "--mode_token_loss")):
+        out = run(command, "--help").stdout
+        assert out.startswith(f"usage: bimode {command} ") and field in out
 
 
 def test_tiny_writes_a_loadable_model_and_refuses_to_overwrite(tmp_path):

@@ -124,7 +124,7 @@ def run_anneal(cfg: AnnealConfig) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli_main(AnnealConfig, build_trainer, argv, "annealed model")
+    return cli_main(AnnealConfig, build_trainer, argv, "annealed model", "anneal")
 
 
 __all__ = ["AnnealConfig", "AnnealTrainer", "COMPONENTS", "build_trainer", "expand_targets", "main", "run_anneal"]

@@ -291,7 +291,7 @@ def run_bpo(cfg: BPOConfig) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli_main(BPOConfig, build_trainer, argv, "BPO model")
+    return cli_main(BPOConfig, build_trainer, argv, "BPO model", "bpo")
 
 
 __all__ = ["BPOConfig", "BPOTrainer", "build_trainer", "main", "pick_probe", "run_bpo"]

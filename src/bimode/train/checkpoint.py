@@ -35,11 +35,11 @@ def train_and_save(trainer, resume_from_checkpoint=None) -> Path:
     return out
 
 
-def cli_main(config_class, build, argv, what: str) -> int:
+def cli_main(config_class, build, argv, what: str, command: str) -> int:
     """`bimode anneal` / `bimode bpo`: TRL's parser (--config RECIPE.yaml plus any field), train, save."""
     from trl import TrlParser
 
-    (cfg,) = TrlParser(config_class).parse_args_and_config(args=argv)
+    (cfg,) = TrlParser(config_class, prog=f"bimode {command}").parse_args_and_config(args=argv)
     trainer = build(cfg)
     out = train_and_save(trainer, cfg.resume_from_checkpoint)
     end_processes(trainer)
