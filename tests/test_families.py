@@ -82,3 +82,30 @@ def test_bpo_step_trains_every_component(tmp_path, family_dir, train_file):
     assert trainer.state.log_history[0]["bpo/no_think/advantage"] > 0
     changed = {component_of(n) for n, p in trainer.model.named_parameters() if not torch.equal(before[n], p.detach())}
     assert changed == {"vision", "projector", "llm"}
+
+
+@pytest.mark.parametrize("family", ["qwen25_vl", "qwen3_vl"])
+def test_plain_path_batches_prompts_and_equals_one_at_a_time_generate(tmp_path, family):
+    """Multi-axis rotary models take one batched `generate` per mode: left-padded prompts of different
+    lengths (image sizes, a text-only prompt) give what each prompt gives alone."""
+    from tests import hf_fixtures
+
+    model, processor = load_model(getattr(hf_fixtures, f"build_tiny_{family}")(tmp_path / family),
+                                  dtype=torch.float32)
+    engine = TransformersEngine(model, processor)
+    assert not engine.shared_prefix
+    text_only = [{"role": "user", "content": [{"type": "text", "text": "The ball is under cup 2. Where is it?"}]}]
+    prompts = [Prompt(USER, images=[Image.new("RGB", (64, 32), "red")], modes=["think", "no_think"]),
+               Prompt(text_only, images=[], modes=["think", "no_think"]),
+               Prompt(USER, images=[Image.new("RGB", (32, 32), "blue")], modes=["think", "no_think"])]
+    batched = engine.generate(prompts, SamplingParams(max_new_tokens=6))
+    eos = processor.tokenizer.eos_token_id
+    for p, group in zip(prompts, batched):
+        for mode, completion in zip(("think", "no_think"), group):
+            text = processor.apply_chat_template(p.messages, add_generation_prompt=True, tokenize=False,
+                                                 thinking_mode=mode)
+            inputs = processor(images=p.images or None, text=[text], return_tensors="pt")
+            with torch.no_grad():
+                out = model.generate(**inputs, max_new_tokens=6, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+            out = out.tolist()
+            assert completion.token_ids == (out[: out.index(eos)] if eos in out else out), (mode, p.messages)

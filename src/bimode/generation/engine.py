@@ -309,40 +309,40 @@ class TransformersEngine:
 
     # ---- the plain path (models with multi-axis positions) ------------------------------------------
     def _run_plain(self, prompts, params, generator, on_token, offset) -> list[list[Completion]]:
-        """One `model.generate` per (prompt, sample): correct for every model, without prefix sharing."""
+        """Batched `model.generate`, one call per mode (the mode text is part of those prompts): correct for every
+        model, without prefix sharing."""
         if params.max_thinking_tokens is not None:
             raise NotImplementedError("the thinking budget needs the shared-prefix path; this model uses mrope")
         p_think = self.p_think(prompts)
-        out = []
+        rows = []  # (prompt index, sample index, requested mode, mode used)
         for pi, p in enumerate(prompts):
-            completions = []
             for si, mode in enumerate(p.modes):
+                used = mode
                 if mode is ThinkingMode.AUTO and params.think_threshold is not None:
-                    mode_used = ThinkingMode.THINK if p_think[pi] >= params.think_threshold else ThinkingMode.NO_THINK
-                else:
-                    mode_used = mode
-                inputs = self._encode([self.render(p, mode_used)], p.images)
-                kwargs = dict(max_new_tokens=params.max_new_tokens, pad_token_id=self.pad_id,
-                              suppress_tokens=self.banned_ids or None,
-                              eos_token_id=sorted(self.eos_ids))
-                if mode_used is ThinkingMode.AUTO and params.constrain_decision:
-                    kwargs["logits_processor"] = [_FirstTokenAmong(inputs["input_ids"].shape[1],
-                                                                   self.think_ids + self.no_think_ids)]
-                if params.temperature > 0:
-                    kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p,
-                                  top_k=params.top_k or None)
-                else:
-                    kwargs.update(do_sample=False)
-                seq = self.model.generate(**inputs, **kwargs)[0, inputs["input_ids"].shape[1]:].tolist()
-                ids = [t for t in seq if t != self.pad_id]
-                finish = "length"
-                for i, t in enumerate(ids):
-                    if t in self.eos_ids:
-                        ids, finish = ids[:i], "stop"
-                        break
-                for t in ids:
-                    if on_token is not None:
+                    used = ThinkingMode.THINK if p_think[pi] >= params.think_threshold else ThinkingMode.NO_THINK
+                rows.append((pi, si, mode, used))
+        out: list[list[Completion]] = [[None] * len(p.modes) for p in prompts]  # type: ignore[list-item]
+        for used in dict.fromkeys(row[3] for row in rows):
+            group = [row for row in rows if row[3] is used]
+            inputs = self._encode([self.render(prompts[pi], used) for pi, *_ in group],
+                                  [image for pi, *_ in group for image in prompts[pi].images])
+            width = inputs["input_ids"].shape[1]
+            kwargs = dict(max_new_tokens=params.max_new_tokens, pad_token_id=self.pad_id,
+                          suppress_tokens=self.banned_ids or None, eos_token_id=sorted(self.eos_ids))
+            if used is ThinkingMode.AUTO and params.constrain_decision:
+                kwargs["logits_processor"] = [_FirstTokenAmong(width, self.think_ids + self.no_think_ids)]
+            if params.temperature > 0:
+                kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p,
+                              top_k=params.top_k or None)
+            else:
+                kwargs.update(do_sample=False)
+            sequences = self.model.generate(**inputs, **kwargs)[:, width:].tolist()
+            for (pi, si, mode, _), seq in zip(group, sequences):
+                # a row that stopped early is padded after its end-of-turn token
+                stop = next((i for i, t in enumerate(seq) if t in self.eos_ids), None)
+                ids, finish = (seq, "length") if stop is None else (seq[:stop], "stop")
+                if on_token is not None:
+                    for t in ids:
                         on_token(offset + pi, si, t)
-                completions.append(self._completion(mode, mode_used.prompt_suffix, ids, finish, p_think[pi], None))
-            out.append(completions)
+                out[pi][si] = self._completion(mode, used.prompt_suffix, ids, finish, p_think[pi], None)
         return out
