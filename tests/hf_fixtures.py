@@ -134,3 +134,33 @@ def build_tiny_llava_next(out: Path) -> Path:
     LlavaNextForConditionalGeneration(config).save_pretrained(out)
     processor.save_pretrained(out)
     return out
+
+
+GEMMA_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<start_of_image>", "<end_of_image>",
+                  "<image_soft_token>"]
+
+
+def build_tiny_gemma3(out: Path) -> Path:
+    """Gemma 3: the processor's image token is the begin-of-image marker, which it expands into soft image
+    tokens; training needs the per-token token_type_ids; batches must say whose images are whose."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Processor, PreTrainedTokenizerFast
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    template = QWEN_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>", "<start_of_image>")
+    build_tokenizer(300, special_tokens=GEMMA_SPECIALS, image_token=None, template=template).save_pretrained(out)
+    tok = PreTrainedTokenizerFast.from_pretrained(out, extra_special_tokens={
+        "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"})
+    ids = {t: tok.convert_tokens_to_ids(t) for t in GEMMA_SPECIALS}
+    config = Gemma3Config(
+        text_config=dict(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=16, intermediate_size=128, sliding_window=16,
+                         eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"], bos_token_id=None),
+        vision_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                           image_size=32, patch_size=8, vision_use_head=False),
+        mm_tokens_per_image=4, boi_token_index=ids["<start_of_image>"], eoi_token_index=ids["<end_of_image>"],
+        image_token_index=ids["<image_soft_token>"])
+    processor = Gemma3Processor(image_processor=Gemma3ImageProcessorPil(size={"height": 32, "width": 32}),
+                                tokenizer=tok, image_seq_length=4, chat_template=template)
+    Gemma3ForConditionalGeneration(config).save_pretrained(out)
+    processor.save_pretrained(out)
+    return out

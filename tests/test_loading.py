@@ -92,6 +92,7 @@ def test_engine_runs_qwen_vl_through_the_plain_path(tmp_path):
     text = processor.apply_chat_template(USER, add_generation_prompt=True, tokenize=False, thinking_mode="think")
     inputs = processor(images=[image], text=[text], return_tensors="pt")
     with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=4, do_sample=False)[0, inputs["input_ids"].shape[1]:].tolist()
+        out = model.generate(**inputs, max_new_tokens=4, do_sample=False,
+                             suppress_tokens=engine.banned_ids)[0, inputs["input_ids"].shape[1]:].tolist()
     eos = processor.tokenizer.eos_token_id
     assert group[0].token_ids == (out[: out.index(eos)] if eos in out else out)

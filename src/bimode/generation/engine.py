@@ -48,16 +48,28 @@ def _decision(logits: torch.Tensor, think_ids: list[int], no_think_ids: list[int
     return p_yes / (p_yes + p_no).clamp_min(1e-12), p_yes + p_no
 
 
-def _media_token_ids(processor, tokenizer) -> list[int]:
-    """Image / video placeholder ids: a response must never contain one (an untrained model samples them,
-    and a placeholder in a completion breaks the model's image-token count on the next forward pass)."""
+_MEDIA_TOKEN_ATTRS = ("image_token", "video_token", "boi_token", "eoi_token")
+_MEDIA_ID_ATTRS = ("image_token_id", "image_token_index", "video_token_id", "video_token_index", "boi_token_index",
+                   "eoi_token_index", "vision_start_token_id", "vision_end_token_id")
+
+
+def _media_token_ids(processor, tokenizer, config=None) -> list[int]:
+    """Image / video placeholder and marker ids: a response must never contain one (an untrained model samples
+    them, and a placeholder in a completion breaks the model's image-token count on the next forward pass).
+    Families name them differently (Gemma 3: the processor's image token is the begin-of-image marker, the
+    tokenizer's the soft image token), so the processor, the tokenizer and the model config are all read."""
     ids = set()
-    for attr in ("image_token", "video_token"):
-        token = getattr(processor, attr, None)
-        if isinstance(token, str):
-            token_id = tokenizer.convert_tokens_to_ids(token)
-            if token_id is not None and token_id != getattr(tokenizer, "unk_token_id", None):
-                ids.add(token_id)
+    for owner in (processor, tokenizer):
+        for attr in _MEDIA_TOKEN_ATTRS:
+            token = getattr(owner, attr, None)
+            if isinstance(token, str):
+                token_id = tokenizer.convert_tokens_to_ids(token)
+                if token_id is not None and token_id != getattr(tokenizer, "unk_token_id", None):
+                    ids.add(token_id)
+    for attr in _MEDIA_ID_ATTRS:
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and 0 <= value < len(tokenizer):
+            ids.add(value)
     return sorted(ids)
 
 
@@ -109,7 +121,7 @@ class TransformersEngine:
         # Models with multi-axis rotary positions (Qwen-VL's mrope) compute positions from the whole
         # sequence; our hand-fed positions would be wrong, so they take the plain path.
         self.shared_prefix = not hasattr(getattr(model, "model", model), "get_rope_index")
-        self.banned_ids = _media_token_ids(processor, self.tokenizer)
+        self.banned_ids = _media_token_ids(processor, self.tokenizer, getattr(model, "config", None))
 
     @property
     def device(self) -> torch.device:  # read per call: BPO swaps in the training model, which may move
@@ -120,9 +132,11 @@ class TransformersEngine:
         return self.processor.apply_chat_template(prompt.messages, add_generation_prompt=True,
                                                   tokenize=False, thinking_mode=mode.value)
 
-    def _encode(self, texts: list[str], images: list) -> dict:
+    def _encode(self, texts: list[str], images: list[list]) -> dict:
+        """Left-padded model inputs; images[i] are the images of texts[i]."""
         self.tokenizer.padding_side = "left"
-        if images:
+        if any(images):
+            # nested per text: some processors (Gemma 3) cannot tell whose images a flat list holds
             batch = self.processor(images=images, text=texts, return_tensors="pt", padding=True)
         else:
             batch = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
@@ -130,7 +144,7 @@ class TransformersEngine:
 
     def prompt_ids(self, prompt: Prompt, mode: ThinkingMode = ThinkingMode.AUTO) -> list[int]:
         """The token ids the engine feeds for a prompt (image placeholders expanded), unpadded."""
-        inputs = self._encode([self.render(prompt, mode)], prompt.images)
+        inputs = self._encode([self.render(prompt, mode)], [prompt.images])
         return inputs["input_ids"][0][inputs["attention_mask"][0].bool()].tolist()
 
     # ---- public API ---------------------------------------------------------------------------------
@@ -145,7 +159,7 @@ class TransformersEngine:
         out = []
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start:start + batch_size]
-            inputs = self._encode([self.render(p) for p in chunk], [i for p in chunk for i in p.images])
+            inputs = self._encode([self.render(p) for p in chunk], [p.images for p in chunk])
             p_think, mass = _decision(self.model(**inputs, logits_to_keep=1).logits[:, -1], self.think_ids,
                                       self.no_think_ids)
             out += list(zip(p_think.tolist(), mass.tolist()))
@@ -186,7 +200,7 @@ class TransformersEngine:
 
     # ---- the shared-prefix path ---------------------------------------------------------------------
     def _run_shared(self, prompts, params, generator, on_token, offset) -> list[list[Completion]]:
-        inputs = self._encode([self.render(p) for p in prompts], [i for p in prompts for i in p.images])
+        inputs = self._encode([self.render(p) for p in prompts], [p.images for p in prompts])
         mask = inputs["attention_mask"]
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
         from transformers import DynamicCache
@@ -325,7 +339,7 @@ class TransformersEngine:
         for used in dict.fromkeys(row[3] for row in rows):
             group = [row for row in rows if row[3] is used]
             inputs = self._encode([self.render(prompts[pi], used) for pi, *_ in group],
-                                  [image for pi, *_ in group for image in prompts[pi].images])
+                                  [prompts[pi].images for pi, *_ in group])
             width = inputs["input_ids"].shape[1]
             kwargs = dict(max_new_tokens=params.max_new_tokens, pad_token_id=self.pad_id,
                           suppress_tokens=self.banned_ids or None, eos_token_id=sorted(self.eos_ids))
