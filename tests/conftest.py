@@ -98,9 +98,10 @@ def engine(trained_tiny):
     return TransformersEngine(model, processor)
 
 
-def launch_two_cpu_processes(script: str, *args: str) -> None:
+def launch_two_cpu_processes(script: str, *args: str, timeout: int = 300) -> None:
     """Run tests/<script> (a .py name) or a module (`-m bimode.cli`) under `accelerate launch` with
     configs/accelerate/cpu2.yaml (2 processes, gloo)."""
+    import socket
     import subprocess
     import sys
     from pathlib import Path
@@ -108,9 +109,18 @@ def launch_two_cpu_processes(script: str, *args: str) -> None:
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
     target = script.split() if script.startswith("-m ") else [str(root / "tests" / script)]
-    done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                           str(root / "configs/accelerate/cpu2.yaml"), *target, *args],
-                          check=False, capture_output=True, text=True, env=env, cwd=root, timeout=600)
-    # the children's output is the only trace of why a launch failed: show its end in the test report
+    with socket.socket() as s:  # a port of its own: a launch must never meet another launch's rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(root / "configs/accelerate/cpu2.yaml"), "--main_process_port", str(port), *target, *args]
+    # the children's output is the only trace of why a launch failed or hung: show its end in the test report
+    try:
+        done = subprocess.run(command, check=False, capture_output=True, text=True, env=env, cwd=root,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        out, err = (x.decode(errors="replace") if isinstance(x, bytes) else x or "" for x in (exc.stdout, exc.stderr))
+        raise AssertionError(f"{script} still running after {timeout} s\n--- stdout ---\n{out[-4000:]}"
+                             f"\n--- stderr ---\n{err[-8000:]}") from None
     assert done.returncode == 0, (f"{script} exited {done.returncode}\n--- stdout ---\n{done.stdout[-4000:]}"
                                   f"\n--- stderr ---\n{done.stderr[-8000:]}")

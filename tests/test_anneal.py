@@ -199,5 +199,22 @@ def test_readme_two_process_cli_anneal_runs_and_saves(tmp_path, tiny_dir, train_
     assert (out / "final" / "model.safetensors").exists() and (out / "final" / "chat_template.jinja").exists()
 
 
+def test_returns_within_reports_a_teardown_that_never_returns():
+    import threading
+
+    from bimode.train.checkpoint import returns_within
+
+    assert returns_within(lambda: None, 5.0)
+    release = threading.Event()
+    assert not returns_within(release.wait, 0.05)  # a hung teardown is abandoned, not waited for
+    release.set()
+
+    def fails():
+        raise RuntimeError("teardown failed")
+
+    with pytest.raises(RuntimeError, match="teardown failed"):
+        returns_within(fails, 5.0)
+
+
 def test_tensorboard_logging_by_default(tmp_path):
     assert AnnealConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False).report_to == ["tensorboard"]

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import sys
+import threading
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 class StrictResumeMixin:
@@ -42,17 +48,45 @@ def cli_main(config_class, build, argv, what: str, command: str) -> int:
     (cfg,) = TrlParser(config_class, prog=f"bimode {command}").parse_args_and_config(args=argv)
     trainer = build(cfg)
     out = train_and_save(trainer, cfg.resume_from_checkpoint)
+    print(f"{what} saved to {out}", flush=True)
     end_processes(trainer)
-    print(f"{what} saved to {out}")
     return 0
 
 
-def end_processes(trainer) -> None:
-    """Tear the process group down before exit: under `accelerate launch` on gloo a rank left with a live group
-    sometimes aborts at interpreter exit ("terminate called without an active exception"), failing the launch
-    after training finished."""
+def end_processes(trainer, teardown_s: float = 60.0) -> None:
+    """Meet the other ranks, then tear the process group down before exit.
+
+    Under `accelerate launch` on gloo a rank left with a live group sometimes aborts at interpreter exit
+    ("terminate called without an active exception"), failing a launch whose training had finished; and the
+    teardown itself sometimes never returns (pytorch/pytorch#75097; seen once here in about 30 CPU launches).
+    Every rank has passed the barrier and the outputs are saved by then, so a teardown that outlives
+    `teardown_s` is abandoned: the process exits at once, without running the interpreter's finalizers."""
     trainer.accelerator.wait_for_everyone()
-    trainer.accelerator.end_training()
+    if not returns_within(trainer.accelerator.end_training, teardown_s):
+        log.warning("the process-group teardown did not return within %.0f s; exiting without it", teardown_s)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+
+def returns_within(fn, seconds: float) -> bool:
+    """Run fn in a daemon thread: False if it is still running after `seconds`; its exception is re-raised."""
+    errors = []
+
+    def run():
+        try:
+            fn()
+        except BaseException as exc:  # noqa: BLE001 (handed to the caller)
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        return False
+    if errors:
+        raise errors[0]
+    return True
 
 
 def load_start(cfg, model=None, processor=None, what: str = "records to train on"):
