@@ -124,3 +124,17 @@ def launch_two_cpu_processes(script: str, *args: str, timeout: int = 300) -> Non
                              f"\n--- stderr ---\n{err[-8000:]}") from None
     assert done.returncode == 0, (f"{script} exited {done.returncode}\n--- stdout ---\n{done.stdout[-4000:]}"
                                   f"\n--- stderr ---\n{done.stderr[-8000:]}")
+
+
+def reference_greedy(model, processor, messages, images, mode: str, max_new_tokens: int, suppress) -> list[int]:
+    """What plain transformers generates, greedy, for one prompt rendered in `mode`: the reference the engine's
+    completions are compared with (its banned media tokens suppressed too); ids up to end-of-turn."""
+    import torch
+
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, thinking_mode=mode)
+    inputs = processor(images=images or None, text=[text], return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                             suppress_tokens=suppress)[0, inputs["input_ids"].shape[1]:].tolist()
+    eos = processor.tokenizer.eos_token_id
+    return out[: out.index(eos)] if eos in out else out

@@ -11,7 +11,12 @@ from bimode.generation.engine import TransformersEngine
 from bimode.generation.types import Prompt, SamplingParams
 from bimode.models import load_model
 from bimode.train.components import component_of
-from tests.hf_fixtures import build_tiny_gemma3, build_tiny_llava_llama_style, build_tiny_llava_next
+from tests.conftest import reference_greedy
+from tests.hf_fixtures import (
+    build_tiny_gemma3,
+    build_tiny_llava_llama_style,
+    build_tiny_llava_next,
+)
 
 USER = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Where is the ball?"}]}]
 
@@ -54,15 +59,8 @@ def test_shared_prefix_engine_equals_plain_generate_across_tile_counts(next_dir)
     shared = engine.generate(prompts, SamplingParams(max_new_tokens=6))
     for p, group in zip(prompts, shared):
         for mode, completion in zip(("think", "no_think"), group):
-            text = processor.apply_chat_template(USER, add_generation_prompt=True, tokenize=False,
-                                                 thinking_mode=mode)
-            inputs = processor(images=p.images, text=[text], return_tensors="pt")
-            with torch.no_grad():
-                out = model.generate(**inputs, max_new_tokens=6, do_sample=False,
-                                     suppress_tokens=engine.banned_ids)[0, inputs["input_ids"].shape[1]:]
-            eos = processor.tokenizer.eos_token_id
-            out = out.tolist()
-            assert completion.token_ids == (out[: out.index(eos)] if eos in out else out)
+            assert completion.token_ids == reference_greedy(model, processor, p.messages, p.images, mode, 6,
+                                                            engine.banned_ids)
 
 
 def test_anneal_trains_every_component(tmp_path, family_dir, train_file):
@@ -109,17 +107,10 @@ def test_plain_path_batches_prompts_and_equals_one_at_a_time_generate(tmp_path, 
                Prompt(text_only, images=[], modes=["think", "no_think"]),
                Prompt(USER, images=[Image.new("RGB", (32, 32), "blue")], modes=["think", "no_think"])]
     batched = engine.generate(prompts, SamplingParams(max_new_tokens=6))
-    eos = processor.tokenizer.eos_token_id
     for p, group in zip(prompts, batched):
         for mode, completion in zip(("think", "no_think"), group):
-            text = processor.apply_chat_template(p.messages, add_generation_prompt=True, tokenize=False,
-                                                 thinking_mode=mode)
-            inputs = processor(images=p.images or None, text=[text], return_tensors="pt")
-            with torch.no_grad():
-                out = model.generate(**inputs, max_new_tokens=6, do_sample=False,
-                                     suppress_tokens=engine.banned_ids)[0, inputs["input_ids"].shape[1]:]
-            out = out.tolist()
-            assert completion.token_ids == (out[: out.index(eos)] if eos in out else out), (mode, p.messages)
+            assert completion.token_ids == reference_greedy(model, processor, p.messages, p.images, mode, 6,
+                                                            engine.banned_ids), (mode, p.messages)
 
 
 @pytest.mark.parametrize("family", ["gemma3", "llava_next", "qwen3_vl"])

@@ -6,6 +6,7 @@ from PIL import Image
 
 from bimode.models import load_model
 from bimode.modes import MODE_SUFFIXES, ThinkingMode, mode_decision
+from tests.conftest import reference_greedy
 from tests.hf_fixtures import build_tiny_llava_llama_style, build_tiny_qwen25_vl
 
 USER = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Where is the ball?"}]}]
@@ -89,10 +90,4 @@ def test_engine_runs_qwen_vl_through_the_plain_path(tmp_path):
     assert all(0 <= c.p_think <= 1 and c.num_tokens <= 4 for c in group)
     assert group[2].token_ids[0] in set(engine.think_ids) | set(engine.no_think_ids)  # auto decides first
     # the think sample is what plain transformers generates from the think-mode prompt
-    text = processor.apply_chat_template(USER, add_generation_prompt=True, tokenize=False, thinking_mode="think")
-    inputs = processor(images=[image], text=[text], return_tensors="pt")
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=4, do_sample=False,
-                             suppress_tokens=engine.banned_ids)[0, inputs["input_ids"].shape[1]:].tolist()
-    eos = processor.tokenizer.eos_token_id
-    assert group[0].token_ids == (out[: out.index(eos)] if eos in out else out)
+    assert group[0].token_ids == reference_greedy(model, processor, USER, [image], "think", 4, engine.banned_ids)
