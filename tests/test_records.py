@@ -7,7 +7,7 @@ from PIL import Image
 from bimode.data import synthetic
 from bimode.data.records import Record, RecordError, read_records, to_pil, write_records
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def _samples(n=12):
@@ -87,8 +87,8 @@ def test_undecodable_image_names_what_failed(tmp_path):
 
 
 def test_plain_benchmark_json_reads_as_records():
-    math = read_records(SHARED / "math500.json")
-    gsm = read_records(SHARED / "gsm8k_test.json")
+    math = read_records(BENCHMARKS / "math500.json")
+    gsm = read_records(BENCHMARKS / "gsm8k_test.json")
     assert len(math) == 500 and len(gsm) == 1319
     assert math[0].id == "test/precalculus/807.json" and math[0].level == 2 and math[0].answer
     assert gsm[0].id == "gsm8k_test-1" and gsm[0].answer == "18" and gsm[0].question.startswith("Janet")

@@ -9,7 +9,7 @@ import pytest
 
 from bimode.rewards import REWARD_STATS, accuracy_reward, infer_answer_type, mc_letter
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = Path(__file__).resolve().parents[1] / "benchmarks"
 MATH = json.loads((DATA / "math500.json").read_text())
 GSM = json.loads((DATA / "gsm8k_test.json").read_text())
 THINK = "<think>\nsome work\n</think>\n\n"

@@ -3,7 +3,7 @@
 The embedded default's stand-in for real benchmarks. It carries the paper's premise measurably: level 1
 is answerable at a glance (a direct answer is as good as a trace); higher levels need one step per object
 over the image, so a small model answering directly fails while a one-token-per-step trace succeeds
-(EMBEDDED_DEFAULT.md: the "shell game").
+(docs/embedded_default.md: the "shell game").
 
 Families (level = number of reasoning steps):
 - count     (vision, level 1 only): how many cells are coloured (a glance).

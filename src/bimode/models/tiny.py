@@ -1,6 +1,6 @@
 """The embedded tiny VLM: LLaVA layout with a SigLIP tower and a Qwen3 language model (R-4B's family).
 
-Built offline, sized to train in minutes on 2 CPU cores (EMBEDDED_DEFAULT.md): 32x32 images in 8x8 patches
+Built offline, sized to train in minutes on 2 CPU cores (docs/embedded_default.md): 32x32 images in 8x8 patches
 (16 image tokens, one per grid cell), a 1-layer SigLIP of width 64, a 4-layer Qwen3 of width 128 with tied
 embeddings, and a byte-level BPE tokenizer trained on the synthetic world's text. The saved directory is a
 plain transformers checkpoint: AutoProcessor + AutoModelForImageTextToText load it without bimode.

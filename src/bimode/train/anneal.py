@@ -3,7 +3,7 @@
 Runs as it is and under `accelerate launch`. Records are tokenized on the fly with the loss on the
 assistant response only (its whole think block included; optionally the empty block of non-thinking
 targets masked, the paper's non-thinking loss masking). The vision tower, projector and language model each
-get their own learning rate or are frozen (R4B_NOTES.md section 5).
+get their own learning rate or are frozen (docs/r4b.md, section 5).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""`bimode bpo`: Bi-mode Policy Optimization on TRL's GRPOTrainer (R4B_NOTES.md section 6).
+"""`bimode bpo`: Bi-mode Policy Optimization on TRL's GRPOTrainer (docs/r4b.md, section 6).
 
 Every prompt is rendered in auto mode (ending in `<think>`) and rolled out `num_generations = 2g` times: the
 first g rollouts are forced to think (`\\n` after `<think>`), the other g not to (`\\n\\n</think>\\n\\n`).

@@ -1,4 +1,4 @@
-"""The bi-mode parts of BPO as small framework-free functions (R4B_NOTES.md section 6).
+"""The bi-mode parts of BPO as small framework-free functions (docs/r4b.md, section 6).
 
 TRL's GRPOTrainer does the PPO-clipped loss and the group normalization; BPO differs from GRPO in which
 rollouts share a group (g forced thinking + g forced non-thinking for every prompt, normalized together) and

@@ -2,7 +2,7 @@
 
 Large-scale annealing goes through TRL (bimode.train.anneal); this loop exists because the embedded default
 trains in minutes where per-step framework overhead matters, and tests need a trained model in seconds.
-Recipe from EMBEDDED_DEFAULT.md: AdamW (0.9, 0.98), 5% warm-up, cosine to 10% of the peak rate.
+Recipe from docs/embedded_default.md: AdamW (0.9, 0.98), 5% warm-up, cosine to 10% of the peak rate.
 """
 
 from __future__ import annotations
