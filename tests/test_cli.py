@@ -8,6 +8,7 @@ import sys
 
 from bimode.data import synthetic
 from bimode.data.records import read_records
+from tests.eval_helpers import BAD_IMAGE_ROWS, write_pool_with_bad_images
 
 BIMODE = [sys.executable, "-m", "bimode.cli"]
 
@@ -27,6 +28,41 @@ def test_training_commands_help_names_the_command_and_our_fields():
     for command, field in (("anneal", "--target_modes"), ("bpo", "--mode_token_loss")):
         out = run(command, "--help").stdout
         assert out.startswith(f"usage: bimode {command} ") and field in out
+
+
+def test_generation_limits_default_to_the_models_own_then_8192():
+    """eval, chat and curate leave the limit to the model (its generation config, else the paper's 8,192)
+    unless a flag sets it; before, eval cut every response at 256 tokens, chat at 512, curation at 256."""
+    from bimode.cli import build_parser
+
+    parser = build_parser()
+    for argv in (["eval", "m", "--bench", "b.jsonl", "--out", "o"], ["chat", "m"],
+                 ["curate", "--input", "i.jsonl", "--out", "o", "--annotator", "m"]):
+        assert parser.parse_args(argv).max_new_tokens is None
+        assert parser.parse_args(argv + ["--max-new-tokens", "64"]).max_new_tokens == 64
+    assert parser.parse_args(["curate", "--input", "i", "--out", "o", "--annotator", "m"]).trace_max_new_tokens is None
+    for command in ("eval", "chat", "curate"):
+        text = " ".join(run(command, "--help").stdout.split())
+        assert "generation_config.json max_new_tokens, else 8,192" in text, command
+
+
+def test_eval_rejects_rows_with_unreadable_images_and_scores_the_rest(trained_tiny, tmp_path):
+    path, ids = write_pool_with_bad_images(tmp_path)
+    out = tmp_path / "run"
+    args = ("eval", str(trained_tiny), "--bench", str(path), "--out", str(out), "--modes", "no_think",
+            "--max-new-tokens", "8")
+    first = run(*args, check=False)
+    assert first.returncode == 0, first.stderr  # before: "error: image file not found: .../nope.png", exit 2
+    assert f"rejected {len(BAD_IMAGE_ROWS)} rows" in first.stdout
+    rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert sorted(r["row"] for r in rejects) == sorted(BAD_IMAGE_ROWS) and len(samples) == 20
+    assert {r["id"] for r in rejects} | {s["id"] for s in samples} == set(ids)
+    assert json.loads((out / "metrics.json").read_text())["rejected"]["total"] == 5
+    again = run(*args, check=False)  # resumed: no crash, nothing generated again, no duplicate rejects
+    assert again.returncode == 0, again.stderr
+    assert len((out / "rejects.jsonl").read_text().splitlines()) == 5
+    assert len((out / "samples.jsonl").read_text().splitlines()) == 20
 
 
 def test_tiny_writes_a_loadable_model_and_refuses_to_overwrite(tmp_path):

@@ -80,14 +80,14 @@ def test_open_ended_samples_use_the_judge(engine, tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows[1:]))
     judge = tmp_path / "judge.txt"
     judge.write_text("Question: {question}\nAnswer REASONING or DIRECT.")
-    run_curation(engine, [path], tmp_path / "out", CurateConfig(judge_prompt=str(judge)), progress=False)
+    run_curation(engine, [path], tmp_path / "out", CurateConfig(judge_prompt=str(judge), max_new_tokens=8), progress=False)
     curated = _rows(tmp_path / "out" / "curated.jsonl")
     rejects = _rows(tmp_path / "out" / "rejects.jsonl")
     assert len(curated) + len(rejects) == 3
     for row in curated + rejects:
         c = row.get("curation") or row["meta"]["curation"]
-        assert c["heuristic"] == "difficulty" and c["verdict"] in ("think", "no_think", "unparseable")
-    assert all(r["reason"] in ("unparseable judge verdict", "thinking label but no verified reasoning trace")
+        assert c["heuristic"] == "difficulty" and c["verdict"] in ("think", "no_think", "unclear")
+    assert all(r["reason"] in ("unclear judge verdict", "thinking label but no verified reasoning trace")
                for r in rejects)
 
 
@@ -135,7 +135,15 @@ def test_bad_rows_are_rejected_with_reasons_and_good_rows_all_curated(engine, tm
     with open(path, "a") as fh:
         fh.write("".join(json.dumps(b) + "\n" for b in bad) + "{broken json\n")
     run_curation(engine, [path], tmp_path / "out", CurateConfig(n_samples=2, max_new_tokens=8), progress=False)
-    rejects = {r["id"]: r["reason"] for r in _rows(tmp_path / "out" / "rejects.jsonl")}
+    rows = _rows(tmp_path / "out" / "rejects.jsonl")
+    rejects = {r["id"]: r["reason"] for r in rows}
+    # the shape eval's rejects have (bimode.data.rejects): where (file, row, field where known), which, why
+    by_id = {r["id"]: r for r in rows}
+    assert all(set(r) >= {"file", "row", "field", "id", "reason"} for r in rows)
+    assert (by_id["in.jsonl:row9"]["file"], by_id["in.jsonl:row9"]["row"], by_id["in.jsonl:row9"]["field"]) == (
+        str(path), 9, "question")
+    assert by_id["missing-image"]["field"] == by_id["undecodable"]["field"] == "images"
+    assert by_id["missing-image"]["file"] == by_id["dup"]["file"] == str(path)
     assert "image file not found" in rejects["missing-image"]
     assert "cannot decode image" in rejects["undecodable"]
     assert rejects["no-answer"] == "missing answer on a verifiable sample"

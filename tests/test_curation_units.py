@@ -23,15 +23,55 @@ def test_k_of_n_rejects_impossible_counts():
         performance_label(9, 8)
 
 
-@pytest.mark.parametrize("reply, verdict", [
+# Each judge reply and the verdict it must give: the constrained word first, then free text with negations;
+# hedged, contradictory, empty and truncated replies are "unclear" (the sample is rejected, never guessed).
+VERDICTS = [
+    # the one word the prompt asks for, as judges write it
     ("REASONING", "think"), ("DIRECT", "no_think"), ("reasoning.", "think"), ("Direct", "no_think"),
-    ("Yes", "think"), ("no", "no_think"), ("<think>\nhmm\n</think>\n\nREASONING", "think"),
-    ("It requires step-by-step reasoning.", "think"), ("This does not need reasoning.", "no_think"),
-    ("REASONING or DIRECT", "unparseable"), ("banana", "unparseable"), ("", "unparseable"),
-    ("<think>\nREASONING but truncated", "unparseable"),
-])
+    ("**DIRECT**", "no_think"), ("Answer: REASONING", "think"), ("`direct`", "no_think"),
+    ("DIRECT. The question only asks for a colour.", "no_think"), ("REASONING\n\nIt takes several steps.", "think"),
+    ("Yes", "think"), ("no", "no_think"), ("no_think", "no_think"), ("<think>\nhmm\n</think>\n\nREASONING", "think"),
+    # free text
+    ("It requires step-by-step reasoning.", "think"), ("I think it needs reasoning.", "think"),
+    ("It's hard.", "think"), ("It's easy.", "no_think"), ("A direct answer suffices.", "no_think"),
+    ("The answer is DIRECT.", "no_think"), ("I think it is direct", "no_think"),
+    ("It needs a single step.", "no_think"),
+    # negations of reasoning -> direct
+    ("It doesn't need reasoning", "no_think"), ("It doesn’t need reasoning", "no_think"),
+    ("It doesnt need reasoning", "no_think"), ("This does not need reasoning.", "no_think"),
+    ("Not reasoning", "no_think"), ("Non-reasoning", "no_think"), ("No need for reasoning.", "no_think"),
+    ("No reasoning needed.", "no_think"), ("There is no need to reason step by step.", "no_think"),
+    ("Reasoning is not needed", "no_think"), ("Reasoning: not needed", "no_think"),
+    ("Reasoning is unnecessary here.", "no_think"), ("Thinking isn't required.", "no_think"),
+    ("I don't think it needs reasoning.", "no_think"), ("It can be answered directly without any reasoning.", "no_think"),
+    ("No, it does not need reasoning.", "no_think"), ("Does it need reasoning? No.", "no_think"),
+    # negations of direct -> reasoning
+    ("Not direct", "think"), ("It cannot be answered directly.", "think"), ("I don't think this is direct.", "think"),
+    ("It can't be answered without reasoning.", "think"), ("A direct answer is not enough; reasoning required.", "think"),
+    ("It is not a simple question; it requires several steps of reasoning.", "think"),
+    ("It requires reasoning, not a direct answer.", "think"),
+    # hedged, contradictory, neither, empty, truncated -> unclear
+    ("REASONING or DIRECT", "unclear"), ("maybe reasoning", "unclear"), ("Probably direct.", "unclear"),
+    ("Not sure.", "unclear"), ("Hard to say.", "unclear"), ("It could be either.", "unclear"),
+    ("Direct, but it might need reasoning", "unclear"), ("DIRECT. Actually it needs reasoning.", "unclear"),
+    ("It is simple, but not trivial.", "unclear"), ("It looks simple but needs reasoning.", "unclear"),
+    ("banana", "unclear"), ("I don't know.", "unclear"), ("", "unclear"),
+    ("<think>\nREASONING but truncated", "unclear"),
+]
+
+
+@pytest.mark.parametrize("reply, verdict", VERDICTS)
 def test_verdict_parsing(reply, verdict):
     assert parse_verdict(reply) == verdict
+
+
+def test_judge_prompt_asks_for_the_two_words_the_parser_reads_first():
+    from bimode.curate import default_judge_prompt
+
+    prompt = default_judge_prompt()
+    assert "{question}" in prompt and "exactly one word" in prompt
+    assert "REASONING" in prompt and "DIRECT" in prompt
+    assert (parse_verdict("REASONING"), parse_verdict("DIRECT")) == ("think", "no_think")
 
 
 def test_verifiability():

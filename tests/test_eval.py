@@ -10,6 +10,7 @@ from bimode.data.records import write_records
 from bimode.eval.report import PLOTS, compare_runs, write_report
 from bimode.eval.runner import EvalConfig, read_samples, run_eval
 from tests.conftest import TRAINED_FAMILIES, TRAINED_MAX_LEVEL
+from tests.eval_helpers import BAD_IMAGE_ROWS, write_pool_with_bad_images
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +28,8 @@ def test_eval_all_modes_report_and_plots(engine, bench, tmp_path):
     rows = read_samples(samples)
     assert len(rows) == 90 and {r["mode"] for r in rows} == {"auto", "think", "no_think"}
     rejects = [json.loads(line) for line in (tmp_path / "rejects.jsonl").read_text().splitlines()]
-    assert [(r["row"], r["field"]) for r in rejects] == [(31, "question"), (None, "answer")]
+    assert [(r["row"], r["field"]) for r in rejects] == [(31, "question"), (32, "answer")]
+    assert {r["bench"] for r in rejects} == {"bench0/eval"} and {r["file"] for r in rejects} == {str(bench)}
     metrics = write_report(rows, tmp_path)
     assert json.loads((tmp_path / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
     for plot in PLOTS:
@@ -43,6 +45,43 @@ def test_eval_all_modes_report_and_plots(engine, bench, tmp_path):
     r = rows[0]
     for key in ("id", "mode", "response", "answer", "score", "tokens", "p_think", "thinking_tokens"):
         assert key in r
+
+
+def test_unreadable_images_are_rejected_and_every_other_row_scored(engine, tmp_path):
+    """25 rows, 5 with an image that is missing or does not decode: 20 scored, 5 in rejects.jsonl with file, row,
+    field and reason, and the report counts them. Before, the first bad image stopped the whole run."""
+    path, ids = write_pool_with_bad_images(tmp_path)
+    out = tmp_path / "run"
+    cfg = EvalConfig(modes=("no_think",), max_new_tokens=8, batch_size=8)
+    rows = read_samples(run_eval(engine, [path], out, cfg, progress=False))
+    rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
+    assert len(rows) == 20 and len(rejects) == 5
+    assert {r["id"] for r in rows} | {r["id"] for r in rejects} == set(ids)  # every row accounted for, once
+    assert not {r["id"] for r in rows} & {r["id"] for r in rejects}
+    assert sorted(r["row"] for r in rejects) == sorted(BAD_IMAGE_ROWS)
+    for r in rejects:
+        assert (r["file"], r["field"], r["bench"], r["id"]) == (str(path), "images", "pool", ids[r["row"] - 1])
+        expected = "image file not found" if BAD_IMAGE_ROWS[r["row"]] == "missing" else "cannot decode image"
+        assert expected in r["reason"] and f"row {r['row']}" in r["reason"]
+    metrics = write_report(rows, out)
+    assert metrics["rejected"] == {"total": 5, "by_bench": {"pool": 5}}
+    assert "Rejected rows (not scored; file, row, field and reason in rejects.jsonl): 5; pool: 5" in (
+        out / "report.md").read_text()
+    # a resumed run meets the bad rows again: it rejects them again, without a second copy, and scores nothing new
+    before = (out / "rejects.jsonl").read_text()
+    samples_before = (out / "samples.jsonl").read_text()
+    again = read_samples(run_eval(engine, [path], out, cfg, progress=False))
+    assert (out / "rejects.jsonl").read_text() == before
+    assert (out / "samples.jsonl").read_text() == samples_before and len(again) == 20
+
+
+def test_rejects_of_other_benchmarks_survive_a_run_on_one(engine, bench, tmp_path):
+    path, _ = write_pool_with_bad_images(tmp_path)
+    cfg = EvalConfig(modes=("no_think",), max_new_tokens=4)
+    run_eval(engine, [bench, path], tmp_path / "run", cfg, progress=False)
+    run_eval(engine, [path], tmp_path / "run", cfg, progress=False)  # a resume on one of the two
+    rejects = [json.loads(line) for line in (tmp_path / "run" / "rejects.jsonl").read_text().splitlines()]
+    assert sorted(r["bench"] for r in rejects) == ["bench0/eval"] * 2 + ["pool"] * 5
 
 
 def test_resume_gives_the_same_rows(engine, bench, tmp_path):

@@ -35,8 +35,11 @@ def _cmd_data_synth(args) -> int:
 
 def _cmd_chat(args) -> int:
     from bimode.chat import run_chat
+    from bimode.generation.defaults import default_max_new_tokens
 
-    return run_chat(args.model, args.prompt, args.image, args.mode, args.budget, args.max_new_tokens,
+    # the checkpoint's generation_config.json is read as a file: the model itself is loaded once, in run_chat
+    max_new_tokens = default_max_new_tokens(args.model, args.max_new_tokens)
+    return run_chat(args.model, args.prompt, args.image, args.mode, args.budget, max_new_tokens,
                     args.temperature, args.threshold, args.trust_remote_code)
 
 
@@ -71,7 +74,10 @@ def _cmd_eval(args) -> int:
                      max_thinking_tokens=args.budget, think_threshold=args.threshold, batch_size=args.batch_size,
                      limit=args.limit, judge=judge)
     samples = run_eval(engine, args.bench, out, cfg)
-    write_report(read_samples(samples), out, title=f"bimode eval of {args.model}")
+    metrics = write_report(read_samples(samples), out, title=f"bimode eval of {args.model}")
+    rejected = metrics["rejected"]["total"]
+    if rejected:
+        print(f"rejected {rejected} rows (not scored; reasons in {out / 'rejects.jsonl'})")
     print(f"report: {out / 'report.md'}; metrics: {out / 'metrics.json'}; samples: {samples}")
     return 0
 
@@ -101,7 +107,8 @@ def _cmd_curate(args) -> int:
     if args.blocked_keywords:
         keywords = tuple(k.strip() for k in Path(args.blocked_keywords).read_text().splitlines() if k.strip())
     cfg = CurateConfig(n_samples=args.n, max_correct=args.k, temperature=args.temperature,
-                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
+                       max_new_tokens=args.max_new_tokens, trace_max_new_tokens=args.trace_max_new_tokens,
+                       batch_size=args.batch_size, seed=args.seed,
                        judge_prompt=args.judge_prompt, blocked_keywords=keywords,
                        max_question_chars=args.max_question_chars, annotator_name=args.annotator)
     summary = run_curation(annotator, args.input, Path(args.out), cfg, reasoner=reasoner, overwrite=args.overwrite,
@@ -127,6 +134,10 @@ def _cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from bimode.generation.defaults import PAPER_MAX_NEW_TOKENS
+
+    default_limit = (f"the model's generation_config.json max_new_tokens, else {PAPER_MAX_NEW_TOKENS:,}, "
+                     "the paper's evaluation limit")
     parser = argparse.ArgumentParser(prog="bimode", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -164,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--mode", default="auto", help="auto | think (long) | no_think (short)")
     chat.add_argument("--budget", type=int, default=None, help="thinking budget in tokens")
     chat.add_argument("--threshold", type=float, default=None, help="auto mode thinks iff p_think >= this")
-    chat.add_argument("--max-new-tokens", type=int, default=512, help="generated-token limit")
+    chat.add_argument("--max-new-tokens", type=int, default=None,
+                      help=f"generated-token limit (default: {default_limit})")
     chat.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     chat.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own code")
     chat.set_defaults(func=_cmd_chat)
@@ -185,7 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--bench", nargs="+", required=True, help="benchmark record files (JSONL/JSON/Parquet)")
     ev.add_argument("--modes", default="auto,think,no_think", help="comma-separated modes")
     ev.add_argument("--out", required=True, help="run directory (samples.jsonl, metrics.json, report.md, PNGs)")
-    ev.add_argument("--max-new-tokens", type=int, default=256, help="generated-token limit per sample")
+    ev.add_argument("--max-new-tokens", type=int, default=None,
+                    help=f"generated-token limit per sample (default: {default_limit}); a cut response scores 0")
     ev.add_argument("--budget", type=int, default=None, help="thinking budget in tokens")
     ev.add_argument("--threshold", type=float, default=None, help="auto mode thinks iff p_think >= this")
     ev.add_argument("--batch-size", type=int, default=32, help="questions per generation batch")
@@ -208,7 +221,13 @@ def build_parser() -> argparse.ArgumentParser:
     cur.add_argument("--n", type=int, default=8, help="non-thinking samples per verifiable query (N)")
     cur.add_argument("--k", type=int, default=0, help="at most k of N right -> thinking (0 = all wrong)")
     cur.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
-    cur.add_argument("--max-new-tokens", type=int, default=256, help="tokens per sampled answer")
+    cur.add_argument("--max-new-tokens", type=int, default=None,
+                     help=f"tokens per sampled non-thinking answer (default: the annotator's generation_config.json "
+                          f"max_new_tokens, else {PAPER_MAX_NEW_TOKENS:,}; an endpoint annotator gets "
+                          f"{PAPER_MAX_NEW_TOKENS:,}): a cut answer counts as wrong and pushes the label to thinking")
+    cur.add_argument("--trace-max-new-tokens", type=int, default=None,
+                     help=f"tokens per reasoning trace the reasoner writes (default: its generation_config.json "
+                          f"max_new_tokens, else {PAPER_MAX_NEW_TOKENS:,}): a cut trace fails verification")
     cur.add_argument("--batch-size", type=int, default=16, help="queries per batch (the resume unit)")
     cur.add_argument("--seed", type=int, default=0, help="base seed")
     cur.add_argument("--judge-prompt", default=None, help="prompt file for the difficulty judge ({question})")

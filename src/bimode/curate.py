@@ -4,7 +4,13 @@ Batches of records go through the annotator (a local model through the engine, o
 endpoint). Each finished batch is appended to `batches.jsonl` as one line (all or nothing), and a batch is
 sampled with a seed derived from its index, so a killed run, re-run with the same command, skips the
 finished batches and ends with the same output as an uninterrupted one. `curated.jsonl`, `rejects.jsonl`
-and the summaries are written at the end, atomically.
+and the summaries are written at the end, atomically. Rejects (unreadable rows, images that do not open,
+duplicates, unclear verdicts, unverified traces) have the shape eval's have (`bimode.data.rejects`).
+
+Generation lengths: sampled answers and reasoning traces default (None) to the `max_new_tokens` of the
+annotator's / reasoner's own generation config, else 8,192 (`bimode.generation.defaults`): a real model's
+non-thinking answer to a math question can run to hundreds of tokens, and a cut answer counts as wrong,
+which would label the query thinking; a cut trace fails verification and loses the sample.
 """
 
 from __future__ import annotations
@@ -17,14 +23,18 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from bimode.data.curation import (
-    DEFAULT_BLOCKED_KEYWORDS, blocked_keyword, find_duplicates, is_verifiable, parse_verdict, performance_label,
+    DEFAULT_BLOCKED_KEYWORDS, UNCLEAR, blocked_keyword, find_duplicates, is_verifiable, parse_verdict,
+    performance_label,
 )
 from bimode.data.records import Record, RecordError, record_to_dict
+from bimode.data.rejects import REJECTS_FILE, from_error, image_error, reject, write_rejects
+from bimode.generation.defaults import PAPER_MAX_NEW_TOKENS, default_max_new_tokens
 from bimode.generation.types import Prompt, SamplingParams
 from bimode.modes import ThinkingMode
 from bimode.rewards import accuracy_reward
 
-OUTPUT_FILES = ("curated.jsonl", "rejects.jsonl", "summary.json", "summary.md")
+OUTPUT_FILES = ("curated.jsonl", REJECTS_FILE, "summary.json", "summary.md")
+JUDGE_MAX_NEW_TOKENS = 32  # one word is asked for; room for a short sentence, which is parsed too
 PROGRESS_FILE = "batches.jsonl"  # the resume log: one line per finished batch
 
 
@@ -33,8 +43,12 @@ class CurateConfig:
     n_samples: int = field(default=8, metadata={"help": "non-thinking answers sampled per verifiable query (N)"})
     max_correct: int = field(default=0, metadata={"help": "at most this many right -> thinking (k; 0 = all wrong)"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature of the N answers"})
-    max_new_tokens: int = field(default=256, metadata={"help": "tokens per sampled answer"})
-    trace_max_new_tokens: int = field(default=1024, metadata={"help": "tokens per generated reasoning trace"})
+    max_new_tokens: int | None = field(default=None, metadata={
+        "help": "tokens per sampled non-thinking answer (None: the annotator's generation config, "
+                f"else {PAPER_MAX_NEW_TOKENS})"})
+    trace_max_new_tokens: int | None = field(default=None, metadata={
+        "help": "tokens per generated reasoning trace (None: the reasoner's generation config, "
+                f"else {PAPER_MAX_NEW_TOKENS})"})
     trace_tries: int = field(default=2, metadata={"help": "reasoning traces tried per query before rejecting"})
     batch_size: int = field(default=16, metadata={"help": "queries per batch (the resume unit)"})
     seed: int = field(default=0, metadata={"help": "base seed; batch i samples with seed + i"})
@@ -51,16 +65,15 @@ def default_judge_prompt() -> str:
     return files("bimode").joinpath("prompts/judge_reasoning.txt").read_text(encoding="utf-8")
 
 
-def check_record(record: Record, cfg: CurateConfig) -> str | None:
-    """Why a record cannot be curated, or None."""
+def check_record(record: Record, cfg: CurateConfig) -> dict | None:
+    """Why a record cannot be curated (a reject), or None."""
     if len(record.question) > cfg.max_question_chars:
-        return f"question longer than {cfg.max_question_chars} characters"
+        return reject(f"question longer than {cfg.max_question_chars} characters", field="question", id=record.id)
     if record.answer_type in ("math", "numeric", "mc") and not record.answer:
-        return "missing answer on a verifiable sample"
-    try:
-        record.load_images()
-    except ValueError as exc:
-        return f"bad image: {exc}"
+        return reject("missing answer on a verifiable sample", field="answer", id=record.id)
+    problem = image_error(record)
+    if problem:
+        return reject(f"bad image: {problem}", field="images", id=record.id)
     return None
 
 
@@ -70,9 +83,9 @@ def curate_batch(backend, records: list[Record], cfg: CurateConfig, batch_index:
     kept, rejects = [], []
     good = []
     for record in records:
-        reason = check_record(record, cfg)
-        if reason:
-            rejects.append({"id": record.id, "reason": reason})
+        problem = check_record(record, cfg)
+        if problem:
+            rejects.append(problem)
         else:
             good.append(record)
     seed = cfg.seed + batch_index
@@ -80,7 +93,8 @@ def curate_batch(backend, records: list[Record], cfg: CurateConfig, batch_index:
     open_ended = [r for r in good if not is_verifiable(r)]
     labels: dict[str, dict] = {}
     if verifiable:
-        params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=seed)
+        params = SamplingParams(max_new_tokens=default_max_new_tokens(backend, cfg.max_new_tokens),
+                                temperature=cfg.temperature, seed=seed)
         prompts = [Prompt.from_record(r, [ThinkingMode.NO_THINK] * cfg.n_samples) for r in verifiable]
         for record, samples in zip(verifiable, backend.generate(prompts, params)):
             passes = sum(accuracy_reward(s.response, record.answer, record.answer_type, record.choices) for s in samples)
@@ -90,29 +104,29 @@ def curate_batch(backend, records: list[Record], cfg: CurateConfig, batch_index:
         template = judge_template or default_judge_prompt()
         prompts = [Prompt(messages=_judge_messages(r, template), images=r.load_images(),
                           modes=[ThinkingMode.NO_THINK], id=r.id) for r in open_ended]
-        replies = backend.generate(prompts, SamplingParams(max_new_tokens=16, seed=seed))
+        replies = backend.generate(prompts, SamplingParams(max_new_tokens=JUDGE_MAX_NEW_TOKENS, seed=seed))
         for record, reply in zip(open_ended, replies):
             verdict = parse_verdict(reply[0].response)
             labels[record.id] = {"heuristic": "difficulty", "verdict": verdict,
-                                 "mode": verdict if verdict != "unparseable" else None}
+                                 "mode": verdict if verdict != UNCLEAR else None}
     need_trace = [r for r in good if labels[r.id]["mode"] == "think" and not r.reasoning]
     traces = _generate_traces(reasoner, need_trace, cfg, seed) if reasoner is not None and need_trace else {}
     for record in good:
         label = labels[record.id]
         meta = {**record.meta, "curation": {**label, "annotator": cfg.annotator_name}}
         if label["mode"] is None:
-            rejects.append({"id": record.id, "reason": "unparseable judge verdict", "curation": label})
+            rejects.append(reject("unclear judge verdict", id=record.id, curation=label))
             continue
         if label["mode"] == "think":
             trace, source = (record.reasoning, "record") if record.reasoning else traces.get(record.id, (None, None))
             if not trace:
-                rejects.append({"id": record.id, "reason": "thinking label but no verified reasoning trace",
-                                "curation": label})
+                rejects.append(reject("thinking label but no verified reasoning trace", field="reasoning",
+                                      id=record.id, curation=label))
                 continue
             keyword = blocked_keyword(trace, cfg.blocked_keywords)
             if keyword:
-                rejects.append({"id": record.id, "reason": f"trace contains blocked keyword {keyword!r}",
-                                "curation": label})
+                rejects.append(reject(f"trace contains blocked keyword {keyword!r}", field="reasoning",
+                                      id=record.id, curation=label))
                 continue
             meta["curation"]["trace_source"] = source
             kept.append(replace(record, mode="think", reasoning=trace, meta=meta))
@@ -133,7 +147,8 @@ def _generate_traces(reasoner, records: list[Record], cfg: CurateConfig, seed: i
     """Thinking-mode traces whose answer verifies against the gold (the consistency filter)."""
     traces = {}
     prompts = [Prompt.from_record(r, [ThinkingMode.THINK] * cfg.trace_tries) for r in records]
-    params = SamplingParams(max_new_tokens=cfg.trace_max_new_tokens, temperature=cfg.temperature, seed=seed)
+    params = SamplingParams(max_new_tokens=default_max_new_tokens(reasoner, cfg.trace_max_new_tokens),
+                            temperature=cfg.temperature, seed=seed)
     for record, samples in zip(records, reasoner.generate(prompts, params)):
         for s in samples:
             parsed = s.parsed
@@ -176,9 +191,17 @@ def run_curation(backend, inputs: list, out: Path, cfg: CurateConfig = CurateCon
     read_rejects: list[dict] = []
 
     def on_error(exc: RecordError) -> None:
-        read_rejects.append({"id": f"{Path(exc.path).name}:row{exc.row}", "reason": str(exc), "field": exc.field})
+        read_rejects.append(from_error(exc))
 
-    records = [r for path in inputs for r in iter_converted(path, input_format, on_error=on_error)]
+    records, source = [], {}
+    for path in inputs:
+        for record in iter_converted(path, input_format, on_error=on_error):
+            records.append(record)
+            source.setdefault(record.id, str(path))
+
+    def with_file(rows: list[dict]) -> list[dict]:  # a record's rejects name the file it came from
+        return [{**r, "file": r.get("file") or source.get(r.get("id"))} for r in rows]
+
     duplicates = find_duplicates(records, cfg.near_duplicate_threshold)
     unique = [r for r in records if r.id not in duplicates]
     judge_template = Path(cfg.judge_prompt).read_text(encoding="utf-8") if cfg.judge_prompt else None
@@ -193,6 +216,7 @@ def run_curation(backend, inputs: list, out: Path, cfg: CurateConfig = CurateCon
     for index, batch in enumerate(batches):
         if index not in done:
             kept, rejects = curate_batch(backend, batch, cfg, index, reasoner, judge_template)
+            rejects = with_file(rejects)
             rows = [record_to_dict(r, image_dir=out / "curated_images", base_dir=out) for r in kept]
             entry = {"batch": index, "ids": [r.id for r in batch], "curated": rows, "rejects": rejects}
             with open(progress_path, "a", encoding="utf-8") as fh:  # one line per batch: all or nothing
@@ -205,10 +229,11 @@ def run_curation(backend, inputs: list, out: Path, cfg: CurateConfig = CurateCon
     if bar:
         bar.close()
     curated = [row for i in sorted(done) for row in done[i]["curated"]]
-    rejects = read_rejects + [{"id": rid, "reason": f"duplicate of {first}"} for rid, first in duplicates.items()]
+    rejects = read_rejects + with_file([reject(f"duplicate of {first}", field="question", id=rid)
+                                        for rid, first in duplicates.items()])
     rejects += [row for i in sorted(done) for row in done[i]["rejects"]]
     _write_jsonl(out / "curated.jsonl", curated)
-    _write_jsonl(out / "rejects.jsonl", rejects)
+    rejects = write_rejects(out / REJECTS_FILE, rejects)
     return summarize(out, curated, rejects, time.time() - start)
 
 

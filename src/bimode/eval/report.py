@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
+from bimode.data.rejects import REJECTS_FILE, read_rejects
 from bimode.eval.metrics import MODES, group_metrics
 
 PLOTS = ("thinking_rate_by_level.png", "accuracy_tokens.png", "threshold_curve.png")
@@ -18,8 +20,16 @@ def _num(x, digits=1) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
 
-def write_report(rows: list[dict], out_dir: Path, title: str = "bimode evaluation") -> dict:
+def write_report(rows: list[dict], out_dir: Path, title: str = "bimode evaluation",
+                 rejects: list[dict] | None = None) -> dict:
+    """metrics.json, report.md and the plots in out_dir. `rejects` (default: out_dir/rejects.jsonl, what
+    run_eval wrote there) are counted in both: metrics["rejected"] = {"total", "by_bench"}."""
+    out_dir = Path(out_dir)
     metrics = group_metrics(rows)
+    if rejects is None:
+        rejects = read_rejects(out_dir / REJECTS_FILE)
+    by_bench = Counter(r.get("bench") or "unknown" for r in rejects)
+    metrics["rejected"] = {"total": len(rejects), "by_bench": dict(sorted(by_bench.items()))}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     _plots(metrics, out_dir)
@@ -29,6 +39,10 @@ def write_report(rows: list[dict], out_dir: Path, title: str = "bimode evaluatio
 
 def render_markdown(metrics: dict, title: str) -> str:
     lines = [f"# {title}", ""]
+    rejected = metrics.get("rejected") or {"total": 0, "by_bench": {}}
+    per_bench = "".join(f"; {bench}: {n}" for bench, n in rejected["by_bench"].items())
+    lines += [f"Rejected rows (not scored; file, row, field and reason in rejects.jsonl): {rejected['total']}"
+              f"{per_bench}", ""]
     lines += ["## Per benchmark: accuracy (%) and mean tokens, non-thinking / auto / thinking", "",
               "| benchmark | n | acc N-T | acc auto | acc T | tok N-T | tok auto | tok T | auto thinks | oracle acc | oracle tok |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -1,7 +1,13 @@
 """`bimode eval`: run benchmarks in each mode through the engine, score, and write per-sample rows.
 
 Per-sample rows go to `samples.jsonl`, appended batch by batch and keyed by (bench, id, mode): a re-run
-skips what is there, so an interrupted eval resumes. Bad benchmark rows go to `rejects.jsonl`.
+skips what is there, so an interrupted eval resumes. Bad benchmark rows (unreadable, no gold answer, an image
+that is missing or does not decode) go to `rejects.jsonl` with file, row, field and reason, as curation's do
+(`bimode.data.rejects`), and every other row is scored. They are found before generation starts and found
+again by a resumed run, which rewrites the file rather than appending to it.
+
+Generation length: `max_new_tokens=None` (the default) is the model's generation config's limit, else the
+paper's 8,192 (`bimode.generation.defaults`).
 """
 
 from __future__ import annotations
@@ -12,7 +18,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from bimode.data.records import Record, RecordError, iter_records
+from bimode.data.records import Record, RecordError
+from bimode.data.rejects import REJECTS_FILE, from_error, image_error, numbered_records, read_rejects, write_rejects
+from bimode.generation.defaults import default_max_new_tokens
 from bimode.generation.types import Prompt, SamplingParams
 from bimode.modes import ThinkingMode
 from bimode.rewards import accuracy_reward
@@ -21,7 +29,7 @@ from bimode.rewards import accuracy_reward
 @dataclass
 class EvalConfig:
     modes: tuple[str, ...] = ("auto", "think", "no_think")
-    max_new_tokens: int = 256
+    max_new_tokens: int | None = None  # None: the model's generation config, else 8,192 (the paper's)
     max_thinking_tokens: int | None = None
     think_threshold: float | None = None
     batch_size: int = 32
@@ -34,19 +42,24 @@ def bench_name(path: str | os.PathLike) -> str:
     return path.parent.name + "/" + path.stem if path.stem in ("eval", "test", "train", "data") else path.stem
 
 
-def load_bench(path, limit=None, rejects: list | None = None) -> list[Record]:
-    """Records of a benchmark file; bad rows and rows without a gold answer go to `rejects`."""
+def load_bench(path, limit=None, rejects: list | None = None, check_images: bool = True) -> list[Record]:
+    """Records of a benchmark file. Bad rows, rows without a gold answer and (with check_images) rows whose
+    images do not open go to `rejects` (without it, the first raises); `limit` counts usable records."""
     name = bench_name(path)
 
-    def reject(exc: RecordError) -> None:
+    def reject(exc: RecordError, record_id: str | None = None) -> None:
         if rejects is None:
             raise exc
-        rejects.append({"bench": name, "row": exc.row, "field": exc.field, "reason": str(exc)})
+        rejects.append(from_error(exc, id=record_id, bench=name))
 
     records = []
-    for record in iter_records(path, on_error=reject):
+    for row, record in numbered_records(path, on_error=reject):
         if not record.answer:
-            reject(RecordError(f"record {record.id} has no gold answer", path, None, "answer"))
+            reject(RecordError(f"record {record.id} has no gold answer", path, row, "answer"), record.id)
+            continue
+        problem = image_error(record) if check_images else None
+        if problem:
+            reject(RecordError(problem, path, row, "images"), record.id)
             continue
         records.append(record)
         if limit and len(records) >= limit:
@@ -90,13 +103,15 @@ def _done_keys(samples_path: Path) -> set:
 
 
 def run_eval(engine, bench_paths: list, out_dir: Path, cfg: EvalConfig = EvalConfig(), progress: bool = True) -> Path:
-    """Generate and score every (record, mode); returns the samples file."""
+    """Generate and score every (record, mode); returns the samples file. Rows that cannot be evaluated are
+    written to out_dir/rejects.jsonl before generation starts (see the module docstring)."""
+    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     samples_path = out_dir / "samples.jsonl"
     done = _done_keys(samples_path)
     rejects: list = []
-    params = SamplingParams(max_new_tokens=cfg.max_new_tokens, max_thinking_tokens=cfg.max_thinking_tokens,
-                            think_threshold=cfg.think_threshold)
+    params = SamplingParams(max_new_tokens=default_max_new_tokens(engine, cfg.max_new_tokens),
+                            max_thinking_tokens=cfg.max_thinking_tokens, think_threshold=cfg.think_threshold)
     modes = [ThinkingMode.parse(m) for m in cfg.modes]
     work = []
     for path in bench_paths:
@@ -105,6 +120,11 @@ def run_eval(engine, bench_paths: list, out_dir: Path, cfg: EvalConfig = EvalCon
             todo = [m for m in modes if (name, record.id, m.value) not in done]
             if todo:
                 work.append((name, record, todo))
+    # this run's benchmarks were read afresh: their rejects replace the old ones, other benchmarks' stay
+    names = {bench_name(p) for p in bench_paths}
+    kept = [r for r in read_rejects(out_dir / REJECTS_FILE) if r.get("bench") not in names]
+    if kept or rejects or (out_dir / REJECTS_FILE).exists():
+        write_rejects(out_dir / REJECTS_FILE, kept + rejects)
     bar = None
     if progress:
         from tqdm import tqdm
@@ -139,9 +159,6 @@ def run_eval(engine, bench_paths: list, out_dir: Path, cfg: EvalConfig = EvalCon
                 bar.update(sum(len(t) for _, _, t in chunk))
     if bar:
         bar.close()
-    if rejects:
-        with open(out_dir / "rejects.jsonl", "a", encoding="utf-8") as fh:
-            fh.writelines(json.dumps(r) + "\n" for r in rejects)
     return samples_path
 
 
