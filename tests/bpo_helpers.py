@@ -13,3 +13,8 @@ def fails_on_thinking(prompts, completions, completion_ids, rollout_mode, **kwar
     if any(mode == "think" for mode in rollout_mode):
         raise RuntimeError("this reward cannot score thinking rollouts")
     return [1.0] * len(rollout_mode)
+
+
+def none_on_thinking(prompts, completions, completion_ids, rollout_mode, **kwargs):
+    """Cannot score thinking rollouts (TRL's None); every direct answer scores 1."""
+    return [None if mode == "think" else 1.0 for mode in rollout_mode]

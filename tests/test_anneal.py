@@ -63,7 +63,7 @@ def _cfg(tmp_path, train_file, tiny_dir, **kw):
     base = dict(model_path=str(tiny_dir), train_files=[str(train_file)], output_dir=str(tmp_path / "out"),
                 max_steps=4, per_device_train_batch_size=8, learning_rate=1e-3, report_to=[], logging_steps=1,
                 save_strategy="no", seed=0, use_cpu=True, lr_scheduler_type="constant", target_modes="both",
-                dataloader_num_workers=0)
+                dataloader_num_workers=0, gradient_checkpointing=False)  # TRL's default only recomputes here
     base.update(kw)
     return AnnealConfig(**base)
 
@@ -218,3 +218,12 @@ def test_returns_within_reports_a_teardown_that_never_returns():
 
 def test_tensorboard_logging_by_default(tmp_path):
     assert AnnealConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False).report_to == ["tensorboard"]
+
+
+def test_cpu_training_is_fp32_unless_bf16_is_asked_for(tmp_path):
+    """TRL turns bf16 on when unset: on a CPU without bf16 instructions that is emulated and many times slower."""
+    from bimode.train.bpo import BPOConfig
+
+    for config in (AnnealConfig, BPOConfig):
+        assert config(output_dir=str(tmp_path), use_cpu=True).bf16 is False
+        assert config(output_dir=str(tmp_path), use_cpu=True, bf16=True).bf16 is True

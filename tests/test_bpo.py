@@ -10,7 +10,7 @@ from bimode.data import synthetic
 from bimode.data.records import write_records
 from bimode.modes import ThinkingMode
 from bimode.train.bpo_core import mode_token_weights, parse_mode_token_loss, per_mode_stats, rollout_modes
-from bimode.train.bpo_rewards import GuardedReward, import_reward
+from bimode.train.bpo_rewards import GuardedReward, import_reward, weighted_rewards
 
 from tests.conftest import TRAINED_FAMILIES, TRAINED_MAX_LEVEL, launch_two_cpu_processes
 
@@ -61,6 +61,15 @@ def test_guarded_reward_scores_failures_zero_and_counts_them():
     with pytest.raises(ValueError, match="cannot be imported"):
         import_reward("no_such_module:reward")
     assert import_reward("tests.bpo_helpers:think_wins").__name__ == "think_wins"
+
+
+def test_guarded_reward_passes_none_on_as_unscorable_like_trl():
+    guard = GuardedReward(lambda prompts, completions, completion_ids, **kw: [1.0, None, float("nan"), 0.0])
+    assert guard([None] * 4, list("abcd"), [[1], [2], [3], [4]]) == [1.0, None, None, 0.0]
+    assert guard.unscorable == 2 and guard.failures == 0
+    # TRL's total: weighted sum over the rewards that scored a rollout, NaN where none did
+    total = weighted_rewards([[1.0, None, None], [0.5, 1.0, None]], [1.0, 2.0])
+    assert total[:2].tolist() == [2.0, 2.0] and torch.isnan(total[2])
 
 
 # ---- the trainer ------------------------------------------------------------------------------------
@@ -140,13 +149,69 @@ def test_mode_token_loss_off_gives_the_decision_no_gradient(tmp_path, trained_ti
     assert torch.all(forced_on > 0)
 
 
-def test_mode_token_weight_scales_the_forced_tokens_advantage(tmp_path, trained_tiny, bpo_file):
-    trainer = make_trainer(trained_tiny, bpo_file, tmp_path, mode_token_loss="0.25",
-                           rewards=["tests.bpo_helpers:no_think_wins"])
+def test_mode_token_weight_scales_the_forced_tokens_advantage_and_logs_what_its_names_say(
+        tmp_path, trained_tiny, bpo_file):
+    # thinking rollouts hit the 4-token limit (their traces are longer) and are masked out of the loss
+    trainer = make_trainer(trained_tiny, bpo_file, tmp_path, mode_token_loss="0.25", max_completion_length=4,
+                           mask_truncated_completions=True, rewards=["tests.bpo_helpers:no_think_wins"])
     trainer.model.train()
     adv = trainer._generate_and_score_completions(BATCH)["advantages"]
     for row, n in enumerate(trainer._rollout_info["suffix_lengths"]):
         assert adv[row, :n].tolist() == pytest.approx([0.25 * adv[row, -1].item()] * n)
+    logged = {k: v[-1] for k, v in trainer._metrics["train"].items() if k.startswith("bpo/")}
+    expected = 0.5 / (3 ** -0.5 + 1e-4)  # the rollout's advantage A, not the forced tokens' 0.25 A
+    assert logged["bpo/no_think/advantage"] == pytest.approx(expected, rel=1e-5)
+    assert logged["bpo/think/advantage"] == pytest.approx(-expected, rel=1e-5)
+    # generated tokens only: a truncated trace is 4 (not 0 - suffix), a direct answer its 1 digit (no end token)
+    assert logged["bpo/think/length"] == 4.0
+    assert logged["bpo/no_think/length"] == 1.0
+
+
+def test_unscorable_rollouts_are_left_out_of_the_group(tmp_path, trained_tiny, bpo_file):
+    trainer = make_trainer(trained_tiny, bpo_file, tmp_path, rewards=["tests.bpo_helpers:none_on_thinking"])
+    trainer.model.train()
+    output = trainer._generate_and_score_completions(BATCH)
+    assert trainer.guarded_rewards[0].unscorable == 4 and trainer.guarded_rewards[0].failures == 0
+    # scored: the non-thinking rollouts, all 1.0 -> no advantage; scoring thinking 0 would have made it +0.87
+    assert output["advantages"].tolist() == [0.0] * 8
+
+
+def test_a_stopped_rollout_ends_with_the_token_that_stopped_it(tmp_path, trained_tiny, bpo_file):
+    """A model with several end tokens (Llama 3: <|eot_id|> and <|end_of_text|>): training must see the one
+    that was sampled, not the tokenizer's eos. Here every digit ends a turn, so direct answers stop on one."""
+    import shutil
+
+    from transformers import AutoTokenizer, GenerationConfig
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(trained_tiny, model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    digits = [tokenizer.convert_tokens_to_ids(str(d)) for d in range(10)]
+    config = GenerationConfig.from_pretrained(model_dir)
+    config.eos_token_id = [tokenizer.eos_token_id, *digits]
+    config.save_pretrained(model_dir)
+    trainer = make_trainer(model_dir, bpo_file, tmp_path / "run", rewards=["tests.bpo_helpers:no_think_wins"])
+    trainer.model.train()
+    output = trainer._generate_and_score_completions(BATCH)
+    ends = [ids[mask.bool()].tolist()[-1] for ids, mask in zip(output["completion_ids"], output["completion_mask"])]
+    no_think = [end for end, mode in zip(ends, trainer._rollout_info["modes"]) if mode is N]
+    assert no_think and all(end in digits for end in no_think), (no_think, tokenizer.eos_token_id)
+
+
+def test_auto_rollouts_sample_the_decision_from_the_policy_that_scores_it(tmp_path, tiny_dir, bpo_file):
+    """Plain GRPO (`rollout: auto`) is on-policy at the decision token: on an untrained model, whose
+    decision tokens hold little probability, the first tokens are whatever the full policy samples."""
+    from bimode.generation.types import Prompt
+
+    trainer = make_trainer(tiny_dir, bpo_file, tmp_path, rollout="auto", temperature=1.0, max_completion_length=4)
+    trainer.model.train()
+    output = trainer._generate_and_score_completions(BATCH)
+    mass = [m for _, m in trainer._engine.decision_stats([Prompt.from_record(trainer.records[r]) for r in (0, 1)])]
+    assert max(mass) < 0.5  # so 8 draws from the full policy all landing on a decision token is unlikely
+    decision = trainer._engine.decision
+    first = output["completion_ids"][:, 0].tolist()
+    assert not all(t in decision.think_ids | decision.no_think_ids for t in first)
+    assert trainer._sampling_params().constrain_decision is False
 
 
 def test_mode_token_loss_on_moves_the_decision_toward_the_rewarded_mode(tmp_path, trained_tiny, bpo_file):

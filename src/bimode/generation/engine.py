@@ -37,6 +37,7 @@ class _Row:
     sampled: int = 0  # generated tokens that count toward max_new_tokens (forced budget text does not)
     budget_hit: bool = False
     finish: str | None = None
+    stop_id: int | None = None  # the end-of-turn token that ended the row
 
 
 def _decision(logits: torch.Tensor, think_ids: list[int], no_think_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -293,6 +294,7 @@ class TransformersEngine:
             return
         if token in self.eos_ids:
             row.finish = "budget" if row.budget_hit else "stop"
+            row.stop_id = token
             return
         row.ids.append(token)
         if logprob is not None:
@@ -314,6 +316,7 @@ class TransformersEngine:
             completion = self._completion(row.mode, suffix, row.ids, row.finish or "length",
                                           p_think[row.prompt_index], row.logprobs or None)
             completion.prompt_token_ids = prompt_ids[row.prompt_index]
+            completion.stop_token_id = row.stop_id
             out[row.prompt_index][row.sample_index] = completion
         return out
 
@@ -359,4 +362,5 @@ class TransformersEngine:
                     for t in ids:
                         on_token(offset + pi, si, t)
                 out[pi][si] = self._completion(mode, used.prompt_suffix, ids, finish, p_think[pi], None)
+                out[pi][si].stop_token_id = None if stop is None else seq[stop]
         return out

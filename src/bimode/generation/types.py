@@ -80,6 +80,9 @@ class Completion:
     # the auto-mode prompt ids this completion continues (its forced suffix is the start of the response);
     # the shared-prefix path has them from its prefill, so trainers need not encode the prompt again
     prompt_token_ids: list[int] | None = None
+    # the end-of-turn token that stopped generation (finish "stop"/"budget"), not part of token_ids: models
+    # may stop on several (Llama 3: <|eot_id|> and <|end_of_text|>), and a trainer must append the real one
+    stop_token_id: int | None = None
 
     @property
     def response(self) -> str:

@@ -19,6 +19,7 @@ from trl import SFTConfig, SFTTrainer
 from bimode.data.records import Record
 from bimode.train.checkpoint import StrictResumeMixin, cli_main, load_start, train_and_save
 from bimode.train.components import COMPONENTS, freeze, optimizer_groups
+from bimode.train.precision import fp32_unless_asked_on_cpu
 from bimode.train.tokenize import collate, tokenize_example
 
 
@@ -40,6 +41,10 @@ class AnnealConfig(SFTConfig):
     trust_remote_code: bool = field(default=False, metadata={"help": "allow the checkpoint's own code"})
     report_to: None | str | list[str] = field(default="tensorboard", metadata={
         "help": "where to log (tensorboard by default; 'none' to turn off, 'wandb', ...)"})
+
+    def __post_init__(self):
+        fp32_unless_asked_on_cpu(self)
+        super().__post_init__()
 
     def component_lrs(self) -> dict[str, float]:
         given = {"vision": self.vision_lr, "projector": self.projector_lr, "llm": self.llm_lr}

@@ -33,9 +33,10 @@ from bimode.generation.types import Prompt, SamplingParams
 from bimode.modes import ThinkingMode
 from bimode.train.bpo_core import (ROLLOUTS, mode_token_weights, parse_mode_token_loss, per_mode_stats,
                                    response_mode, rollout_modes)
-from bimode.train.bpo_rewards import build_rewards
+from bimode.train.bpo_rewards import build_rewards, weighted_rewards
 from bimode.train.checkpoint import StrictResumeMixin, cli_main, load_start, train_and_save
 from bimode.train.components import freeze
+from bimode.train.precision import fp32_unless_asked_on_cpu
 
 MODE_CODES = {"think": 0, "no_think": 1, "malformed": 2}
 
@@ -75,6 +76,7 @@ class BPOConfig(GRPOConfig):
         if self.rollout == "bimode" and self.num_generations % 2:
             raise ValueError(f"rollout bimode needs an even num_generations (2g), got {self.num_generations}")
         parse_mode_token_loss(self.mode_token_loss)
+        fp32_unless_asked_on_cpu(self)
         super().__post_init__()
 
 
@@ -140,30 +142,38 @@ class BPOTrainer(StrictResumeMixin, GRPOTrainer):
                 prompt_ids = [engine.prompt_ids(p) for p in batch]
                 completions = self._vllm_completions(engine, batch, prompt_ids)
             else:
-                params = SamplingParams(max_new_tokens=self.args.max_completion_length,
-                                        temperature=self.args.temperature, top_p=self.args.top_p,
-                                        top_k=self.args.top_k or 0,
-                                        seed=self.args.seed + 100_003 * self.state.global_step
-                                        + self.accelerator.process_index)
-                eos = engine.tokenizer.eos_token_id
-                groups_out = engine.generate(batch, params)
+                groups_out = engine.generate(batch, self._sampling_params())
                 # the shared-prefix path returns the prompt ids it fed; the plain path renders per mode
                 prompt_ids = [group[0].prompt_token_ids or engine.prompt_ids(p) for p, group in zip(batch, groups_out)]
-                completions = [[(list(suffix[c.mode]), c.token_ids + ([eos] if c.finish_reason != "length" else []),
-                                 None) for c in group] for group in groups_out]
+                # a stopped rollout ends with the token that stopped it: training must see what was sampled
+                completions = [[(list(suffix[c.mode]), c.token_ids, c.stop_token_id, None) for c in group]
+                               for group in groups_out]
+            decision = engine.decision
         out = {"prompt_ids": [], "completion_ids": [], "logprobs": []}
-        suffix_lengths = []
+        suffix_lengths, generated_lengths, taken = [], [], []
         for ids, group in zip(prompt_ids, completions):
-            for forced, generated, logprobs in group:
+            for forced, generated, stop, logprobs in group:
+                ended = generated + ([stop] if stop is not None else [])
                 out["prompt_ids"].append(ids)
-                out["completion_ids"].append(forced + generated)
+                out["completion_ids"].append(forced + ended)
                 out["logprobs"].append(None if logprobs is None else [float("nan")] * len(forced) + logprobs)
                 suffix_lengths.append(len(forced))
+                generated_lengths.append(len(generated))
+                taken.append(response_mode(forced + generated, decision.think_ids, decision.no_think_ids))
         if any(lp is None for lp in out["logprobs"]):
             out["logprobs"] = None
-        self._rollout_info = {"modes": modes, "suffix_lengths": suffix_lengths}
+        self._rollout_info = {"modes": modes, "suffix_lengths": suffix_lengths,
+                              "generated_lengths": generated_lengths, "taken": taken}
         out["rollout_mode"] = [m.value for m in modes]  # reaches reward functions as a column
         return out
+
+    def _sampling_params(self) -> SamplingParams:
+        """The transformers engine's sampling for rollouts. An auto rollout's decision token is drawn from the
+        full policy (not the engine's decision-restricted default), the distribution TRL scores it under:
+        restricting it would make plain GRPO, the baseline, off-policy at exactly the token that matters."""
+        return SamplingParams(max_new_tokens=self.args.max_completion_length, temperature=self.args.temperature,
+                              top_p=self.args.top_p, top_k=self.args.top_k or 0, constrain_decision=False,
+                              seed=self.args.seed + 100_003 * self.state.global_step + self.accelerator.process_index)
 
     def _vllm_completions(self, engine, batch, prompt_ids):
         """vLLM (colocate or server): the forced suffix joins the prompt for vLLM only, and is returned as the
@@ -178,8 +188,15 @@ class BPOTrainer(StrictResumeMixin, GRPOTrainer):
         _, completion_ids, logprobs, _ = self.vllm_generation.generate(prompts=flat_prompts, images=images,
                                                                        num_generations=1)
         rows = iter(zip(forced, completion_ids, logprobs))
-        return [[(f, list(c), [lp[0] for lp in lps]) for f, c, lps in (next(rows) for _ in p.modes)]
-                for p in batch]
+        out = []
+        for p in batch:
+            group = []
+            for f, c, lps in (next(rows) for _ in p.modes):
+                c, lps = list(c), [lp[0] for lp in lps]
+                stop = c.pop() if c and c[-1] in engine.eos_ids else None  # vLLM keeps the stop token
+                group.append((f, c, stop, lps))
+            out.append(group)
+        return out
 
     # ---- scoring, loss weights, logging ---------------------------------------------------------------
     def _generate_and_score_completions(self, inputs):
@@ -189,6 +206,7 @@ class BPOTrainer(StrictResumeMixin, GRPOTrainer):
         inputs = [self._example(row) for row in self._rows]
         output = super()._generate_and_score_completions(inputs)
         suffix_lengths = self._rollout_info["suffix_lengths"]
+        advantages = output["advantages"].clone()  # each rollout's A, before any per-token weighting
         width = output["completion_ids"].size(1)
         device = output["completion_ids"].device
         if self.args.rollout == "bimode" and self.mode_weight < 1.0:
@@ -200,20 +218,16 @@ class BPOTrainer(StrictResumeMixin, GRPOTrainer):
                 output["num_items_in_batch"] = self.accelerator.gather(loss_mask.sum()).sum()
             else:
                 output["advantages"] = output["advantages"].reshape(-1, 1) * weights
-        self._log_modes(output, suffix_lengths)
+        self._log_modes(advantages)
         self._maybe_probe()
         return output
 
-    def _log_modes(self, output, suffix_lengths) -> None:
-        engine = self._engine
-        taken = [response_mode(ids[ids_mask.bool()].tolist(), engine.decision.think_ids, engine.decision.no_think_ids)
-                 for ids, ids_mask in zip(output["completion_ids"], output["completion_mask"])]
-        rewards = torch.zeros(len(taken))
-        for weight, func in zip(self.reward_weights.tolist(), self.guarded_rewards):
-            rewards += weight * torch.tensor(func.last, dtype=torch.float32)
-        advantages = output["advantages"]
-        advantages = advantages[:, 0] if advantages.dim() == 2 else advantages
-        lengths = output["completion_mask"].sum(1).cpu() - torch.tensor(suffix_lengths)
+    def _log_modes(self, advantages: torch.Tensor) -> None:
+        """Per taken mode: reward (as TRL sums it, unscorable rollouts left out), advantage A and generated
+        length (forced suffix and end token not counted), gathered over processes."""
+        taken = self._rollout_info["taken"]
+        rewards = weighted_rewards([func.last for func in self.guarded_rewards], self.reward_weights.tolist())
+        lengths = torch.tensor(self._rollout_info["generated_lengths"])
         device = self.accelerator.device
         codes = torch.tensor([MODE_CODES[m] for m in taken], device=device)
         gathered = [self.accelerator.gather(t.to(device).float()) for t in (codes, rewards, advantages, lengths)]

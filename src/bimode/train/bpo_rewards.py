@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import importlib
 import logging
+import math
 from typing import Callable
+
+import torch
 
 from bimode.modes import THINK_OPEN, parse_response
 from bimode.rewards import accuracy_reward
@@ -77,17 +80,21 @@ def import_reward(path: str) -> Callable:
 class GuardedReward:
     """Calls a reward function; where it raises or returns a non-number, the rollout scores 0 and is counted.
 
+    `None` (or NaN) is TRL's "cannot score this rollout": it is passed on as None, so TRL leaves the rollout
+    out of this reward (and out of the group statistics when no reward scores it), and counted apart.
     A batch that raises is retried one rollout at a time, so one bad rollout does not zero its neighbours.
-    `failures` counts the rollouts scored 0 this way over the run; `last` holds the latest batch's rewards.
+    `failures` counts the rollouts scored 0 this way over the run, `unscorable` the None ones; `last` holds
+    the latest batch's rewards.
     """
 
     def __init__(self, func: Callable, name: str | None = None):
         self.func = func
         self.__name__ = name or getattr(func, "__name__", type(func).__name__)
         self.failures = 0
-        self.last: list[float] = []
+        self.unscorable = 0
+        self.last: list[float | None] = []
 
-    def __call__(self, prompts, completions, completion_ids, **kwargs) -> list[float]:
+    def __call__(self, prompts, completions, completion_ids, **kwargs) -> list[float | None]:
         n = len(completion_ids)
         try:
             values = self._clean(self.func(prompts=prompts, completions=completions,
@@ -97,25 +104,28 @@ class GuardedReward:
                            self.__name__, type(exc).__name__, exc)
             values = [self._one(i, prompts, completions, completion_ids, kwargs) for i in range(n)]
         log_metric = kwargs.get("log_metric")
+        self.unscorable += sum(v is None for v in values)
         if log_metric is not None:
             log_metric(f"rewards/{self.__name__}/failures", float(self.failures))
+            log_metric(f"rewards/{self.__name__}/unscorable", float(self.unscorable))
         self.last = values
         return values
 
-    def _clean(self, values, n: int) -> list[float]:
+    def _clean(self, values, n: int) -> list[float | None]:
         values = list(values)
         if len(values) != n:
             raise ValueError(f"returned {len(values)} rewards for {n} rollouts")
         out = []
         for v in values:
             try:
-                out.append(float(v))
+                value = None if v is None else float(v)
             except (TypeError, ValueError):
                 self.failures += 1
-                out.append(0.0)
+                value = 0.0
+            out.append(None if value is None or math.isnan(value) else value)
         return out
 
-    def _one(self, i, prompts, completions, completion_ids, kwargs) -> float:
+    def _one(self, i, prompts, completions, completion_ids, kwargs) -> float | None:
         row_kwargs = {k: (v[i:i + 1] if isinstance(v, list) and len(v) == len(completion_ids) else v)
                       for k, v in kwargs.items()}
         try:
@@ -124,6 +134,16 @@ class GuardedReward:
         except Exception:
             self.failures += 1
             return 0.0
+
+
+def weighted_rewards(per_func: list[list[float | None]], weights: list[float]) -> torch.Tensor:
+    """Each rollout's total reward as TRL computes it: the weighted sum over the rewards that scored it,
+    NaN where none did (unscorable)."""
+    table = torch.tensor([[math.nan if v is None else v for v in values] for values in per_func],
+                         dtype=torch.float32).T  # (rollouts, functions)
+    total = (table * torch.tensor(weights, dtype=torch.float32)).nansum(dim=1)
+    total[table.isnan().all(dim=1)] = math.nan
+    return total
 
 
 def build_rewards(names: list[str], tokenizer) -> list[GuardedReward]:
