@@ -172,3 +172,74 @@ def test_local_image_paths_only_under_the_allowed_dir(server, client, samples):
                                                       {"type": "text", "text": samples[4].question}]}],
             "max_tokens": 8, "chat_template_kwargs": {"thinking_mode": "short"}}
     assert _post(server, body).status_code == 200
+
+
+@pytest.fixture(scope="module")
+def random_server(tiny_dir):
+    """The untrained tiny model: random tokens, `<think>` and `</think>` anywhere, broken UTF-8."""
+    model, processor = load_model(tiny_dir, dtype=torch.float32)
+    base, stop = serve_in_thread(create_app(TransformersEngine(model, processor), "random"))
+    yield base
+    stop()
+
+
+def _streamed(base: str, body: dict) -> tuple[str, str, dict | None]:
+    import json
+
+    reasoning = content = ""
+    usage = None
+    with httpx.stream("POST", base + "/v1/chat/completions", json={**body, "stream": True,
+                      "stream_options": {"include_usage": True}}, timeout=60) as response:
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[len("data: "):])
+            assert "error" not in chunk, chunk
+            usage = chunk.get("usage") or usage
+            for choice in chunk["choices"]:
+                reasoning += choice["delta"].get("reasoning_content") or ""
+                content += choice["delta"].get("content") or ""
+    return reasoning, content, usage
+
+
+@pytest.mark.parametrize("mode, threshold", [("auto", None), ("long", None), ("short", None), ("auto", 0.5)])
+def test_streamed_and_non_streamed_answers_agree_on_random_tokens(random_server, mode, threshold):
+    """Same seed (or greedy), same tokens: the stream's deltas add up to the non-streamed message, in every mode,
+    whatever tags the model writes; a short-mode answer never has reasoning. With a threshold the engine
+    picks the mode suffix of an auto request."""
+    tags = 0
+    for seed in range(8):
+        body = {"model": "random", "messages": [{"role": "user", "content": f"Where is the ball? ({seed})"}],
+                "max_tokens": 48, "chat_template_kwargs": {"thinking_mode": mode}, "think_threshold": threshold}
+        body.update({"temperature": 1.0, "seed": seed} if seed else {})  # seed 0: greedy
+        full = httpx.post(random_server + "/v1/chat/completions", json=body, timeout=60).json()
+        message = full["choices"][0]["message"]
+        reasoning, content, usage = _streamed(random_server, body)
+        assert (reasoning, content) == (message["reasoning_content"] or "", message["content"])
+        assert usage == full["usage"]
+        if mode == "short":
+            assert message["reasoning_content"] is None and usage["completion_tokens_details"]["reasoning_tokens"] == 0
+        tags += "think>" in content
+    assert mode == "long" or tags  # the case that broke: tags inside the answer
+
+
+def test_endpoint_backend_counts_tokens_as_the_server_does(random_server, tiny_tokenizer):
+    from bimode.generation.openai_backend import OpenAIEndpointBackend
+
+    prompt = Prompt(messages=[{"role": "user", "content": "Where is the ball?"}], modes=["auto"])
+    body = {"model": "random", "messages": prompt.messages, "max_tokens": 32, "temperature": 1.0,
+            "chat_template_kwargs": {"thinking_mode": "auto"}}
+    plain, local = OpenAIEndpointBackend(random_server), OpenAIEndpointBackend(random_server, tokenizer=tiny_tokenizer)
+    for seed in range(6):
+        usage = httpx.post(random_server + "/v1/chat/completions", json={**body, "seed": seed}, timeout=60).json()["usage"]
+        c = plain.generate([prompt], SamplingParams(max_new_tokens=32, temperature=1.0, seed=seed))[0][0]
+        assert (c.thinking_tokens, c.num_tokens) == (usage["completion_tokens_details"]["reasoning_tokens"],
+                                                     usage["completion_tokens"])
+        counted = local.generate([prompt], SamplingParams(max_new_tokens=32, temperature=1.0, seed=seed))[0][0]
+        assert (counted.thinking_tokens == 0) == (c.thinking_tokens == 0) == (c.split.reasoning == "")
+    # several choices in one request: the totals are shared out, to the token
+    group = Prompt(messages=prompt.messages, modes=["auto"] * 4)
+    usage = httpx.post(random_server + "/v1/chat/completions", json={**body, "seed": 9, "n": 4}, timeout=60).json()["usage"]
+    out = plain.generate([group], SamplingParams(max_new_tokens=32, temperature=1.0, seed=9))[0]
+    assert sum(c.num_tokens for c in out) == usage["completion_tokens"]
+    assert sum(c.thinking_tokens for c in out) == usage["completion_tokens_details"]["reasoning_tokens"]

@@ -5,55 +5,56 @@ from __future__ import annotations
 import sys
 
 from bimode.generation.types import Prompt, SamplingParams
-from bimode.modes import THINK_CLOSE, ThinkingMode
+from bimode.modes import ThinkingMode
+from bimode.streaming import Delta, ResponseStream
 
 DIM, RESET = "\033[2m", "\033[0m"
 
 
 class StreamPrinter:
-    """Prints a response as it streams: reasoning dimmed under [thinking], then [answer]."""
+    """Prints a response as it streams: reasoning dimmed under [thinking], then [answer].
 
-    def __init__(self, tokenizer, mode: ThinkingMode, out=sys.stdout, color: bool = True):
-        self.tokenizer, self.out = tokenizer, out
+    The split is bimode.streaming's, as `bimode serve` sends it: what is printed is the completion's
+    split_reasoning. `suffix`: the mode's prompt suffix, None where the engine picks it (auto mode with a
+    think threshold), and then the response is printed when it is complete.
+    """
+
+    def __init__(self, tokenizer, suffix: str | None, out=sys.stdout, color: bool = True):
+        self.out = out
         self.dim, self.reset = (DIM, RESET) if color else ("", "")
-        self.ids: list[int] = []
-        self.prefix = mode.prompt_suffix.removeprefix("<think>")
-        self.shown = {"thinking": "", "answer": ""}
-
-    def _pieces(self, text: str) -> dict:
-        if THINK_CLOSE in text:
-            reasoning, _, answer = text.partition(THINK_CLOSE)
-            return {"thinking": reasoning.strip(), "answer": answer.lstrip()}
-        return {"thinking": text.lstrip().rstrip("\n"), "answer": ""}
+        self.stream = ResponseStream(tokenizer, suffix)
+        self.shown = {"thinking": False, "answer": False}
 
     def __call__(self, prompt_index: int, sample_index: int, token: int) -> None:
-        self.ids.append(token)
-        self.write(self.prefix + self.tokenizer.decode(self.ids, skip_special_tokens=False))
+        self.write(self.stream.add(token))
 
-    def write(self, text: str) -> None:
-        if text.endswith("\ufffd"):
-            return  # wait for the rest of a multi-byte character
-        for part, piece in self._pieces(text).items():
-            old = self.shown[part]
-            if len(piece) > len(old) and piece.startswith(old):
-                if not old:
-                    header = f"[thinking] {self.dim}" if part == "thinking" else (
-                        f"{self.reset}\n[answer] " if self.shown["thinking"] else "[answer] ")
-                    self.out.write(header)
-                self.out.write(piece[len(old):])
-                self.shown[part] = piece
+    def finish(self, completion) -> None:
+        self.write(self.stream.finish(completion.prompt_suffix, completion.text))
+        self.out.write(f"{self.reset}\n")
+
+    def write(self, delta: Delta) -> None:
+        if delta.reasoning:
+            if not self.shown["thinking"]:
+                self.out.write(f"[thinking] {self.dim}")
+                self.shown["thinking"] = True
+            self.out.write(delta.reasoning)
+        if delta.content:
+            if not self.shown["answer"]:
+                self.out.write(f"{self.reset}\n[answer] " if self.shown["thinking"] else "[answer] ")
+                self.shown["answer"] = True
+            self.out.write(delta.content)
         self.out.flush()
 
 
 def chat_once(engine, messages, images, mode: ThinkingMode, params: SamplingParams, out=sys.stdout,
               color: bool = True):
-    printer = StreamPrinter(engine.tokenizer, mode, out, color)
+    chosen = mode is ThinkingMode.AUTO and params.think_threshold is not None  # the engine picks the suffix
+    printer = StreamPrinter(engine.tokenizer, None if chosen else mode.prompt_suffix, out, color)
     completion = engine.generate([Prompt(messages=messages, images=images, modes=[mode])], params,
                                  on_token=printer)[0][0]
-    printer.write(completion.response.removeprefix("<think>"))  # text the budget forced in, if any
-    out.write(f"{printer.reset}\n")
-    parsed = completion.parsed
-    out.write(f"[{parsed.mode}; {completion.thinking_tokens} thinking + {completion.answer_tokens} answer tokens;"
+    printer.finish(completion)
+    split = completion.split
+    out.write(f"[{split.mode}; {completion.thinking_tokens} thinking + {completion.answer_tokens} other tokens;"
               f" p_think={completion.p_think:.2f}; finish={completion.finish_reason}]\n")
     return completion
 
@@ -79,7 +80,7 @@ def run_chat(model_path: str, prompt: str | None, image_paths: list[str], mode: 
         content = [{"type": "image"} for _ in pending_images] + [{"type": "text", "text": text}]
         history.append({"role": "user", "content": content})
         completion = chat_once(engine, history, images, mode_, params, color=color)
-        history.append({"role": "assistant", "content": completion.parsed.answer})
+        history.append({"role": "assistant", "content": completion.split.content})
         pending_images = []
 
     if prompt is not None:

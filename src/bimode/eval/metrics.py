@@ -2,6 +2,10 @@
 
 A row is one (query, mode) outcome: {"bench", "id", "mode", "score", "tokens", "thinking_tokens",
 "answer_tokens", "thought", "p_think", "family", "level"}. Modes: "think", "no_think", "auto".
+Token fields are the Completion's, one definition for every mode and backend (generation.types.token_counts,
+docs/tokens.md): "tokens" are the generated tokens (the forced mode suffix excluded), "thinking_tokens" the
+model's reasoning tokens inside the think block (0 for a direct answer, auto mode's included), and
+"answer_tokens" the rest, so thinking_tokens + answer_tokens = tokens.
 
 The oracle router picks, per query, the cheapest forced mode that is correct (no_think if both are right or
 both wrong); its accuracy and tokens are the limit any auto mode can reach with the same model.
@@ -30,7 +34,8 @@ def bootstrap_ci(values: list[float], n_boot: int = 1000, seed: int = 0, alpha: 
 
 
 def mode_summary(rows: list[dict]) -> dict:
-    """Accuracy (with a 95% interval), mean tokens split into thinking and answer, and thinking rate."""
+    """Accuracy (with a 95% interval), mean tokens split into thinking and the rest (answer_tokens), and
+    thinking rate."""
     if not rows:
         return {"n": 0}
     scores = [float(r["score"]) for r in rows]

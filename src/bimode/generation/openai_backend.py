@@ -2,7 +2,11 @@
 
 Thinking mode travels as vLLM users send it: `chat_template_kwargs: {"thinking_mode": "auto"|"long"|"short"}`.
 Requests run concurrently with retries and back-off and a time limit each. Token ids and p_think are not
-available through the API; token counts come from the usage block when the server reports them.
+available through the API. Token counts (generation.types.token_counts, docs/tokens.md): with `tokenizer=` (the
+served model's), counted on each choice's text, encoded again; without, the usage block's totals
+(`completion_tokens`, `completion_tokens_details.reasoning_tokens`, which `bimode serve` fills with the same
+definition) shared over the choices in proportion to their text, exact for one choice per request. A server
+that reports no reasoning tokens gets them estimated from the reasoning's share of the text.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import io
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from bimode.generation.types import Completion, Prompt, SamplingParams
+from bimode.generation.types import Completion, Prompt, SamplingParams, token_counts
 from bimode.modes import R4B_NAMES, THINK_CLOSE, THINK_OPEN, ThinkingMode
 
 
@@ -49,8 +53,11 @@ class EndpointError(RuntimeError):
 
 class OpenAIEndpointBackend:
     def __init__(self, base_url: str, model: str | None = None, api_key: str | None = None,
-                 concurrency: int = 8, retries: int = 3, timeout_s: float = 120.0, backoff_s: float = 1.0):
+                 concurrency: int = 8, retries: int = 3, timeout_s: float = 120.0, backoff_s: float = 1.0,
+                 tokenizer=None):
         import httpx
+
+        self.tokenizer = tokenizer  # the served model's, for exact token counts; None: the usage block's
 
         self.base_url = base_url.rstrip("/")
         if not self.base_url.endswith("/v1"):
@@ -104,26 +111,45 @@ class OpenAIEndpointBackend:
         if params.think_threshold is not None:
             body["think_threshold"] = params.think_threshold
         data = self._post_or_get("POST", "/chat/completions", body)
-        usage = data.get("usage") or {}
-        reasoning_total = (usage.get("completion_tokens_details") or {}).get("reasoning_tokens")
-        completions = []
-        for choice in data.get("choices", []):
+        choices = data.get("choices") or []
+        texts, reasonings, finishes = [], [], []
+        for choice in choices:
             message = choice.get("message") or {}
-            reasoning = message.get("reasoning_content") or message.get("reasoning")
+            reasoning = message.get("reasoning_content") or message.get("reasoning") or ""
             content = message.get("content") or ""
+            split_by_server = "reasoning_content" in message or "reasoning" in message
             finish = {"length": "length"}.get(choice.get("finish_reason"), "stop")
-            if reasoning and not content and finish == "length":  # cut off while thinking: unclosed block
+            unclosed = (choice.get("bimode") or {}).get("mode") == "malformed" or (
+                reasoning and not content and finish == "length")
+            if unclosed:  # cut off while thinking: the block was never closed
                 text = f"\n{reasoning}"
-            elif reasoning is not None or THINK_CLOSE not in content:
+            elif split_by_server or THINK_CLOSE not in content:
                 text = f"\n{reasoning.strip()}\n{THINK_CLOSE}\n\n{content}" if reasoning else f"\n\n{THINK_CLOSE}\n\n{content}"
-            else:
+            else:  # a server without a reasoning parser: the raw response
                 text = content.split(THINK_OPEN, 1)[-1]
-            n_tokens = (usage.get("completion_tokens") or 0) // max(1, len(data["choices"]))
-            thinking = (reasoning_total or 0) // max(1, len(data["choices"]))
-            completions.append(Completion(mode=mode, prompt_suffix=THINK_OPEN, token_ids=[], text=text,
-                                          finish_reason=finish, thinking_tokens=thinking,
-                                          answer_tokens=max(0, n_tokens - thinking)))
-        return completions
+            texts.append(text)
+            reasonings.append(reasoning)
+            finishes.append(finish)
+        counts = self._token_counts(data.get("usage") or {}, texts, reasonings)
+        return [Completion(mode=mode, prompt_suffix=THINK_OPEN, token_ids=[], text=text, finish_reason=finish,
+                           thinking_tokens=thinking, answer_tokens=answer)
+                for text, finish, (thinking, answer) in zip(texts, finishes, counts)]
+
+    def _token_counts(self, usage: dict, texts: list[str], reasonings: list[str]) -> list[tuple[int, int]]:
+        """(thinking, answer) tokens per choice: see the module docstring."""
+        if self.tokenizer is not None:
+            close_id = self.tokenizer.convert_tokens_to_ids(THINK_CLOSE)
+            return [tuple(token_counts(self.tokenizer, THINK_OPEN,
+                                       self.tokenizer.encode(t, add_special_tokens=False), close_id))
+                    for t in texts]
+        total = usage.get("completion_tokens") or 0
+        reported = (usage.get("completion_tokens_details") or {}).get("reasoning_tokens")
+        if reported is None:  # estimated: the reasoning's share of the text
+            reported = round(total * sum(map(len, reasonings)) / max(1, sum(map(len, texts))))
+        reported = min(reported, total)
+        thinking = _share(reported, [len(r) for r in reasonings])
+        answer = _share(total - reported, [len(t) - len(r) for t, r in zip(texts, reasonings)])
+        return list(zip(thinking, answer))
 
     def generate(self, prompts: list[Prompt], params: SamplingParams = SamplingParams(),
                  progress: bool = False) -> list[list[Completion]]:
@@ -145,3 +171,16 @@ class OpenAIEndpointBackend:
             for mode in prompt.modes:
                 results[pi].append(by_key[(pi, mode)].pop(0))
         return results
+
+
+def _share(total: int, weights: list[int]) -> list[int]:
+    """`total` split over items in proportion to `weights`, in integers that add up to it (largest remainder)."""
+    if not weights:
+        return []
+    if not sum(weights):
+        weights = [1] * len(weights)
+    exact = [total * w / sum(weights) for w in weights]
+    out = [int(x) for x in exact]
+    for i in sorted(range(len(exact)), key=lambda i: out[i] - exact[i])[: total - sum(out)]:
+        out[i] += 1
+    return out

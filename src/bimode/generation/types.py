@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable, NamedTuple
 
-from bimode.modes import ParsedResponse, ThinkingMode, parse_response
+from bimode.modes import THINK_CLOSE, ParsedResponse, ThinkingMode, parse_response
+from bimode.streaming import ResponseSplit, split_reasoning
 
 # Qwen3's thinking-budget sentence: what the engine writes when the budget runs out, before `</think>`.
 BUDGET_CLOSING = "\n\nConsidering the limited time by the user, I have to give the solution based on the thinking directly now.\n"
@@ -73,8 +74,8 @@ class Completion:
     token_ids: list[int]  # generated tokens after the suffix, end-of-turn excluded
     text: str
     finish_reason: str  # "stop" | "length" | "budget" (the budget closed the thinking, then it stopped)
-    thinking_tokens: int  # generated tokens inside the think block (its closing tag included)
-    answer_tokens: int  # generated tokens after `</think>`
+    thinking_tokens: int  # the model's reasoning tokens: see token_counts (docs/tokens.md)
+    answer_tokens: int  # every other generated token: the answer, tags, separators (token_counts)
     p_think: float | None = None  # the prompt's auto-mode thinking probability, when read
     logprobs: list[float] | None = None
     # the auto-mode prompt ids this completion continues (its forced suffix is the start of the response);
@@ -93,20 +94,72 @@ class Completion:
         return parse_response(self.response)
 
     @property
+    def split(self) -> ResponseSplit:
+        """Reasoning and content as `bimode serve` and `bimode chat` show them (bimode.streaming)."""
+        return split_reasoning(self.response)
+
+    @property
     def num_tokens(self) -> int:
-        return len(self.token_ids)
+        """Generated tokens (forced suffix and end-of-turn excluded): thinking_tokens + answer_tokens, which is
+        len(token_ids) where the backend has the ids."""
+        return self.thinking_tokens + self.answer_tokens
+
+
+class TokenCounts(NamedTuple):
+    thinking: int
+    answer: int
+
+
+def token_counts(tokenizer, suffix: str, ids: list[int], close_id: int, forced: Iterable[int] = ()) -> TokenCounts:
+    """The one definition of thinking and answer tokens, for every mode and backend (docs/tokens.md).
+
+    `ids` are the generated tokens: after the mode's forced prompt suffix (`suffix`, its text; never counted),
+    end-of-turn excluded. The think block is open when generation starts unless the suffix closed it
+    (no_think mode, or auto mode forced by a threshold); it ends at the first generated `</think>` (`close_id`),
+    or with the response if the model never wrote one (cut off while thinking).
+
+    - thinking = the tokens inside the block from its first to its last token that is not whitespace only:
+      the tokens of the reasoning text. Not thinking: the tags, the whitespace that separates the reasoning
+      from the tags (the auto-mode decision token `\\n`, the `\\n` before `</think>`), the whitespace of an
+      empty block (the auto-mode decision `\\n\\n`), and tokens at the positions in `forced` (text the
+      engine wrote, not the model: the thinking budget's closing sentence).
+    - answer = every other generated token: the answer, `</think>`, separators, forced text. So
+      thinking + answer = len(ids), the generated tokens.
+
+    An auto-mode direct answer (`\\n\\n`, `</think>`, `\\n\\n`, answer) has 0 thinking tokens; a no_think
+    response always has 0; an auto-mode thinking answer and a think-mode one with the same reasoning count
+    the same. The thinking tokens are those of the text `bimode.streaming.split_reasoning` returns as
+    reasoning (`bimode serve`'s reasoning_content), less forced text: both end the block at the first
+    `</think>`, and tags written after it are answer.
+    """
+    if THINK_CLOSE in suffix:
+        block = 0
+    else:
+        block = ids.index(close_id) if close_id in ids else len(ids)
+
+    def blank(token_id: int) -> bool:
+        return not tokenizer.decode([token_id], skip_special_tokens=False).strip()
+
+    first = 0
+    while first < block and blank(ids[first]):
+        first += 1
+    last = block
+    while last > first and blank(ids[last - 1]):
+        last -= 1
+    forced = set(forced)
+    thinking = sum(1 for i in range(first, last) if i not in forced)
+    return TokenCounts(thinking, len(ids) - thinking)
 
 
 def completion_from_ids(tokenizer, mode: ThinkingMode, suffix: str, ids: list[int], finish: str,
-                        close_id: int, p_think: float | None = None, logprobs=None) -> Completion:
-    """A Completion from generated ids (end-of-turn removed): decodes and splits the token counts."""
-    from bimode.modes import THINK_CLOSE
+                        close_id: int, p_think: float | None = None, logprobs=None,
+                        forced: Iterable[int] = ()) -> Completion:
+    """A Completion from generated ids (end-of-turn removed): decodes them and counts tokens (token_counts).
 
-    if close_id in ids:
-        thinking = ids.index(close_id) + 1
-    else:
-        thinking = 0 if THINK_CLOSE in suffix else len(ids)
+    `forced`: positions in `ids` the engine fed instead of sampling (budget closing text), not thinking.
+    """
+    counts = token_counts(tokenizer, suffix, ids, close_id, forced)
     text = tokenizer.decode(ids, skip_special_tokens=False)
     return Completion(mode=mode, prompt_suffix=suffix, token_ids=ids, text=text, finish_reason=finish,
-                      thinking_tokens=thinking, answer_tokens=len(ids) - thinking, p_think=p_think,
+                      thinking_tokens=counts.thinking, answer_tokens=counts.answer, p_think=p_think,
                       logprobs=logprobs)

@@ -2,7 +2,9 @@
 
 One worker thread owns the engine and runs requests in batches (requests with the same sampling settings
 that arrive together share a batch), so concurrent requests are served together without mixing outputs.
-Reasoning is returned apart from the answer (`reasoning_content`, as vLLM's reasoning parsers do).
+Reasoning is returned apart from the answer (`reasoning_content`, as vLLM's reasoning parsers do), split by
+bimode.streaming in both the streamed and the plain response, so the two agree for the same tokens; usage's
+reasoning_tokens are the completions' thinking_tokens (generation.types.token_counts, docs/tokens.md).
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from bimode.generation.types import Completion, Prompt, SamplingParams
-from bimode.modes import parse_response
+from bimode.modes import ThinkingMode
 from bimode.serve.requests import BadRequest, ServerLimits, parse_request
+from bimode.streaming import Delta, ResponseStream
 
 
 @dataclass
@@ -90,10 +93,18 @@ def _set_exception(future: asyncio.Future, exc: Exception) -> None:
 
 
 def _split(completion: Completion) -> tuple[str | None, str]:
-    parsed = completion.parsed
-    if parsed.mode in ("think", "malformed"):
-        return parsed.reasoning, parsed.answer
-    return None, parsed.answer
+    """(reasoning_content, content): no reasoning is None, as vLLM sends it."""
+    split = completion.split
+    return split.reasoning or None, split.content
+
+
+def _delta(delta: Delta) -> dict:
+    out = {}
+    if delta.reasoning:
+        out["reasoning_content"] = delta.reasoning
+    if delta.content:
+        out["content"] = delta.content
+    return out
 
 
 def _usage(prompt_tokens: int, completions: list[Completion]) -> dict:
@@ -165,35 +176,22 @@ def create_app(engine, model_name: str, limits: ServerLimits = ServerLimits(), r
             choices.append({"index": i, "message": {"role": "assistant", "content": content,
                                                     "reasoning_content": reasoning},
                             "finish_reason": _finish(c),
-                            "bimode": {"mode": c.parsed.mode, "p_think": c.p_think,
+                            "bimode": {"mode": c.split.mode, "p_think": c.p_think,
                                        "budget_hit": c.finish_reason == "budget"}})
         return {"id": request_id, "object": "chat.completion", "created": created, "model": model_name,
                 "choices": choices, "usage": _usage(prompt_tokens, completions)}
 
     async def _stream(job: _Job, request_id: str, created: int, prompt_tokens: int, extras: dict):
         n = len(job.prompt.modes)
-        ids: list[list[int]] = [[] for _ in range(n)]
-        sent = [("", "") for _ in range(n)]
-        suffixes = [m.prompt_suffix for m in job.prompt.modes]
+        # With a think threshold the engine picks an auto sample's mode suffix itself: known only at the end.
+        chosen = job.params.think_threshold is not None
+        streams = [ResponseStream(tokenizer, None if chosen and m is ThinkingMode.AUTO else m.prompt_suffix)
+                   for m in job.prompt.modes]
 
         def chunk(index: int, delta: dict, finish: str | None = None) -> str:
             payload = {"id": request_id, "object": "chat.completion.chunk", "created": created,
                        "model": model_name, "choices": [{"index": index, "delta": delta, "finish_reason": finish}]}
             return f"data: {json.dumps(payload)}\n\n"
-
-        def deltas(index: int, response: str) -> dict:
-            parsed = parse_response(response)
-            reasoning = parsed.reasoning if parsed.mode in ("think", "malformed") else ""
-            old_reasoning, old_answer = sent[index]
-            delta = {}
-            if reasoning.startswith(old_reasoning) and len(reasoning) > len(old_reasoning):
-                delta["reasoning_content"] = reasoning[len(old_reasoning):]
-                old_reasoning = reasoning
-            if parsed.answer.startswith(old_answer) and len(parsed.answer) > len(old_answer):
-                delta["content"] = parsed.answer[len(old_answer):]
-                old_answer = parsed.answer
-            sent[index] = (old_reasoning, old_answer)
-            return delta
 
         for i in range(n):
             yield chunk(i, {"role": "assistant", "content": ""})
@@ -207,9 +205,7 @@ def create_app(engine, model_name: str, limits: ServerLimits = ServerLimits(), r
                     yield f"data: {json.dumps({'error': {'message': 'request timed out', 'code': 504}})}\n\n"
                     return
                 continue
-            ids[index].append(token)
-            text = tokenizer.decode(ids[index], skip_special_tokens=False)
-            delta = deltas(index, suffixes[index] + text)
+            delta = _delta(streams[index].add(token))
             if delta:
                 yield chunk(index, delta)
         try:
@@ -217,9 +213,8 @@ def create_app(engine, model_name: str, limits: ServerLimits = ServerLimits(), r
         except Exception as exc:
             yield f"data: {json.dumps({'error': {'message': f'generation failed: {exc}', 'code': 500}})}\n\n"
             return
-        for i, c in enumerate(completions):
-            delta = deltas(i, c.response)  # the final text can differ from the streamed tokens' (budget)
-            yield chunk(i, delta, _finish(c))
+        for i, c in enumerate(completions):  # what is left: held-back text, a cut-off character
+            yield chunk(i, _delta(streams[i].finish(c.prompt_suffix, c.text)), _finish(c))
         if extras.get("include_usage"):
             payload = {"id": request_id, "object": "chat.completion.chunk", "created": created,
                        "model": model_name, "choices": [], "usage": _usage(prompt_tokens, completions)}
