@@ -89,13 +89,13 @@ def test_chat_one_shot_and_interactive(trained_tiny, tmp_path):
     sample = synthetic.generate(1, seed=2, split="eval", families=["shell"], levels=[2])[0]
     sample.render().save(tmp_path / "grid.png")
     think = run("chat", str(trained_tiny), "-p", sample.question, "--image", str(tmp_path / "grid.png"),
-                "--mode", "think").stdout
+                "--mode", "think", "--max-new-tokens", "64").stdout
     assert "[thinking] " in think and "[answer] " in think and "thinking +" in think
     assert think.index("[thinking]") < think.index("[answer]")
     short = run("chat", str(trained_tiny), "-p", sample.question, "--image", str(tmp_path / "grid.png"),
-                "--mode", "short").stdout
+                "--mode", "short", "--max-new-tokens", "64").stdout
     assert "[thinking]" not in short and "[answer] " in short and "0 thinking +" in short
-    session = run("chat", str(trained_tiny), "--image", str(tmp_path / "grid.png"), "--mode", "think",
+    session = run("chat", str(trained_tiny), "--image", str(tmp_path / "grid.png"), "--mode", "think", "--max-new-tokens", "64",
                   input=f"{sample.question}\nAnd now?\n\n").stdout
     assert session.count("[answer] ") == 2
     missing = run("chat", str(trained_tiny), "-p", "hi", "--image", str(tmp_path / "nope.png"), check=False)

@@ -63,12 +63,18 @@ def tiny_with_limit(tiny_dir, tmp_path):
     return path
 
 
-def test_checkpoints_files_and_loaded_models(tiny_dir, tiny_with_limit):
+def test_checkpoints_files_and_loaded_models(tiny_dir, tiny_with_limit, tmp_path):
     from bimode.generation.engine import TransformersEngine
     from bimode.models import load_model
 
+    assert default_max_new_tokens(tiny_dir) == 256  # the embedded tiny model sets its own limit
+    unset = tmp_path / "unset"  # a checkpoint whose generation_config.json sets no limit
+    shutil.copytree(tiny_dir, unset)
+    config = json.loads((unset / "generation_config.json").read_text())
+    del config["max_new_tokens"]
+    (unset / "generation_config.json").write_text(json.dumps(config))
+    tiny_dir = unset
     # a folder (what `bimode chat` reads before loading): only what generation_config.json sets counts
-    assert "max_new_tokens" not in json.loads((tiny_dir / "generation_config.json").read_text())
     assert configured_max_new_tokens(tiny_dir) is None and default_max_new_tokens(tiny_dir) == PAPER_MAX_NEW_TOKENS
     assert default_max_new_tokens(tiny_with_limit) == 5
     assert default_max_new_tokens(tiny_with_limit / "generation_config.json", 7) == 7

@@ -243,3 +243,18 @@ def test_endpoint_backend_counts_tokens_as_the_server_does(random_server, tiny_t
     out = plain.generate([group], SamplingParams(max_new_tokens=32, temperature=1.0, seed=9))[0]
     assert sum(c.num_tokens for c in out) == usage["completion_tokens"]
     assert sum(c.thinking_tokens for c in out) == usage["completion_tokens_details"]["reasoning_tokens"]
+
+
+def test_a_request_without_max_tokens_gets_the_models_own_limit(random_server):
+    """Harnesses often send no max_tokens: they get the model's generation-config limit (the tiny model sets
+    256), else the paper's 8,192, never a fixed small cut."""
+    from bimode.serve.requests import parse_request
+
+    body = {"messages": [{"role": "user", "content": "Where is the ball?"}]}
+    assert parse_request(body, ServerLimits())[1].max_new_tokens == 8192
+    assert parse_request(body, ServerLimits(default_new_tokens=300))[1].max_new_tokens == 300
+    assert parse_request(body, ServerLimits(default_new_tokens=300, max_new_tokens=100))[1].max_new_tokens == 100
+    reply = httpx.post(random_server + "/v1/chat/completions", json={"model": "random", **body}, timeout=120).json()
+    assert reply["usage"]["completion_tokens"] <= 256
+    if reply["choices"][0]["finish_reason"] == "length":
+        assert reply["usage"]["completion_tokens"] == 256

@@ -1,6 +1,6 @@
 """The bi-mode response format: thinking modes, prompt suffixes, targets and response parsing.
 
-Every response carries a think block (R4B_NOTES.md section 2):
+Every response carries a think block (docs/r4b.md, section 2):
     thinking      <think>\\nREASONING\\n</think>\\n\\nANSWER
     non-thinking  <think>\\n\\n</think>\\n\\nANSWER
 The mode is chosen by what follows the assistant header in the prompt; in auto mode the prompt ends with

@@ -143,6 +143,9 @@ def build_model(tokenizer, cfg: TinyConfig = TinyConfig()):
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.bos_token_id = None
+    # its own generation limit: eval and chat default to the model's, else the paper's 8,192, which is far
+    # past this model's traces (about 20 tokens) and its position table
+    model.generation_config.max_new_tokens = 256
     scale_projector_to_text(model, tokenizer, cfg)
     return model
 

@@ -15,11 +15,12 @@ import queue
 import threading
 import time
 import uuid
-from dataclasses import astuple, dataclass, field
+from dataclasses import astuple, dataclass, field, replace
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from bimode.generation.defaults import default_max_new_tokens
 from bimode.generation.types import Completion, Prompt, SamplingParams
 from bimode.modes import ThinkingMode
 from bimode.serve.requests import BadRequest, ServerLimits, parse_request
@@ -121,6 +122,8 @@ def _finish(completion: Completion) -> str:
 def create_app(engine, model_name: str, limits: ServerLimits = ServerLimits(), request_timeout_s: float = 300.0,
                max_batch: int = 32):
     app = FastAPI(title="bimode", description="OpenAI-compatible auto-thinking VLM server")
+    if limits.default_new_tokens is None:  # the model's own limit, else the paper's 8,192, within the cap
+        limits = replace(limits, default_new_tokens=min(default_max_new_tokens(engine), limits.max_new_tokens))
     batcher = Batcher(engine, max_batch=max_batch)
     tokenizer = engine.tokenizer
     image_tokens = getattr(getattr(engine.model, "config", None), "image_seq_length", 0) or 0

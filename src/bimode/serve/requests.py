@@ -26,7 +26,10 @@ class ServerLimits:
     max_image_bytes: int = 10 * 1024 * 1024
     max_image_pixels: int = 4096 * 4096
     max_prompt_tokens: int = 8192
-    max_new_tokens: int = 8192
+    max_new_tokens: int = 8192  # the most a request may ask for
+    # what a request without max_tokens gets (harnesses often send none); None: the model's generation
+    # config, else max_new_tokens (create_app resolves it, bimode.generation.defaults)
+    default_new_tokens: int | None = None
     max_n: int = 16
     allow_image_dir: Path | None = None  # local image paths are refused unless under this directory
 
@@ -140,7 +143,8 @@ def parse_request(body: Any, limits: ServerLimits) -> tuple[Prompt, SamplingPara
         raise BadRequest(str(exc), "chat_template_kwargs.thinking_mode") from None
     n = _number(body, "n", int, 1, 1, limits.max_n)
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    max_new = _number({"max_tokens": max_tokens}, "max_tokens", int, min(1024, limits.max_new_tokens), 1,
+    max_new = _number({"max_tokens": max_tokens}, "max_tokens", int,
+                      min(limits.default_new_tokens or limits.max_new_tokens, limits.max_new_tokens), 1,
                       limits.max_new_tokens)
     budget = body.get("max_thinking_tokens", kwargs.get("max_thinking_tokens"))
     stream = body.get("stream", False)
