@@ -165,6 +165,7 @@ def test_mode_token_weight_scales_the_forced_tokens_advantage_and_logs_what_its_
     # generated tokens only: a truncated trace is 4 (not 0 - suffix), a direct answer its 1 digit (no end token)
     assert logged["bpo/think/length"] == 4.0
     assert logged["bpo/no_think/length"] == 1.0
+    assert logged["bpo/no_think/thinking_tokens"] == 0.0 and 0 < logged["bpo/think/thinking_tokens"] <= 4
 
 
 def test_unscorable_rollouts_are_left_out_of_the_group(tmp_path, trained_tiny, bpo_file):

@@ -95,6 +95,7 @@ def test_budget_writes_the_closing_sentence(setup):
     params = SamplingParams(max_new_tokens=8, max_thinking_tokens=1, budget_closing=" Time is up.\n")
     c = engine.generate([Prompt.from_record(records[0], ["think"])], params)[0][0]
     assert " Time is up.\n</think>\n\n" in c.text and c.finish_reason in ("budget", "length")
+    assert c.thinking_tokens <= 1  # the model's own reasoning; the closing sentence is the engine's text
 
 
 def test_p_think_and_thresholds(setup):

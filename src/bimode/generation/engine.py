@@ -38,6 +38,7 @@ class _Row:
     budget_hit: bool = False
     finish: str | None = None
     stop_id: int | None = None  # the end-of-turn token that ended the row
+    forced_at: list[int] = field(default_factory=list)  # positions in `ids` the engine wrote (budget closing)
 
 
 def _decision(logits: torch.Tensor, think_ids: list[int], no_think_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -297,6 +298,8 @@ class TransformersEngine:
             row.stop_id = token
             return
         row.ids.append(token)
+        if forced:
+            row.forced_at.append(len(row.ids) - 1)
         if logprob is not None:
             row.logprobs.append(logprob)
         if on_token is not None:
@@ -314,15 +317,15 @@ class TransformersEngine:
         for row in rows:
             suffix = MODE_SUFFIXES[ThinkingMode.AUTO] + self.tokenizer.decode(row.suffix_ids, skip_special_tokens=False)
             completion = self._completion(row.mode, suffix, row.ids, row.finish or "length",
-                                          p_think[row.prompt_index], row.logprobs or None)
+                                          p_think[row.prompt_index], row.logprobs or None, row.forced_at)
             completion.prompt_token_ids = prompt_ids[row.prompt_index]
             completion.stop_token_id = row.stop_id
             out[row.prompt_index][row.sample_index] = completion
         return out
 
-    def _completion(self, mode, suffix, ids, finish, p_think, logprobs) -> Completion:
+    def _completion(self, mode, suffix, ids, finish, p_think, logprobs, forced=()) -> Completion:
         return completion_from_ids(self.tokenizer, mode, suffix, ids, finish, self.decision.think_close_id,
-                                   p_think, logprobs)
+                                   p_think, logprobs, forced)
 
     # ---- the plain path (models with multi-axis positions) ------------------------------------------
     def _run_plain(self, prompts, params, generator, on_token, offset) -> list[list[Completion]]:

@@ -29,7 +29,7 @@ from trl.models import unwrap_model_for_generation
 
 from bimode.data.records import Record, RecordError, read_records
 from bimode.generation.engine import TransformersEngine
-from bimode.generation.types import Prompt, SamplingParams
+from bimode.generation.types import Prompt, SamplingParams, token_counts
 from bimode.modes import ThinkingMode
 from bimode.train.bpo_core import (ROLLOUTS, mode_token_weights, parse_mode_token_loss, per_mode_stats,
                                    response_mode, rollout_modes)
@@ -146,24 +146,25 @@ class BPOTrainer(StrictResumeMixin, GRPOTrainer):
                 # the shared-prefix path returns the prompt ids it fed; the plain path renders per mode
                 prompt_ids = [group[0].prompt_token_ids or engine.prompt_ids(p) for p, group in zip(batch, groups_out)]
                 # a stopped rollout ends with the token that stopped it: training must see what was sampled
-                completions = [[(list(suffix[c.mode]), c.token_ids, c.stop_token_id, None) for c in group]
-                               for group in groups_out]
+                completions = [[(list(suffix[c.mode]), c.token_ids, c.stop_token_id, None, c.thinking_tokens)
+                                for c in group] for group in groups_out]
             decision = engine.decision
         out = {"prompt_ids": [], "completion_ids": [], "logprobs": []}
-        suffix_lengths, generated_lengths, taken = [], [], []
+        suffix_lengths, generated_lengths, thinking, taken = [], [], [], []
         for ids, group in zip(prompt_ids, completions):
-            for forced, generated, stop, logprobs in group:
+            for forced, generated, stop, logprobs, thinking_tokens in group:
                 ended = generated + ([stop] if stop is not None else [])
                 out["prompt_ids"].append(ids)
                 out["completion_ids"].append(forced + ended)
                 out["logprobs"].append(None if logprobs is None else [float("nan")] * len(forced) + logprobs)
                 suffix_lengths.append(len(forced))
                 generated_lengths.append(len(generated))
+                thinking.append(thinking_tokens)
                 taken.append(response_mode(forced + generated, decision.think_ids, decision.no_think_ids))
         if any(lp is None for lp in out["logprobs"]):
             out["logprobs"] = None
         self._rollout_info = {"modes": modes, "suffix_lengths": suffix_lengths,
-                              "generated_lengths": generated_lengths, "taken": taken}
+                              "generated_lengths": generated_lengths, "thinking_tokens": thinking, "taken": taken}
         out["rollout_mode"] = [m.value for m in modes]  # reaches reward functions as a column
         return out
 
@@ -178,23 +179,26 @@ class BPOTrainer(StrictResumeMixin, GRPOTrainer):
     def _vllm_completions(self, engine, batch, prompt_ids):
         """vLLM (colocate or server): the forced suffix joins the prompt for vLLM only, and is returned as the
         start of the completion with NaN sampling logprobs (TRL then leaves those tokens' IS ratio at 1)."""
-        flat_prompts, flat_images, forced = [], [], []
+        flat_prompts, flat_images, forced, modes = [], [], [], []
         for p, ids in zip(batch, prompt_ids):
             for mode in p.modes:
+                modes.append(mode)
                 flat_prompts.append(ids + engine.suffix_rest[mode])
                 flat_images.append(p.images or None)
                 forced.append(list(engine.suffix_rest[mode]))
         images = flat_images if any(flat_images) else None
         _, completion_ids, logprobs, _ = self.vllm_generation.generate(prompts=flat_prompts, images=images,
                                                                        num_generations=1)
-        rows = iter(zip(forced, completion_ids, logprobs))
+        rows = iter(zip(forced, completion_ids, logprobs, modes))
+        close_id = engine.decision.think_close_id
         out = []
         for p in batch:
             group = []
-            for f, c, lps in (next(rows) for _ in p.modes):
+            for f, c, lps, mode in (next(rows) for _ in p.modes):
                 c, lps = list(c), [lp[0] for lp in lps]
                 stop = c.pop() if c and c[-1] in engine.eos_ids else None  # vLLM keeps the stop token
-                group.append((f, c, stop, lps))
+                thinking = token_counts(engine.tokenizer, mode.prompt_suffix, c, close_id).thinking
+                group.append((f, c, stop, lps, thinking))
             out.append(group)
         return out
 
@@ -228,9 +232,11 @@ class BPOTrainer(StrictResumeMixin, GRPOTrainer):
         taken = self._rollout_info["taken"]
         rewards = weighted_rewards([func.last for func in self.guarded_rewards], self.reward_weights.tolist())
         lengths = torch.tensor(self._rollout_info["generated_lengths"])
+        thinking = torch.tensor(self._rollout_info["thinking_tokens"])
         device = self.accelerator.device
         codes = torch.tensor([MODE_CODES[m] for m in taken], device=device)
-        gathered = [self.accelerator.gather(t.to(device).float()) for t in (codes, rewards, advantages, lengths)]
+        gathered = [self.accelerator.gather(t.to(device).float())
+                    for t in (codes, rewards, advantages, lengths, thinking)]
         names = {v: k for k, v in MODE_CODES.items()}
         modes = [names[int(c)] for c in gathered[0].tolist()]
         for key, value in per_mode_stats(modes, *[t.cpu() for t in gathered[1:]]).items():

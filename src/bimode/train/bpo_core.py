@@ -74,8 +74,9 @@ def response_mode(completion_ids: list[int], think_ids, no_think_ids) -> str:
 
 
 def per_mode_stats(modes: list[str], rewards: torch.Tensor, advantages: torch.Tensor,
-                   lengths: torch.Tensor) -> dict[str, float]:
-    """Mean reward, advantage and completion length of the think and no_think rollouts, and the think share."""
+                   lengths: torch.Tensor, thinking_tokens: torch.Tensor | None = None) -> dict[str, float]:
+    """Mean reward, advantage, generated length and thinking tokens (bimode.generation.types.token_counts)
+    of the think and no_think rollouts, and the think share."""
     stats: dict[str, float] = {}
     for name in ("think", "no_think"):
         pick = torch.tensor([m == name for m in modes], dtype=torch.bool)
@@ -83,6 +84,8 @@ def per_mode_stats(modes: list[str], rewards: torch.Tensor, advantages: torch.Te
             stats[f"{name}/reward"] = rewards[pick].float().nanmean().item()
             stats[f"{name}/advantage"] = advantages[pick].float().mean().item()
             stats[f"{name}/length"] = lengths[pick].float().mean().item()
+            if thinking_tokens is not None:
+                stats[f"{name}/thinking_tokens"] = thinking_tokens[pick].float().mean().item()
     if modes:
         stats["think_share"] = sum(m == "think" for m in modes) / len(modes)
     return stats
