@@ -5,7 +5,8 @@ import json
 from PIL import Image
 
 from bimode.data.records import Record, RecordError, iter_records
-from bimode.data.rejects import from_error, image_error, numbered_records, read_rejects, reject, write_rejects
+from bimode.data.records import iter_numbered_records as numbered_records
+from bimode.data.rejects import from_error, image_error, read_rejects, reject, write_rejects
 
 
 def test_shape_and_names():

@@ -242,12 +242,20 @@ def iter_records(path: str | os.PathLike, on_error=None) -> Iterator[Record]:
     `<file stem>-<row>`. A bad row raises RecordError naming file, row and field; with `on_error`, the
     error is passed to it instead and reading goes on with the next row.
     """
+    for _, record in iter_numbered_records(path, on_error):
+        yield record
+
+
+def iter_numbered_records(path: str | os.PathLike, on_error=None) -> Iterator[tuple[int, Record]]:
+    """`iter_records` with the row number each record came from, so a record found bad later (an image that
+    does not open) can still be reported by file and row."""
     path = Path(path)
     if not path.exists():
         raise RecordError("no such file or directory", path)
     for row_number, row in _iter_raw_rows(path, on_error):
         try:
-            yield record_from_dict(_normalize_plain(row, path, row_number), path, row_number, path.parent)
+            yield row_number, record_from_dict(_normalize_plain(row, path, row_number), path, row_number,
+                                               path.parent)
         except RecordError as exc:
             if on_error is None:
                 raise

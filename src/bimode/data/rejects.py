@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 from bimode.data.records import Record, RecordError
 
@@ -46,24 +46,6 @@ def image_error(record: Record) -> str | None:
     except ValueError as exc:
         return str(exc)
     return None
-
-
-def numbered_records(path: str | os.PathLike, on_error=None) -> Iterator[tuple[int, Record]]:
-    """(row number, record) for each good row of a record file: `records.iter_records` with the row number
-    each record came from, so a record found bad later (its image) can be reported by file and row."""
-    from bimode.data.records import _iter_raw_rows, _normalize_plain, record_from_dict
-
-    path = Path(path)
-    if not path.exists():
-        raise RecordError("no such file or directory", path)
-    for row_number, row in _iter_raw_rows(path, on_error):
-        try:
-            yield row_number, record_from_dict(_normalize_plain(row, path, row_number), path, row_number,
-                                               path.parent)
-        except RecordError as exc:
-            if on_error is None:
-                raise
-            on_error(exc)
 
 
 def _key(row: dict) -> str:

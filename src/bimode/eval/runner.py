@@ -18,8 +18,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from bimode.data.records import Record, RecordError
-from bimode.data.rejects import REJECTS_FILE, from_error, image_error, numbered_records, read_rejects, write_rejects
+from bimode.data.records import Record, RecordError, iter_numbered_records
+from bimode.data.rejects import REJECTS_FILE, from_error, image_error, read_rejects, write_rejects
 from bimode.generation.defaults import default_max_new_tokens
 from bimode.generation.types import Prompt, SamplingParams
 from bimode.modes import ThinkingMode
@@ -53,7 +53,7 @@ def load_bench(path, limit=None, rejects: list | None = None, check_images: bool
         rejects.append(from_error(exc, id=record_id, bench=name))
 
     records = []
-    for row, record in numbered_records(path, on_error=reject):
+    for row, record in iter_numbered_records(path, on_error=reject):
         if not record.answer:
             reject(RecordError(f"record {record.id} has no gold answer", path, row, "answer"), record.id)
             continue
