@@ -130,3 +130,13 @@ def test_quick_demo_runs_every_stage_and_resumes(tmp_path):
         assert f"| {level} | {100 * share:.0f}% |" in report
     second = run("demo", "--quick", "--out", str(out)).stdout
     assert "[bi-mode annealing on the curated mix] already done" in second and "[world] already done" in second
+
+
+def test_demo_passes_its_seed_to_every_stage(monkeypatch, tmp_path):
+    import bimode.demo
+    from bimode.cli import main
+
+    seen = {}
+    monkeypatch.setattr(bimode.demo, "run_demo", lambda **kw: seen.update(kw) or 0)
+    assert main(["demo", "--quick", "--out", str(tmp_path / "d"), "--seed", "3"]) == 0
+    assert seen["seed"] == 3 and seen["quick"] is True

@@ -56,13 +56,16 @@ def test_nothing_is_sent_twice_or_taken_back():
     assert sent[1:3] == ["The", " ball"]  # content streams as it comes, tags in it stay content
 
 
-@pytest.mark.parametrize("reasoning", [None, "", "the ball is under cup 2", "a\n\nb"])
-@pytest.mark.parametrize("mode", list(ThinkingMode))
+# every (reasoning, mode) whose target continues the mode's prompt suffix (a thinking target cannot follow
+# the no_think suffix)
+WELL_FORMED = [(reasoning, mode) for reasoning in (None, "", "the ball is under cup 2", "a\n\nb")
+               for mode in ThinkingMode if format_target("3", reasoning).startswith(mode.prompt_suffix)]
+
+
+@pytest.mark.parametrize("reasoning, mode", WELL_FORMED)
 def test_well_formed_responses_split_as_parse_response_does(reasoning, mode):
     target = format_target("3", reasoning)  # <think>...</think>\n\n3
     suffix = mode.prompt_suffix
-    if not target.startswith(suffix):
-        pytest.skip("a thinking target does not continue the no_think suffix")
     split, parsed = split_reasoning(target), parse_response(target)
     assert (split.reasoning, split.content, split.mode) == (parsed.reasoning, parsed.answer, parsed.mode)
     assert stream([suffix, target[len(suffix):]])[:2] == (parsed.reasoning, parsed.answer)

@@ -130,7 +130,7 @@ def _cmd_data_convert(args) -> int:
 def _cmd_demo(args) -> int:
     from bimode.demo import run_demo
 
-    return run_demo(out=Path(args.out), quick=args.quick, overwrite=args.overwrite)
+    return run_demo(out=Path(args.out), quick=args.quick, overwrite=args.overwrite, seed=args.seed)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -248,6 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="runs/demo", help="run directory")
     demo.add_argument("--quick", action="store_true", help="a smaller, faster run (for tests)")
     demo.add_argument("--overwrite", action="store_true", help="start again in a non-empty run directory")
+    demo.add_argument("--seed", type=int, default=0,
+                      help="seed of every stage (world, model, sampling); scripts/demo_seeds.py compares seeds")
     demo.set_defaults(func=_cmd_demo)
     return parser
 
