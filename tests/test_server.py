@@ -54,7 +54,7 @@ def samples():
 
 
 def test_models_and_health(server, client):
-    assert [m.id for m in client.models.list().data] == ["tiny"]
+    assert [m.id for m in client.models.list().data] == ["tiny", "tiny:auto", "tiny:think", "tiny:no_think"]
     assert httpx.get(server["base"] + "/health").json() == {"status": "ok"}
 
 
@@ -258,3 +258,69 @@ def test_a_request_without_max_tokens_gets_the_models_own_limit(random_server):
     assert reply["usage"]["completion_tokens"] <= 256
     if reply["choices"][0]["finish_reason"] == "length":
         assert reply["usage"]["completion_tokens"] == 256
+
+
+def test_r4b_client_example_limits_and_budget_aliases():
+    """R-4B's own client example asks max_tokens=16384; vLLM's budget field is thinking_token_budget, SGLang
+    templates' thinking_budget: all accepted, top level or in chat_template_kwargs; two that disagree are a 400."""
+    from bimode.serve.requests import BadRequest, parse_request
+
+    messages = [{"role": "user", "content": "hi"}]
+    assert parse_request({"messages": messages, "max_tokens": 16384}, ServerLimits())[1].max_new_tokens == 16384
+    for body in ({"thinking_token_budget": 7}, {"thinking_budget": 7}, {"max_thinking_tokens": 7},
+                 {"chat_template_kwargs": {"thinking_token_budget": 7}}, {"chat_template_kwargs": {"thinking_budget": 7}}):
+        assert parse_request({"messages": messages, **body}, ServerLimits())[1].max_thinking_tokens == 7, body
+    with pytest.raises(BadRequest, match="conflicting thinking budgets"):
+        parse_request({"messages": messages, "thinking_budget": 7, "thinking_token_budget": 9}, ServerLimits())
+    # past reasoning in the history may come under either name; the template leaves it out of the prompt
+    history = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "reasoning": "r"},
+               {"role": "user", "content": "c"}]
+    prompt = parse_request({"messages": history}, ServerLimits())[0]
+    assert prompt.messages[1]["reasoning_content"] == "r"
+
+
+def test_reasoning_under_both_names_budget_and_mode_by_model_name(server, client, samples):
+    sample = samples[5]
+    think = client.chat.completions.create(model="tiny:think", messages=_messages(sample), max_tokens=48)
+    message = think.choices[0].message
+    assert message.reasoning and message.reasoning == message.reasoning_content  # vLLM's new and old names
+    short = client.chat.completions.create(model="tiny:no_think", messages=_messages(sample), max_tokens=48)
+    assert short.choices[0].message.reasoning is None and short.usage.completion_tokens_details.reasoning_tokens == 0
+    budget = client.chat.completions.create(model="tiny:think", messages=_messages(sample), max_tokens=48,
+                                            extra_body={"thinking_token_budget": 2})
+    assert budget.usage.completion_tokens_details.reasoning_tokens <= 2
+    streamed = client.chat.completions.create(model="tiny:think", messages=_messages(sample), max_tokens=48,
+                                              stream=True)
+    deltas = [chunk.choices[0].delta for chunk in streamed if chunk.choices]
+    assert "".join(getattr(d, "reasoning", None) or "" for d in deltas) \
+        == "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == message.reasoning
+    conflict = httpx.post(server["base"] + "/v1/chat/completions", json={
+        "model": "tiny:think", "messages": _messages(sample), "chat_template_kwargs": {"thinking_mode": "short"}})
+    assert conflict.status_code == 400 and "forces think mode" in conflict.json()["error"]["message"]
+
+
+def test_api_key_default_kwargs_and_metrics(server, samples):
+    from openai import AuthenticationError, OpenAI
+
+    limits = ServerLimits(max_new_tokens=256, default_chat_template_kwargs={"thinking_mode": "short"})
+    base, stop = serve_in_thread(create_app(server["engine"], "tiny", limits, api_key="sekret"))
+    try:
+        messages = _messages(samples[6])
+        with pytest.raises(AuthenticationError):
+            OpenAI(base_url=base + "/v1", api_key="wrong", max_retries=0).chat.completions.create(
+                model="tiny", messages=messages, max_tokens=8)
+        assert httpx.get(base + "/health").status_code == 200
+        keyed = OpenAI(base_url=base + "/v1", api_key="sekret", max_retries=0, timeout=120)
+        default = keyed.chat.completions.create(model="tiny", messages=messages, max_tokens=32)
+        assert default.choices[0].message.reasoning is None  # the server's default mode: short
+        think = keyed.chat.completions.create(model="tiny", messages=messages, max_tokens=32,
+                                              extra_body={"chat_template_kwargs": {"thinking_mode": "long"}})
+        assert think.choices[0].message.reasoning  # the request's own mode wins
+        text = httpx.get(base + "/metrics").text
+        assert 'bimode_requests_total{status="200"} 2.0' in text and 'bimode_requests_total{status="401"} 1.0' in text
+        assert 'bimode_completions_total{mode="think"} 1.0' in text and 'bimode_completions_total{mode="no_think"} 1.0' in text
+        generated = default.usage.completion_tokens + think.usage.completion_tokens
+        assert f"bimode_completion_tokens_total {float(generated)}" in text
+        assert "bimode_request_latency_seconds_count 2.0" in text and "bimode_queue_seconds_count 2.0" in text
+    finally:
+        stop()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 from pathlib import Path
 
@@ -46,9 +48,17 @@ def _cmd_chat(args) -> int:
 def _cmd_serve(args) -> int:
     from bimode.serve.app import serve
 
+    try:
+        kwargs = json.loads(args.default_chat_template_kwargs) if args.default_chat_template_kwargs else {}
+    except json.JSONDecodeError as exc:
+        raise SystemExit(f"error: --default-chat-template-kwargs is not JSON: {exc}") from None
+    if not isinstance(kwargs, dict):
+        raise SystemExit("error: --default-chat-template-kwargs must be a JSON object")
     serve(args.model, host=args.host, port=args.port, allow_image_dir=args.allow_image_dir,
           trust_remote_code=args.trust_remote_code, max_batch=args.max_batch,
-          request_timeout_s=args.request_timeout, served_model_name=args.served_model_name)
+          request_timeout_s=args.request_timeout, served_model_name=args.served_model_name,
+          api_key=args.api_key or os.environ.get("BIMODE_API_KEY") or None, max_model_len=args.max_model_len,
+          max_tokens=args.max_tokens, default_chat_template_kwargs=kwargs)
     return 0
 
 
@@ -188,7 +198,19 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--allow-image-dir", default=None, help="serve local image paths under this directory only")
     srv.add_argument("--max-batch", type=int, default=32, help="most samples generated together")
     srv.add_argument("--request-timeout", type=float, default=300.0, help="seconds before a request fails (504)")
-    srv.add_argument("--served-model-name", default=None, help="model id reported (default: folder name)")
+    srv.add_argument("--served-model-name", default=None,
+                     help="model id reported (default: folder name); NAME:auto, NAME:think and NAME:no_think "
+                          "are listed too and force that mode")
+    srv.add_argument("--api-key", default=None,
+                     help="require 'Authorization: Bearer KEY' on /v1 (default: $BIMODE_API_KEY; /health and "
+                          "/metrics stay open)")
+    srv.add_argument("--max-model-len", type=int, default=None,
+                     help="most prompt tokens (default: the model's position limit, else 32768)")
+    srv.add_argument("--max-tokens", type=int, default=32768,
+                     help="most new tokens a request may ask for (a request without max_tokens gets the model's "
+                          "own limit, else 8192)")
+    srv.add_argument("--default-chat-template-kwargs", default=None,
+                     help='JSON applied under each request\'s chat_template_kwargs, e.g. \'{"thinking_mode": "short"}\'')
     srv.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own code")
     srv.set_defaults(func=_cmd_serve)
 

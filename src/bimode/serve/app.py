@@ -2,7 +2,7 @@
 
 One worker thread owns the engine and runs requests in batches (requests with the same sampling settings
 that arrive together share a batch), so concurrent requests are served together without mixing outputs.
-Reasoning is returned apart from the answer (`reasoning_content`, as vLLM's reasoning parsers do), split by
+Reasoning is returned apart from the answer (as `reasoning` and `reasoning_content`, vLLM's new and old names), split by
 bimode.streaming in both the streamed and the plain response, so the two agree for the same tokens; usage's
 reasoning_tokens are the completions' thinking_tokens (generation.types.token_counts, docs/tokens.md).
 """
@@ -10,6 +10,7 @@ reasoning_tokens are the completions' thinking_tokens (generation.types.token_co
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import queue
 import threading
@@ -18,12 +19,14 @@ import uuid
 from dataclasses import astuple, dataclass, field, replace
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from bimode.generation.defaults import default_max_new_tokens
 from bimode.generation.types import Completion, Prompt, SamplingParams
 from bimode.modes import ThinkingMode
-from bimode.serve.requests import BadRequest, ServerLimits, parse_request
+from bimode.serve.metrics import ServerMetrics
+from bimode.serve.requests import MODEL_MODES, BadRequest, ServerLimits, parse_request
 from bimode.streaming import Delta, ResponseStream
 
 
@@ -35,6 +38,8 @@ class _Job:
     future: asyncio.Future
     tokens: asyncio.Queue | None = None  # streaming: (sample index, token id) as they come
     cancelled: bool = False
+    submitted: float = field(default_factory=time.monotonic)
+    started: float | None = None  # when its batch began: submitted -> started is queue time
     result: list[Completion] = field(default_factory=list)
 
 
@@ -73,6 +78,9 @@ class Batcher:
             if job.tokens is not None:
                 job.loop.call_soon_threadsafe(job.tokens.put_nowait, (sample_index, token))
 
+        started = time.monotonic()
+        for job in batch:
+            job.started = started
         try:
             results = self.engine.generate([j.prompt for j in batch], batch[0].params, on_token=on_token)
         except Exception as exc:  # one bad batch must not stop the server
@@ -93,16 +101,18 @@ def _set_exception(future: asyncio.Future, exc: Exception) -> None:
         future.set_exception(exc)
 
 
-def _split(completion: Completion) -> tuple[str | None, str]:
-    """(reasoning_content, content): no reasoning is None, as vLLM sends it."""
+def _message(completion: Completion) -> dict:
+    """The assistant message. Reasoning goes out under both names: `reasoning` (vLLM since PR #27752, and the
+    clients that followed) and `reasoning_content` (older vLLM and its clients); no reasoning is None."""
     split = completion.split
-    return split.reasoning or None, split.content
+    reasoning = split.reasoning or None
+    return {"role": "assistant", "content": split.content, "reasoning": reasoning, "reasoning_content": reasoning}
 
 
 def _delta(delta: Delta) -> dict:
     out = {}
     if delta.reasoning:
-        out["reasoning_content"] = delta.reasoning
+        out["reasoning"] = out["reasoning_content"] = delta.reasoning
     if delta.content:
         out["content"] = delta.content
     return out
@@ -120,8 +130,11 @@ def _finish(completion: Completion) -> str:
 
 
 def create_app(engine, model_name: str, limits: ServerLimits = ServerLimits(), request_timeout_s: float = 300.0,
-               max_batch: int = 32):
+               max_batch: int = 32, api_key: str | None = None):
+    """The app. With `api_key`, every /v1 request needs `Authorization: Bearer <api_key>` (401 without);
+    /health and /metrics stay open, as in vLLM."""
     app = FastAPI(title="bimode", description="OpenAI-compatible auto-thinking VLM server")
+    metrics = ServerMetrics()
     if limits.default_new_tokens is None:  # the model's own limit, else the paper's 8,192, within the cap
         limits = replace(limits, default_new_tokens=min(default_max_new_tokens(engine), limits.max_new_tokens))
     batcher = Batcher(engine, max_batch=max_batch)
@@ -129,17 +142,32 @@ def create_app(engine, model_name: str, limits: ServerLimits = ServerLimits(), r
     image_tokens = getattr(getattr(engine.model, "config", None), "image_seq_length", 0) or 0
 
     def error(status: int, message: str, param: str | None = None):
+        metrics.failed(status)
         kind = "invalid_request_error" if status < 500 else "server_error"
         return JSONResponse(status_code=status,
                             content={"error": {"message": message, "type": kind, "param": param, "code": status}})
+
+    @app.middleware("http")
+    async def check_key(request: Request, call_next):
+        if api_key and request.url.path.startswith("/v1") and \
+                not hmac.compare_digest(request.headers.get("authorization", ""), f"Bearer {api_key}"):
+            return error(401, "missing or wrong API key (send Authorization: Bearer <key>)")
+        return await call_next(request)
 
     @app.get("/health")
     def health():
         return {"status": "ok"}
 
+    @app.get("/metrics")
+    def prometheus():
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
     @app.get("/v1/models")
     def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "bimode"}]}
+        # NAME:auto, NAME:think, NAME:no_think force a mode for clients that cannot send chat_template_kwargs
+        names = [model_name] + [model_name + suffix for suffix in MODEL_MODES]
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "bimode"}
+                                           for name in names]}
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
@@ -173,12 +201,11 @@ def create_app(engine, model_name: str, limits: ServerLimits = ServerLimits(), r
             return error(504, f"the request took longer than {request_timeout_s:.0f} s")
         except Exception as exc:
             return error(500, f"generation failed: {exc}")
+        metrics.served(prompt_tokens, completions, time.monotonic() - job.submitted)
+        metrics.queue_time.observe((job.started or job.submitted) - job.submitted)
         choices = []
         for i, c in enumerate(completions):
-            reasoning, content = _split(c)
-            choices.append({"index": i, "message": {"role": "assistant", "content": content,
-                                                    "reasoning_content": reasoning},
-                            "finish_reason": _finish(c),
+            choices.append({"index": i, "message": _message(c), "finish_reason": _finish(c),
                             "bimode": {"mode": c.split.mode, "p_think": c.p_think,
                                        "budget_hit": c.finish_reason == "budget"}})
         return {"id": request_id, "object": "chat.completion", "created": created, "model": model_name,
@@ -218,6 +245,8 @@ def create_app(engine, model_name: str, limits: ServerLimits = ServerLimits(), r
             return
         for i, c in enumerate(completions):  # what is left: held-back text, a cut-off character
             yield chunk(i, _delta(streams[i].finish(c.prompt_suffix, c.text)), _finish(c))
+        metrics.served(prompt_tokens, completions, time.monotonic() - job.submitted)
+        metrics.queue_time.observe((job.started or job.submitted) - job.submitted)
         if extras.get("include_usage"):
             payload = {"id": request_id, "object": "chat.completion.chunk", "created": created,
                        "model": model_name, "choices": [], "usage": _usage(prompt_tokens, completions)}
@@ -229,7 +258,8 @@ def create_app(engine, model_name: str, limits: ServerLimits = ServerLimits(), r
 
 def serve(model_path: str, host: str = "127.0.0.1", port: int = 8000, allow_image_dir: str | None = None,
           trust_remote_code: bool = False, max_batch: int = 32, request_timeout_s: float = 300.0,
-          served_model_name: str | None = None) -> None:
+          served_model_name: str | None = None, api_key: str | None = None, max_model_len: int | None = None,
+          max_tokens: int = 32768, default_chat_template_kwargs: dict | None = None) -> None:
     import uvicorn
     from pathlib import Path
 
@@ -238,7 +268,11 @@ def serve(model_path: str, host: str = "127.0.0.1", port: int = 8000, allow_imag
 
     model, processor = load_model(model_path, trust_remote_code=trust_remote_code)
     engine = TransformersEngine(model, processor, max_batch_rows=max_batch)
-    limits = ServerLimits(allow_image_dir=Path(allow_image_dir) if allow_image_dir else None)
+    config = getattr(model.config, "text_config", None) or model.config
+    limits = ServerLimits(allow_image_dir=Path(allow_image_dir) if allow_image_dir else None,
+                          max_prompt_tokens=max_model_len or getattr(config, "max_position_embeddings", None) or 32768,
+                          max_new_tokens=max_tokens, default_chat_template_kwargs=default_chat_template_kwargs or {})
     name = served_model_name or Path(model_path).name
-    app = create_app(engine, name, limits, request_timeout_s=request_timeout_s, max_batch=max_batch)
+    app = create_app(engine, name, limits, request_timeout_s=request_timeout_s, max_batch=max_batch,
+                     api_key=api_key)
     uvicorn.run(app, host=host, port=port, log_level="info")

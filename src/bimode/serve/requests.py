@@ -5,12 +5,13 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
+from bimode.generation.defaults import PAPER_MAX_NEW_TOKENS
 from bimode.generation.types import Prompt, SamplingParams
 from bimode.modes import ThinkingMode
 
@@ -25,13 +26,15 @@ class BadRequest(ValueError):
 class ServerLimits:
     max_image_bytes: int = 10 * 1024 * 1024
     max_image_pixels: int = 4096 * 4096
-    max_prompt_tokens: int = 8192
-    max_new_tokens: int = 8192  # the most a request may ask for
+    max_prompt_tokens: int = 32768
+    max_new_tokens: int = 32768  # the most a request may ask for (R-4B's own client example asks 16,384)
     # what a request without max_tokens gets (harnesses often send none); None: the model's generation
     # config, else max_new_tokens (create_app resolves it, bimode.generation.defaults)
     default_new_tokens: int | None = None
     max_n: int = 16
     allow_image_dir: Path | None = None  # local image paths are refused unless under this directory
+    # applied under every request's own chat_template_kwargs (vLLM's --default-chat-template-kwargs)
+    default_chat_template_kwargs: dict = field(default_factory=dict)
 
 
 def _decode_image(url: Any, limits: ServerLimits, where: str) -> Image.Image:
@@ -109,8 +112,9 @@ def parse_messages(messages: Any, limits: ServerLimits) -> tuple[list[dict], lis
             entry = {"role": role, "content": parts}
         else:
             raise BadRequest(f"{where}.content must be a string or a list of parts", f"{where}.content")
-        if role == "assistant" and isinstance(message.get("reasoning_content"), str):
-            entry["reasoning_content"] = message["reasoning_content"]
+        reasoning = message.get("reasoning_content", message.get("reasoning"))  # old and new vLLM names
+        if role == "assistant" and isinstance(reasoning, str):
+            entry["reasoning_content"] = reasoning  # the template leaves past reasoning out of the prompt
         out.append(entry)
     return out, images
 
@@ -126,14 +130,49 @@ def _number(body: dict, name: str, kind, default, low=None, high=None):
     return kind(value)
 
 
+# Model-name suffixes that force a mode, for clients that send only model, messages and max_tokens
+# (VLMEvalKit's and lmms-eval's OpenAI clients): `tiny:no_think`, `tiny:think`, `tiny:auto`.
+MODEL_MODES = {f":{m.value}": m for m in ThinkingMode}
+# the thinking budget's names: ours, vLLM's (`thinking_token_budget`) and SGLang templates' (`thinking_budget`)
+BUDGET_NAMES = ("max_thinking_tokens", "thinking_token_budget", "thinking_budget")
+
+
+def split_model_name(name: Any) -> tuple[str, ThinkingMode | None]:
+    """(base name, forced mode or None) of a request's `model`: `tiny:think` -> ("tiny", THINK)."""
+    if isinstance(name, str):
+        for suffix, mode in MODEL_MODES.items():
+            if name.endswith(suffix):
+                return name[: -len(suffix)], mode
+    return name, None
+
+
+def _budget(body: dict, kwargs: dict) -> Any:
+    given = {name: source[name] for source in (body, kwargs) for name in BUDGET_NAMES if source.get(name) is not None}
+    if len(set(map(str, given.values()))) > 1:
+        raise BadRequest(f"conflicting thinking budgets: {given}", "max_thinking_tokens")
+    return next(iter(given.values()), None)
+
+
 def parse_request(body: Any, limits: ServerLimits) -> tuple[Prompt, SamplingParams, bool, dict]:
     """(prompt, params, stream, extras) from a /v1/chat/completions body."""
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
     messages, images = parse_messages(body.get("messages"), limits)
-    kwargs = body.get("chat_template_kwargs") or {}
-    if not isinstance(kwargs, dict):
+    own = body.get("chat_template_kwargs") or {}
+    if not isinstance(own, dict):
         raise BadRequest("chat_template_kwargs must be an object", "chat_template_kwargs")
+    _, model_mode = split_model_name(body.get("model"))
+    if model_mode is not None:
+        if any(own.get(k) is not None for k in ("thinking_mode", "enable_thinking")):
+            raise BadRequest(f"model {body.get('model')!r} forces {model_mode.value} mode: leave out "
+                             "chat_template_kwargs.thinking_mode / enable_thinking", "model")
+        own = {**own, "thinking_mode": model_mode.value}
+    if "thinking_mode" in own or "enable_thinking" in own:  # the request's mode replaces the default's
+        defaults = {k: v for k, v in limits.default_chat_template_kwargs.items()
+                    if k not in ("thinking_mode", "enable_thinking")}
+    else:
+        defaults = limits.default_chat_template_kwargs
+    kwargs = {**defaults, **own}
     enable = kwargs.get("enable_thinking")
     if enable is not None and not isinstance(enable, bool):
         raise BadRequest("chat_template_kwargs.enable_thinking must be a boolean", "chat_template_kwargs")
@@ -144,9 +183,9 @@ def parse_request(body: Any, limits: ServerLimits) -> tuple[Prompt, SamplingPara
     n = _number(body, "n", int, 1, 1, limits.max_n)
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     max_new = _number({"max_tokens": max_tokens}, "max_tokens", int,
-                      min(limits.default_new_tokens or limits.max_new_tokens, limits.max_new_tokens), 1,
+                      min(limits.default_new_tokens or PAPER_MAX_NEW_TOKENS, limits.max_new_tokens), 1,
                       limits.max_new_tokens)
-    budget = body.get("max_thinking_tokens", kwargs.get("max_thinking_tokens"))
+    budget = _budget(body, kwargs)
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise BadRequest("stream must be a boolean", "stream")
