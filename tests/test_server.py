@@ -254,6 +254,19 @@ def test_a_request_without_max_tokens_gets_the_models_own_limit(random_server):
     assert parse_request(body, ServerLimits())[1].max_new_tokens == 8192
     assert parse_request(body, ServerLimits(default_new_tokens=300))[1].max_new_tokens == 300
     assert parse_request(body, ServerLimits(default_new_tokens=300, max_new_tokens=100))[1].max_new_tokens == 100
+    from types import SimpleNamespace
+
+    from transformers import GenerationConfig
+
+    from bimode.serve.app import resolve_limits
+
+    def engine(limit):
+        return SimpleNamespace(model=SimpleNamespace(generation_config=GenerationConfig(max_new_tokens=limit)))
+
+    assert resolve_limits(ServerLimits(), engine(256)).default_new_tokens == 256
+    assert resolve_limits(ServerLimits(), engine(None)).default_new_tokens == 8192
+    assert resolve_limits(ServerLimits(max_new_tokens=100), engine(256)).default_new_tokens == 100
+    assert resolve_limits(ServerLimits(default_new_tokens=5), engine(256)).default_new_tokens == 5
     reply = httpx.post(random_server + "/v1/chat/completions", json={"model": "random", **body}, timeout=120).json()
     assert reply["usage"]["completion_tokens"] <= 256
     if reply["choices"][0]["finish_reason"] == "length":
@@ -272,6 +285,15 @@ def test_r4b_client_example_limits_and_budget_aliases():
         assert parse_request({"messages": messages, **body}, ServerLimits())[1].max_thinking_tokens == 7, body
     with pytest.raises(BadRequest, match="conflicting thinking budgets"):
         parse_request({"messages": messages, "thinking_budget": 7, "thinking_token_budget": 9}, ServerLimits())
+    assert parse_request({"messages": messages, "thinking_budget": 7, "max_thinking_tokens": 7},
+                         ServerLimits())[1].max_thinking_tokens == 7
+    # the request's own budget (any name) replaces a server default's; a null max_completion_tokens is absent
+    defaults = ServerLimits(default_chat_template_kwargs={"thinking_budget": 100, "thinking_mode": "long"})
+    params = parse_request({"messages": messages, "max_thinking_tokens": 50}, defaults)[1]
+    assert params.max_thinking_tokens == 50
+    assert parse_request({"messages": messages}, defaults)[1].max_thinking_tokens == 100
+    assert parse_request({"messages": messages, "max_completion_tokens": None, "max_tokens": 9},
+                         ServerLimits())[1].max_new_tokens == 9
     # past reasoning in the history may come under either name; the template leaves it out of the prompt
     history = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "reasoning": "r"},
                {"role": "user", "content": "c"}]

@@ -129,14 +129,20 @@ def _finish(completion: Completion) -> str:
     return "length" if completion.finish_reason == "length" else "stop"
 
 
+def resolve_limits(limits: ServerLimits, engine) -> ServerLimits:
+    """The limits with `default_new_tokens` filled in: the model's own limit, else 8,192, within the cap."""
+    if limits.default_new_tokens is not None:
+        return limits
+    return replace(limits, default_new_tokens=min(default_max_new_tokens(engine), limits.max_new_tokens))
+
+
 def create_app(engine, model_name: str, limits: ServerLimits = ServerLimits(), request_timeout_s: float = 300.0,
                max_batch: int = 32, api_key: str | None = None):
     """The app. With `api_key`, every /v1 request needs `Authorization: Bearer <api_key>` (401 without);
     /health and /metrics stay open, as in vLLM."""
     app = FastAPI(title="bimode", description="OpenAI-compatible auto-thinking VLM server")
     metrics = ServerMetrics()
-    if limits.default_new_tokens is None:  # the model's own limit, else the paper's 8,192, within the cap
-        limits = replace(limits, default_new_tokens=min(default_max_new_tokens(engine), limits.max_new_tokens))
+    limits = resolve_limits(limits, engine)
     batcher = Batcher(engine, max_batch=max_batch)
     tokenizer = engine.tokenizer
     image_tokens = getattr(getattr(engine.model, "config", None), "image_seq_length", 0) or 0
@@ -149,8 +155,9 @@ def create_app(engine, model_name: str, limits: ServerLimits = ServerLimits(), r
 
     @app.middleware("http")
     async def check_key(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1") and \
-                not hmac.compare_digest(request.headers.get("authorization", ""), f"Bearer {api_key}"):
+        # bytes: compare_digest refuses non-ASCII str, and headers arrive as latin-1
+        if api_key and request.url.path.startswith("/v1") and not hmac.compare_digest(
+                request.headers.get("authorization", "").encode("latin-1"), f"Bearer {api_key}".encode()):
             return error(401, "missing or wrong API key (send Authorization: Bearer <key>)")
         return await call_next(request)
 
@@ -232,6 +239,7 @@ def create_app(engine, model_name: str, limits: ServerLimits = ServerLimits(), r
             except asyncio.TimeoutError:
                 if time.monotonic() > deadline:
                     job.cancelled = True
+                    metrics.failed(504)
                     yield f"data: {json.dumps({'error': {'message': 'request timed out', 'code': 504}})}\n\n"
                     return
                 continue
@@ -241,6 +249,7 @@ def create_app(engine, model_name: str, limits: ServerLimits = ServerLimits(), r
         try:
             completions = job.future.result()
         except Exception as exc:
+            metrics.failed(500)
             yield f"data: {json.dumps({'error': {'message': f'generation failed: {exc}', 'code': 500}})}\n\n"
             return
         for i, c in enumerate(completions):  # what is left: held-back text, a cut-off character

@@ -12,20 +12,20 @@ class ServerMetrics:
     def __init__(self):
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("bimode_requests", "chat completion requests by HTTP status", ["status"], registry=r)
+        self.requests = Counter("bimode_requests", "answered /v1 requests by HTTP status (errors included)", ["status"], registry=r)
         self.prompt_tokens = Counter("bimode_prompt_tokens", "prompt tokens served", registry=r)
         self.completion_tokens = Counter("bimode_completion_tokens", "generated tokens", registry=r)
         self.reasoning_tokens = Counter("bimode_reasoning_tokens",
                                         "generated thinking tokens (docs/tokens.md)", registry=r)
         self.completions = Counter("bimode_completions", "completions by the mode they took (think, no_think, "
-                                   "malformed, none): the thinking rate is think over all", ["mode"], registry=r)
+                                   "malformed): the thinking rate is think over all", ["mode"], registry=r)
         self.latency = Histogram("bimode_request_latency_seconds", "time from request to last token",
                                  buckets=LATENCY_BUCKETS, registry=r)
         self.queue_time = Histogram("bimode_queue_seconds", "time a request waited before its batch started",
                                     buckets=LATENCY_BUCKETS, registry=r)
 
     def served(self, prompt_tokens: int, completions, seconds: float) -> None:
-        self.requests.labels(status="200").inc()
+        self.requests.labels(status="200").inc()  # errors: failed()
         self.prompt_tokens.inc(prompt_tokens)
         for c in completions:
             self.completion_tokens.inc(c.num_tokens)

@@ -29,7 +29,7 @@ class ServerLimits:
     max_prompt_tokens: int = 32768
     max_new_tokens: int = 32768  # the most a request may ask for (R-4B's own client example asks 16,384)
     # what a request without max_tokens gets (harnesses often send none); None: the model's generation
-    # config, else max_new_tokens (create_app resolves it, bimode.generation.defaults)
+    # config, else 8,192, within max_new_tokens (resolve_limits, bimode.generation.defaults)
     default_new_tokens: int | None = None
     max_n: int = 16
     allow_image_dir: Path | None = None  # local image paths are refused unless under this directory
@@ -148,7 +148,7 @@ def split_model_name(name: Any) -> tuple[str, ThinkingMode | None]:
 
 def _budget(body: dict, kwargs: dict) -> Any:
     given = {name: source[name] for source in (body, kwargs) for name in BUDGET_NAMES if source.get(name) is not None}
-    if len(set(map(str, given.values()))) > 1:
+    if len({v if isinstance(v, (int, float)) and not isinstance(v, bool) else repr(v) for v in given.values()}) > 1:
         raise BadRequest(f"conflicting thinking budgets: {given}", "max_thinking_tokens")
     return next(iter(given.values()), None)
 
@@ -167,11 +167,13 @@ def parse_request(body: Any, limits: ServerLimits) -> tuple[Prompt, SamplingPara
             raise BadRequest(f"model {body.get('model')!r} forces {model_mode.value} mode: leave out "
                              "chat_template_kwargs.thinking_mode / enable_thinking", "model")
         own = {**own, "thinking_mode": model_mode.value}
-    if "thinking_mode" in own or "enable_thinking" in own:  # the request's mode replaces the default's
-        defaults = {k: v for k, v in limits.default_chat_template_kwargs.items()
-                    if k not in ("thinking_mode", "enable_thinking")}
-    else:
-        defaults = limits.default_chat_template_kwargs
+    # the request's own mode and budget replace the server default's, whatever name either uses
+    replaced = set()
+    if "thinking_mode" in own or "enable_thinking" in own:
+        replaced |= {"thinking_mode", "enable_thinking"}
+    if any(source.get(name) is not None for source in (body, own) for name in BUDGET_NAMES):
+        replaced |= set(BUDGET_NAMES)
+    defaults = {k: v for k, v in limits.default_chat_template_kwargs.items() if k not in replaced}
     kwargs = {**defaults, **own}
     enable = kwargs.get("enable_thinking")
     if enable is not None and not isinstance(enable, bool):
@@ -181,7 +183,9 @@ def parse_request(body: Any, limits: ServerLimits) -> tuple[Prompt, SamplingPara
     except ValueError as exc:
         raise BadRequest(str(exc), "chat_template_kwargs.thinking_mode") from None
     n = _number(body, "n", int, 1, 1, limits.max_n)
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    max_tokens = body.get("max_completion_tokens")
+    if max_tokens is None:
+        max_tokens = body.get("max_tokens")
     max_new = _number({"max_tokens": max_tokens}, "max_tokens", int,
                       min(limits.default_new_tokens or PAPER_MAX_NEW_TOKENS, limits.max_new_tokens), 1,
                       limits.max_new_tokens)
