@@ -11,7 +11,6 @@ from transformers import GenerationConfig
 
 from bimode.generation.defaults import PAPER_MAX_NEW_TOKENS, configured_max_new_tokens, default_max_new_tokens
 from bimode.generation.types import Completion
-from bimode.modes import ThinkingMode
 
 
 class Model:

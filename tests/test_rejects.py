@@ -1,6 +1,5 @@
 """The rejects shared by curation and eval, as pure functions."""
 
-import json
 
 from PIL import Image
 

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from bimode.modes import MODE_SUFFIXES, ThinkingMode, format_target, parse_response
+from bimode.modes import ThinkingMode, format_target, parse_response
 from bimode.streaming import IncrementalDecoder, ReasoningSplitter, split_reasoning
 
 # tags, whitespace runs, words, and pieces that look like the start of a tag
