@@ -164,3 +164,14 @@ def build_tiny_gemma3(out: Path) -> Path:
     Gemma3ForConditionalGeneration(config).save_pretrained(out)
     processor.save_pretrained(out)
     return out
+
+
+def saved_vision_keys(checkpoint: Path) -> list[str]:
+    """The vision-tower weight names a checkpoint's safetensors files hold, as written on disk."""
+    from safetensors import safe_open
+
+    keys = []
+    for file in sorted(Path(checkpoint).glob("*.safetensors")):
+        with safe_open(str(file), "pt") as f:
+            keys += [k for k in f.keys() if k.startswith("vision_tower.")]
+    return sorted(keys)

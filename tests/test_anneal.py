@@ -11,6 +11,7 @@ from bimode.modes import format_target
 from bimode.train.anneal import AnnealConfig, build_trainer, expand_targets
 from bimode.train.components import component_of
 from bimode.train.tokenize import IGNORE_INDEX, response_text, tokenize_example
+from tests.hf_fixtures import saved_vision_keys
 
 
 @pytest.mark.parametrize("mode, mask", [("think", False), ("no_think", False), ("no_think", True), ("think", True)])
@@ -137,6 +138,8 @@ def test_cli_recipe_with_overrides_trains_and_saves(tmp_path, train_file, tiny_d
     base = AutoModelForImageTextToText.from_pretrained(tiny_dir)
     assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), base.parameters()))
     assert (out / "final" / "chat_template.jinja").exists()
+    keys = saved_vision_keys(out / "final")  # the layout vLLM reads, through TRL's save
+    assert keys and all(k.startswith("vision_tower.vision_model.") for k in keys)
 
 
 def test_anneal_raises_held_out_accuracy(tmp_path, tiny_dir):

@@ -13,6 +13,7 @@ from bimode.train.bpo_core import mode_token_weights, parse_mode_token_loss, per
 from bimode.train.bpo_rewards import GuardedReward, import_reward, weighted_rewards
 
 from tests.conftest import TRAINED_FAMILIES, TRAINED_MAX_LEVEL, launch_two_cpu_processes
+from tests.hf_fixtures import saved_vision_keys
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCH = [{"row": i // 4} for i in range(8)]  # a generation batch as TRL samples it: 2 prompts x 4 rollouts
@@ -289,6 +290,8 @@ def test_cli_bpo_trains_and_saves(tmp_path, trained_tiny, bpo_file):
                  "--max_steps", "2", "--per_device_train_batch_size", "16", "--probe_steps", "1",
                  "--probe_size", "12", "--report_to", "none", "--use_cpu", "true"]) == 0
     assert (out / "final" / "model.safetensors").exists() and (out / "final" / "chat_template.jinja").exists()
+    keys = saved_vision_keys(out / "final")  # the layout vLLM reads, through TRL's save
+    assert keys and all(k.startswith("vision_tower.vision_model.") for k in keys)
     assert len((out / "probe.jsonl").read_text().splitlines()) == 2
 
 

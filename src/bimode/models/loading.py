@@ -15,6 +15,7 @@ import logging
 from contextlib import contextmanager
 from pathlib import Path
 
+from bimode.models.layout import use_ecosystem_layout
 from bimode.modes import THINK_CLOSE, THINK_OPEN, MODE_SUFFIXES, ThinkingMode
 from bimode.templates import chat_template
 
@@ -164,6 +165,6 @@ def load_model(path: str | Path, *, trust_remote_code: bool = False, dtype="auto
         model_kwargs["device_map"] = device_map
     if attn_implementation is not None:
         model_kwargs["attn_implementation"] = attn_implementation
-    model = AutoModelForImageTextToText.from_pretrained(path, **model_kwargs)
+    model = use_ecosystem_layout(AutoModelForImageTextToText.from_pretrained(path, **model_kwargs))
     prepare_processor(processor, model, template=template)
     return model, processor

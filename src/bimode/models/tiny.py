@@ -16,6 +16,7 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from bimode.data import synthetic
+from bimode.models.layout import use_ecosystem_layout
 from bimode.modes import THINK_CLOSE, THINK_OPEN
 from bimode.templates import chat_template
 
@@ -147,7 +148,7 @@ def build_model(tokenizer, cfg: TinyConfig = TinyConfig()):
     # past this model's traces (about 20 tokens) and its position table
     model.generation_config.max_new_tokens = 256
     scale_projector_to_text(model, tokenizer, cfg)
-    return model
+    return use_ecosystem_layout(model)
 
 
 @torch.no_grad()
