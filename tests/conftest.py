@@ -98,9 +98,10 @@ def engine(trained_tiny):
     return TransformersEngine(model, processor)
 
 
-def launch_two_cpu_processes(script: str, *args: str, timeout: int = 300) -> None:
+def launch_two_cpu_processes(script: str, *args: str, timeout: int = 300, config: str = "cpu2") -> None:
     """Run tests/<script> (a .py name) or a module (`-m bimode.cli`) under `accelerate launch` with
-    configs/accelerate/cpu2.yaml (2 processes, gloo)."""
+    configs/accelerate/<config>.yaml (2 processes, gloo: cpu2 is DDP, cpu2_zero2 / cpu2_zero3 / cpu2_fsdp2
+    the sharded engines)."""
     import socket
     import subprocess
     import sys
@@ -113,7 +114,7 @@ def launch_two_cpu_processes(script: str, *args: str, timeout: int = 300) -> Non
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(root / "configs/accelerate/cpu2.yaml"), "--main_process_port", str(port), *target, *args]
+               str(root / f"configs/accelerate/{config}.yaml"), "--main_process_port", str(port), *target, *args]
     # the children's output is the only trace of why a launch failed or hung: show its end in the test report
     try:
         done = subprocess.run(command, check=False, capture_output=True, text=True, env=env, cwd=root,

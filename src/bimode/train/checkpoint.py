@@ -48,7 +48,8 @@ def cli_main(config_class, build, argv, what: str, command: str) -> int:
     (cfg,) = TrlParser(config_class, prog=f"bimode {command}").parse_args_and_config(args=argv)
     trainer = build(cfg)
     out = train_and_save(trainer, cfg.resume_from_checkpoint)
-    print(f"{what} saved to {out}", flush=True)
+    if trainer.accelerator.is_main_process:
+        print(f"{what} saved to {out}", flush=True)
     end_processes(trainer)
     return 0
 

@@ -35,13 +35,29 @@ def split_parameters(model) -> dict[str, list]:
     return groups
 
 
+def full_numel(param) -> int:
+    """Elements of a parameter as the model defines it: under ZeRO-3 a rank holds an empty placeholder
+    (`numel() == 0`) and DeepSpeed keeps the real size in `ds_numel`."""
+    return getattr(param, "ds_numel", param.numel())
+
+
+def full_ndim(param) -> int:
+    """Dimensions of a parameter as the model defines it (ZeRO-3 placeholders are 1-D; `ds_shape` is real)."""
+    return len(getattr(param, "ds_shape", param.shape))
+
+
+def decays(name: str, param) -> bool:
+    """Weight decay for matrices only: biases and norm weights have none."""
+    return full_ndim(param) >= 2 and "norm" not in name.lower()
+
+
 def freeze(model, frozen: set[str]) -> dict[str, int]:
     """Turn off gradients of the frozen components; returns trainable parameter counts per component."""
     counts = {}
     for component, params in split_parameters(model).items():
         for _, param in params:
             param.requires_grad_(component not in frozen)
-        counts[component] = sum(p.numel() for _, p in params if p.requires_grad)
+        counts[component] = sum(full_numel(p) for _, p in params if p.requires_grad)
     return counts
 
 
@@ -50,8 +66,8 @@ def optimizer_groups(model, lrs: dict[str, float], weight_decay: float) -> list[
     groups = []
     for component, params in split_parameters(model).items():
         trainable = [(n, p) for n, p in params if p.requires_grad]
-        decay = [p for n, p in trainable if p.ndim >= 2 and "norm" not in n.lower()]
-        no_decay = [p for n, p in trainable if not (p.ndim >= 2 and "norm" not in n.lower())]
+        decay = [p for n, p in trainable if decays(n, p)]
+        no_decay = [p for n, p in trainable if not decays(n, p)]
         for params_, wd in ((decay, weight_decay), (no_decay, 0.0)):
             if params_:
                 groups.append({"params": params_, "lr": lrs[component], "weight_decay": wd, "component": component})
