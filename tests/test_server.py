@@ -144,7 +144,7 @@ GOOD = [{"role": "user", "content": "Where is the ball?"}]
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(b"nope").decode()}}]}]}, 400, "cannot decode image"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64," + "A" * 400_000}}]}]}, 413, "larger than"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "/etc/passwd"}}]}]}, 403, "outside the allowed"),
-    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}]}, 400, "not fetched"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}]}, 400, "--allow-remote-images"),
     ({"messages": [{"role": "user", "content": "word " * 2000}]}, 400, "over the limit"),
     ({"messages": GOOD, "max_tokens": 100000}, 400, "max_tokens must be between"),
     ({"messages": GOOD, "max_tokens": "ten"}, 400, "max_tokens must be an integer"),
@@ -172,6 +172,40 @@ def test_local_image_paths_only_under_the_allowed_dir(server, client, samples):
                                                       {"type": "text", "text": samples[4].question}]}],
             "max_tokens": 8, "chat_template_kwargs": {"thinking_mode": "short"}}
     assert _post(server, body).status_code == 200
+
+
+def test_remote_image_url_gives_the_answer_the_same_image_inline_gives(server, samples, tmp_path):
+    """With --allow-remote-images an http:// image (R-4B's own client example sends one) is fetched and answered
+    as the same image sent inline; tests/test_remote_images.py covers the failures."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    samples[7].render().save(tmp_path / "grid.png")
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(tmp_path))
+    handler.log_message = lambda *args: None
+    files = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=files.serve_forever, daemon=True).start()
+    limits = ServerLimits(max_new_tokens=256, allow_remote_images=True)
+    base, stop = serve_in_thread(create_app(server["engine"], "tiny", limits))
+    try:
+        url = f"http://127.0.0.1:{files.server_address[1]}/grid.png"
+        answers = []
+        for image in (url, _data_url(samples[7].render())):
+            body = {"model": "tiny:think", "max_tokens": 32, "messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": image}}, {"type": "text", "text": samples[7].question}]}]}
+            reply = httpx.post(base + "/v1/chat/completions", json=body, timeout=120)
+            assert reply.status_code == 200, reply.text
+            answers.append(reply.json()["choices"][0]["message"])
+        assert answers[0] == answers[1] and answers[0]["reasoning"]
+        missing = httpx.post(base + "/v1/chat/completions", timeout=60, json={"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": url.replace("grid", "nope")}}]}]})
+        assert missing.status_code == 400 and f"cannot fetch image {url.replace('grid', 'nope')}: HTTP 404" in \
+            missing.json()["error"]["message"]
+    finally:
+        stop()
+        files.shutdown()
+        files.server_close()
 
 
 @pytest.fixture(scope="module")

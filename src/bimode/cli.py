@@ -9,6 +9,17 @@ import sys
 from pathlib import Path
 
 
+def _probability(text: str) -> float:
+    """argparse type of a think threshold: a number in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value:g}")
+    return value
+
+
 def _cmd_tiny(args) -> int:
     from bimode.models.tiny import TinyConfig, build_tiny
 
@@ -58,7 +69,9 @@ def _cmd_serve(args) -> int:
           trust_remote_code=args.trust_remote_code, max_batch=args.max_batch,
           request_timeout_s=args.request_timeout, served_model_name=args.served_model_name,
           api_key=args.api_key or os.environ.get("BIMODE_API_KEY") or None, max_model_len=args.max_model_len,
-          max_tokens=args.max_tokens, default_chat_template_kwargs=kwargs)
+          max_tokens=args.max_tokens, default_chat_template_kwargs=kwargs,
+          allow_remote_images=args.allow_remote_images, remote_image_max_bytes=args.remote_image_max_bytes,
+          remote_image_timeout_s=args.remote_image_timeout, think_threshold=args.think_threshold)
     return 0
 
 
@@ -67,24 +80,39 @@ def _cmd_eval(args) -> int:
 
     from bimode.eval.report import write_report
     from bimode.eval.runner import EvalConfig, read_samples, run_eval
-    from bimode.generation.engine import TransformersEngine
-    from bimode.models import load_model
+    from bimode.generation.openai_backend import EndpointError, OpenAIEndpointBackend
 
+    if (args.model is None) == (args.endpoint is None):
+        raise SystemExit("error: bimode eval takes a local model directory or --endpoint URL (one of the two)")
+    if args.endpoint_model and not args.endpoint:
+        raise SystemExit("error: --model names the model at an --endpoint; a local model is the positional MODEL")
     out = Path(args.out)
     if args.overwrite and out.exists():
         shutil.rmtree(out)
-    judge = None
-    if args.judge:
-        from bimode.generation.openai_backend import OpenAIEndpointBackend
+    try:
+        judge = OpenAIEndpointBackend(args.judge, model=args.judge_model) if args.judge else None
+        if args.endpoint:
+            # the modes travel as chat_template_kwargs.thinking_mode, one request per (question, mode)
+            api_key = args.api_key or os.environ.get("BIMODE_API_KEY") or os.environ.get("OPENAI_API_KEY")
+            engine = OpenAIEndpointBackend(args.endpoint, model=args.endpoint_model, api_key=api_key,
+                                           concurrency=args.concurrency, timeout_s=args.request_timeout)
+            title = f"bimode eval of {engine.model} at {args.endpoint}"
+        else:
+            from bimode.generation.engine import TransformersEngine
+            from bimode.models import load_model
 
-        judge = OpenAIEndpointBackend(args.judge, model=args.judge_model)
-    model, processor = load_model(args.model, trust_remote_code=args.trust_remote_code)
-    engine = TransformersEngine(model, processor, max_batch_rows=args.batch_size * 3)
-    cfg = EvalConfig(modes=tuple(m.strip() for m in args.modes.split(",")), max_new_tokens=args.max_new_tokens,
-                     max_thinking_tokens=args.budget, think_threshold=args.threshold, batch_size=args.batch_size,
-                     limit=args.limit, judge=judge)
-    samples = run_eval(engine, args.bench, out, cfg)
-    metrics = write_report(read_samples(samples), out, title=f"bimode eval of {args.model}")
+            model, processor = load_model(args.model, trust_remote_code=args.trust_remote_code)
+            engine = TransformersEngine(model, processor, max_batch_rows=args.batch_size * 3)
+            title = f"bimode eval of {args.model}"
+        cfg = EvalConfig(modes=tuple(m.strip() for m in args.modes.split(",")), max_new_tokens=args.max_new_tokens,
+                         max_thinking_tokens=args.budget, think_threshold=args.threshold, batch_size=args.batch_size,
+                         limit=args.limit, judge=judge)
+        samples = run_eval(engine, args.bench, out, cfg)
+    except EndpointError as exc:  # what is scored is kept: the same command resumes
+        print(f"error: {exc}" + ("; run the same command again to resume" if (out / "samples.jsonl").exists()
+                                 else ""), file=sys.stderr)
+        return 2
+    metrics = write_report(read_samples(samples), out, title=title)
     rejected = metrics["rejected"]["total"]
     if rejected:
         print(f"rejected {rejected} rows (not scored; reasons in {out / 'rejects.jsonl'})")
@@ -101,6 +129,48 @@ def _cmd_eval_compare(argv: list[str]) -> int:
     parser.add_argument("run_b", help="second run directory")
     args = parser.parse_args(argv)
     print(compare_runs(Path(args.run_a), Path(args.run_b)))
+    return 0
+
+
+def _cmd_eval_calibrate(argv: list[str]) -> int:
+    from bimode.eval.calibrate import CalibrationError, calibrate, render_calibration
+    from bimode.eval.runner import read_samples
+
+    parser = argparse.ArgumentParser(
+        prog="bimode eval calibrate",
+        description="Pick auto mode's think_threshold from an eval run's p_think and think / no_think outcomes "
+                    "(greedy: no generation), on part of its questions, and report it on the rest (or on a "
+                    "second run). Writes calibration.json and calibration.md to the run directory.")
+    parser.add_argument("run", help="eval run directory (samples.jsonl with think and no_think rows)")
+    goal = parser.add_mutually_exclusive_group(required=True)
+    goal.add_argument("--max-drop", type=float, default=None,
+                      help="accuracy points auto may lose against think mode: the fewest tokens within it")
+    goal.add_argument("--token-share", type=float, default=None,
+                      help="share of think mode's mean tokens auto may use (0.5 = half): the best accuracy within it")
+    held = parser.add_mutually_exclusive_group()
+    held.add_argument("--holdout-fraction", type=float, default=0.5,
+                      help="share of the run's questions held out to report on, never used to pick (default 0.5)")
+    held.add_argument("--holdout", default=None,
+                      help="a second eval run of other questions to report on; then all of RUN picks")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the held-out split")
+    args = parser.parse_args(argv)
+    run = Path(args.run)
+    for folder in (run, Path(args.holdout) if args.holdout else None):
+        if folder is not None and not (folder / "samples.jsonl").is_file():
+            print(f"error: no samples.jsonl in {folder}: give the directory of a `bimode eval` run", file=sys.stderr)
+            return 2
+    try:
+        rows = read_samples(run / "samples.jsonl")
+        holdout = read_samples(Path(args.holdout) / "samples.jsonl") if args.holdout else None
+        result = calibrate(rows, max_drop=args.max_drop, token_share=args.token_share,
+                           holdout_fraction=args.holdout_fraction, seed=args.seed, holdout_rows=holdout)
+    except CalibrationError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    text = render_calibration(result, str(run))
+    (run / "calibration.json").write_text(json.dumps(result, indent=2))
+    (run / "calibration.md").write_text(text)
+    print(text, end="")
     return 0
 
 
@@ -184,7 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--image", action="append", default=[], help="image file for the first turn (repeatable)")
     chat.add_argument("--mode", default="auto", help="auto | think (long) | no_think (short)")
     chat.add_argument("--budget", type=int, default=None, help="thinking budget in tokens")
-    chat.add_argument("--threshold", type=float, default=None, help="auto mode thinks iff p_think >= this")
+    chat.add_argument("--think-threshold", "--threshold", dest="threshold", type=_probability, default=None,
+                      help="auto mode thinks iff p_think >= this (pick it with `bimode eval calibrate`)")
     chat.add_argument("--max-new-tokens", type=int, default=None,
                       help=f"generated-token limit (default: {default_limit})")
     chat.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -196,6 +267,15 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--host", default="127.0.0.1", help="bind address")
     srv.add_argument("--port", type=int, default=8000, help="port")
     srv.add_argument("--allow-image-dir", default=None, help="serve local image paths under this directory only")
+    srv.add_argument("--allow-remote-images", action="store_true",
+                     help="fetch http(s) image URLs (off by default: it lets any client make the server open URLs)")
+    srv.add_argument("--remote-image-max-bytes", type=int, default=20 * 1024 * 1024,
+                     help="largest remote image fetched (default 20 MiB)")
+    srv.add_argument("--remote-image-timeout", type=float, default=10.0,
+                     help="seconds for a whole remote image fetch, at most 3 redirects (default 10)")
+    srv.add_argument("--think-threshold", type=_probability, default=None,
+                     help="auto mode thinks iff p_think >= this, for requests that set no think_threshold "
+                          "(pick it with `bimode eval calibrate`)")
     srv.add_argument("--max-batch", type=int, default=32, help="most samples generated together")
     srv.add_argument("--request-timeout", type=float, default=300.0, help="seconds before a request fails (504)")
     srv.add_argument("--served-model-name", default=None,
@@ -214,15 +294,31 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own code")
     srv.set_defaults(func=_cmd_serve)
 
-    ev = sub.add_parser("eval", help="evaluate a model in each mode (`bimode eval compare A B` compares runs)")
-    ev.add_argument("model", help="local model directory")
+    ev = sub.add_parser(
+        "eval", help="evaluate a model in each mode, local or at an endpoint (`bimode eval compare A B` compares "
+                     "runs; `bimode eval calibrate RUN` picks a think threshold)",
+        description="Evaluate a local model directory, or a model behind an OpenAI-compatible server "
+                    "(--endpoint), in each mode. `bimode eval compare A B` compares two runs; "
+                    "`bimode eval calibrate RUN` picks auto mode's think threshold from a run.")
+    ev.add_argument("model", nargs="?", default=None, help="local model directory (or give --endpoint)")
+    ev.add_argument("--endpoint", default=None,
+                    help="OpenAI-compatible base URL (bimode serve, vLLM) to evaluate instead of a local model; "
+                         "modes are forced through chat_template_kwargs.thinking_mode")
+    ev.add_argument("--model", dest="endpoint_model", default=None,
+                    help="model id at --endpoint (default: the first /v1/models lists)")
+    ev.add_argument("--api-key", default=None,
+                    help="bearer key for --endpoint (default: $BIMODE_API_KEY, else $OPENAI_API_KEY)")
+    ev.add_argument("--concurrency", type=int, default=8, help="parallel requests to --endpoint")
+    ev.add_argument("--request-timeout", type=float, default=600.0, help="seconds per --endpoint request")
     ev.add_argument("--bench", nargs="+", required=True, help="benchmark record files (JSONL/JSON/Parquet)")
     ev.add_argument("--modes", default="auto,think,no_think", help="comma-separated modes")
     ev.add_argument("--out", required=True, help="run directory (samples.jsonl, metrics.json, report.md, PNGs)")
     ev.add_argument("--max-new-tokens", type=int, default=None,
-                    help=f"generated-token limit per sample (default: {default_limit}); a cut response scores 0")
+                    help=f"generated-token limit per sample (default: {default_limit}; an --endpoint gets "
+                         f"{PAPER_MAX_NEW_TOKENS:,}); a cut response scores 0")
     ev.add_argument("--budget", type=int, default=None, help="thinking budget in tokens")
-    ev.add_argument("--threshold", type=float, default=None, help="auto mode thinks iff p_think >= this")
+    ev.add_argument("--think-threshold", "--threshold", dest="threshold", type=_probability, default=None,
+                    help="auto mode thinks iff p_think >= this (pick it with `bimode eval calibrate`)")
     ev.add_argument("--batch-size", type=int, default=32, help="questions per generation batch")
     ev.add_argument("--limit", type=int, default=None, help="first N records of each benchmark")
     ev.add_argument("--judge", default=None, help="OpenAI-compatible URL of an LLM judge for text answers")
@@ -284,6 +380,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:2] == ["eval", "compare"]:
         return _cmd_eval_compare(argv[2:])
+    if argv[:2] == ["eval", "calibrate"]:
+        return _cmd_eval_calibrate(argv[2:])
     if argv[:1] == ["bpo"]:  # TRL's parser: --config RECIPE.yaml plus any GRPOConfig / BPOConfig field
         from bimode.train.bpo import main as bpo_main
 

@@ -1,8 +1,9 @@
 """Any OpenAI-compatible endpoint as a generation backend: a vLLM server, `bimode serve`, a hosted API.
 
 Thinking mode travels as vLLM users send it: `chat_template_kwargs: {"thinking_mode": "auto"|"long"|"short"}`.
-Requests run concurrently with retries and back-off and a time limit each. Token ids and p_think are not
-available through the API. Token counts (generation.types.token_counts, docs/tokens.md): with `tokenizer=` (the
+Requests run concurrently with retries and back-off and a time limit each. Token ids are not available
+through the API; p_think is where the server sends it (`bimode serve`: each choice's `bimode.p_think`), else
+None. Token counts (generation.types.token_counts, docs/tokens.md): with `tokenizer=` (the
 served model's), counted on each choice's text, encoded again; without, the usage block's totals
 (`completion_tokens`, `completion_tokens_details.reasoning_tokens`, which `bimode serve` fills with the same
 definition) shared over the choices in proportion to their text, exact for one choice per request. A server
@@ -100,7 +101,9 @@ class OpenAIEndpointBackend:
             "max_tokens": params.max_new_tokens,
             "temperature": params.temperature,
             "top_p": params.top_p,
-            "chat_template_kwargs": {"thinking_mode": R4B_NAMES[mode]},
+            # enable_thinking too: vLLM's qwen3 reasoning parser reads it to know the think block is closed
+            "chat_template_kwargs": {"thinking_mode": R4B_NAMES[mode],
+                                     **({"enable_thinking": False} if mode is ThinkingMode.NO_THINK else {})},
         }
         if params.top_k:
             body["top_k"] = params.top_k
@@ -112,8 +115,9 @@ class OpenAIEndpointBackend:
             body["think_threshold"] = params.think_threshold
         data = self._post_or_get("POST", "/chat/completions", body)
         choices = data.get("choices") or []
-        texts, reasonings, finishes = [], [], []
+        texts, reasonings, finishes, p_thinks = [], [], [], []
         for choice in choices:
+            p_thinks.append((choice.get("bimode") or {}).get("p_think"))  # bimode serve's; others send none
             message = choice.get("message") or {}
             reasoning = message.get("reasoning_content") or message.get("reasoning") or ""
             content = message.get("content") or ""
@@ -121,19 +125,24 @@ class OpenAIEndpointBackend:
             finish = {"length": "length"}.get(choice.get("finish_reason"), "stop")
             unclosed = (choice.get("bimode") or {}).get("mode") == "malformed" or (
                 reasoning and not content and finish == "length")
-            if unclosed:  # cut off while thinking: the block was never closed
+            # a server without a reasoning parser, cut off in forced thinking: its text is all reasoning
+            raw_cut = (not split_by_server and mode is ThinkingMode.THINK and finish == "length"
+                       and THINK_CLOSE not in content)
+            if unclosed or raw_cut:  # cut off while thinking: the block was never closed
+                reasoning = reasoning or content.split(THINK_OPEN, 1)[-1]
                 text = f"\n{reasoning}"
             elif split_by_server or THINK_CLOSE not in content:
                 text = f"\n{reasoning.strip()}\n{THINK_CLOSE}\n\n{content}" if reasoning else f"\n\n{THINK_CLOSE}\n\n{content}"
             else:  # a server without a reasoning parser: the raw response
                 text = content.split(THINK_OPEN, 1)[-1]
+                reasoning = text.split(THINK_CLOSE, 1)[0].strip()  # for the token estimate
             texts.append(text)
             reasonings.append(reasoning)
             finishes.append(finish)
         counts = self._token_counts(data.get("usage") or {}, texts, reasonings)
         return [Completion(mode=mode, prompt_suffix=THINK_OPEN, token_ids=[], text=text, finish_reason=finish,
-                           thinking_tokens=thinking, answer_tokens=answer)
-                for text, finish, (thinking, answer) in zip(texts, finishes, counts)]
+                           thinking_tokens=thinking, answer_tokens=answer, p_think=p_think)
+                for text, finish, (thinking, answer), p_think in zip(texts, finishes, counts, p_thinks)]
 
     def _token_counts(self, usage: dict, texts: list[str], reasonings: list[str]) -> list[tuple[int, int]]:
         """(thinking, answer) tokens per choice: see the module docstring."""

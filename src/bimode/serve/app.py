@@ -21,6 +21,7 @@ from dataclasses import astuple, dataclass, field, replace
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.concurrency import run_in_threadpool
 
 from bimode.generation.defaults import default_max_new_tokens
 from bimode.generation.types import Completion, Prompt, SamplingParams
@@ -183,7 +184,8 @@ def create_app(engine, model_name: str, limits: ServerLimits = ServerLimits(), r
         except (json.JSONDecodeError, UnicodeDecodeError):
             return error(400, "the request body is not valid JSON")
         try:
-            prompt, params, stream, extras = parse_request(body, limits)
+            # parsed in a worker thread: a remote image fetch must not stall the event loop
+            prompt, params, stream, extras = await run_in_threadpool(parse_request, body, limits)
             text = engine.render(prompt)
             prompt_tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"]) + len(prompt.images) * image_tokens
         except BadRequest as exc:
@@ -268,7 +270,9 @@ def create_app(engine, model_name: str, limits: ServerLimits = ServerLimits(), r
 def serve(model_path: str, host: str = "127.0.0.1", port: int = 8000, allow_image_dir: str | None = None,
           trust_remote_code: bool = False, max_batch: int = 32, request_timeout_s: float = 300.0,
           served_model_name: str | None = None, api_key: str | None = None, max_model_len: int | None = None,
-          max_tokens: int = 32768, default_chat_template_kwargs: dict | None = None) -> None:
+          max_tokens: int = 32768, default_chat_template_kwargs: dict | None = None,
+          allow_remote_images: bool = False, remote_image_max_bytes: int = 20 * 1024 * 1024,
+          remote_image_timeout_s: float = 10.0, think_threshold: float | None = None) -> None:
     import uvicorn
     from pathlib import Path
 
@@ -280,7 +284,9 @@ def serve(model_path: str, host: str = "127.0.0.1", port: int = 8000, allow_imag
     config = getattr(model.config, "text_config", None) or model.config
     limits = ServerLimits(allow_image_dir=Path(allow_image_dir) if allow_image_dir else None,
                           max_prompt_tokens=max_model_len or getattr(config, "max_position_embeddings", None) or 32768,
-                          max_new_tokens=max_tokens, default_chat_template_kwargs=default_chat_template_kwargs or {})
+                          max_new_tokens=max_tokens, default_chat_template_kwargs=default_chat_template_kwargs or {},
+                          allow_remote_images=allow_remote_images, remote_image_max_bytes=remote_image_max_bytes,
+                          remote_image_timeout_s=remote_image_timeout_s, default_think_threshold=think_threshold)
     name = served_model_name or Path(model_path).name
     app = create_app(engine, name, limits, request_timeout_s=request_timeout_s, max_batch=max_batch,
                      api_key=api_key)

@@ -5,11 +5,13 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from bimode.generation.defaults import PAPER_MAX_NEW_TOKENS
 from bimode.generation.types import Prompt, SamplingParams
@@ -33,11 +35,19 @@ class ServerLimits:
     default_new_tokens: int | None = None
     max_n: int = 16
     allow_image_dir: Path | None = None  # local image paths are refused unless under this directory
+    # http(s) image URLs: refused unless allowed (fetching lets any client make the server open URLs)
+    allow_remote_images: bool = False
+    remote_image_max_bytes: int = 20 * 1024 * 1024
+    remote_image_timeout_s: float = 10.0  # the whole fetch, redirects and body included
+    remote_image_max_redirects: int = 3
     # applied under every request's own chat_template_kwargs (vLLM's --default-chat-template-kwargs)
     default_chat_template_kwargs: dict = field(default_factory=dict)
+    # auto mode thinks iff p_think >= this when a request sets no think_threshold (`bimode eval calibrate`)
+    default_think_threshold: float | None = None
 
 
 def _decode_image(url: Any, limits: ServerLimits, where: str) -> Image.Image:
+    label = where  # what decoding errors say the image is: a remote one's URL too
     if not isinstance(url, str) or not url:
         raise BadRequest(f"{where}: image_url.url must be a non-empty string", where)
     if url.startswith("data:"):
@@ -51,19 +61,72 @@ def _decode_image(url: Any, limits: ServerLimits, where: str) -> Image.Image:
         except (binascii.Error, ValueError):
             raise BadRequest(f"{where}: image data is not valid base64", where) from None
     elif url.startswith(("http://", "https://")):
-        raise BadRequest(f"{where}: remote image URLs are not fetched; send a base64 data URL", where)
+        raw, content_type = _fetch_remote_image(url, limits, where)
+        label = f"{where} ({url}, Content-Type {content_type or 'not given'})"
+    elif _SCHEME.match(url) and not url.startswith("file://"):
+        raise BadRequest(f"{where}: image URL scheme {url.split(':', 1)[0]!r} is not supported "
+                         "(use http, https, data or file)", where)
     else:
         raw = _read_local_image(url.removeprefix("file://"), limits, where)
     try:
         with Image.open(io.BytesIO(raw)) as image:
             if image.width * image.height > limits.max_image_pixels:
-                raise BadRequest(f"{where}: image has {image.width}x{image.height} pixels, over the limit",
+                raise BadRequest(f"{label}: image has {image.width}x{image.height} pixels, over the limit",
                                  where, status=413)
             return image.convert("RGB")
     except BadRequest:
         raise
+    except UnidentifiedImageError:  # its message names a BytesIO object, no help to the caller
+        raise BadRequest(f"{label}: cannot decode image: not an image format PIL reads", where) from None
     except Exception as exc:
-        raise BadRequest(f"{where}: cannot decode image: {exc}", where) from None
+        raise BadRequest(f"{label}: cannot decode image: {exc}", where) from None
+
+
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def _fetch_remote_image(url: str, limits: ServerLimits, where: str) -> tuple[bytes, str | None]:
+    """The bytes at an http(s) URL and their Content-Type, within the size cap, the redirect limit and one
+    deadline for the whole fetch (httpx's timeout is per read: a server that trickles bytes would hold the
+    request for ever)."""
+    import httpx
+
+    if not limits.allow_remote_images:
+        raise BadRequest(f"{where}: remote image URLs are not fetched unless the server runs with "
+                         "--allow-remote-images; or send a base64 data URL", where)
+    cap = limits.remote_image_max_bytes
+
+    def fail(reason: str) -> BadRequest:
+        return BadRequest(f"{where}: cannot fetch image {url}: {reason}", where)
+
+    deadline = time.monotonic() + limits.remote_image_timeout_s
+    try:
+        # httpx follows only http(s) redirects: any other scheme is an UnsupportedProtocol error
+        with httpx.Client(follow_redirects=True, max_redirects=limits.remote_image_max_redirects,
+                          timeout=limits.remote_image_timeout_s) as client, client.stream("GET", url) as response:
+            if response.status_code >= 400:
+                raise fail(f"HTTP {response.status_code}")
+            declared = response.headers.get("content-length")
+            if declared and declared.isdigit() and int(declared) > cap:
+                raise fail(f"{int(declared)} bytes, over the limit of {cap} (--remote-image-max-bytes)")
+            chunks, size = [], 0
+            for chunk in response.iter_bytes():
+                size += len(chunk)
+                if size > cap:
+                    raise fail(f"over the limit of {cap} bytes (--remote-image-max-bytes)")
+                if time.monotonic() > deadline:
+                    raise fail(f"took longer than {limits.remote_image_timeout_s:g} s")
+                chunks.append(chunk)
+            content_type = response.headers.get("content-type")
+    except httpx.TooManyRedirects:
+        raise fail(f"more than {limits.remote_image_max_redirects} redirects") from None
+    except httpx.TimeoutException:
+        raise fail(f"took longer than {limits.remote_image_timeout_s:g} s") from None
+    except httpx.UnsupportedProtocol as exc:
+        raise fail(f"redirected to an unsupported scheme ({exc})") from None
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:
+        raise fail(f"{type(exc).__name__}: {exc}") from None
+    return b"".join(chunks), content_type
 
 
 def _read_local_image(path: str, limits: ServerLimits, where: str) -> bytes:
@@ -202,7 +265,7 @@ def parse_request(body: Any, limits: ServerLimits) -> tuple[Prompt, SamplingPara
         seed=_number(body, "seed", int, None),
         max_thinking_tokens=_number({"max_thinking_tokens": budget}, "max_thinking_tokens", int, None, 0,
                                     limits.max_new_tokens),
-        think_threshold=_number(body, "think_threshold", float, None, 0.0, 1.0),
+        think_threshold=_number(body, "think_threshold", float, limits.default_think_threshold, 0.0, 1.0),
     )
     prompt = Prompt(messages=messages, images=images, modes=[mode] * n)
     return prompt, params, stream, {"include_usage": bool(stream_options.get("include_usage"))}
