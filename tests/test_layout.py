@@ -5,6 +5,7 @@ import torch
 from bimode.models import load_model
 from bimode.models.layout import checkpoint_param_name, flat_vision_towers
 from tests.hf_fixtures import build_tiny_llava_next, build_tiny_qwen25_vl, saved_vision_keys
+from tests.vllm_helpers import VLLM_PYTHON, needs_vllm, vllm_env
 
 
 def test_param_names_gain_the_vision_model_level_only_under_flat_towers():
@@ -57,3 +58,32 @@ def test_towers_without_a_legacy_level_are_left_alone(tmp_path):
         with safe_open(str(next(folder.glob("*.safetensors"))), "pt") as f:
             names.append(set(f.keys()))
     assert names[0] == names[1]
+
+
+@needs_vllm
+def test_the_previous_transformers_minor_reads_the_checkpoint(tmp_path, tiny_dir):
+    """.venv-vllm holds transformers 5.17 (vLLM's pin): it loads bimode's checkpoint with the Auto classes and
+    computes the same logits as this environment's transformers."""
+    import json
+    import subprocess
+
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from bimode.data import synthetic
+    from tests.test_tiny import ROUND_TRIP
+
+    image = synthetic.generate(1, families=["shell"], levels=[4])[0].render()
+    image.save(tmp_path / "img.png")
+    out = subprocess.run([str(VLLM_PYTHON), "-c", ROUND_TRIP + "import transformers; print(transformers.__version__)",
+                          str(tiny_dir), str(tmp_path / "img.png")], capture_output=True, text=True, check=True,
+                         cwd=tmp_path, env=vllm_env())
+    lines = out.stdout.strip().splitlines()
+    result, version = json.loads(lines[-2]), lines[-1]
+    assert version.startswith("5.") and int(version.split(".")[1]) < 24, version
+    processor = AutoProcessor.from_pretrained(tiny_dir)
+    model = AutoModelForImageTextToText.from_pretrained(tiny_dir).eval()
+    inputs = processor(images=[image], text=[result["text"]], return_tensors="pt")
+    assert inputs["input_ids"][0].tolist() == result["ids"]
+    with torch.no_grad():
+        logits = model(**inputs).logits[0, -1]
+    torch.testing.assert_close(torch.tensor(result["logits"]), logits, rtol=1e-4, atol=1e-5)
