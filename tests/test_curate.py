@@ -8,6 +8,7 @@ from bimode.curate import CurateConfig, run_curation
 from bimode.data import synthetic
 from bimode.data.curation import performance_label
 from bimode.data.records import read_records, write_records
+from bimode.io import read_log
 from bimode.serve.app import create_app
 from tests.conftest import TRAINED_FAMILIES, TRAINED_MAX_LEVEL, serve_in_thread
 
@@ -112,6 +113,9 @@ def test_killed_run_resumes_to_the_same_output(engine, pool, tmp_path):
     assert len(lines) == 2  # two batches finished before the kill, nothing else written
     (tmp_path / "resumed" / "batches.jsonl").write_text("\n".join(lines) + "\n" + lines[-1][:30])  # cut line
     run_curation(engine, [pool], tmp_path / "resumed", CFG, progress=False)
+    # the batch appended after the cut line did not fuse with it: a later resume finds every batch
+    logged = [e["batch"] for e in read_log(tmp_path / "resumed" / "batches.jsonl")]
+    assert sorted(logged) == [e["batch"] for e in read_log(tmp_path / "whole" / "batches.jsonl")]
     for name in ("curated.jsonl", "rejects.jsonl"):
         assert (tmp_path / "whole" / name).read_text() == (tmp_path / "resumed" / name).read_text()
     with pytest.raises(FileExistsError, match="overwrite"):

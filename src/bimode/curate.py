@@ -16,7 +16,6 @@ which would label the query thinking; a cut trace fails verification and loses t
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field, replace
@@ -30,6 +29,7 @@ from bimode.data.records import Record, RecordError, record_to_dict
 from bimode.data.rejects import REJECTS_FILE, from_error, image_error, reject, write_rejects
 from bimode.generation.defaults import PAPER_MAX_NEW_TOKENS, default_max_new_tokens
 from bimode.generation.types import Prompt, SamplingParams
+from bimode.io import append_log, read_log, write_jsonl
 from bimode.modes import ThinkingMode
 from bimode.rewards import accuracy_reward
 
@@ -162,16 +162,8 @@ def _generate_traces(reasoner, records: list[Record], cfg: CurateConfig, seed: i
 
 
 def _finished_batches(progress: Path) -> dict[int, dict]:
-    """Batches already done: one JSON line each; a line cut by a kill is ignored (the batch is redone)."""
-    done = {}
-    if progress.exists():
-        for line in progress.read_text(encoding="utf-8").splitlines():
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            done[entry["batch"]] = entry
-    return done
+    """Batches already done: one JSON line each; a line cut by a kill is skipped (the batch is redone)."""
+    return {entry["batch"]: entry for entry in read_log(progress)}
 
 
 def run_curation(backend, inputs: list, out: Path, cfg: CurateConfig = CurateConfig(), reasoner=None,
@@ -219,10 +211,7 @@ def run_curation(backend, inputs: list, out: Path, cfg: CurateConfig = CurateCon
             rejects = with_file(rejects)
             rows = [record_to_dict(r, image_dir=out / "curated_images", base_dir=out) for r in kept]
             entry = {"batch": index, "ids": [r.id for r in batch], "curated": rows, "rejects": rejects}
-            with open(progress_path, "a", encoding="utf-8") as fh:  # one line per batch: all or nothing
-                fh.write(json.dumps(entry, ensure_ascii=False) + "\n")
-                fh.flush()
-                os.fsync(fh.fileno())
+            append_log(progress_path, [entry])  # one line per batch: all or nothing
             done[index] = entry
         if bar:
             bar.update(len(batch))
@@ -232,15 +221,9 @@ def run_curation(backend, inputs: list, out: Path, cfg: CurateConfig = CurateCon
     rejects = read_rejects + with_file([reject(f"duplicate of {first}", field="question", id=rid)
                                         for rid, first in duplicates.items()])
     rejects += [row for i in sorted(done) for row in done[i]["rejects"]]
-    _write_jsonl(out / "curated.jsonl", curated)
+    write_jsonl(out / "curated.jsonl", curated)
     rejects = write_rejects(out / REJECTS_FILE, rejects)
     return summarize(out, curated, rejects, time.time() - start)
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    from bimode.data.records import _atomic_write_text
-
-    _atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def summarize(out: Path, curated: list[dict], rejects: list[dict], seconds: float) -> dict:

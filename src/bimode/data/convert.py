@@ -116,12 +116,12 @@ CONVERTERS = {"llava": from_llava, "sharegpt": from_messages, "qa": from_plain_q
 
 def iter_converted(path, fmt: str = "auto", on_error=None) -> Iterator[Record]:
     """Records from a JSON/JSONL file in any supported layout; `auto` detects per row."""
-    from bimode.data.records import _iter_raw_rows, _normalize_plain
+    from bimode.data.records import iter_raw_rows, _normalize_plain
 
     path = Path(path)
     if not path.exists():
         raise RecordError("no such file or directory", path)
-    for row_number, row in _iter_raw_rows(path, on_error):
+    for row_number, row in iter_raw_rows(path, on_error):
         try:
             if not isinstance(row, dict):
                 raise RecordError(f"expected an object, got {type(row).__name__}", path, row_number)

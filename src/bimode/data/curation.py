@@ -166,12 +166,12 @@ def _normalize(text: str) -> str:
 
 def image_key(record: Record) -> str:
     """A hash of the record's image contents (paths and bytes alike)."""
-    from bimode.data.records import _png_bytes
+    from bimode.data.records import png_bytes
 
     digest = hashlib.sha256()
     for img in record.images:
         try:
-            digest.update(_png_bytes(img) if not isinstance(img, str) else open(img, "rb").read())
+            digest.update(png_bytes(img) if not isinstance(img, str) else open(img, "rb").read())
         except OSError:
             digest.update(str(img).encode())
     return digest.hexdigest()

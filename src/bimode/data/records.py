@@ -23,12 +23,13 @@ import base64
 import io
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from PIL import Image
+
+from bimode.io import write_jsonl
 
 ANSWER_TYPES = ("math", "numeric", "mc", "text")
 TARGET_MODES = ("think", "no_think")
@@ -198,7 +199,7 @@ def to_pil(img: Any) -> Image.Image:
         raise ValueError(f"cannot decode image ({what}): {exc}") from exc
 
 
-def _png_bytes(img: Any) -> bytes:
+def png_bytes(img: Any) -> bytes:
     if isinstance(img, (bytes, bytearray)):
         return bytes(img)
     buffer = io.BytesIO()
@@ -217,16 +218,16 @@ def record_to_dict(record: Record, image_dir: Path | None = None, base_dir: Path
     disk_images = []
     for i, img in enumerate(record.images):
         if embed:
-            disk_images.append({"bytes": _png_bytes(img)})
+            disk_images.append({"bytes": png_bytes(img)})
         elif isinstance(img, str) and image_dir is None:
             disk_images.append(img if base_dir is None else os.path.relpath(img, base_dir))
         elif image_dir is not None:
             image_dir.mkdir(parents=True, exist_ok=True)
             target = image_dir / f"{_safe_name(record.id)}_{i}.png"
-            target.write_bytes(_png_bytes(img))
+            target.write_bytes(png_bytes(img))
             disk_images.append(str(target.relative_to(base_dir)) if base_dir else str(target))
         else:
-            disk_images.append({"base64": base64.b64encode(_png_bytes(img)).decode()})
+            disk_images.append({"base64": base64.b64encode(png_bytes(img)).decode()})
     row["images"] = disk_images
     return row
 
@@ -252,7 +253,7 @@ def iter_numbered_records(path: str | os.PathLike, on_error=None) -> Iterator[tu
     path = Path(path)
     if not path.exists():
         raise RecordError("no such file or directory", path)
-    for row_number, row in _iter_raw_rows(path, on_error):
+    for row_number, row in iter_raw_rows(path, on_error):
         try:
             yield row_number, record_from_dict(_normalize_plain(row, path, row_number), path, row_number,
                                                path.parent)
@@ -276,7 +277,7 @@ def _normalize_plain(row: Any, path: Path, row_number: int) -> Any:
     return row
 
 
-def _iter_raw_rows(path: Path, on_error=None) -> Iterator[tuple[int, Any]]:
+def iter_raw_rows(path: Path, on_error=None) -> Iterator[tuple[int, Any]]:
     if path.is_dir():
         import datasets
 
@@ -324,7 +325,7 @@ def write_records(records: Iterable[Record], path: str | os.PathLike, overwrite:
     if path.suffix == ".jsonl":
         image_dir = path.parent / f"{path.stem}_images"
         rows = [record_to_dict(r, image_dir=image_dir, base_dir=path.parent) for r in records]
-        _atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        write_jsonl(path, rows)
     elif path.suffix == ".parquet":
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -348,10 +349,3 @@ def _for_arrow(row: dict) -> dict:
     row = dict(row)
     row["meta"] = json.dumps(row["meta"])
     return row
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.replace(tmp, path)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Iterable
 
 from bimode.data.records import Record, RecordError
+from bimode.io import read_log, write_jsonl
 
 REJECTS_FILE = "rejects.jsonl"
 KEYS = ("file", "row", "field", "id", "reason")
@@ -66,24 +67,13 @@ def unique(rows: Iterable[dict]) -> list[dict]:
 
 def read_rejects(path: str | os.PathLike) -> list[dict]:
     """The rejects in a file (none when it does not exist); a line cut by a kill is skipped."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
+    return read_log(path)
 
 
 def write_rejects(path: str | os.PathLike, rows: Iterable[dict]) -> list[dict]:
     """Write the rejects (duplicates dropped) atomically: the file is the old one or the new one, never half."""
-    from bimode.data.records import _atomic_write_text
-
     rows = unique(rows)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows))
+    write_jsonl(path, rows)
     return rows

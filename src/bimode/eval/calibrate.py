@@ -22,7 +22,7 @@ import hashlib
 from itertools import pairwise
 from statistics import mean
 
-from bimode.eval.metrics import _by_query, oracle_summary, threshold_curve
+from bimode.eval.metrics import by_query, oracle_summary, threshold_curve
 
 
 class CalibrationError(ValueError):
@@ -32,7 +32,7 @@ class CalibrationError(ValueError):
 def usable_queries(rows: list[dict], source: str = "the run") -> dict:
     """{(bench, id): {mode: row}} of the questions with think and no_think rows and a p_think; a clear error
     when there are none."""
-    queries = {k: m for k, m in _by_query(rows).items() if "think" in m and "no_think" in m}
+    queries = {k: m for k, m in by_query(rows).items() if "think" in m and "no_think" in m}
     if not queries:
         raise CalibrationError(f"{source} has no question with both think and no_think rows: calibration needs "
                                "an eval run with --modes think,no_think (auto may be added)")

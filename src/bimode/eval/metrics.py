@@ -51,7 +51,7 @@ def mode_summary(rows: list[dict]) -> dict:
     }
 
 
-def _by_query(rows: list[dict]) -> dict:
+def by_query(rows: list[dict]) -> dict:
     queries: dict = defaultdict(dict)
     for r in rows:
         queries[(r["bench"], r["id"])][r["mode"]] = r
@@ -68,7 +68,7 @@ def oracle_choice(think: dict, no_think: dict) -> str:
 def oracle_summary(rows: list[dict]) -> dict:
     """Oracle accuracy and tokens over queries that have both forced modes."""
     chosen = []
-    for modes in _by_query(rows).values():
+    for modes in by_query(rows).values():
         if "think" in modes and "no_think" in modes:
             chosen.append(modes[oracle_choice(modes["think"], modes["no_think"])])
     if not chosen:
@@ -92,7 +92,7 @@ def mode_selection(rows: list[dict]) -> dict:
     """How well auto mode picks: Hybrid Accuracy (share choosing the oracle's mode) and MCC of thinking
     against the oracle's need to think (think right and no_think wrong)."""
     picked, needed, agree = [], [], []
-    for modes in _by_query(rows).values():
+    for modes in by_query(rows).values():
         if not {"think", "no_think", "auto"} <= set(modes):
             continue
         oracle = oracle_choice(modes["think"], modes["no_think"])
@@ -112,7 +112,7 @@ def threshold_curve(rows: list[dict], thresholds: list[float] | None = None) -> 
     With greedy decoding a thresholded auto sample is the forced sample of the chosen mode, so the curve
     needs no new generation. Thresholds default to every distinct p_think plus 0 and just above 1.
     """
-    queries = [m for m in _by_query(rows).values()
+    queries = [m for m in by_query(rows).values()
                if "think" in m and "no_think" in m and m["think"].get("p_think") is not None]
     if not queries:
         return []

@@ -12,7 +12,6 @@ paper's 8,192 (`bimode.generation.defaults`).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from bimode.data.records import Record, RecordError, iter_numbered_records
 from bimode.data.rejects import REJECTS_FILE, from_error, image_error, read_rejects, write_rejects
 from bimode.generation.defaults import default_max_new_tokens
 from bimode.generation.types import Prompt, SamplingParams
+from bimode.io import append_log, read_log
 from bimode.modes import ThinkingMode
 from bimode.rewards import accuracy_reward
 
@@ -90,16 +90,7 @@ def score(record: Record, response: str, judge=None) -> float:
 
 
 def _done_keys(samples_path: Path) -> set:
-    done = set()
-    if samples_path.exists():
-        with open(samples_path, encoding="utf-8") as fh:
-            for line in fh:
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut by a kill mid-write: redone
-                done.add((row["bench"], row["id"], row["mode"]))
-    return done
+    return {(row["bench"], row["id"], row["mode"]) for row in read_log(samples_path)}
 
 
 def run_eval(engine, bench_paths: list, out_dir: Path, cfg: EvalConfig = EvalConfig(), progress: bool = True) -> Path:
@@ -130,46 +121,32 @@ def run_eval(engine, bench_paths: list, out_dir: Path, cfg: EvalConfig = EvalCon
         from tqdm import tqdm
 
         bar = tqdm(total=sum(len(t) for _, _, t in work), desc="eval", unit="sample")
-    if samples_path.exists() and samples_path.stat().st_size:
-        with open(samples_path, "rb+") as fh:  # a kill mid-write leaves a cut last line: end it
-            fh.seek(-1, os.SEEK_END)
-            if fh.read(1) != b"\n":
-                fh.write(b"\n")
-    with open(samples_path, "a", encoding="utf-8") as fh:
-        for start in range(0, len(work), cfg.batch_size):
-            chunk = work[start:start + cfg.batch_size]
-            prompts = [Prompt.from_record(record, todo) for _, record, todo in chunk]
-            results = engine.generate(prompts, params)
-            lines = []
-            for (name, record, todo), completions in zip(chunk, results):
-                for mode, c in zip(todo, completions):
-                    parsed = c.parsed
-                    lines.append(json.dumps({
-                        "bench": name, "id": record.id, "mode": mode.value, "family": record.family,
-                        "level": record.level, "domain": record.domain, "answer_type": record.answer_type,
-                        "gold": record.answer, "response": c.response, "answer": parsed.answer,
-                        "parsed_mode": parsed.mode, "thought": parsed.mode in ("think", "malformed"),
-                        "score": score(record, c.response, cfg.judge), "tokens": c.num_tokens,
-                        "thinking_tokens": c.thinking_tokens, "answer_tokens": c.answer_tokens,
-                        "finish_reason": c.finish_reason, "p_think": c.p_think,
-                    }) + "\n")
-            fh.write("".join(lines))  # one write per batch: a kill loses at most the batch in flight
-            fh.flush()
-            if bar:
-                bar.update(sum(len(t) for _, _, t in chunk))
+    for start in range(0, len(work), cfg.batch_size):
+        chunk = work[start:start + cfg.batch_size]
+        prompts = [Prompt.from_record(record, todo) for _, record, todo in chunk]
+        results = engine.generate(prompts, params)
+        rows = []
+        for (name, record, todo), completions in zip(chunk, results):
+            for mode, c in zip(todo, completions):
+                parsed = c.parsed
+                rows.append({
+                    "bench": name, "id": record.id, "mode": mode.value, "family": record.family,
+                    "level": record.level, "domain": record.domain, "answer_type": record.answer_type,
+                    "gold": record.answer, "response": c.response, "answer": parsed.answer,
+                    "parsed_mode": parsed.mode, "thought": parsed.mode in ("think", "malformed"),
+                    "score": score(record, c.response, cfg.judge), "tokens": c.num_tokens,
+                    "thinking_tokens": c.thinking_tokens, "answer_tokens": c.answer_tokens,
+                    "finish_reason": c.finish_reason, "p_think": c.p_think,
+                })
+        append_log(samples_path, rows)  # one write per batch: a kill loses at most the batch in flight
+        if bar:
+            bar.update(sum(len(t) for _, _, t in chunk))
     if bar:
         bar.close()
     return samples_path
 
 
 def read_samples(path: Path) -> list[dict]:
-    rows = []
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    continue
+    rows = read_log(path)
     # one row per key: the last write wins (a resumed batch may repeat a half-written one)
     return list({(r["bench"], r["id"], r["mode"]): r for r in rows}.values())

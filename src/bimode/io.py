@@ -1,0 +1,62 @@
+"""Files that survive a kill: atomic rewrites, and the append-only JSONL logs that make long jobs resumable.
+
+Curation (`batches.jsonl`, one line per finished batch) and evaluation (`samples.jsonl`, one line per scored
+sample) resume from such a log. A kill mid-write can leave the last line cut: reading skips it (its work is
+redone), and the next append first ends it with a newline, so the new lines never fuse with it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write text so that the file is either the old one or the new one, never a half."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def jsonl_text(rows: Iterable[dict]) -> str:
+    return "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows)
+
+
+def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
+    """Rewrite a JSONL file atomically."""
+    atomic_write_text(path, jsonl_text(rows))
+
+
+def read_log(path: str | os.PathLike) -> list[dict]:
+    """The complete lines of a JSONL log, in order; blank lines and a line cut by a kill are skipped."""
+    path = Path(path)
+    rows = []
+    if path.exists():
+        with open(path, encoding="utf-8") as fh:
+            for line in fh:
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError:
+                        continue
+    return rows
+
+
+def append_log(path: str | os.PathLike, rows: Iterable[dict]) -> None:
+    """Append rows in one write, flushed to disk: a kill loses this call's rows or none of them (a cut line
+    is skipped by `read_log`). A cut last line left by an earlier kill is ended first."""
+    path = Path(path)
+    text = jsonl_text(rows)
+    with open(path, "a+b") as fh:
+        if fh.tell():
+            fh.seek(-1, os.SEEK_END)
+            if fh.read(1) != b"\n":
+                text = "\n" + text
+        fh.write(text.encode("utf-8"))
+        fh.flush()
+        os.fsync(fh.fileno())
