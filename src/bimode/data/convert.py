@@ -116,7 +116,7 @@ CONVERTERS = {"llava": from_llava, "sharegpt": from_messages, "qa": from_plain_q
 
 def iter_converted(path, fmt: str = "auto", on_error=None) -> Iterator[Record]:
     """Records from a JSON/JSONL file in any supported layout; `auto` detects per row."""
-    from bimode.data.records import iter_raw_rows, _normalize_plain
+    from bimode.data.records import iter_raw_rows, normalize_plain
 
     path = Path(path)
     if not path.exists():
@@ -134,7 +134,7 @@ def iter_converted(path, fmt: str = "auto", on_error=None) -> Iterator[Record]:
             if converted.get("id") in (None, ""):
                 converted["id"] = f"{path.stem}-{row_number}"
             converted = {k: v for k, v in converted.items() if v is not None or k in ("reasoning",)}
-            yield record_from_dict(_normalize_plain(converted, path, row_number), path, row_number, path.parent)
+            yield record_from_dict(normalize_plain(converted, path, row_number), path, row_number, path.parent)
         except RecordError as exc:
             if on_error is None:
                 raise

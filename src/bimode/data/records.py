@@ -255,7 +255,7 @@ def iter_numbered_records(path: str | os.PathLike, on_error=None) -> Iterator[tu
         raise RecordError("no such file or directory", path)
     for row_number, row in iter_raw_rows(path, on_error):
         try:
-            yield row_number, record_from_dict(_normalize_plain(row, path, row_number), path, row_number,
+            yield row_number, record_from_dict(normalize_plain(row, path, row_number), path, row_number,
                                                path.parent)
         except RecordError as exc:
             if on_error is None:
@@ -263,7 +263,7 @@ def iter_numbered_records(path: str | os.PathLike, on_error=None) -> Iterator[tu
             on_error(exc)
 
 
-def _normalize_plain(row: Any, path: Path, row_number: int) -> Any:
+def normalize_plain(row: Any, path: Path, row_number: int) -> Any:
     if not isinstance(row, dict):
         return row
     row = dict(row)
