@@ -1,18 +1,26 @@
-"""Shared-prefix bi-mode groups versus repeated prompts, on the tiny model with image prompts.
+"""Shared-prefix bi-mode groups versus repeated prompts, on image prompts.
 
-Both sides run in this one process on the same model, prompts, group shapes and sampling settings:
+Three sides, same model, prompts, group shapes and sampling settings, each run in its own child process of
+this one command (so each side's peak memory is its own; the children run one after the other):
   shared    engine.generate with one Prompt per question and 2g sample modes (one prefill per question)
   repeated  engine.generate with each sample as its own Prompt (the prompt prefilled 2g times, as TRL's
             transformers path does), same decode loop
   hf        transformers' model.generate on the repeated prompts (TRL's actual transformers path)
-Reported: completion tokens per second, prefill tokens computed, and ratios against each baseline.
+Each side runs once untimed (warm-up), then `--repeats` timed runs; reported: the best time, completion tokens
+per second, prefill tokens computed, the side's peak resident memory (the child's max RSS), and ratios.
 
     .venv/bin/python bench/shared_prefix.py [--questions 8] [--max-new-tokens 32] [--repeats 3]
+    .venv/bin/python bench/shared_prefix.py --realistic runs/realistic --questions 2 --groups 16 \\
+        --max-new-tokens 128 --repeats 1        # the realistic shapes of issue 17 (bench/realistic_model.py)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import resource
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -25,15 +33,52 @@ from bimode.models import load_model
 from bimode.models.tiny import build_tiny
 from bimode.modes import ThinkingMode
 
+SIDES = ("shared", "repeated", "hf generate")
 
-def run(fn, repeats):
+
+def side_fn(name: str, engine, model, records, n: int, max_new_tokens: int):
+    """A function generating one batch the side's way; returns the completion tokens generated."""
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, seed=0)
+    modes = [ThinkingMode.THINK] * (n // 2) + [ThinkingMode.NO_THINK] * (n // 2)
+    if name == "shared":
+        prompts = [Prompt.from_record(r, modes) for r in records]
+        return lambda: sum(c.num_tokens for g in engine.generate(prompts, params) for c in g)
+    if name == "repeated":
+        prompts = [Prompt.from_record(r, [m]) for r in records for m in modes]
+        return lambda: sum(c.num_tokens for g in engine.generate(prompts, params) for c in g)
+
+    def hf():
+        total = 0
+        for mode in (ThinkingMode.THINK, ThinkingMode.NO_THINK):
+            prompts = [Prompt.from_record(r, [mode]) for r in records for _ in range(n // 2)]
+            inputs = engine._encode([engine.render(p, mode) for p in prompts], [i for p in prompts for i in p.images])
+            torch.manual_seed(0)
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                                 do_sample=True, temperature=1.0, top_p=None, top_k=None, pad_token_id=engine.pad_id)
+            total += (out.shape[1] - inputs["input_ids"].shape[1]) * out.shape[0]
+        return total
+    return hf
+
+
+def run_side(args) -> dict:
+    model, processor = load_model(args.model, dtype=torch.float32)
+    engine = TransformersEngine(model, processor, max_batch_rows=1024)
+    engine.eos_ids = set()  # never stop early: equal work on every side
+    records = [s.to_record() for s in synthetic.generate(args.questions, seed=0, split="eval",
+                                                         families=["shell"], levels=[6])]
+    fn = side_fn(args.side, engine, model, records, args.groups[0], args.max_new_tokens)
+    fn()  # warm-up: first-call costs (allocator, kernels) are not the side's
     best = None
-    for _ in range(repeats):
+    for _ in range(args.repeats):
         start = time.perf_counter()
         tokens = fn()
         elapsed = time.perf_counter() - start
         best = elapsed if best is None else min(best, elapsed)
-    return tokens, best
+    prompt_len = len(processor(images=records[0].load_images(), text=[engine.render(Prompt.from_record(records[0]))],
+                               return_tensors="pt")["input_ids"][0])
+    return {"tokens": tokens, "seconds": best, "max_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "prompt_len": prompt_len, "params": sum(p.numel() for p in model.parameters()),
+            "threads": torch.get_num_threads()}
 
 
 def main() -> None:
@@ -42,54 +87,44 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--model", default=None, help="model dir (default: a freshly built tiny model)")
+    parser.add_argument("--realistic", default=None, metavar="DIR",
+                        help="the realistic-shape model of bench/realistic_model.py (built there if missing)")
+    parser.add_argument("--groups", type=int, nargs="+", default=[8, 16], help="group sizes 2g to run")
+    parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # a child process: one side
     args = parser.parse_args()
-    path = args.model or build_tiny(tempfile.mkdtemp() + "/tiny")
-    model, processor = load_model(path, dtype=torch.float32)
-    engine = TransformersEngine(model, processor, max_batch_rows=1024)
-    records = [s.to_record() for s in synthetic.generate(args.questions, seed=0, split="eval",
-                                                         families=["shell"], levels=[6])]
-    prompt_len = len(processor(images=records[0].load_images(), text=[engine.render(Prompt.from_record(records[0]))],
-                               return_tensors="pt")["input_ids"][0])
-    # Fixed-length continuations so both sides generate the same number of tokens.
-    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=1.0, seed=0)
-    engine.eos_ids = set()  # never stop early: equal work on both sides
-    print(f"tiny model, {args.questions} image questions, prompt {prompt_len} tokens, "
-          f"{args.max_new_tokens} new tokens per sample, best of {args.repeats}, {torch.get_num_threads()} threads")
-    print("| group (g think + g no_think) | side | s | completion tok/s | prefill tokens | speed-up |")
-    print("|---|---|---|---|---|---|")
-    for n in (8, 16):
-        modes = [ThinkingMode.THINK] * (n // 2) + [ThinkingMode.NO_THINK] * (n // 2)
-        shared_prompts = [Prompt.from_record(r, modes) for r in records]
-        repeated_prompts = [Prompt.from_record(r, [m]) for r in records for m in modes]
+    if args.side:
+        print(json.dumps(run_side(args)))
+        return
+    if args.realistic:
+        from realistic_model import build_realistic  # beside this script (python puts its folder on the path)
 
-        def shared():
-            return sum(c.num_tokens for g in engine.generate(shared_prompts, params) for c in g)
-
-        def repeated():
-            return sum(c.num_tokens for g in engine.generate(repeated_prompts, params) for c in g)
-
-        def hf():
-            total = 0
-            for mode in (ThinkingMode.THINK, ThinkingMode.NO_THINK):
-                prompts = [Prompt.from_record(r, [mode]) for r in records for _ in range(n // 2)]
-                inputs = engine._encode([engine.render(p, mode) for p in prompts], [i for p in prompts for i in p.images])
-                torch.manual_seed(0)
-                out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens,
-                                     do_sample=True, temperature=1.0, top_p=None, top_k=None,
-                                     pad_token_id=engine.pad_id)
-                total += (out.shape[1] - inputs["input_ids"].shape[1]) * out.shape[0]
-            return total
-
+        args.model = str(build_realistic(args.realistic))
+    else:
+        args.model = args.model or str(build_tiny(tempfile.mkdtemp() + "/tiny"))
+    common = [sys.executable, __file__, "--model", args.model, "--questions", str(args.questions),
+              "--max-new-tokens", str(args.max_new_tokens), "--repeats", str(args.repeats)]
+    header = False
+    for n in args.groups:
         rows = {}
-        for name, fn, prefill in (("shared", shared, args.questions * prompt_len),
-                                  ("repeated", repeated, args.questions * n * prompt_len),
-                                  ("hf generate", hf, args.questions * n * prompt_len)):
-            tokens, seconds = run(fn, args.repeats)
-            rows[name] = (tokens, seconds, prefill)
-        base = rows["shared"][1]
-        for name, (tokens, seconds, prefill) in rows.items():
-            ratio = "1.00x" if name == "shared" else f"shared is {seconds / base:.2f}x faster"
-            print(f"| {n // 2}+{n // 2} | {name} | {seconds:.2f} | {tokens / seconds:,.0f} | {prefill:,} | {ratio} |")
+        for name in SIDES:
+            done = subprocess.run(common + ["--groups", str(n), "--side", name], capture_output=True, text=True,
+                                  check=True)
+            rows[name] = json.loads(done.stdout.strip().splitlines()[-1])
+        if not header:
+            first = rows["shared"]
+            print(f"{args.model} ({first['params'] / 1e6:.1f}M parameters), {args.questions} image questions, "
+                  f"prompt {first['prompt_len']} tokens, {args.max_new_tokens} new tokens per sample, best of "
+                  f"{args.repeats} after a warm-up, {first['threads']} threads")
+            print("| group (g think + g no_think) | side | s | completion tok/s | prefill tokens | peak RSS (MiB) "
+                  "| speed-up |")
+            print("|---|---|---|---|---|---|---|")
+            header = True
+        base = rows["shared"]["seconds"]
+        for name, r in rows.items():
+            prefill = args.questions * r["prompt_len"] * (1 if name == "shared" else n)
+            ratio = "1.00x" if name == "shared" else f"shared is {r['seconds'] / base:.2f}x faster"
+            print(f"| {n // 2}+{n // 2} | {name} | {r['seconds']:.2f} | {r['tokens'] / r['seconds']:,.0f} "
+                  f"| {prefill:,} | {r['max_rss'] / 2**20:,.0f} | {ratio} |", flush=True)
 
 
 if __name__ == "__main__":
