@@ -34,3 +34,15 @@ def test_anneal_table3_runs_and_reports(tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert set(results) == {"non-reasoning only", "reasoning only", "NR then R", "mixed"}
     assert f"| mixed | {100 * results['mixed']['modes']['think']['accuracy']:.1f} |" in stdout
+
+
+def test_lora_comparison_runs_and_reports(tmp_path):
+    out = tmp_path / "lora"
+    stdout = run_script("scripts/lora_comparison.py", "--out", str(out), "--n-train", "48", "--n-eval", "6",
+                        "--anneal-steps", "2", "--bpo-steps", "1", "--bpo-prompts", "2", "--lora-r", "4")
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert list(runs) == ["anneal, full", "anneal, LoRA", "BPO, full", "BPO, LoRA"]
+    assert runs["anneal, LoRA"]["trainable"] < runs["anneal, full"]["trainable"] == runs["anneal, full"]["total"]
+    for name, m in runs.items():
+        assert f"| {name} | {m['trainable']:,} " in stdout and m["steps"] > 0
+    assert (out / "bpo_lora" / "final" / "adapter_config.json").exists()

@@ -49,9 +49,11 @@ def _cmd_data_synth(args) -> int:
 def _cmd_chat(args) -> int:
     from bimode.chat import run_chat
     from bimode.generation.defaults import default_max_new_tokens
+    from bimode.models.loading import adapter_base
 
-    # the checkpoint's generation_config.json is read as a file: the model itself is loaded once, in run_chat
-    max_new_tokens = default_max_new_tokens(args.model, args.max_new_tokens)
+    # the checkpoint's generation_config.json is read as a file (an adapter's: its base's); the model itself
+    # is loaded once, in run_chat
+    max_new_tokens = default_max_new_tokens(adapter_base(args.model) or args.model, args.max_new_tokens)
     return run_chat(args.model, args.prompt, args.image, args.mode, args.budget, max_new_tokens,
                     args.temperature, args.threshold, args.trust_remote_code)
 
@@ -80,7 +82,8 @@ def _cmd_eval(args) -> int:
 
     from bimode.eval.report import write_report
     from bimode.eval.runner import EvalConfig, read_samples, run_eval
-    from bimode.generation.openai_backend import EndpointError, OpenAIEndpointBackend
+    from bimode.generation.backends import build_backend
+    from bimode.generation.openai_backend import EndpointError
 
     if (args.model is None) == (args.endpoint is None):
         raise SystemExit("error: bimode eval takes a local model directory or --endpoint URL (one of the two)")
@@ -90,19 +93,16 @@ def _cmd_eval(args) -> int:
     if args.overwrite and out.exists():
         shutil.rmtree(out)
     try:
-        judge = OpenAIEndpointBackend(args.judge, model=args.judge_model) if args.judge else None
+        judge = build_backend(args.judge, model_name=args.judge_model) if args.judge else None
         if args.endpoint:
             # the modes travel as chat_template_kwargs.thinking_mode, one request per (question, mode)
             api_key = args.api_key or os.environ.get("BIMODE_API_KEY") or os.environ.get("OPENAI_API_KEY")
-            engine = OpenAIEndpointBackend(args.endpoint, model=args.endpoint_model, api_key=api_key,
-                                           concurrency=args.concurrency, timeout_s=args.request_timeout)
+            engine = build_backend(args.endpoint, model_name=args.endpoint_model, api_key=api_key,
+                                   concurrency=args.concurrency, timeout_s=args.request_timeout)
             title = f"bimode eval of {engine.model} at {args.endpoint}"
         else:
-            from bimode.generation.engine import TransformersEngine
-            from bimode.models import load_model
-
-            model, processor = load_model(args.model, trust_remote_code=args.trust_remote_code)
-            engine = TransformersEngine(model, processor, max_batch_rows=args.batch_size * 3)
+            engine = build_backend(args.model, trust_remote_code=args.trust_remote_code,
+                                   max_batch_rows=args.batch_size * 3)
             title = f"bimode eval of {args.model}"
         cfg = EvalConfig(modes=tuple(m.strip() for m in args.modes.split(",")), max_new_tokens=args.max_new_tokens,
                          max_thinking_tokens=args.budget, think_threshold=args.threshold, batch_size=args.batch_size,
@@ -175,14 +175,15 @@ def _cmd_eval_calibrate(argv: list[str]) -> int:
 
 
 def _cmd_curate(args) -> int:
-    from bimode.curate import CurateConfig, make_backend, run_curation
+    from bimode.curate import CurateConfig, run_curation
+    from bimode.generation.backends import build_backend
 
-    annotator = make_backend(args.annotator, args.trust_remote_code, args.concurrency, args.request_timeout,
-                             args.annotator_model)
+    options = {"trust_remote_code": args.trust_remote_code, "concurrency": args.concurrency,
+               "timeout_s": args.request_timeout}
+    annotator = build_backend(args.annotator, model_name=args.annotator_model, **options)
     reasoner = None
     if args.reasoner:
-        reasoner = annotator if args.reasoner == args.annotator else make_backend(
-            args.reasoner, args.trust_remote_code, args.concurrency, args.request_timeout)
+        reasoner = annotator if args.reasoner == args.annotator else build_backend(args.reasoner, **options)
     keywords = CurateConfig.blocked_keywords
     if args.blocked_keywords:
         keywords = tuple(k.strip() for k in Path(args.blocked_keywords).read_text().splitlines() if k.strip())
@@ -204,6 +205,18 @@ def _cmd_data_convert(args) -> int:
 
     n = convert_file(args.input, args.out, args.format, overwrite=args.overwrite)
     print(f"{n} records written to {args.out}")
+    return 0
+
+
+def _cmd_export(args) -> int:
+    import torch
+
+    from bimode.models.loading import export_merged
+
+    dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
+    out = export_merged(args.merge, args.out, dtype=dtype, trust_remote_code=args.trust_remote_code,
+                        overwrite=args.overwrite)
+    print(f"merged model saved to {out}")
     return 0
 
 
@@ -249,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.set_defaults(func=_cmd_data_convert)
 
     chat = sub.add_parser("chat", help="chat with a model: streamed, reasoning shown apart from the answer")
-    chat.add_argument("model", help="local model directory")
+    chat.add_argument("model", help="local model directory or LoRA adapter folder (loaded with its base)")
     chat.add_argument("--prompt", "-p", default=None, help="one-shot question (omit for an interactive session)")
     chat.add_argument("--image", action="append", default=[], help="image file for the first turn (repeatable)")
     chat.add_argument("--mode", default="auto", help="auto | think (long) | no_think (short)")
@@ -263,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.set_defaults(func=_cmd_chat)
 
     srv = sub.add_parser("serve", help="OpenAI-compatible server (/v1/chat/completions, /v1/models, /health)")
-    srv.add_argument("model", help="local model directory")
+    srv.add_argument("model", help="local model directory or LoRA adapter folder (loaded with its base)")
     srv.add_argument("--host", default="127.0.0.1", help="bind address")
     srv.add_argument("--port", type=int, default=8000, help="port")
     srv.add_argument("--allow-image-dir", default=None, help="serve local image paths under this directory only")
@@ -300,7 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Evaluate a local model directory, or a model behind an OpenAI-compatible server "
                     "(--endpoint), in each mode. `bimode eval compare A B` compares two runs; "
                     "`bimode eval calibrate RUN` picks auto mode's think threshold from a run.")
-    ev.add_argument("model", nargs="?", default=None, help="local model directory (or give --endpoint)")
+    ev.add_argument("model", nargs="?", default=None,
+                    help="local model directory or LoRA adapter folder (or give --endpoint)")
     ev.add_argument("--endpoint", default=None,
                     help="OpenAI-compatible base URL (bimode serve, vLLM) to evaluate instead of a local model; "
                          "modes are forced through chat_template_kwargs.thinking_mode")
@@ -361,6 +375,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bi-mode annealing on TRL's SFTTrainer: --config RECIPE.yaml [--field value ...]")
     sub.add_parser("bpo", add_help=False,
                    help="Bi-mode Policy Optimization on TRL's GRPOTrainer: --config RECIPE.yaml [--field value ...]")
+
+    exp = sub.add_parser("export", help="merge a LoRA adapter folder into its base: a plain checkpoint for "
+                                        "transformers, vLLM and every bimode command")
+    exp.add_argument("--merge", required=True, metavar="ADAPTER",
+                     help="adapter folder saved by `bimode anneal` / `bimode bpo` with use_peft (its "
+                          "adapter_config.json names the base model)")
+    exp.add_argument("--out", required=True, help="directory to write the merged model and processor to")
+    exp.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                     help="weights' dtype (auto: the base checkpoint's)")
+    exp.add_argument("--overwrite", action="store_true", help="write into a non-empty output directory")
+    exp.add_argument("--trust-remote-code", action="store_true", help="allow the base checkpoint's own code")
+    exp.set_defaults(func=_cmd_export)
 
     demo = sub.add_parser("demo", help="run the recipe on the embedded default")
     demo.add_argument("--out", default="runs/demo", help="run directory")

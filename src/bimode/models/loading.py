@@ -5,6 +5,7 @@
   tokenizer splits it, e.g. Llama's SentencePiece);
 - the chat template takes `thinking_mode`: the bimode ChatML template is attached when the model's own has
   no thinking control, or when asked, with the model's own image placeholder.
+A PEFT adapter folder loads with its base (`load_model`'s docstring).
 Nothing is downloaded: paths must be local. Custom model code runs only with trust_remote_code=True.
 """
 
@@ -26,8 +27,8 @@ def _check_local(path: str | Path) -> Path:
     path = Path(path)
     if not path.is_dir() or not (path / "config.json").exists():
         raise FileNotFoundError(
-            f"{path}: not a local model directory with a config.json (bimode loads only local checkpoints; "
-            "download once with `hf download` and pass the folder)")
+            f"{path}: not a local model directory with a config.json, nor a PEFT adapter folder "
+            "(bimode loads only local checkpoints; download once with `hf download` and pass the folder)")
     return path
 
 
@@ -143,28 +144,92 @@ def load_image_only_processor(path: str | Path, **kwargs):
                                chat_template=getattr(tokenizer, "chat_template", None))
 
 
-def load_model(path: str | Path, *, trust_remote_code: bool = False, dtype="auto", device_map=None,
-               template: str = "auto", attn_implementation: str | None = None):
-    """(model, processor) from a local image-text-to-text checkpoint, bi-mode ready."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+def adapter_base(path: str | Path) -> Path | None:
+    """The base model of a PEFT adapter folder (adapter_config.json, no config.json); None for a full model."""
+    path = Path(path)
+    if (path / "config.json").exists() or not (path / "adapter_config.json").exists():
+        return None
+    base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    candidates = [Path(base), path / base] if base else []  # as written, else relative to the adapter folder
+    for candidate in candidates:
+        if (candidate / "config.json").exists():
+            return candidate
+    raise FileNotFoundError(
+        f"{path / 'adapter_config.json'}: base_model_name_or_path {base!r} is not a local model directory with a "
+        "config.json; point it at the base model the adapter was trained on")
 
-    path = _check_local(path)
+
+def _load_processor(path: Path, kwargs: dict):
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(path, **kwargs)
+    except ImportError as exc:
+        if "orchvision" not in str(exc):
+            raise
+        return load_image_only_processor(path, **kwargs)
+
+
+def load_model(path: str | Path, *, trust_remote_code: bool = False, dtype="auto", device_map=None,
+               template: str = "auto", attn_implementation: str | None = None, quantization_config=None,
+               merge_adapter: bool = False):
+    """(model, processor) from a local image-text-to-text checkpoint, bi-mode ready.
+
+    `path` may be a PEFT adapter folder (what `bimode anneal` / `bimode bpo` save with use_peft): its base
+    (adapter_config.json's base_model_name_or_path) is loaded with the adapter on top, and the processor is
+    the adapter folder's own when saved there (it carries the added think tokens and chat template). The
+    model is then a PeftModel, or the merged plain model with merge_adapter=True.
+    """
+    from transformers import AutoModelForImageTextToText
+
+    base = adapter_base(path)
+    adapter = Path(path) if base is not None else None
+    # absolute, so that an adapter trained on this model records a base_model_name_or_path valid from anywhere
+    path = _check_local(base or path).resolve()
     if needs_remote_code(path) and not trust_remote_code:
         raise ValueError(
             f"{path} ships its own model code (auto_map in config.json), as R-4B does; "
             "pass trust_remote_code=True (--trust-remote-code) if you trust it")
     kwargs = {"trust_remote_code": trust_remote_code, "local_files_only": True}
-    try:
-        processor = AutoProcessor.from_pretrained(path, **kwargs)
-    except ImportError as exc:
-        if "orchvision" not in str(exc):
-            raise
-        processor = load_image_only_processor(path, **kwargs)
+    has_processor = adapter is not None and any((adapter / f).exists() for f in ("tokenizer_config.json",
+                                                                                 "processor_config.json"))
+    processor = _load_processor(adapter if has_processor else path, kwargs)
     model_kwargs = dict(kwargs, dtype=dtype)
     if device_map is not None:
         model_kwargs["device_map"] = device_map
     if attn_implementation is not None:
         model_kwargs["attn_implementation"] = attn_implementation
+    if quantization_config is not None:
+        model_kwargs["quantization_config"] = quantization_config
     model = use_ecosystem_layout(AutoModelForImageTextToText.from_pretrained(path, **model_kwargs))
     prepare_processor(processor, model, template=template)
+    if adapter is not None:
+        model = _attach_adapter(model, processor, adapter, merge_adapter)
     return model, processor
+
+
+def _attach_adapter(model, processor, adapter: Path, merge: bool):
+    """The adapter on its base; the base's vocabulary first grown to the adapter tokenizer's (think tokens)."""
+    from peft import PeftModel
+
+    tokenizer = getattr(processor, "tokenizer", processor)
+    if model.get_input_embeddings().num_embeddings < len(tokenizer):
+        model.resize_token_embeddings(len(tokenizer))
+    model = PeftModel.from_pretrained(model, adapter)
+    return model.merge_and_unload() if merge else model
+
+
+def export_merged(adapter: str | Path, out: str | Path, *, dtype="auto", trust_remote_code: bool = False,
+                  overwrite: bool = False) -> Path:
+    """Merge a PEFT adapter folder into its base and save a plain checkpoint (model, processor with the think
+    tokens and chat template, generation config) that transformers' Auto classes load; SigLIP / CLIP towers
+    keep the ecosystem layout (models/layout.py)."""
+    out = Path(out)
+    if adapter_base(adapter) is None:
+        raise ValueError(f"{adapter}: not a PEFT adapter folder (no adapter_config.json, or a config.json beside it)")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} is not empty; pass --overwrite to replace its files")
+    model, processor = load_model(adapter, trust_remote_code=trust_remote_code, dtype=dtype, merge_adapter=True)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out

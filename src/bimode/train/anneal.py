@@ -3,7 +3,8 @@
 Runs as it is and under `accelerate launch`. Records are tokenized on the fly with the loss on the
 assistant response only (its whole think block included; optionally the empty block of non-thinking
 targets masked, the paper's non-thinking loss masking). The vision tower, projector and language model each
-get their own learning rate or are frozen (docs/r4b.md, section 5).
+get their own learning rate or are frozen (docs/r4b.md, section 5). With TRL's `use_peft` (and `lora_*`)
+flags they train LoRA adapters instead (train/adapters.py); the per-component learning rates apply to them.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from trl import SFTConfig, SFTTrainer
 
 from bimode.data.records import Record
+from bimode.train.adapters import AdapterFields, build_peft_config, expose_output_bias
 from bimode.train.checkpoint import StrictResumeMixin, cli_main, load_start, train_and_save
 from bimode.train.components import COMPONENTS, freeze, optimizer_groups
 from bimode.train.precision import fp32_unless_asked_on_cpu
@@ -24,7 +26,7 @@ from bimode.train.tokenize import collate, tokenize_example
 
 
 @dataclass
-class AnnealConfig(SFTConfig):
+class AnnealConfig(AdapterFields, SFTConfig):
     model_path: str = field(default="", metadata={"help": "local model directory to start from"})
     train_files: list[str] = field(default_factory=list, metadata={"help": "record files to train on"})
     target_modes: str = field(default="labelled", metadata={
@@ -93,6 +95,7 @@ class AnnealTrainer(StrictResumeMixin, SFTTrainer):
     def __init__(self, *args, component_lrs: dict[str, float], **kwargs):
         self.component_lrs = component_lrs
         super().__init__(*args, **kwargs)
+        expose_output_bias(self.model)
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
@@ -104,13 +107,16 @@ class AnnealTrainer(StrictResumeMixin, SFTTrainer):
         return self.optimizer
 
 
-def build_trainer(cfg: AnnealConfig, model=None, processor=None) -> AnnealTrainer:
-    model, processor, by_file = load_start(cfg, model, processor)
+def build_trainer(cfg: AnnealConfig, model=None, processor=None, model_args=None) -> AnnealTrainer:
+    """model_args: TRL's ModelConfig (use_peft, lora_r, ...; None: full fine-tuning of cfg.model_path)."""
+    model, processor, by_file = load_start(cfg, model, processor, model_args=model_args)
     records = [r for file_records in by_file.values() for r in file_records]
     pairs = expand_targets(records, cfg.target_modes)
     random.Random(cfg.seed).shuffle(pairs)
-    counts = freeze(model, cfg.frozen())
-    if not any(counts.values()):
+    tokenizer = getattr(processor, "tokenizer", processor)
+    # LoRA: the trainer wraps the model (TRL's path); frozen components get no adapters
+    peft_config = build_peft_config(model_args, model, tokenizer, cfg, cfg.frozen()) if model_args is not None else None
+    if peft_config is None and not any(freeze(model, cfg.frozen()).values()):
         raise ValueError("every component is frozen: nothing to train")
     cfg.dataset_kwargs = {"skip_prepare_dataset": True}
     cfg.remove_unused_columns = False
@@ -121,6 +127,7 @@ def build_trainer(cfg: AnnealConfig, model=None, processor=None) -> AnnealTraine
         data_collator=BimodeCollator(pairs, processor, cfg.nonthinking_loss_mask),
         processing_class=processor,
         component_lrs=cfg.component_lrs(),
+        peft_config=peft_config,
     )
 
 

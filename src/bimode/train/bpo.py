@@ -8,6 +8,9 @@ Qwen-VL's multi-axis positions, which TRL recomputes from the prompt text), so `
 what it contributes: off (no loss), on (the rollout's advantage, like any token) or a weight in between.
 `rollout: auto` is plain GRPO in auto mode at the same rollout budget, the paper's baseline.
 
+With TRL's `use_peft` (and `lora_*`) flags BPO trains LoRA adapters (train/adapters.py); TRL then takes the
+KL reference (beta > 0) from the same model with the adapter switched off.
+
 Pinned to TRL 1.16 (pyproject): this relies on `rollout_func`, `_generate_and_score_completions` and the
 (B, T) advantages `_compute_loss` accepts; tests/test_bpo.py guards each.
 """
@@ -31,6 +34,7 @@ from bimode.data.records import Record, RecordError, read_records
 from bimode.generation.engine import TransformersEngine
 from bimode.generation.types import Prompt, SamplingParams, token_counts
 from bimode.modes import ThinkingMode
+from bimode.train.adapters import AdapterFields, build_peft_config, expose_output_bias
 from bimode.train.bpo_core import (ROLLOUTS, mode_token_weights, parse_mode_token_loss, per_mode_stats,
                                    response_mode, rollout_modes)
 from bimode.train.bpo_rewards import build_rewards, weighted_rewards
@@ -43,7 +47,7 @@ MODE_CODES = {"think": 0, "no_think": 1, "malformed": 2}
 
 
 @dataclass
-class BPOConfig(GRPOConfig):
+class BPOConfig(AdapterFields, GRPOConfig):
     model_path: str = field(default="", metadata={"help": "local model directory to start from (an annealed model)"})
     train_files: list[str] = field(default_factory=list, metadata={"help": "record files with prompts and answers"})
     rollout: str = field(default="bimode", metadata={
@@ -102,6 +106,7 @@ class BPOTrainer(StrictResumeMixin, GRPOTrainer):
             super().__init__(model=model, reward_funcs=self.guarded_rewards, args=args,
                              train_dataset=datasets.Dataset.from_dict({"row": list(range(len(records)))}),
                              processing_class=processor, rollout_func=self._rollout, **kwargs)
+        expose_output_bias(self.model)
         if self.use_vllm:  # names, banned media tokens, CPU weight reload: see vllm_fit
             fit_vllm_generation(self.vllm_generation, self.accelerator.unwrap_model(self.model), processor)
 
@@ -295,8 +300,10 @@ def pick_probe(records: list[Record], size: int, seed: int) -> list[Record]:
     return out
 
 
-def build_trainer(cfg: BPOConfig, model=None, processor=None) -> BPOTrainer:
-    model, processor, by_file = load_start(cfg, model, processor, "record files with prompts and answers")
+def build_trainer(cfg: BPOConfig, model=None, processor=None, model_args=None) -> BPOTrainer:
+    """model_args: TRL's ModelConfig (use_peft, lora_r, ...; None: full fine-tuning of cfg.model_path)."""
+    model, processor, by_file = load_start(cfg, model, processor, "record files with prompts and answers",
+                                           model_args=model_args)
     for path, file_records in by_file.items():
         missing = [row for row, r in enumerate(file_records, 1) if not r.answer]
         if missing:
@@ -304,11 +311,17 @@ def build_trainer(cfg: BPOConfig, model=None, processor=None) -> BPOTrainer:
                               field_name="answer", path=path)
     records = [r for file_records in by_file.values() for r in file_records]
     probe_source = [r for path in cfg.probe_files for r in read_records(path)] if cfg.probe_files else records
-    if cfg.freeze_vision:
-        freeze(model, {"vision"})
+    frozen = {"vision"} if cfg.freeze_vision else set()
+    tokenizer = getattr(processor, "tokenizer", processor)
+    peft_config = build_peft_config(model_args, model, tokenizer, cfg, frozen) if model_args is not None else None
+    if peft_config is not None and cfg.use_vllm:  # vllm_fit maps full-model names; adapters are not proven there
+        raise ValueError("use_vllm with use_peft is not supported yet: BPO with LoRA rolls out with bimode's "
+                         "shared-prefix engine (drop use_vllm)")
+    if peft_config is None:
+        freeze(model, frozen)
     cfg.remove_unused_columns = False
     return BPOTrainer(model=model, args=cfg, records=records, processor=processor,
-                      probe_records=pick_probe(probe_source, cfg.probe_size, cfg.seed))
+                      probe_records=pick_probe(probe_source, cfg.probe_size, cfg.seed), peft_config=peft_config)
 
 
 def run_bpo(cfg: BPOConfig) -> Path:

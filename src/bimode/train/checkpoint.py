@@ -22,9 +22,12 @@ class StrictResumeMixin:
         silently keeps the initial weights (measured: resumed runs drifted 0.0076 from uninterrupted ones).
         DeepSpeed and FSDP restore through their own checkpoints and keep the stock path.
         """
-        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
-            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        from accelerate.utils import is_peft_model
+
         model = model or self.model
+        # a LoRA checkpoint holds the adapter only: Trainer loads it onto the PeftModel by adapter names
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled or is_peft_model(model):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
         loaded = type(model).from_pretrained(resume_from_checkpoint, dtype=next(model.parameters()).dtype)
         model.load_state_dict(loaded.state_dict(), strict=True)
 
@@ -42,11 +45,13 @@ def train_and_save(trainer, resume_from_checkpoint=None) -> Path:
 
 
 def cli_main(config_class, build, argv, what: str, command: str) -> int:
-    """`bimode anneal` / `bimode bpo`: TRL's parser (--config RECIPE.yaml plus any field), train, save."""
-    from trl import TrlParser
+    """`bimode anneal` / `bimode bpo`: TRL's parser (--config RECIPE.yaml plus any field of the config and of
+    TRL's ModelConfig: use_peft, lora_r, ...), train, save."""
+    from trl import ModelConfig, TrlParser
 
-    (cfg,) = TrlParser(config_class, prog=f"bimode {command}").parse_args_and_config(args=argv)
-    trainer = build(cfg)
+    cfg, model_args = TrlParser((config_class, ModelConfig), prog=f"bimode {command}").parse_args_and_config(
+        args=argv)
+    trainer = build(cfg, model_args=model_args)
     out = train_and_save(trainer, cfg.resume_from_checkpoint)
     if trainer.accelerator.is_main_process:
         print(f"{what} saved to {out}", flush=True)
@@ -90,15 +95,30 @@ def returns_within(fn, seconds: float) -> bool:
     return True
 
 
-def load_start(cfg, model=None, processor=None, what: str = "records to train on"):
-    """The model (cfg.model_path unless given) and the records of cfg.train_files, in file order."""
+def load_start(cfg, model=None, processor=None, what: str = "records to train on", model_args=None):
+    """The model (cfg.model_path unless given) and the records of cfg.train_files, in file order.
+
+    model_args: TRL's ModelConfig (dtype, attention, QLoRA flags; model_name_or_path stands in for an empty
+    model_path). A PEFT adapter folder starts full training merged; LoRA on it would stack a second adapter
+    whose saved base lacks the first, so that asks for `bimode export --merge` first.
+    """
     import torch
 
     from bimode.data.records import read_records
     from bimode.models import load_model
+    from bimode.models.loading import adapter_base
+    from bimode.train.adapters import model_load_kwargs
 
     if model is None:
-        model, processor = load_model(cfg.model_path, trust_remote_code=cfg.trust_remote_code, dtype=torch.float32)
+        path = cfg.model_path or (model_args.model_name_or_path if model_args is not None else "") or ""
+        if not path:
+            raise ValueError("model_path is empty: give the local model directory to start from")
+        use_peft = model_args is not None and model_args.use_peft
+        if use_peft and adapter_base(path) is not None:
+            raise ValueError(f"model_path {path} is a LoRA adapter: merge it into a full checkpoint first "
+                             f"(bimode export --merge {path} --out DIR) and start from DIR")
+        kwargs = model_load_kwargs(model_args) if model_args is not None else {"dtype": torch.float32}
+        model, processor = load_model(path, trust_remote_code=cfg.trust_remote_code, merge_adapter=True, **kwargs)
     if not cfg.train_files:
         raise ValueError(f"train_files is empty: give {what}")
     return model, processor, {path: read_records(path) for path in cfg.train_files}
