@@ -256,17 +256,3 @@ def summarize(out: Path, curated: list[dict], rejects: list[dict], seconds: floa
     lines += ["", f"Time: {seconds:.0f} s"]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     return summary
-
-
-def make_backend(spec: str, trust_remote_code: bool = False, concurrency: int = 8, timeout_s: float = 120,
-                 model_name: str | None = None):
-    """A local model directory -> the transformers engine; an http(s) URL -> an endpoint client."""
-    if spec.startswith(("http://", "https://")):
-        from bimode.generation.openai_backend import OpenAIEndpointBackend
-
-        return OpenAIEndpointBackend(spec, model=model_name, concurrency=concurrency, timeout_s=timeout_s)
-    from bimode.generation.engine import TransformersEngine
-    from bimode.models import load_model
-
-    model, processor = load_model(spec, trust_remote_code=trust_remote_code)
-    return TransformersEngine(model, processor)

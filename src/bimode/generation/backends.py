@@ -1,0 +1,46 @@
+"""One interface for every way bimode generates, and one place that builds a backend from a spec.
+
+    DIR            a local checkpoint: bimode's shared-prefix transformers engine (generation/engine.py)
+    http(s)://URL  any OpenAI-compatible server: bimode serve, vLLM, a hosted API (generation/openai_backend.py)
+    vllm:DIR       vLLM in this process (generation/vllm_backend.py; needs the vLLM environment, docs/vllm.md)
+
+Curation's annotator and reasoner, `bimode eval` and the scripts take such a spec. Streaming (`on_token`) is
+the transformers engine's alone; `bimode chat` and `bimode serve` use it directly.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+from bimode.generation.types import Completion, Prompt, SamplingParams
+
+
+@runtime_checkable
+class GenerationBackend(Protocol):
+    """Completions for every sample (`Prompt.modes`) of every prompt, in order."""
+
+    tokenizer: Any  # the model's tokenizer; None for an endpoint given none (token counts from `usage`)
+
+    def generate(self, prompts: list[Prompt], params: SamplingParams = ...,
+                 progress: bool = False) -> list[list[Completion]]: ...
+
+
+def build_backend(spec: str, *, trust_remote_code: bool = False, model_name: str | None = None,
+                  api_key: str | None = None, concurrency: int = 8, timeout_s: float = 120,
+                  max_batch_rows: int | None = None, **vllm_kwargs) -> GenerationBackend:
+    """The backend a spec names (module docstring). Endpoint options go to the endpoint client, `max_batch_rows`
+    to the transformers engine, the rest to vLLM's `LLM`."""
+    if spec.startswith(("http://", "https://")):
+        from bimode.generation.openai_backend import OpenAIEndpointBackend
+
+        kwargs = {"api_key": api_key} if api_key else {}
+        return OpenAIEndpointBackend(spec, model=model_name, concurrency=concurrency, timeout_s=timeout_s, **kwargs)
+    if spec.startswith("vllm:"):
+        from bimode.generation.vllm_backend import VLLMBackend
+
+        return VLLMBackend(spec.removeprefix("vllm:"), trust_remote_code=trust_remote_code, **vllm_kwargs)
+    from bimode.generation.engine import TransformersEngine
+    from bimode.models import load_model
+
+    model, processor = load_model(spec, trust_remote_code=trust_remote_code)
+    return TransformersEngine(model, processor, **({"max_batch_rows": max_batch_rows} if max_batch_rows else {}))
