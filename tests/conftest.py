@@ -31,6 +31,17 @@ TRAINED_MAX_LEVEL = 3
 
 
 @pytest.fixture(scope="session")
+def trained_families_file(tmp_path_factory):
+    """96 training records of the trained tiny model's families and levels (the BPO and LoRA tests' data)."""
+    from bimode.data import synthetic
+    from bimode.data.records import write_records
+
+    records = [s.to_record() for s in synthetic.generate(96, seed=5, families=TRAINED_FAMILIES,
+                                                         max_level=TRAINED_MAX_LEVEL)]
+    return write_records(records, tmp_path_factory.mktemp("trained_families") / "train.jsonl")
+
+
+@pytest.fixture(scope="session")
 def trained_tiny(tmp_path_factory):
     """The tiny model after a short bi-mode SFT on two families (about 75 s on 2 cores).
 

@@ -12,7 +12,7 @@ from bimode.modes import ThinkingMode
 from bimode.train.bpo_core import mode_token_weights, parse_mode_token_loss, per_mode_stats, rollout_modes
 from bimode.train.bpo_rewards import GuardedReward, import_reward, weighted_rewards
 
-from tests.conftest import TRAINED_FAMILIES, TRAINED_MAX_LEVEL, launch_two_cpu_processes
+from tests.conftest import TRAINED_MAX_LEVEL, launch_two_cpu_processes
 from tests.hf_fixtures import saved_vision_keys
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,10 +75,8 @@ def test_guarded_reward_passes_none_on_as_unscorable_like_trl():
 
 # ---- the trainer ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def bpo_file(tmp_path_factory):
-    records = [s.to_record() for s in synthetic.generate(96, seed=5, families=TRAINED_FAMILIES,
-                                                         max_level=TRAINED_MAX_LEVEL)]
-    return write_records(records, tmp_path_factory.mktemp("bpo") / "train.jsonl")
+def bpo_file(trained_families_file):
+    return trained_families_file
 
 
 def make_trainer(model_dir, train_file, out, **overrides):

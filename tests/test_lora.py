@@ -16,7 +16,7 @@ from bimode.generation.types import Prompt, SamplingParams
 from bimode.models import load_model
 from bimode.train.adapters import AdapterFields, build_peft_config, check_quantization, mode_token_ids
 from bimode.train.components import component_of
-from tests.conftest import TRAINED_FAMILIES, TRAINED_MAX_LEVEL, serve_in_thread
+from tests.conftest import serve_in_thread
 from tests.hf_fixtures import (
     build_tiny_llava_llama_style,
     build_tiny_qwen3_vl,
@@ -31,10 +31,8 @@ USER = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text":
 
 
 @pytest.fixture(scope="module")
-def train_file(tmp_path_factory):
-    records = [s.to_record() for s in synthetic.generate(96, seed=5, families=TRAINED_FAMILIES,
-                                                         max_level=TRAINED_MAX_LEVEL)]
-    return write_records(records, tmp_path_factory.mktemp("lora_data") / "train.jsonl")
+def train_file(trained_families_file):
+    return trained_families_file
 
 
 def anneal_config(model_dir, train_file, out, **overrides):
