@@ -53,7 +53,7 @@ def trained_tiny(tmp_path_factory):
     from bimode.data import synthetic
     from bimode.models import load_model
     from bimode.models.tiny import build_tiny
-    from bimode.train.simple import SimpleSFTConfig, train_sft
+    from bimode.train.sft_warmup import SimpleSFTConfig, train_sft
 
     path = build_tiny(tmp_path_factory.mktemp("trained") / "base")
     model, processor = load_model(path, dtype=torch.float32)

@@ -10,7 +10,7 @@ from bimode.data.records import write_records
 from bimode.modes import format_target
 from bimode.train.anneal import AnnealConfig, build_trainer, expand_targets
 from bimode.train.components import component_of
-from bimode.train.tokenize import IGNORE_INDEX, response_text, tokenize_example
+from bimode.train.tokenization import IGNORE_INDEX, response_text, tokenize_example
 from tests.hf_fixtures import saved_vision_keys
 
 
@@ -143,7 +143,7 @@ def test_cli_recipe_with_overrides_trains_and_saves(tmp_path, train_file, tiny_d
 
 
 def test_anneal_raises_held_out_accuracy(tmp_path, tiny_dir):
-    from bimode.generation.simple import generate
+    from tests.reference_generation import generate
 
     train = tmp_path / "train.jsonl"
     write_records([s.to_record() for s in synthetic.generate(800, seed=5, families=["count", "shell"], max_level=2)],
@@ -183,7 +183,7 @@ def test_two_processes_train_on_different_data(tmp_path, train_file, tiny_dir):
     model = AutoModelForImageTextToText.from_pretrained(out / "final")
     processor = AutoProcessor.from_pretrained(out / "final")
     record = synthetic.generate(1, seed=1, families=["shell"], levels=[1])[0].to_record()
-    from bimode.generation.simple import generate
+    from tests.reference_generation import generate
 
     gen = generate(model, processor, [record], mode="think", max_new_tokens=8)[0]
     assert gen.num_tokens > 0 and gen.response.startswith("<think>\n")

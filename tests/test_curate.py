@@ -6,7 +6,7 @@ import pytest
 
 from bimode.curate import CurateConfig, run_curation
 from bimode.data import synthetic
-from bimode.data.curation import performance_label
+from bimode.curate.heuristics import performance_label
 from bimode.data.records import read_records, write_records
 from bimode.io import read_log
 from bimode.serve.app import create_app

@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from bimode.data.convert import iter_converted
-from bimode.data.curation import blocked_keyword, find_duplicates, is_verifiable, parse_verdict, performance_label
+from bimode.curate.heuristics import blocked_keyword, find_duplicates, is_verifiable, parse_verdict, performance_label
 from bimode.data.records import Record
 
 

@@ -5,7 +5,7 @@ import torch
 
 from bimode.data import synthetic
 from bimode.generation.engine import TransformersEngine
-from bimode.generation.simple import generate
+from tests.reference_generation import generate
 from bimode.generation.types import Prompt, SamplingParams
 from bimode.models import load_model
 from bimode.modes import ThinkingMode

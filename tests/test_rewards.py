@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bimode.rewards import REWARD_STATS, accuracy_reward, infer_answer_type, mc_letter
+from bimode.scoring import REWARD_STATS, accuracy_reward, infer_answer_type, mc_letter
 
 DATA = Path(__file__).resolve().parents[1] / "benchmarks"
 MATH = json.loads((DATA / "math500.json").read_text())

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from bimode.data import synthetic
-from bimode.generation.simple import generate
+from tests.reference_generation import generate
 from bimode.models import load_model
 from tests.conftest import TRAINED_FAMILIES, TRAINED_MAX_LEVEL
 

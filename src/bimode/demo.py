@@ -81,7 +81,7 @@ def run_demo(out: Path, quick: bool = False, overwrite: bool = False, seed: int 
     from bimode.train.anneal import build_trainer as anneal_trainer
     from bimode.train.bpo import BPOConfig
     from bimode.train.bpo import build_trainer as bpo_trainer
-    from bimode.train.simple import SimpleSFTConfig, train_sft
+    from bimode.train.sft_warmup import SimpleSFTConfig, train_sft
 
     size = QUICK if quick else FULL
     if overwrite and out.exists():

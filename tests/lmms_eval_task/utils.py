@@ -2,9 +2,9 @@
 
 The prompt is the one `bimode eval` builds from a record (`Record.messages`: the text split at each `<image>`
 marker, images in their places), so a served model sees the same tokens from either harness; scoring is
-bimode's own answer check, `bimode.rewards.accuracy_reward`, on the answer lmms-eval's OpenAI-compatible
+bimode's own answer check, `bimode.scoring.accuracy_reward`, on the answer lmms-eval's OpenAI-compatible
 model receives (`message.content`: bimode serve returns the reasoning apart, so that is the text after
-`</think>`). bimode.rewards needs only the standard library, so it is imported from this repository's src/
+`</think>`). bimode.scoring needs only the standard library, so it is imported from this repository's src/
 and bimode need not be installed in lmms-eval's environment.
 """
 
@@ -19,7 +19,7 @@ _SRC = Path(__file__).resolve().parents[2] / "src"
 if str(_SRC) not in sys.path:
     sys.path.insert(0, str(_SRC))
 
-from bimode.rewards import accuracy_reward
+from bimode.scoring import accuracy_reward
 
 
 def _images(doc) -> list[Image.Image]:

@@ -23,7 +23,7 @@ from bimode.generation.defaults import default_max_new_tokens
 from bimode.generation.types import Prompt, SamplingParams
 from bimode.io import append_log, read_log
 from bimode.modes import ThinkingMode
-from bimode.rewards import accuracy_reward
+from bimode.scoring import accuracy_reward
 
 
 @dataclass

@@ -22,7 +22,7 @@ from bimode.train.adapters import AdapterFields, build_peft_config, expose_outpu
 from bimode.train.checkpoint import StrictResumeMixin, cli_main, load_start, train_and_save
 from bimode.train.components import COMPONENTS, freeze, optimizer_groups
 from bimode.train.precision import fp32_unless_asked_on_cpu
-from bimode.train.tokenize import collate, tokenize_example
+from bimode.train.tokenization import collate, tokenize_example
 
 
 @dataclass

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from bimode.modes import THINK_OPEN, parse_response
-from bimode.rewards import accuracy_reward
+from bimode.scoring import accuracy_reward
 
 logger = logging.getLogger(__name__)
 

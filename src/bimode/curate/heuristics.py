@@ -17,7 +17,7 @@ from collections import defaultdict
 
 from bimode.data.records import Record
 from bimode.modes import extract_answer
-from bimode.rewards import infer_answer_type
+from bimode.scoring import infer_answer_type
 
 VERIFIABLE_TYPES = ("math", "numeric", "mc")
 DEFAULT_BLOCKED_KEYWORDS = ("as an ai", "i cannot help", "i'm sorry, but", "chatgpt", "openai")

@@ -21,7 +21,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from bimode.data.curation import (
+from bimode.curate.heuristics import (
     DEFAULT_BLOCKED_KEYWORDS, UNCLEAR, blocked_keyword, find_duplicates, is_verifiable, parse_verdict,
     performance_label,
 )
@@ -31,7 +31,7 @@ from bimode.generation.defaults import PAPER_MAX_NEW_TOKENS, default_max_new_tok
 from bimode.generation.types import Prompt, SamplingParams
 from bimode.io import append_log, read_log, write_jsonl
 from bimode.modes import ThinkingMode
-from bimode.rewards import accuracy_reward
+from bimode.scoring import accuracy_reward
 
 OUTPUT_FILES = ("curated.jsonl", REJECTS_FILE, "summary.json", "summary.md")
 JUDGE_MAX_NEW_TOKENS = 32  # one word is asked for; room for a short sentence, which is parsed too

@@ -1,6 +1,5 @@
-"""Batched greedy/sampled generation with transformers' `generate`, in a forced or auto thinking mode.
-
-The plain path every backend is checked against; the shared-prefix engine builds on the same inputs.
+"""The tests' reference generator: batched greedy/sampled generation with transformers' `generate`, in a
+forced or auto thinking mode. The plain path the engine and the trained-model tests are checked against.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from bimode.data.records import Record
-from bimode.train.tokenize import collate, tokenize_example
+from bimode.train.tokenization import collate, tokenize_example
 
 
 @dataclass
