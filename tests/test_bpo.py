@@ -9,7 +9,8 @@ import torch
 from bimode.data import synthetic
 from bimode.data.records import write_records
 from bimode.modes import ThinkingMode
-from bimode.train.bpo_core import mode_token_weights, parse_mode_token_loss, per_mode_stats, rollout_modes
+from bimode.train.bpo_core import (ROLLOUT_LAYOUTS, mode_token_loss, mode_token_weights, parse_mode_token_loss,
+                                   per_mode_stats, register_rollout, rollout_modes)
 from bimode.train.bpo_rewards import GuardedReward, import_reward, weighted_rewards
 
 from tests.conftest import TRAINED_MAX_LEVEL, launch_two_cpu_processes
@@ -40,6 +41,33 @@ def test_mode_token_loss_setting_and_weights():
         parse_mode_token_loss(1.5)
     w = mode_token_weights([1, 3, 0], 5, 0.25)
     assert w.tolist() == [[0.25, 1, 1, 1, 1], [0.25, 0.25, 0.25, 1, 1], [1, 1, 1, 1, 1]]
+
+
+def test_mode_token_loss_gives_trl_the_weighted_advantages_or_a_mask():
+    advantages = torch.tensor([2.0, -1.0])
+    completion = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
+    same, keep = mode_token_loss(advantages, completion, [1, 3], 1.0)
+    assert same is advantages and keep is None  # on: the forced tokens are like any other
+    weighted, keep = mode_token_loss(advantages, completion, [1, 3], 0.25)
+    assert keep is None and weighted.tolist() == [[0.5, 2, 2, 2], [-0.25, -0.25, -0.25, -1]]
+    unchanged, keep = mode_token_loss(advantages, completion, [1, 3], 0.0)
+    assert unchanged is advantages and keep.dtype == completion.dtype
+    assert keep.tolist() == [[0, 1, 1, 1], [0, 0, 0, 1]]  # off: out of the loss and of its token count
+
+
+def test_rollout_layouts_are_registered_by_name():
+    assert set(ROLLOUT_LAYOUTS) >= {"bimode", "auto"}
+
+    @register_rollout("think_only_for_test")
+    def think_only(offset, n, num_generations):
+        return [ThinkingMode.THINK] * n
+
+    try:
+        assert rollout_modes(0, 3, 4, "think_only_for_test") == [T, T, T]
+    finally:
+        del ROLLOUT_LAYOUTS["think_only_for_test"]
+    with pytest.raises(ValueError, match="bimode"):
+        rollout_modes(0, 2, 2, "think_only_for_test")
 
 
 def test_per_mode_stats():

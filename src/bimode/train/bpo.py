@@ -35,7 +35,7 @@ from bimode.generation.engine import TransformersEngine
 from bimode.generation.types import Prompt, SamplingParams, token_counts
 from bimode.modes import ThinkingMode
 from bimode.train.adapters import AdapterFields, build_peft_config, expose_output_bias
-from bimode.train.bpo_core import (ROLLOUTS, mode_token_weights, parse_mode_token_loss, per_mode_stats,
+from bimode.train.bpo_core import (ROLLOUTS, mode_token_loss, parse_mode_token_loss, per_mode_stats,
                                    response_mode, rollout_modes)
 from bimode.train.bpo_rewards import build_rewards, weighted_rewards
 from bimode.train.checkpoint import StrictResumeMixin, cli_main, load_start, train_and_save
@@ -221,17 +221,13 @@ class BPOTrainer(StrictResumeMixin, GRPOTrainer):
         output = super()._generate_and_score_completions(inputs)
         suffix_lengths = self._rollout_info["suffix_lengths"]
         advantages = output["advantages"].clone()  # each rollout's A, before any per-token weighting
-        width = output["completion_ids"].size(1)
-        device = output["completion_ids"].device
-        if self.args.rollout == "bimode" and self.mode_weight < 1.0:
-            weights = mode_token_weights(suffix_lengths, width, self.mode_weight).to(device)
-            if self.mode_weight == 0.0:
-                keep = (weights > 0).long()
+        if self.args.rollout == "bimode":  # the algorithm is bpo_core.mode_token_loss; here, TRL's fields
+            output["advantages"], keep = mode_token_loss(output["advantages"], output["completion_mask"],
+                                                         suffix_lengths, self.mode_weight)
+            if keep is not None:  # TRL 1.16's per-token loss mask and the token count it divides by
                 output["tool_mask"] = keep * output["tool_mask"] if "tool_mask" in output else keep
                 loss_mask = output["completion_mask"] * output["tool_mask"]
                 output["num_items_in_batch"] = self.accelerator.gather(loss_mask.sum()).sum()
-            else:
-                output["advantages"] = output["advantages"].reshape(-1, 1) * weights
         self._log_modes(advantages)
         self._maybe_probe()
         return output

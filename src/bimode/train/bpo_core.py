@@ -7,29 +7,52 @@ in what the forced mode tokens contribute to the loss. Those two differences liv
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from bimode.modes import ThinkingMode
 
-ROLLOUTS = ("bimode", "auto")
+# rollout name -> layout(offset, n, num_generations): the mode of each of n local rollouts (verl's
+# core_algos style: a new rollout scheme is one registered function, the trainer looks it up by name)
+ROLLOUT_LAYOUTS: dict[str, Callable[[int, int, int], list[ThinkingMode]]] = {}
 
 
-def rollout_modes(offset: int, n: int, num_generations: int, rollout: str = "bimode") -> list[ThinkingMode]:
-    """The mode of each of n local rollouts that start at global position `offset` of the generation batch.
+def register_rollout(name: str):
+    def register(layout: Callable[[int, int, int], list[ThinkingMode]]):
+        ROLLOUT_LAYOUTS[name] = layout
+        return layout
+    return register
+
+
+@register_rollout("bimode")
+def bimode_layout(offset: int, n: int, num_generations: int) -> list[ThinkingMode]:
+    """BPO: the first half of every group of 2g thinks, the second half does not, normalized together.
 
     TRL lays a generation batch out as consecutive groups of `num_generations` rollouts of one prompt and may
-    split a group across processes, so the mode must follow the global position, not the local one: the
-    first half of every group thinks, the second half does not. `rollout: auto` lets the model choose.
+    split a group across processes, so the mode follows the global position `offset + i`, not the local one.
     """
-    if rollout == "auto":
-        return [ThinkingMode.AUTO] * n
-    if rollout != "bimode":
-        raise ValueError(f"rollout must be one of {ROLLOUTS}, not {rollout!r}")
     if num_generations % 2:
         raise ValueError(f"bi-mode rollouts need an even num_generations (2g), got {num_generations}")
     g = num_generations // 2
     return [ThinkingMode.THINK if (offset + i) % num_generations < g else ThinkingMode.NO_THINK
             for i in range(n)]
+
+
+@register_rollout("auto")
+def auto_layout(offset: int, n: int, num_generations: int) -> list[ThinkingMode]:
+    """Plain GRPO in auto mode (the paper's baseline): the model chooses its mode in every rollout."""
+    return [ThinkingMode.AUTO] * n
+
+
+ROLLOUTS = tuple(ROLLOUT_LAYOUTS)
+
+
+def rollout_modes(offset: int, n: int, num_generations: int, rollout: str = "bimode") -> list[ThinkingMode]:
+    """The mode of each of n local rollouts starting at global position `offset`, by the named layout."""
+    if rollout not in ROLLOUT_LAYOUTS:
+        raise ValueError(f"rollout must be one of {tuple(ROLLOUT_LAYOUTS)}, not {rollout!r}")
+    return ROLLOUT_LAYOUTS[rollout](offset, n, num_generations)
 
 
 def parse_mode_token_loss(value) -> float:
@@ -60,6 +83,24 @@ def mode_token_weights(suffix_lengths: list[int], width: int, weight: float) -> 
     for row, length in enumerate(suffix_lengths):
         weights[row, :min(length, width)] = weight
     return weights
+
+
+def mode_token_loss(advantages: torch.Tensor, completion_mask: torch.Tensor, suffix_lengths: list[int],
+                    weight: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What the forced mode tokens contribute to the loss, as the two inputs TRL's loss takes.
+
+    advantages: (B,) one A per rollout; completion_mask: (B, T) 1 on the completion's tokens;
+    suffix_lengths: B forced-suffix lengths (each completion starts with its forced suffix).
+    Returns (advantages, keep): weight 1 -> (A (B,), None), unchanged; 0 < weight < 1 -> (A x per-token
+    weights (B, T), None); weight 0 -> (A (B,), keep (B, T)), a 0/1 mask that takes the forced tokens out of
+    the loss and out of its token count (their advantage times 0 would still count them in the mean).
+    """
+    if weight >= 1.0:
+        return advantages, None
+    weights = mode_token_weights(suffix_lengths, completion_mask.size(1), weight).to(completion_mask.device)
+    if weight == 0.0:
+        return advantages, (weights > 0).to(completion_mask.dtype)
+    return advantages.reshape(-1, 1) * weights, None
 
 
 def response_mode(completion_ids: list[int], think_ids, no_think_ids) -> str:
