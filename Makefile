@@ -6,6 +6,10 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PIP_LOCAL := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 PYTEST_ARGS ?=
+# The CPU torch into the environment of python $(1): from local wheels where this machine has them, else from
+# PyTorch's CPU index (a plain PyPI install would pull the multi-GB CUDA build).
+install_cpu_torch = $(if $(PIP_LOCAL),$(1) -m pip install $(PIP_LOCAL) "$(TORCH_SPEC)" || )$(1) -m pip install \
+	--index-url https://download.pytorch.org/whl/cpu "$(TORCH_SPEC)"
 
 .PHONY: setup setup-vllm setup-lmms-eval test demo clean
 
@@ -18,8 +22,7 @@ $(VENV)/.installed: pyproject.toml
 		echo "GPU found: installing the default torch build"; $(PY) -m pip install "torch>=2.4"; \
 	else \
 		echo "No GPU: installing the CPU build $(TORCH_SPEC)"; \
-		$(PY) -m pip install $(PIP_LOCAL) "$(TORCH_SPEC)" || \
-		$(PY) -m pip install --index-url https://download.pytorch.org/whl/cpu "$(TORCH_SPEC)"; \
+		$(call install_cpu_torch,$(PY)); \
 	fi
 	$(PY) -m pip install $(PIP_LOCAL) -e ".[test]"
 	touch $@
@@ -59,9 +62,7 @@ setup-lmms-eval: $(LMMS_VENV)/.installed
 $(LMMS_VENV)/.installed: requirements/lmms-eval.txt
 	test -x $(LMMS_PY) || $(PYTHON) -m venv $(LMMS_VENV)
 	$(LMMS_PY) -m pip install --upgrade pip
-	$(LMMS_PY) -m pip install $(PIP_LOCAL) "$(TORCH_SPEC)" || \
-		$(LMMS_PY) -m pip install --index-url https://download.pytorch.org/whl/cpu "$(TORCH_SPEC)" || \
-		$(LMMS_PY) -m pip install "$(TORCH_SPEC)"
+	$(call install_cpu_torch,$(LMMS_PY)) || $(LMMS_PY) -m pip install "$(TORCH_SPEC)"
 	$(LMMS_PY) -m pip install $(PIP_LOCAL) -r requirements/lmms-eval.txt
 	$(LMMS_PY) -m pip install --no-deps "$(LMMS_EVAL_SPEC)"
 	$(LMMS_PY) -c "import lmms_eval.__main__, lmms_eval.evaluator, lmms_eval.models.chat.openai; \

@@ -76,6 +76,9 @@ def test_eval_needs_a_model_or_an_endpoint(tmp_path):
      {"completion_tokens": 12, "completion_tokens_details": {"reasoning_tokens": 7}}, 7),
     # no reasoning parser: the raw text, reasoning tokens estimated from its share of the characters
     ({"content": "<think>\n2 and 2 make 4\n</think>\n\n4"}, {"completion_tokens": 12}, 6),
+    # the same from vLLM, which sends the field empty when no parser split the text
+    ({"reasoning": None, "reasoning_content": None, "content": "<think>\n2 and 2 make 4\n</think>\n\n4"},
+     {"completion_tokens": 12}, 6),
 ])
 def test_endpoint_rows_split_thinking_from_any_server(message, usage, thinking, tmp_path):
     """What the runner writes for a think-mode answer from servers that report reasoning in each way vLLM and

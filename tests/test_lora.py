@@ -292,3 +292,17 @@ def test_serve_chat_and_eval_run_an_adapter_folder(tiny_adapter, tmp_path, capsy
     assert main(["eval", str(adapter), "--bench", str(bench), "--modes", "no_think", "--max-new-tokens", "4",
                  "--out", str(tmp_path / "eval")]) == 0
     assert (tmp_path / "eval" / "metrics.json").exists()
+
+
+def test_explicit_target_modules_with_a_frozen_component_are_refused(tiny_dir):
+    """freeze_* filters bimode's own targets; names the user gave would be wrapped frozen or not."""
+    from trl import ModelConfig
+
+    from bimode.models import load_model
+    from bimode.train.adapters import AdapterFields, build_peft_config
+
+    model, processor = load_model(tiny_dir)
+    args = ModelConfig(use_peft=True, lora_target_modules=["q_proj", "v_proj"])
+    with pytest.raises(ValueError, match="lora_components"):
+        build_peft_config(args, model, processor.tokenizer, AdapterFields(), frozen={"vision"})
+    assert build_peft_config(args, model, processor.tokenizer, AdapterFields()) is not None

@@ -69,9 +69,10 @@ def _assert_same_training(got: dict, expected: dict, base: dict, rel_tol: float 
 def anneal_reference(tmp_path_factory, tiny_dir, records_file):
     """One process, the global batch of the two sharded processes (2 x 4)."""
     out = tmp_path_factory.mktemp("single")
-    subprocess.run([sys.executable, "-m", "bimode.cli", "anneal", *ANNEAL, "--model_path", str(tiny_dir),
-                    "--train_files", str(records_file), "--output_dir", str(out),
-                    "--per_device_train_batch_size", "8"], check=True, capture_output=True, cwd=ROOT)
+    done = subprocess.run([sys.executable, "-m", "bimode.cli", "anneal", *ANNEAL, "--model_path", str(tiny_dir),
+                           "--train_files", str(records_file), "--output_dir", str(out),
+                           "--per_device_train_batch_size", "8"], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, f"the one-process reference failed:\n{done.stderr[-6000:]}"
     return _weights(out / "final")
 
 

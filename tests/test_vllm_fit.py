@@ -2,13 +2,18 @@
 
 from types import SimpleNamespace
 
+import pytest
+
 from bimode.train.vllm_fit import BAN_BIAS, collapse_image_runs, colocated_llm_kwargs, with_banned_tokens
 
 
-def test_each_run_of_image_tokens_becomes_one_placeholder():
-    assert collapse_image_runs([1, 5, 5, 5, 2, 5, 5, 3], 5) == [1, 5, 2, 5, 3]
-    assert collapse_image_runs([5, 5], 5) == [5]
-    assert collapse_image_runs([1, 2, 3], 5) == [1, 2, 3]
+def test_each_image_s_run_of_tokens_becomes_one_placeholder():
+    assert collapse_image_runs([1, 5, 5, 2, 5, 5, 3], 5, 2) == [1, 5, 2, 5, 3]
+    assert collapse_image_runs([5, 5, 5, 5, 7], 5, 2) == [5, 5, 7]  # two images side by side: two placeholders
+    assert collapse_image_runs([5, 5, 9], 5, 1) == [5, 9]
+    assert collapse_image_runs([1, 2, 3], 5, 0) == [1, 2, 3]
+    with pytest.raises(ValueError, match="3 image"):
+        collapse_image_runs([5, 5, 2, 5, 5], 5, 3)  # 4 tokens cannot be 3 images of one size
 
 
 def test_banned_tokens_join_the_user_s_logit_bias():

@@ -7,6 +7,9 @@ while .venv-vllm is missing (`make setup-vllm`).
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import socket
 import subprocess
 import time
@@ -58,11 +61,14 @@ def vllm_server(trained_tiny, tmp_path_factory):
         print(f"vLLM server up in {time.time() - start:.0f} s")
         yield base
     finally:
-        server.terminate()
+        # the whole session: vLLM's engine core is a child of the server and must not outlive the test
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGTERM)
         try:
             server.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            server.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(server.pid, signal.SIGKILL)
             server.wait()
         log.close()
 

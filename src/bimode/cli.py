@@ -109,8 +109,9 @@ def _cmd_eval(args) -> int:
                          limit=args.limit, judge=judge)
         samples = run_eval(engine, args.bench, out, cfg)
     except EndpointError as exc:  # what is scored is kept: the same command resumes
-        print(f"error: {exc}" + ("; run the same command again to resume" if (out / "samples.jsonl").exists()
-                                 else ""), file=sys.stderr)
+        again = "the same command without --overwrite" if args.overwrite else "the same command"
+        print(f"error: {exc}" + (f"; run {again} to resume" if (out / "samples.jsonl").exists() else ""),
+              file=sys.stderr)
         return 2
     metrics = write_report(read_samples(samples), out, title=title)
     rejected = metrics["rejected"]["total"]

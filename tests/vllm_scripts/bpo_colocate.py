@@ -23,7 +23,7 @@ def logprob_gaps(llm, models, processor, prompts, vllm_ids, image_token_id) -> l
 
     from bimode.train.vllm_fit import collapse_image_runs
 
-    inputs = [{"prompt_token_ids": collapse_image_runs(ids, image_token_id),
+    inputs = [{"prompt_token_ids": collapse_image_runs(ids, image_token_id, len(p.images)),
                "multi_modal_data": {"image": p.images[0]}} for ids, p in zip(vllm_ids, prompts)]
     outputs = llm.generate(inputs, SamplingParams(temperature=1.0, max_tokens=16, logprobs=0, seed=1),
                            use_tqdm=False)

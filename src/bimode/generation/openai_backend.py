@@ -121,7 +121,8 @@ class OpenAIEndpointBackend:
             message = choice.get("message") or {}
             reasoning = message.get("reasoning_content") or message.get("reasoning") or ""
             content = message.get("content") or ""
-            split_by_server = "reasoning_content" in message or "reasoning" in message
+            # vLLM sends `"reasoning": null` with or without a reasoning parser: only a value says it split
+            split_by_server = bool(message.get("reasoning_content") or message.get("reasoning"))
             finish = {"length": "length"}.get(choice.get("finish_reason"), "stop")
             unclosed = (choice.get("bimode") or {}).get("mode") == "malformed" or (
                 reasoning and not content and finish == "length")

@@ -158,6 +158,10 @@ def build_peft_config(model_args, model, tokenizer, settings: AdapterFields, fro
     if config.target_modules is None:
         components = [c for c in settings.lora_components if c not in frozen]
         config.target_modules = linear_targets(model, components) or None
+    elif frozen & {"llm", "vision"}:  # PEFT would wrap whatever the names match, frozen or not
+        raise ValueError(f"lora_target_modules names modules itself, so freeze_{'/freeze_'.join(sorted(frozen))} "
+                         "cannot take a component out of it: use lora_components instead, or leave the frozen "
+                         "component's modules out of lora_target_modules")
     to_save = list(config.modules_to_save or [])
     if settings.lora_train_projector and "projector" not in frozen:
         to_save += [m for m in projector_modules(model) if m not in to_save]

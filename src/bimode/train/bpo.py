@@ -189,11 +189,14 @@ class BPOTrainer(StrictResumeMixin, GRPOTrainer):
         """vLLM (colocate or server): the forced suffix joins the prompt for vLLM only, and is returned as the
         start of the completion with NaN sampling logprobs (TRL then leaves those tokens' IS ratio at 1)."""
         flat_prompts, flat_images, forced, modes = [], [], [], []
-        image_id = engine.tokenizer.convert_tokens_to_ids(getattr(self.processing_class, "image_token", "<image>"))
+        image_id = getattr(self.processing_class, "image_token_id", None)
+        if image_id is None and any(p.images for p in batch):
+            raise ValueError("vLLM rollouts with images need the processor's image_token_id")
         for p, ids in zip(batch, prompt_ids):
+            vllm_ids = collapse_image_runs(ids, image_id, len(p.images)) if p.images else ids
             for mode in p.modes:
                 modes.append(mode)
-                flat_prompts.append(collapse_image_runs(ids, image_id) + engine.suffix_rest[mode])
+                flat_prompts.append(vllm_ids + engine.suffix_rest[mode])
                 flat_images.append(p.images or None)
                 forced.append(list(engine.suffix_rest[mode]))
         images = flat_images if any(flat_images) else None

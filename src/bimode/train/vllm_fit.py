@@ -96,9 +96,33 @@ def with_banned_tokens(generation_kwargs: dict | None, banned: list[int]) -> dic
     return kwargs
 
 
-def collapse_image_runs(prompt_ids: list[int], image_token_id: int) -> list[int]:
-    """Each run of the image token shrunk to one token: the prompt as vLLM wants it, before its own expansion."""
-    return [t for i, t in enumerate(prompt_ids) if not (t == image_token_id and i and prompt_ids[i - 1] == t)]
+def collapse_image_runs(prompt_ids: list[int], image_token_id: int, n_images: int) -> list[int]:
+    """The prompt as vLLM wants it, before its own expansion: one image token per image.
+
+    The trainer's ids hold each image's placeholder expanded to its N tokens; images that follow each other
+    make one run of k x N. Every image of a prompt has the same N here (LLaVA's fixed grid), so a run of L
+    tokens holds L / N images. Families whose images expand to different lengths are refused."""
+    runs, i = [], 0
+    while i < len(prompt_ids):
+        if prompt_ids[i] == image_token_id:
+            start = i
+            while i < len(prompt_ids) and prompt_ids[i] == image_token_id:
+                i += 1
+            runs.append((start, i - start))
+        else:
+            i += 1
+    total = sum(length for _, length in runs)
+    if not n_images:
+        return list(prompt_ids)
+    per_image = total // n_images
+    if not runs or total % n_images or any(length % per_image for _, length in runs):
+        raise ValueError(f"cannot tell the {n_images} image(s) apart in {total} image tokens ({len(runs)} runs): "
+                         "vLLM rollouts need images of one token count")
+    out, last = [], 0
+    for start, length in runs:
+        out += prompt_ids[last:start] + [image_token_id] * (length // per_image)
+        last = start + length
+    return out + prompt_ids[last:]
 
 
 def _vllm_on_cpu() -> bool:
