@@ -49,8 +49,16 @@ class Handler(BaseHTTPRequestHandler):
             "/to-ftp": lambda: self._send(302, headers=[("Location", "ftp://127.0.0.1/grid.png")]),
             "/page.html": lambda: self._send(200, b"<html>not an image</html>", [("Content-Type", "text/html")]),
             "/slow.png": self._slow,
+            # three hops of 0.4 s each before any body: every hop is within 1 s, the fetch is not
+            "/late-hop-1": lambda: self._late(302, "/late-hop-2"),
+            "/late-hop-2": lambda: self._late(302, "/late-hop-3"),
+            "/late-hop-3": lambda: self._late(302, "/grid.png"),
         }
         routes.get(self.path, lambda: self._send(404, b"not found"))()
+
+    def _late(self, status, location):
+        time.sleep(0.4)
+        self._send(status, headers=[("Location", location)])
 
     def _slow(self):  # a byte every 0.2 s: each read is quick, the whole fetch is not
         self.send_response(200)
@@ -101,6 +109,7 @@ def test_remote_images_are_off_by_default_and_say_how_to_turn_them_on(images):
     ("/page.html", "cannot decode image"),
     ("/missing.png", "HTTP 404"),
     ("/slow.png", "took longer than 1 s"),
+    ("/late-hop-1", "took longer than 1 s"),
 ])
 def test_every_failed_fetch_is_a_400_naming_the_url_and_the_reason(images, path, reason):
     url = images + path

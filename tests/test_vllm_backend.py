@@ -181,3 +181,10 @@ def test_media_placeholders_are_never_sampled(compared):
     assert probe["banned_ids"] == compared["engine"].banned_ids
     assert probe["without_ban"]["media"] > probe["without_ban"]["tokens"] // 10, probe
     assert probe["with_ban"]["media"] == 0 and probe["with_ban"]["tokens"] == probe["without_ban"]["tokens"]
+
+
+def test_the_checkpoint_s_generation_limit_is_the_default(compared):
+    """eval and curation default to the model's own max_new_tokens (generation/defaults.py), through vLLM too."""
+    from bimode.generation.defaults import default_max_new_tokens
+
+    assert compared["vllm"]["default_max_new_tokens"] == default_max_new_tokens(compared["engine"]) == 256

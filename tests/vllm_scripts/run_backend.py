@@ -37,7 +37,10 @@ def main(spec_path: str, out_path: str) -> None:
                       modes=p["modes"]) for p in spec["prompts"]]
     start = time.time()
     backend = VLLMBackend(spec["model"], **spec["llm"])
-    out = {"startup_s": time.time() - start, "runs": {}, "run_s": {}}
+    from bimode.generation.defaults import default_max_new_tokens
+
+    out = {"startup_s": time.time() - start, "runs": {}, "run_s": {},
+           "default_max_new_tokens": default_max_new_tokens(backend)}
     for name, run in spec["runs"].items():
         chosen = prompts if run.get("prompts") is None else [prompts[i] for i in run["prompts"]]
         start = time.time()

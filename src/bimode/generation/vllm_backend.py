@@ -48,6 +48,8 @@ class VLLMBackend:
             llm_kwargs.setdefault("logits_processors", [BimodeControls])
         self.llm = LLM(model=model_path, **llm_kwargs)
         self.tokenizer = self.llm.get_tokenizer()
+        # the checkpoint's own generation limit, which eval and curation default to (generation/defaults.py)
+        self.generation_config = _generation_config(model_path)
         self.decision = mode_decision(self.tokenizer)
         self.close_id = self.decision.think_close_id
         self.think_ids = sorted(self.decision.think_ids)
@@ -167,3 +169,12 @@ class VLLMBackend:
                                          p_think=p_think, logprobs=logprobs, forced=forced)
         completion.stop_token_id = stop_id
         return completion
+
+
+def _generation_config(model_path: str):
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(model_path)
+    except OSError:  # the checkpoint sets none
+        return None

@@ -87,46 +87,57 @@ _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 def _fetch_remote_image(url: str, limits: ServerLimits, where: str) -> tuple[bytes, str | None]:
     """The bytes at an http(s) URL and their Content-Type, within the size cap, the redirect limit and one
-    deadline for the whole fetch (httpx's timeout is per read: a server that trickles bytes would hold the
-    request for ever)."""
+    deadline for the whole fetch: redirects are followed here, and every hop's network operations get only
+    what is left of the deadline (httpx's own timeout is per operation, and a server that trickles bytes
+    would otherwise hold the request for ever)."""
     import httpx
 
     if not limits.allow_remote_images:
         raise BadRequest(f"{where}: remote image URLs are not fetched unless the server runs with "
                          "--allow-remote-images; or send a base64 data URL", where)
-    cap = limits.remote_image_max_bytes
+    cap, seconds = limits.remote_image_max_bytes, limits.remote_image_timeout_s
 
     def fail(reason: str) -> BadRequest:
         return BadRequest(f"{where}: cannot fetch image {url}: {reason}", where)
 
-    deadline = time.monotonic() + limits.remote_image_timeout_s
+    deadline = time.monotonic() + seconds
+
+    def time_left() -> float:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise fail(f"took longer than {seconds:g} s")
+        return left
+
+    current = url
     try:
-        # httpx follows only http(s) redirects: any other scheme is an UnsupportedProtocol error
-        with httpx.Client(follow_redirects=True, max_redirects=limits.remote_image_max_redirects,
-                          timeout=limits.remote_image_timeout_s) as client, client.stream("GET", url) as response:
-            if response.status_code >= 400:
-                raise fail(f"HTTP {response.status_code}")
-            declared = response.headers.get("content-length")
-            if declared and declared.isdigit() and int(declared) > cap:
-                raise fail(f"{int(declared)} bytes, over the limit of {cap} (--remote-image-max-bytes)")
-            chunks, size = [], 0
-            for chunk in response.iter_bytes():
-                size += len(chunk)
-                if size > cap:
-                    raise fail(f"over the limit of {cap} bytes (--remote-image-max-bytes)")
-                if time.monotonic() > deadline:
-                    raise fail(f"took longer than {limits.remote_image_timeout_s:g} s")
-                chunks.append(chunk)
-            content_type = response.headers.get("content-type")
-    except httpx.TooManyRedirects:
-        raise fail(f"more than {limits.remote_image_max_redirects} redirects") from None
+        with httpx.Client(follow_redirects=False) as client:
+            for _ in range(limits.remote_image_max_redirects + 1):
+                with client.stream("GET", current, timeout=time_left()) as response:
+                    if response.is_redirect:
+                        current = str(response.next_request.url) if response.next_request else ""
+                        if not current.startswith(("http://", "https://")):
+                            raise fail(f"redirected to an unsupported scheme ({current or 'no location'})")
+                        continue
+                    if response.status_code >= 400:
+                        raise fail(f"HTTP {response.status_code}")
+                    declared = response.headers.get("content-length")
+                    if declared and declared.isdigit() and int(declared) > cap:
+                        raise fail(f"{int(declared)} bytes, over the limit of {cap} (--remote-image-max-bytes)")
+                    chunks, size = [], 0
+                    for chunk in response.iter_bytes():
+                        size += len(chunk)
+                        if size > cap:
+                            raise fail(f"over the limit of {cap} bytes (--remote-image-max-bytes)")
+                        time_left()
+                        chunks.append(chunk)
+                    return b"".join(chunks), response.headers.get("content-type")
     except httpx.TimeoutException:
-        raise fail(f"took longer than {limits.remote_image_timeout_s:g} s") from None
+        raise fail(f"took longer than {seconds:g} s") from None
     except httpx.UnsupportedProtocol as exc:
         raise fail(f"redirected to an unsupported scheme ({exc})") from None
     except (httpx.HTTPError, httpx.InvalidURL) as exc:
         raise fail(f"{type(exc).__name__}: {exc}") from None
-    return b"".join(chunks), content_type
+    raise fail(f"more than {limits.remote_image_max_redirects} redirects")
 
 
 def _read_local_image(path: str, limits: ServerLimits, where: str) -> bytes:
