@@ -18,3 +18,12 @@ def fails_on_thinking(prompts, completions, completion_ids, rollout_mode, **kwar
 def none_on_thinking(prompts, completions, completion_ids, rollout_mode, **kwargs):
     """Cannot score thinking rollouts (TRL's None); every direct answer scores 1."""
     return [None if mode == "think" else 1.0 for mode in rollout_mode]
+
+
+def trained_p_think_drop(trainer) -> tuple[float, dict, dict]:
+    """Probe p_think, train, probe again: the mean drop over levels, and both probes (for the message)."""
+    before = trainer.probe()
+    trainer.train()
+    after = trainer.probe()
+    levels = [k for k in before if k.startswith("p_think/")]
+    return sum(before[k] - after[k] for k in levels) / len(levels), before, after

@@ -13,6 +13,7 @@ from bimode.train.bpo_core import (ROLLOUT_LAYOUTS, mode_token_loss, mode_token_
                                    per_mode_stats, register_rollout, rollout_modes)
 from bimode.train.bpo_rewards import GuardedReward, import_reward, weighted_rewards
 
+from tests.bpo_helpers import trained_p_think_drop
 from tests.conftest import TRAINED_MAX_LEVEL, launch_two_cpu_processes
 from tests.hf_fixtures import saved_vision_keys
 
@@ -245,11 +246,7 @@ def test_auto_rollouts_sample_the_decision_from_the_policy_that_scores_it(tmp_pa
 def test_mode_token_loss_on_moves_the_decision_toward_the_rewarded_mode(tmp_path, trained_tiny, bpo_file):
     trainer = make_trainer(trained_tiny, bpo_file, tmp_path, mode_token_loss="on", max_steps=6,
                            learning_rate=3e-3, rewards=["tests.bpo_helpers:no_think_wins"], probe_size=48)
-    before = trainer.probe()
-    trainer.train()
-    after = trainer.probe()
-    levels = [k for k in before if k.startswith("p_think/")]
-    drop = sum(before[k] - after[k] for k in levels) / len(levels)
+    drop, before, after = trained_p_think_drop(trainer)
     assert drop > 0.15, (before, after)
 
 

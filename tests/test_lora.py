@@ -16,6 +16,7 @@ from bimode.generation.types import Prompt, SamplingParams
 from bimode.models import load_model
 from bimode.train.adapters import AdapterFields, build_peft_config, check_quantization, mode_token_ids
 from bimode.train.components import component_of
+from tests.bpo_helpers import trained_p_think_drop
 from tests.conftest import serve_in_thread
 from tests.hf_fixtures import (
     build_tiny_llava_llama_style,
@@ -255,11 +256,7 @@ def test_bpo_with_lora_moves_p_think_against_the_base_as_kl_reference(tmp_path, 
                                        learning_rate=1e-2, beta=0.04, probe_size=48),
                             model_args=ModelConfig(**LORA))
     assert trainer.ref_model is None
-    before = trainer.probe()
-    trainer.train()
-    after = trainer.probe()
-    levels = [k for k in before if k.startswith("p_think/")]
-    drop = sum(before[k] - after[k] for k in levels) / len(levels)
+    drop, before, after = trained_p_think_drop(trainer)
     assert drop > 0.15, (before, after)
     kl = [h["kl"] for h in trainer.state.log_history if "kl" in h]
     assert kl[0] == pytest.approx(0.0, abs=1e-6) and kl[-1] > 0
