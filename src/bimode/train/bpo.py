@@ -118,10 +118,12 @@ class BPOTrainer(StrictResumeMixin, GRPOTrainer):
                 "record_id": r.id, "row": row}
 
     @contextmanager
-    def _generation_engine(self):
-        """The shared-prefix engine on the current weights (gathered under ZeRO-3), in eval mode."""
+    def _generation_engine(self, gather: bool = True):
+        """The shared-prefix engine on the current weights (gathered under ZeRO-3 unless `gather` is False:
+        with vLLM generating, the engine only renders and tokenizes), in eval mode."""
         with unwrap_model_for_generation(self.model_wrapped, self.accelerator,
-                                         gather_deepspeed3_params=self.args.ds3_gather_for_generation) as model:
+                                         gather_deepspeed3_params=gather and self.args.ds3_gather_for_generation
+                                         ) as model:
             was_training = model.training
             if self._engine is None:
                 self._engine = TransformersEngine(model, self.processing_class,
@@ -145,7 +147,7 @@ class BPOTrainer(StrictResumeMixin, GRPOTrainer):
                 groups.append((row, [mode]))
         batch = [Prompt(self.records[row].messages(), self._images[row], group_modes, self.records[row].id)
                  for row, group_modes in groups]
-        with self._generation_engine() as engine:
+        with self._generation_engine(gather=not self.use_vllm) as engine:
             suffix = engine.suffix_rest
             if self.use_vllm:
                 prompt_ids = [engine.prompt_ids(p) for p in batch]

@@ -131,26 +131,17 @@ def _vllm_on_cpu() -> bool:
     return current_platform.is_cpu()
 
 
-class _layerwise_reload:
+@contextmanager
+def _layerwise_reload(llm):
     """vLLM's reload protocol around in-place `load_weights` calls: restore the loadable layout first, then
     process (repack) every layer once its weights are in."""
+    from vllm.model_executor.model_loader.reload import finalize_layerwise_reload, initialize_layerwise_reload
 
-    def __init__(self, llm):
-        runner = llm.llm_engine.model_executor.driver_worker.model_runner
-        self.model, self.model_config = runner.model, runner.model_config
-
-    def __enter__(self):
-        from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
-
-        initialize_layerwise_reload(self.model)
-
-    def __exit__(self, *exc):
-        from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
-
-        if exc[0] is None:
-            finalize_layerwise_reload(self.model, self.model_config)
-            repack_kept_weights(self.model)
-        return False
+    runner = llm.llm_engine.model_executor.driver_worker.model_runner
+    initialize_layerwise_reload(runner.model)
+    yield
+    finalize_layerwise_reload(runner.model, runner.model_config)
+    repack_kept_weights(runner.model)
 
 
 def repack_kept_weights(model) -> None:
