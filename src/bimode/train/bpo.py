@@ -11,13 +11,20 @@ what it contributes: off (no loss), on (the rollout's advantage, like any token)
 With TRL's `use_peft` (and `lora_*`) flags BPO trains LoRA adapters (train/adapters.py); TRL then takes the
 KL reference (beta > 0) from the same model with the adapter switched off.
 
-Pinned to TRL 1.16 (pyproject): this relies on `rollout_func`, `_generate_and_score_completions` and the
-(B, T) advantages `_compute_loss` accepts; tests/test_bpo.py guards each.
+Training forward: every rollout of a query has the same prompt, so `_get_per_token_logps_and_entropies`
+runs each distinct prompt (images included) once and lets its rollouts attend to its key/value cache,
+forward and backward (train/shared_prefix_forward.py; `shared_prefix_forward`, on by default, falls back to
+TRL's per-row forward where that is not proven equivalent, and logs which path it took).
+
+Pinned to TRL 1.16 (pyproject): this relies on `rollout_func`, `_generate_and_score_completions`, the
+(B, T) advantages `_compute_loss` accepts and the signature of `_get_per_token_logps_and_entropies`;
+tests/test_bpo.py and tests/test_shared_prefix_forward.py guard each.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 from collections import defaultdict
@@ -41,9 +48,11 @@ from bimode.train.bpo_rewards import build_rewards, weighted_rewards
 from bimode.train.checkpoint import StrictResumeMixin, cli_main, load_start, train_and_save
 from bimode.train.components import freeze
 from bimode.train.precision import fp32_unless_asked_on_cpu
+from bimode.train.shared_prefix_forward import call_unsupported, find_prefix_groups, grouped_completion_logps
 from bimode.train.vllm_fit import collapse_image_runs, fit_vllm_generation, colocated_llm_settings
 
 MODE_CODES = {"think": 0, "no_think": 1, "malformed": 2}
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -66,6 +75,10 @@ class BPOConfig(AdapterFields, GRPOConfig):
     probe_steps: int = field(default=10, metadata={"help": "probe p_think every this many steps (0: never)"})
     rollout_batch_rows: int = field(default=256, metadata={
         "help": "most rollouts decoded together by the shared-prefix engine (transformers path)"})
+    shared_prefix_forward: bool = field(default=True, metadata={
+        "help": "score rollouts with each prompt (images included) run once per group and its key/value cache "
+                "shared by the group's rows, forward and backward (train/shared_prefix_forward.py); falls back "
+                "to TRL's per-row forward where the model or the call is not supported (logged once)"})
     freeze_vision: bool = field(default=False, metadata={"help": "keep the vision tower fixed"})
     trust_remote_code: bool = field(default=False, metadata={"help": "allow the checkpoint's own code"})
     report_to: None | str | list[str] = field(default="tensorboard", metadata={
@@ -102,6 +115,7 @@ class BPOTrainer(StrictResumeMixin, GRPOTrainer):
         self._probe_prompts: list[Prompt] | None = None
         self._rollout_info: dict = {}
         self._last_probe = -1
+        self._forward_paths_logged: set[str] = set()
         with colocated_llm_settings(args):
             super().__init__(model=model, reward_funcs=self.guarded_rewards, args=args,
                              train_dataset=datasets.Dataset.from_dict({"row": list(range(len(records)))}),
@@ -216,6 +230,49 @@ class BPOTrainer(StrictResumeMixin, GRPOTrainer):
                 group.append((f, c, stop, lps, thinking))
             out.append(group)
         return out
+
+    # ---- the training forward: one prompt pass per group -----------------------------------------------
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
+                                           compute_entropy=False, compute_aux_loss=False, pixel_values=None,
+                                           image_grid_thw=None, num_images=None, pixel_attention_mask=None,
+                                           spatial_shapes=None, num_tiles=None, image_sizes=None,
+                                           token_type_ids=None, mm_token_type_ids=None, image_position_ids=None):
+        """TRL 1.16's method (same signature, same results), with each distinct prompt run once and its cache
+        shared by the rows that repeat it (train/shared_prefix_forward.py). Used for the loss, the old
+        log-probs and the reference model alike; TRL's own per-row forward where sharing does not apply."""
+        kwargs = dict(batch_size=batch_size, compute_entropy=compute_entropy, compute_aux_loss=compute_aux_loss,
+                      pixel_values=pixel_values, image_grid_thw=image_grid_thw, num_images=num_images,
+                      pixel_attention_mask=pixel_attention_mask, spatial_shapes=spatial_shapes, num_tiles=num_tiles,
+                      image_sizes=image_sizes, token_type_ids=token_type_ids, mm_token_type_ids=mm_token_type_ids,
+                      image_position_ids=image_position_ids)
+        reason, groups, level = "shared_prefix_forward is off", None, logging.INFO
+        if self.args.shared_prefix_forward:
+            image_args = {k: v for k, v in kwargs.items() if k not in ("batch_size", "compute_entropy",
+                                                                         "compute_aux_loss")}
+            reason = call_unsupported(model, input_ids, logits_to_keep, compute_aux_loss, **image_args)
+            level = logging.WARNING  # asked for and not possible: say why
+            if reason is None:
+                groups = find_prefix_groups(input_ids, attention_mask, logits_to_keep, pixel_values=pixel_values,
+                                            image_sizes=image_sizes, num_images=num_images)
+                if not groups.shared:  # nothing to share (a batch of one rollout per prompt): same numbers
+                    reason, level = "no two rows share a prompt", logging.INFO
+        if reason is not None:
+            self._log_forward_path(f"TRL's per-row forward ({reason})", level)
+            return super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
+                                                              **kwargs)
+        self._log_forward_path("shared-prefix forward")
+        with self.accelerator.autocast():
+            logps, entropies = grouped_completion_logps(
+                model, input_ids, attention_mask, logits_to_keep,
+                {"pixel_values": pixel_values, "image_sizes": image_sizes, "num_images": num_images},
+                compute_entropy, batch_size=batch_size, fused_lm_head=True, groups=groups)
+        return logps, entropies, None
+
+    def _log_forward_path(self, path: str, level: int = logging.INFO) -> None:
+        """Say once (per process) which forward scores the rollouts, and once more for each other reason."""
+        if path not in self._forward_paths_logged:
+            self._forward_paths_logged.add(path)
+            log.log(level, "BPO scores rollouts with %s", path)
 
     # ---- scoring, loss weights, logging ---------------------------------------------------------------
     def _generate_and_score_completions(self, inputs):
