@@ -6,6 +6,7 @@ entropies and the gradients of a weighted sum of both w.r.t. every parameter (vi
 LLM) must match the per-row computation in fp32.
 """
 
+import json
 from contextlib import nullcontext
 from types import SimpleNamespace
 
@@ -208,7 +209,7 @@ def test_unsupported_models_and_calls_say_why(tmp_path, tiny):
 BATCH = [{"row": i // 4} for i in range(8)]  # a generation batch as TRL samples it: 2 prompts x 4 rollouts
 
 
-def make_trainer(model_dir, train_file, out, **overrides):
+def make_trainer(model_dir, train_file, out, model_args=None, **overrides):
     from bimode.train.bpo import BPOConfig, build_trainer
 
     args = dict(model_path=str(model_dir), train_files=[str(train_file)], output_dir=str(out), num_generations=4,
@@ -216,7 +217,7 @@ def make_trainer(model_dir, train_file, out, **overrides):
                 report_to=[], save_strategy="no", logging_steps=1, use_cpu=True, bf16=False, probe_steps=0, seed=0,
                 gradient_checkpointing=False, rewards=["tests.bpo_helpers:no_think_wins"], temperature=1.0)
     args.update(overrides)
-    return build_trainer(BPOConfig(**args))
+    return build_trainer(BPOConfig(**args), model_args=model_args)
 
 
 def test_trainer_signature_is_trls():
@@ -231,13 +232,17 @@ def test_trainer_signature_is_trls():
     assert list(ours) == list(theirs)  # TRL passes these by keyword: a renamed one would fail silently
 
 
-def test_a_bpo_step_is_the_same_with_the_shared_forward_on_and_off(tmp_path, tiny_dir, trained_families_file):
-    """One step (beta > 0: reference log-probs; num_iterations 2: old log-probs; TRL shuffles the rollouts)
-    with the shared forward and without: same loss, same weights."""
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_a_bpo_step_is_the_same_with_the_shared_forward_on_and_off(tmp_path, tiny_dir, trained_families_file, lora):
+    """One step (beta > 0: reference log-probs, from the adapter-less model under LoRA; num_iterations 2: old
+    log-probs; TRL shuffles the rollouts) with the shared forward and without: same loss, same weights."""
+    from trl import ModelConfig
+
+    model_args = ModelConfig(use_peft=True, lora_r=4, lora_dropout=0.0) if lora else None
     runs = {}
     for shared in (True, False):
-        trainer = make_trainer(tiny_dir, trained_families_file, tmp_path / str(shared), shared_prefix_forward=shared,
-                               beta=0.05, num_iterations=2)
+        trainer = make_trainer(tiny_dir, trained_families_file, tmp_path / str(shared), model_args,
+                               shared_prefix_forward=shared, beta=0.05, num_iterations=2)
         before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
         trainer.train()
         after = dict(trainer.model.named_parameters())
@@ -271,3 +276,28 @@ def test_a_qwen_vl_model_takes_trls_path_with_trls_numbers(tmp_path, trained_fam
     assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1])
     (path,) = trainer._forward_paths_logged
     assert path.startswith("TRL's per-row forward (model type 'qwen2_5_vl' is not on the shared-prefix allow-list")
+
+
+def test_two_processes_train_the_same_with_the_shared_forward_on_and_off(tmp_path, tiny_dir, trained_families_file):
+    """DDP: the shared path calls the wrapped model twice (prefix, then rows) before one backward."""
+    from tests.conftest import launch_two_cpu_processes
+
+    runs = {}
+    for shared in ("true", "false"):
+        out = tmp_path / shared
+        launch_two_cpu_processes(
+            "shared_forward_ranks.py", "--model_path", str(tiny_dir), "--train_files", str(trained_families_file),
+            "--output_dir", str(out), "--max_steps", "1", "--per_device_train_batch_size", "4", "--num_generations",
+            "4", "--max_completion_length", "8", "--rewards", "tests.bpo_helpers:no_think_wins", "--report_to",
+            "none", "--save_strategy", "no", "--probe_steps", "0", "--use_cpu", "true", "--learning_rate", "0.5",
+            "--optim", "sgd", "--gradient_checkpointing", "false", "--bf16", "false", "--temperature", "1.0",
+            "--beta", "0.05", "--num_iterations", "2", "--shared_prefix_forward", shared)
+        runs[shared] = [(json.loads((out / f"rank-{r}.json").read_text()),
+                         torch.load(out / f"weights-{r}.pt")) for r in (0, 1)]
+    assert all(info["paths"] == ["shared-prefix forward"] for info, _ in runs["true"])
+    (on, weights_on), (_, weights_on_1) = runs["true"]
+    (off, weights_off), _ = runs["false"]
+    assert on["loss"] == pytest.approx(off["loss"], rel=1e-5, abs=1e-7)
+    for name, w in weights_off.items():
+        assert torch.equal(weights_on[name], weights_on_1[name]), name  # the ranks stayed in sync
+        assert torch.allclose(weights_on[name], w, rtol=1e-5, atol=1e-6), name
