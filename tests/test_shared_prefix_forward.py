@@ -196,13 +196,32 @@ def test_unsupported_models_and_calls_say_why(tmp_path, tiny):
     image_in_completion = input_ids.clone()
     image_in_completion[0, -1] = processor.image_token_id
     assert "image token" in call_unsupported(model, image_in_completion, K, **kwargs)
-    model.activation_checkpointing_enable()  # transformers 5's name for gradient checkpointing
+    # transformers 5's name for gradient checkpointing; reentrant runs the layer without autograd
+    model.activation_checkpointing_enable({"use_reentrant": True})
     try:
-        assert "checkpointing" in call_unsupported(model, input_ids, K, **kwargs)
+        assert "reentrant" in call_unsupported(model, input_ids, K, **kwargs)
         with torch.no_grad():  # TRL's old and reference log-probs: no backward replay, the cache is kept
             assert call_unsupported(model, input_ids, K, **kwargs) is None
     finally:
         model.activation_checkpointing_disable()
+
+
+def test_non_reentrant_gradient_checkpointing_keeps_the_prompt_cache_and_its_gradients(tiny):
+    """TRL's default checkpointing: transformers would drop the cache in checkpointed layers; the shared
+    path's caches survive the backward replay, so log-probs and gradients still match."""
+    model, processor = tiny
+    input_ids, mask, kwargs = tiny_batch(processor, records())
+    model.activation_checkpointing_enable()  # {"use_reentrant": False}
+    try:
+        assert call_unsupported(model, input_ids, K, **kwargs) is None
+        shared = grouped_completion_logps(model, input_ids, mask, K, kwargs, True, batch_size=4, temperature=0.7)
+        logp, entropy, rel, used = compare(model, shared, direct(model, input_ids, mask, kwargs, 0.7))
+    finally:
+        model.activation_checkpointing_disable()
+    assert not any(hasattr(m, "_can_checkpoint_with_cache") and "_can_checkpoint_with_cache" in vars(m)
+                   for m in model.modules())  # the switch is put back
+    print(f"checkpointed: max |dlogp| {logp:.2e}, max |dH| {entropy:.2e}, max rel grad {rel:.2e} ({used})")
+    assert logp < TOL and entropy < TOL and rel < TOL
 
 
 # ---- in the trainer -------------------------------------------------------------------------------------
@@ -232,19 +251,25 @@ def test_trainer_signature_is_trls():
     assert list(ours) == list(theirs)  # TRL passes these by keyword: a renamed one would fail silently
 
 
-@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_a_bpo_step_is_the_same_with_the_shared_forward_on_and_off(tmp_path, tiny_dir, trained_families_file, lora):
+@pytest.mark.parametrize("lora,checkpointing", [(False, False), (True, False), (False, True)],
+                         ids=["full", "lora", "checkpointing"])
+def test_a_bpo_step_is_the_same_with_the_shared_forward_on_and_off(tmp_path, tiny_dir, trained_families_file, lora,
+                                                                    checkpointing):
     """One step (beta > 0: reference log-probs, from the adapter-less model under LoRA; num_iterations 2: old
-    log-probs; TRL shuffles the rollouts) with the shared forward and without: same loss, same weights."""
+    log-probs; TRL shuffles the rollouts; TRL's default gradient checkpointing or none) with the shared forward
+    and without: same loss, same weights."""
     from trl import ModelConfig
 
     model_args = ModelConfig(use_peft=True, lora_r=4, lora_dropout=0.0) if lora else None
     runs = {}
     for shared in (True, False):
         trainer = make_trainer(tiny_dir, trained_families_file, tmp_path / str(shared), model_args,
-                               shared_prefix_forward=shared, beta=0.05, num_iterations=2)
+                               shared_prefix_forward=shared, beta=0.05, num_iterations=2,
+                               gradient_checkpointing=checkpointing)
         before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
         trainer.train()
+        # the Trainer turns checkpointing on inside train()
+        assert any(getattr(m, "gradient_checkpointing", False) for m in trainer.model.modules()) == checkpointing
         after = dict(trainer.model.named_parameters())
         runs[shared] = (trainer.state.log_history[0], before, after, trainer._forward_paths_logged)
     (log_on, before_on, after_on, paths_on), (log_off, before_off, _, paths_off) = runs[True], runs[False]

@@ -26,9 +26,12 @@ What must hold, checked by `shared_prefix_unsupported` (anything else takes TRL'
 - images given per image (`pixel_values` (n_images, ...) with `num_images` per row, `image_sizes` for
   LLaVA-NeXT), none in the per-row part (the completion and the prompt's last token): they go to the prefix
   pass only.
-- no gradient checkpointing while gradients are taken: transformers drops the cache inside checkpointed
-  layers (its recompute would write it twice), so the prefix would be silently ignored. Passes without
-  gradients (TRL's old and reference log-probs) share even then.
+- gradient checkpointing, while gradients are taken, only non-reentrant (TRL's default). transformers drops
+  the cache inside checkpointed layers, since a `DynamicCache` written again by the backward replay would
+  grow twice; here the prefix pass records into a cache whose replay overwrites what it recorded, the row
+  pass reads one it never writes, and the layers are told to keep them for the two calls. Reentrant
+  checkpointing runs the layer without autograd, so the recorded keys would carry no gradient: it falls
+  back. Passes without gradients (TRL's old and reference log-probs) share either way.
 - no MoE auxiliary loss (`compute_aux_loss`).
 Dropout: the supported models have none by default (attention_dropout 0). Where some is active in train mode
 (LoRA's `lora_dropout`), the prompt's dropout mask is drawn once per group instead of once per rollout: the
@@ -37,10 +40,13 @@ same expected gradient, not the same random draw.
 
 from __future__ import annotations
 
+import functools
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +69,52 @@ def base_model(model):
             model = model.get_base_model()
         else:
             return model
+
+
+class RecordingLayer(DynamicLayer):
+    """Prefix pass: keeps the keys/values (batch, kv_heads, P-1, head_dim) of an empty cache's one update.
+    A second update (gradient checkpointing replaying the layer in backward) overwrites them with the same
+    values instead of appending, so the replay sees the shapes the forward saw."""
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.keys, self.values = key_states, value_states
+        return key_states, value_states
+
+
+class ReadOnlyPrefixLayer(DynamicLayer):
+    """Row pass: the group's prompt keys/values expanded to the rows (n, kv_heads, P-1, head_dim). Each update
+    returns prompt + new along the sequence and stores nothing, so a replay returns the same."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+        super().__init__()
+        self.lazy_initialization(keys, values)
+        self.keys, self.values = keys, values
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
+
+
+def _checkpointed_layers(model) -> list:
+    """The modules that gradient checkpointing wraps now (gradients on, training): [] when it is off."""
+    inner = base_model(model)
+    if not (torch.is_grad_enabled() and inner.training):
+        return []
+    return [m for m in inner.modules() if getattr(m, "gradient_checkpointing", False) is True]
+
+
+@contextmanager
+def _keep_cache_under_checkpointing(layers: list):
+    """Let checkpointed layers keep the cache for these passes (`_can_checkpoint_with_cache`, transformers'
+    switch for layers whose replay leaves the cache as it was: true of the two layer types above)."""
+    for m in layers:
+        m._can_checkpoint_with_cache = True  # an instance attribute over the class default
+    try:
+        yield
+    finally:
+        for m in layers:
+            del m._can_checkpoint_with_cache
 
 
 def architecture_unsupported(model) -> str | None:
@@ -111,9 +163,10 @@ def call_unsupported(model, input_ids: torch.Tensor, logits_to_keep: int, comput
     image_token = getattr(inner.config, "image_token_id", getattr(inner.config, "image_token_index", None))
     if image_token is not None and bool((input_ids[:, prompt_length - 1:] == image_token).any()):
         return "an image token in the per-row part (completion or the prompt's last token)"
-    if torch.is_grad_enabled() and inner.training and any(getattr(m, "gradient_checkpointing", False) is True
-                                                          for m in inner.modules()):
-        return "gradient checkpointing drops the cache in checkpointed layers"
+    for m in _checkpointed_layers(model):
+        func = getattr(m, "_gradient_checkpointing_func", None)
+        if not (isinstance(func, functools.partial) and func.keywords.get("use_reentrant") is False):
+            return "reentrant gradient checkpointing (the prompt's cached keys would get no gradient)"
     return None
 
 
@@ -204,8 +257,6 @@ def _run_prefixes(model, input_ids, attention_mask, groups: PrefixGroups, batch_
 
     Returns per layer (keys, values), each (U, kv_heads, P-1, head_dim), still attached to the graph.
     """
-    from transformers import DynamicCache
-
     cut = groups.prompt_length - 1
     layers: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
     reps = groups.representatives
@@ -213,6 +264,7 @@ def _run_prefixes(model, input_ids, attention_mask, groups: PrefixGroups, batch_
         rows = reps[start:start + batch_size]
         index = torch.tensor(rows, device=input_ids.device)
         cache = DynamicCache()
+        cache.layer_class_to_replicate = RecordingLayer
         # logits_to_keep=1: the prefix's logits are not needed (the per-row pass re-runs its last token)
         model(input_ids=input_ids.index_select(0, index)[:, :cut],
               attention_mask=attention_mask.index_select(0, index)[:, :cut],
@@ -252,8 +304,13 @@ def grouped_completion_logps(model, input_ids: torch.Tensor, attention_mask: tor
     Returns (log-probs (B, K), entropies (B, K) or None), zero where attention_mask is 0, like TRL 1.16's
     `_get_per_token_logps_and_entropies`. Call `call_unsupported` first: this function assumes the case holds.
     """
-    from transformers import DynamicCache
+    with _keep_cache_under_checkpointing(_checkpointed_layers(model)):
+        return _grouped(model, input_ids, attention_mask, logits_to_keep, model_kwargs, compute_entropy, batch_size,
+                        temperature, fused_lm_head, groups)
 
+
+def _grouped(model, input_ids, attention_mask, logits_to_keep, model_kwargs, compute_entropy, batch_size,
+             temperature, fused_lm_head, groups):
     images = {k: v for k, v in (model_kwargs or {}).items() if v is not None}
     groups = groups or find_prefix_groups(input_ids, attention_mask, logits_to_keep, **images)
     batch_size = batch_size or input_ids.size(0)
@@ -267,8 +324,9 @@ def grouped_completion_logps(model, input_ids: torch.Tensor, attention_mask: tor
     for start in range(0, input_ids.size(0), batch_size):
         end = min(start + batch_size, input_ids.size(0))
         select = groups.group_of[start:end]
-        cache = DynamicCache(ddp_cache_data=[(k.index_select(0, select), v.index_select(0, select))
-                                             for k, v in prefix])
+        cache = DynamicCache()  # the group's prompt, one copy per row (differentiable: index_select)
+        cache.layers = [ReadOnlyPrefixLayer(k.index_select(0, select), v.index_select(0, select)) for k, v in prefix]
+        cache.layer_class_to_replicate = None
         inputs = {"input_ids": input_ids[start:end, cut:], "attention_mask": attention_mask[start:end],
                   "position_ids": positions, "cache": cache}
         if fused_lm_head:
@@ -286,5 +344,5 @@ def grouped_completion_logps(model, input_ids: torch.Tensor, attention_mask: tor
     return logps, torch.cat(all_entropies) if compute_entropy else None
 
 
-__all__ = ["PrefixGroups", "architecture_unsupported", "base_model", "call_unsupported", "find_prefix_groups",
+__all__ = ["PrefixGroups", "ReadOnlyPrefixLayer", "RecordingLayer", "architecture_unsupported", "base_model", "call_unsupported", "find_prefix_groups",
            "grouped_completion_logps"]
