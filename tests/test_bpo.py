@@ -160,8 +160,10 @@ def decision_grads(trainer):
         trainer.compute_loss(trainer.model, inputs).backward()
     finally:
         handle.remove()
-    grad = captured["g"]  # (rows, prompt + completion, hidden)
-    start = inputs["prompt_ids"].size(1) - 1  # this position predicts the first completion token
+    # (rows, prompt + completion, hidden), or with the shared-prefix forward (on by default) the rows' pass,
+    # (rows, 1 + completion, hidden): the prompt ran once, and only its last token runs again per row
+    grad = captured["g"]
+    start = grad.size(1) - inputs["completion_ids"].size(1) - 1  # this position predicts the first completion token
     lengths = trainer._rollout_info["suffix_lengths"]
     forced = torch.stack([grad[r, start:start + n].abs().sum() for r, n in enumerate(lengths)])
     rest = torch.stack([grad[r, start + n:].abs().sum() for r, n in enumerate(lengths)])
