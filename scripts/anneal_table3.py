@@ -28,6 +28,7 @@ from bimode.eval.runner import EvalConfig, read_samples, run_eval
 from bimode.generation.engine import TransformersEngine
 from bimode.models import load_model
 from bimode.models.tiny import build_tiny
+from bimode.commands.parsing import load_recipe
 from bimode.train.anneal import AnnealConfig, build_trainer
 
 
@@ -38,13 +39,9 @@ def needs_reasoning(record) -> bool:
 
 def anneal(model_dir: Path, files: list[Path], out: Path, steps: int, seed: int,
            target_modes: str = "labelled") -> Path:
-    cfg = AnnealConfig(model_path=str(model_dir), train_files=[str(f) for f in files], output_dir=str(out),
-                       target_modes=target_modes, max_steps=steps, per_device_train_batch_size=32,
-                       learning_rate=3e-3, adam_beta2=0.98, weight_decay=0.0, warmup_steps=0.05,
-                       lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": 0.1},
-                       report_to=[], save_strategy="no", logging_steps=50, seed=seed,
-                       use_cpu=not torch.cuda.is_available(), bf16=False,
-                       dataloader_num_workers=0, gradient_checkpointing=False)
+    cfg = load_recipe(AnnealConfig, "tiny_anneal", model_path=str(model_dir), train_files=[str(f) for f in files],
+                      output_dir=str(out), target_modes=target_modes, max_steps=steps, report_to=[],
+                      save_strategy="no", logging_steps=50, seed=seed, use_cpu=not torch.cuda.is_available())
     trainer = build_trainer(cfg)
     trainer.train()
     final = out / "final"
@@ -56,7 +53,7 @@ def anneal(model_dir: Path, files: list[Path], out: Path, steps: int, seed: int,
 def evaluate(model_dir: Path, bench: Path, out: Path, modes) -> dict:
     model, processor = load_model(model_dir, dtype=torch.float32)
     samples = run_eval(TransformersEngine(model, processor, max_batch_rows=96), [bench], out,
-                       EvalConfig(modes=modes, max_new_tokens=48), progress=False)
+                       load_recipe(EvalConfig, "tiny_eval", modes=list(modes)), progress=False)
     return next(iter(group_metrics(read_samples(samples))["benchmarks"].values()))
 
 

@@ -26,6 +26,7 @@ from anneal_table3 import anneal, evaluate
 from bimode.data import synthetic
 from bimode.data.records import write_records
 from bimode.models.tiny import build_tiny
+from bimode.commands.parsing import load_recipe
 from bimode.train.bpo import BPOConfig, build_trainer
 
 RUNS = {
@@ -37,12 +38,9 @@ RUNS = {
 
 
 def rl(start: Path, train: Path, probe: Path, out: Path, steps: int, seed: int, **setting) -> Path:
-    cfg = BPOConfig(model_path=str(start), train_files=[str(train)], probe_files=[str(probe)], output_dir=str(out),
-                    num_generations=8, per_device_train_batch_size=64, max_completion_length=40, max_steps=steps,
-                    learning_rate=1e-4, adam_beta2=0.98, weight_decay=0.0, temperature=1.0, beta=0.0,
-                    warmup_steps=0.05, lr_scheduler_type="constant_with_warmup", report_to=[],
-                    save_strategy="no", logging_steps=10, probe_steps=10, probe_size=240, seed=seed,
-                    use_cpu=not torch.cuda.is_available(), bf16=False, gradient_checkpointing=False, **setting)
+    cfg = load_recipe(BPOConfig, "tiny_bpo", model_path=str(start), train_files=[str(train)],
+                      probe_files=[str(probe)], output_dir=str(out), max_steps=steps, report_to=[],
+                      save_strategy="no", seed=seed, use_cpu=not torch.cuda.is_available(), **setting)
     trainer = build_trainer(cfg)
     trainer.train()
     final = out / "final"

@@ -18,7 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-from bimode.demo import run_demo
+from bimode.commands.parsing import load_recipe
+from bimode.demo import DemoConfig, run_demo
 
 # what each stage leaves that a re-run should reproduce
 STAGE_OUTPUTS = {
@@ -81,11 +82,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=None, help="run this seed twice and compare the outputs")
     parser.add_argument("--quick", action="store_true", help="the demo's quick sizes (a smoke run)")
     args = parser.parse_args(argv)
+    recipe = "demo_quick" if args.quick else "demo"  # configs/recipes
     args.out.mkdir(parents=True, exist_ok=True)
     results, hashes = {}, {}
     for seed in args.seeds:
         run = args.out / f"seed{seed}"
-        run_demo(run, quick=args.quick, seed=seed)
+        run_demo(load_recipe(DemoConfig, recipe, out=str(run), seed=seed))
         results[str(seed)], hashes[str(seed)] = headline(run), digests(run)
     report = {"machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, python {platform.python_version()}",
               "date": time.strftime("%Y-%m-%d"), "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
@@ -95,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     lines += table(results)
     if args.repeat is not None:
         run = args.out / f"seed{args.repeat}_repeat"
-        run_demo(run, quick=args.quick, seed=args.repeat)
+        run_demo(load_recipe(DemoConfig, recipe, out=str(run), seed=args.repeat))
         first, again = hashes.get(str(args.repeat)) or digests(args.out / f"seed{args.repeat}"), digests(run)
         same = {stage: first.get(stage) == again.get(stage) for stage in STAGE_OUTPUTS}
         report["repeat"] = {"seed": args.repeat, "identical": same, "results": headline(run)}

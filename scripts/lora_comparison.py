@@ -27,6 +27,7 @@ from trl import ModelConfig
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from anneal_table3 import needs_reasoning
 
+from bimode.commands.parsing import load_recipe
 from bimode.data import synthetic
 from bimode.data.records import write_records
 from bimode.eval.metrics import group_metrics
@@ -65,25 +66,19 @@ def train(trainer, out: Path) -> dict:
 
 
 def anneal(base: Path, files: list[Path], out: Path, steps: int, lr: float, seed: int, model_args) -> dict:
-    cfg = AnnealConfig(model_path=str(base), train_files=[str(f) for f in files], output_dir=str(out),
-                       target_modes="labelled", max_steps=steps, per_device_train_batch_size=32, learning_rate=lr,
-                       adam_beta2=0.98, weight_decay=0.0, warmup_steps=0.05, lr_scheduler_type="cosine_with_min_lr",
-                       lr_scheduler_kwargs={"min_lr_rate": 0.1}, report_to=[], save_strategy="no", logging_steps=50,
-                       seed=seed, use_cpu=not torch.cuda.is_available(), bf16=False, dataloader_num_workers=0,
-                       gradient_checkpointing=False)
+    cfg = load_recipe(AnnealConfig, "tiny_anneal", model_path=str(base), train_files=[str(f) for f in files],
+                      output_dir=str(out), max_steps=steps, learning_rate=lr, vision_lr=lr, projector_lr=lr,
+                      llm_lr=lr, report_to=[], save_strategy="no", logging_steps=50, seed=seed,
+                      use_cpu=not torch.cuda.is_available())
     return train(build_anneal(cfg, model_args=model_args), out)
 
 
 def bpo(start: Path, train_file: Path, probe: Path, out: Path, steps: int, prompts: int, lr: float, seed: int,
         model_args) -> dict:
-    cfg = BPOConfig(model_path=str(start), train_files=[str(train_file)], probe_files=[str(probe)],
-                    output_dir=str(out), rollout="bimode", mode_token_loss="on", num_generations=8,
-                    per_device_train_batch_size=8 * prompts, max_completion_length=40, max_steps=steps,
-                    learning_rate=lr,
-                    adam_beta2=0.98, weight_decay=0.0, temperature=1.0, beta=0.0, warmup_steps=0.05,
-                    lr_scheduler_type="constant_with_warmup", report_to=[], save_strategy="no", logging_steps=10,
-                    probe_steps=0, seed=seed, use_cpu=not torch.cuda.is_available(), bf16=False,
-                    gradient_checkpointing=False)
+    cfg = load_recipe(BPOConfig, "tiny_bpo", model_path=str(start), train_files=[str(train_file)],
+                      probe_files=[str(probe)], output_dir=str(out), per_device_train_batch_size=8 * prompts,
+                      max_steps=steps, learning_rate=lr, report_to=[], save_strategy="no", probe_steps=0, seed=seed,
+                      use_cpu=not torch.cuda.is_available())
     return train(build_bpo(cfg, model_args=model_args), out)
 
 
@@ -91,7 +86,7 @@ def evaluate(model_dir: Path, bench: Path, out: Path) -> dict:
     # adapters merged for evaluation: the same outputs (tests/test_lora.py), faster
     model, processor = load_model(model_dir, dtype=torch.float32, merge_adapter=True)
     samples = run_eval(TransformersEngine(model, processor, max_batch_rows=96), [bench], out,
-                       EvalConfig(modes=MODES, max_new_tokens=48), progress=False)
+                       load_recipe(EvalConfig, "tiny_eval", modes=list(MODES)), progress=False)
     return next(iter(group_metrics(read_samples(samples))["benchmarks"].values()))["modes"]
 
 

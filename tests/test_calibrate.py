@@ -160,7 +160,7 @@ def test_cli_calibrates_a_small_eval_run_and_the_threshold_does_what_it_predicts
     printed = capsys.readouterr().out
     result = json.loads((runs["pick"] / "calibration.json").read_text())
     assert printed == (runs["pick"] / "calibration.md").read_text()
-    assert f"--think-threshold {result['threshold']!r}" in printed and result["holdout"]["think"]["n"] == 12
+    assert f"--think_threshold {result['threshold']!r}" in printed and result["holdout"]["think"]["n"] == 12
     assert 0 < result["pick"]["calibrated"]["thinking_rate"] < 1  # a threshold that splits, not a forced mode
     # the threshold at work: auto mode at it reproduces the predicted held-out accuracy and tokens
     auto = read_samples(run_eval(engine, [tmp_path / "held" / "eval.jsonl"], tmp_path / "auto",

@@ -33,14 +33,18 @@ def test_training_commands_help_names_the_command_and_our_fields():
 def test_generation_limits_default_to_the_models_own_then_8192():
     """eval, chat and curate leave the limit to the model (its generation config, else the paper's 8,192)
     unless a flag sets it; before, eval cut every response at 256 tokens, chat at 512, curation at 256."""
-    from bimode.cli import build_parser
+    from bimode.commands import find_command
+    from bimode.commands import chat, curate, eval as eval_command
 
-    parser = build_parser()
-    for argv in (["eval", "m", "--bench", "b.jsonl", "--out", "o"], ["chat", "m"],
-                 ["curate", "--input", "i.jsonl", "--out", "o", "--annotator", "m"]):
-        assert parser.parse_args(argv).max_new_tokens is None
-        assert parser.parse_args(argv + ["--max-new-tokens", "64"]).max_new_tokens == 64
-    assert parser.parse_args(["curate", "--input", "i", "--out", "o", "--annotator", "m"]).trace_max_new_tokens is None
+    for module, argv in ((eval_command, ["eval", "m", "--bench", "b.jsonl", "--out", "o"]), (chat, ["chat", "m"]),
+                         (curate, ["curate", "--input", "i.jsonl", "--out", "o", "--annotator", "m"])):
+        assert find_command(argv)[0] == (argv[0],)
+        parsed = module.make_parser().parse_args_and_config(argv[1:])
+        assert parsed[-1].max_new_tokens is None
+        parsed = module.make_parser().parse_args_and_config(argv[1:] + ["--max-new-tokens", "64"])
+        assert parsed[-1].max_new_tokens == 64
+    parsed = curate.make_parser().parse_args_and_config(["--input", "i", "--out", "o", "--annotator", "m"])
+    assert parsed[-1].trace_max_new_tokens is None
     for command in ("eval", "chat", "curate"):
         text = " ".join(run(command, "--help").stdout.split())
         assert "generation_config.json max_new_tokens, else 8,192" in text, command
@@ -137,6 +141,6 @@ def test_demo_passes_its_seed_to_every_stage(monkeypatch, tmp_path):
     from bimode.cli import main
 
     seen = {}
-    monkeypatch.setattr(bimode.demo, "run_demo", lambda **kw: seen.update(kw) or 0)
+    monkeypatch.setattr(bimode.demo, "run_demo", lambda cfg: seen.update(cfg=cfg) or 0)
     assert main(["demo", "--quick", "--out", str(tmp_path / "d"), "--seed", "3"]) == 0
-    assert seen["seed"] == 3 and seen["quick"] is True
+    assert seen["cfg"].seed == 3 and seen["cfg"].n_train == 240  # demo_quick.yaml's size

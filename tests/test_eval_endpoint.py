@@ -35,7 +35,7 @@ def test_endpoint_eval_equals_checkpoint_eval(trained_tiny, bench, tmp_path, cap
     base, stop = serve_in_thread(app)
     served = tmp_path / "served"
     try:
-        args = ["eval", "--endpoint", base, "--model", "tiny", "--api-key", "k", "--out", str(served), *common]
+        args = ["eval", "--endpoint", base, "--endpoint_model", "tiny", "--api-key", "k", "--out", str(served), *common]
         assert main(args + ["--limit", "5"]) == 0  # a first, partial run ...
         assert len(read_samples(served / "samples.jsonl")) == 15
         assert main(args) == 0  # ... resumed
@@ -58,13 +58,14 @@ def test_endpoint_eval_equals_checkpoint_eval(trained_tiny, bench, tmp_path, cap
     assert "bimode eval of tiny at http://127.0.0.1" in (served / "report.md").read_text()
 
 
-def test_eval_needs_a_model_or_an_endpoint(tmp_path):
-    with pytest.raises(SystemExit, match="one of the two"):
-        main(["eval", "--bench", "b.jsonl", "--out", str(tmp_path)])
-    with pytest.raises(SystemExit, match="one of the two"):
-        main(["eval", "m", "--endpoint", "http://x", "--bench", "b.jsonl", "--out", str(tmp_path)])
-    with pytest.raises(SystemExit, match="--model names the model at an --endpoint"):
-        main(["eval", "m", "--model", "tiny", "--bench", "b.jsonl", "--out", str(tmp_path)])
+def test_eval_needs_a_model_or_an_endpoint(tmp_path, capsys):
+    for argv, message in ((["eval", "--bench", "b.jsonl"], "one of the two"),
+                          (["eval", "m", "--endpoint", "http://x", "--bench", "b.jsonl"], "one of the two"),
+                          (["eval", "m", "--endpoint_model", "tiny", "--bench", "b.jsonl"],
+                           "--endpoint_model names the model at an --endpoint")):
+        capsys.readouterr()
+        assert main(argv + ["--out", str(tmp_path)]) == 2
+        assert message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("message, usage, thinking", [

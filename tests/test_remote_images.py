@@ -1,4 +1,4 @@
-"""Remote image URLs in `bimode serve` requests: off by default; with --allow-remote-images fetched over http(s)
+"""Remote image URLs in `bimode serve` requests: off by default; with --allow_remote_images fetched over http(s)
 within a size cap, a deadline and a redirect limit, every failure a 400 naming the URL and the reason. The
 images come from an HTTP server this module starts on 127.0.0.1."""
 
@@ -96,7 +96,7 @@ def test_remote_png_is_fetched_when_allowed(images):
 
 
 def test_remote_images_are_off_by_default_and_say_how_to_turn_them_on(images):
-    with pytest.raises(BadRequest, match="--allow-remote-images") as caught:
+    with pytest.raises(BadRequest, match="--allow_remote_images") as caught:
         parse_request(_body(images + "/grid.png"), ServerLimits())
     assert caught.value.status == 400 and caught.value.param == "messages[0].content[0]"
 

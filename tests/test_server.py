@@ -144,7 +144,7 @@ GOOD = [{"role": "user", "content": "Where is the ball?"}]
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(b"nope").decode()}}]}]}, 400, "cannot decode image"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64," + "A" * 400_000}}]}]}, 413, "larger than"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "/etc/passwd"}}]}]}, 403, "outside the allowed"),
-    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}]}, 400, "--allow-remote-images"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}]}, 400, "--allow_remote_images"),
     ({"messages": [{"role": "user", "content": "word " * 2000}]}, 400, "over the limit"),
     ({"messages": GOOD, "max_tokens": 100000}, 400, "max_tokens must be between"),
     ({"messages": GOOD, "max_tokens": "ten"}, 400, "max_tokens must be an integer"),
@@ -175,7 +175,7 @@ def test_local_image_paths_only_under_the_allowed_dir(server, client, samples):
 
 
 def test_remote_image_url_gives_the_answer_the_same_image_inline_gives(server, samples, tmp_path):
-    """With --allow-remote-images an http:// image (R-4B's own client example sends one) is fetched and answered
+    """With --allow_remote_images an http:// image (R-4B's own client example sends one) is fetched and answered
     as the same image sent inline; tests/test_remote_images.py covers the failures."""
     import functools
     import threading

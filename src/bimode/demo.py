@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from bimode.data import synthetic
@@ -20,34 +20,39 @@ from bimode.data.records import read_records, write_records
 
 
 @dataclass
-class DemoSize:
-    n_train: int
-    n_eval: int
-    warmup_steps: int
-    anneal_steps: int
-    bpo_steps: int
-    bpo_prompts: int = 8  # prompts per BPO step, each with 4 thinking + 4 non-thinking rollouts
-    curate_n: int = 8
-    curate_temperature: float = 0.5
-    # The paper's rule is "all N wrong" (k = 0), made for open answers that are hard to guess. Here answers
-    # come from a handful of values (cups 1-3), so a model at chance gets about N/3 right by luck and k = 0
-    # labels almost nothing as thinking (measured: 8-21% per level, no trend). k = N * 3/8 asks for better
-    # than chance instead.
-    curate_max_correct: int = 3
-    # The image families. shell_text (the same game as text) is left out: this model answers its level-1
-    # questions directly at 19% against 100% with a trace (measured), so the world would have no easy level
-    # where a direct answer suffices, which is the recipe's premise.
-    families: tuple[str, ...] = ("count", "shell", "tally")
+class DemoConfig:
+    """The demo's run: sizes, and the few settings where it departs from the tiny recipes it runs
+    (configs/recipes/tiny_{curate,anneal,bpo,eval}.yaml). The sizes come from a recipe: demo.yaml (the
+    default of `bimode demo`) or demo_quick.yaml (`--quick`)."""
+
+    n_train: int = field(metadata={"help": "synthetic training samples"})
+    n_eval: int = field(metadata={"help": "held-out eval samples"})
+    families: list[str] = field(metadata={"help": "world families (demo.yaml says why shell_text is left out)"})
+    warmup_steps: int = field(metadata={"help": "annotator warm-up SFT steps (both formats)"})
+    anneal_steps: int = field(metadata={"help": "annealing steps"})
+    bpo_steps: int = field(metadata={"help": "BPO steps"})
+    bpo_prompts: int = field(metadata={"help": "prompts per BPO step, each with tiny_bpo.yaml's num_generations "
+                                               "rollouts"})
+    out: str = field(default="runs/demo", metadata={"help": "run directory"})
+    overwrite: bool = field(default=False, metadata={"help": "start again in a non-empty run directory"})
+    seed: int = field(default=0, metadata={
+        "help": "seed of every stage (world, model, sampling); scripts/demo_seeds.py compares seeds"})
+    curate_n_samples: int | None = field(default=None, metadata={
+        "help": "N of the performance heuristic (default: tiny_curate.yaml's)"})
+    curate_max_correct: int | None = field(default=None, metadata={
+        "help": "k of the performance heuristic (default: tiny_curate.yaml's)"})
+    bpo_mode_token_loss: str | None = field(default=None, metadata={
+        "help": "BPO mode-token loss (default: tiny_bpo.yaml's)"})
+    bpo_beta: float | None = field(default=None, metadata={"help": "BPO KL weight (default: tiny_bpo.yaml's)"})
 
 
-FULL = DemoSize(n_train=3000, n_eval=400, warmup_steps=900, anneal_steps=600, bpo_steps=200)
-QUICK = DemoSize(n_train=240, n_eval=60, warmup_steps=40, anneal_steps=40, bpo_steps=3, bpo_prompts=2,
-                 curate_n=4, curate_max_correct=1)
+# What every trainer of the demo shares, over its recipe: no checkpoints or loggers, progress bars shown
+_TRAINER_COMMON = dict(report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=False)
 
 
-# TRL turns gradient checkpointing on by default; on the tiny model it only recomputes (same weights, ~20% slower)
-_TRAINER_COMMON = dict(report_to=[], save_strategy="no", use_cpu=True, bf16=False, dataloader_num_workers=0,
-                       disable_tqdm=False, gradient_checkpointing=False)
+def _overrides(**values) -> dict:
+    """The demo's settings that are set (None: the recipe's value stands)."""
+    return {k: v for k, v in values.items() if v is not None}
 
 
 def _stage(name: str, done: Path, out: Path) -> bool:
@@ -68,8 +73,10 @@ def _save(model, processor, path: Path) -> None:
     tmp.rename(path)  # a model folder exists only once complete: resume can trust it
 
 
-def run_demo(out: Path, quick: bool = False, overwrite: bool = False, seed: int = 0) -> int:
+def run_demo(cfg: DemoConfig) -> int:
     import torch
+
+    from bimode.commands.parsing import load_recipe
 
     from bimode.curate import CurateConfig, run_curation
     from bimode.eval.report import write_report
@@ -83,8 +90,8 @@ def run_demo(out: Path, quick: bool = False, overwrite: bool = False, seed: int 
     from bimode.train.bpo import build_trainer as bpo_trainer
     from bimode.train.sft_warmup import SimpleSFTConfig, train_sft
 
-    size = QUICK if quick else FULL
-    if overwrite and out.exists():
+    out, seed = Path(cfg.out), cfg.seed
+    if cfg.overwrite and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
@@ -100,8 +107,8 @@ def run_demo(out: Path, quick: bool = False, overwrite: bool = False, seed: int 
     data = out / "data"
     if _stage("world", data / "eval.jsonl", out):
         def world():
-            for split, n in (("train", size.n_train), ("eval", size.n_eval)):
-                write_records((s.to_record() for s in synthetic.generate(n, seed, split, families=size.families)),
+            for split, n in (("train", cfg.n_train), ("eval", cfg.n_eval)):
+                write_records((s.to_record() for s in synthetic.generate(n, seed, split, families=cfg.families)),
                               data / f"{split}.jsonl", overwrite=True)
         timed("world", world)
     if _stage("tiny model", out / "tiny" / "config.json", out):
@@ -113,48 +120,42 @@ def run_demo(out: Path, quick: bool = False, overwrite: bool = False, seed: int 
         def warmup():
             model, processor = load_model(out / "tiny", dtype=torch.float32)
             train_sft(model, processor, read_records(data / "train.jsonl"), modes=("think", "no_think"),
-                      cfg=SimpleSFTConfig(steps=size.warmup_steps, seed=seed))
+                      cfg=SimpleSFTConfig(steps=cfg.warmup_steps, seed=seed))
             _save(model, processor, out / "annotator")
         timed("annotator warm-up", warmup)
-    if _stage(f"curation (performance-based, N = {size.curate_n}, k = {size.curate_max_correct})",
+    curate_cfg = load_recipe(CurateConfig, "tiny_curate", seed=seed, annotator_name="tiny annotator (both-format "
+                             "warm-up)", **_overrides(
+        n_samples=cfg.curate_n_samples, max_correct=cfg.curate_max_correct))
+    if _stage(f"curation (performance-based, N = {curate_cfg.n_samples}, k = {curate_cfg.max_correct})",
               out / "curation" / "summary.json", out):
         def curate():
             model, processor = load_model(out / "annotator", dtype=torch.float32)
-            cfg = CurateConfig(n_samples=size.curate_n, max_correct=size.curate_max_correct,
-                               temperature=size.curate_temperature, max_new_tokens=8,
-                               batch_size=64, seed=seed, annotator_name="tiny annotator (both-format warm-up)")
-            run_curation(TransformersEngine(model, processor), [data / "train.jsonl"], out / "curation", cfg)
+            run_curation(TransformersEngine(model, processor), [data / "train.jsonl"], out / "curation", curate_cfg)
         timed("curation", curate)
     summary = json.loads((out / "curation" / "summary.json").read_text())
     print("labelled thinking, by level: " + ", ".join(
         f"L{lv} {100 * share:.0f}%" for lv, share in summary["think_share_by_level"].items()), flush=True)
     if _stage("bi-mode annealing on the curated mix", out / "annealed" / "config.json", out):
         def anneal():
-            cfg = AnnealConfig(model_path=str(out / "annotator"), train_files=[str(out / "curation" / "curated.jsonl")],
-                               output_dir=str(out / "anneal_run"), target_modes="labelled",
-                               max_steps=size.anneal_steps, per_device_train_batch_size=32, learning_rate=3e-3,
-                               adam_beta2=0.98, weight_decay=0.0, warmup_steps=0.05,
-                               lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": 0.1},
-                               logging_steps=50, seed=seed, **_TRAINER_COMMON)
-            trainer = anneal_trainer(cfg)
+            anneal_cfg = load_recipe(AnnealConfig, "tiny_anneal", model_path=str(out / "annotator"),
+                                     train_files=[str(out / "curation" / "curated.jsonl")],
+                                     output_dir=str(out / "anneal_run"), max_steps=cfg.anneal_steps,
+                                     logging_steps=50, seed=seed, **_TRAINER_COMMON)
+            trainer = anneal_trainer(anneal_cfg)
             trainer.train()
             _save(trainer.model, trainer.processing_class, out / "annealed")
         timed("annealing", anneal)
     if _stage("BPO (bi-mode rollouts, mixed-group advantages)", out / "bpo" / "config.json", out):
         def bpo():
             shutil.rmtree(out / "bpo_run", ignore_errors=True)  # a re-run starts its probe log afresh
-            # configs/recipes/tiny_bpo.yaml's settings, but mode tokens at weight 0.3 and a KL term (beta 0.04):
-            # on this start they left less thinking drift on easy levels (docs/demo_results.md, BPO variants)
-            cfg = BPOConfig(mode_token_loss="0.3", beta=0.04,
-                            model_path=str(out / "annealed"), train_files=[str(data / "train.jsonl")],
-                            probe_files=[str(data / "eval.jsonl")], output_dir=str(out / "bpo_run"),
-                            num_generations=8, per_device_train_batch_size=8 * size.bpo_prompts,
-                            max_completion_length=40, max_steps=size.bpo_steps, learning_rate=1e-4,
-                            adam_beta2=0.98, weight_decay=0.0, warmup_steps=0.05,
-                            lr_scheduler_type="constant_with_warmup", logging_steps=10,
-                            probe_steps=max(1, size.bpo_steps // 10), probe_size=240, seed=seed,
-                            **_TRAINER_COMMON)
-            trainer = bpo_trainer(cfg)
+            recipe = load_recipe(BPOConfig, "tiny_bpo", output_dir=str(out / "bpo_run"))  # for its group size
+            bpo_cfg = load_recipe(BPOConfig, "tiny_bpo", model_path=str(out / "annealed"),
+                                  train_files=[str(data / "train.jsonl")], probe_files=[str(data / "eval.jsonl")],
+                                  output_dir=str(out / "bpo_run"), max_steps=cfg.bpo_steps,
+                                  per_device_train_batch_size=recipe.num_generations * cfg.bpo_prompts,
+                                  probe_steps=max(1, cfg.bpo_steps // 10), seed=seed, **_TRAINER_COMMON,
+                                  **_overrides(mode_token_loss=cfg.bpo_mode_token_loss, beta=cfg.bpo_beta))
+            trainer = bpo_trainer(bpo_cfg)
             trainer.train()
             _save(trainer.model, trainer.processing_class, out / "bpo")
         timed("BPO", bpo)
@@ -162,8 +163,9 @@ def run_demo(out: Path, quick: bool = False, overwrite: bool = False, seed: int 
         if _stage(f"evaluation of the {name} model (auto, think, no_think)", out / f"eval_{name}" / "report.md", out):
             def evaluate(name=name, title=title):
                 model, processor = load_model(out / name, dtype=torch.float32)
-                engine = TransformersEngine(model, processor, max_batch_rows=96)
-                samples = run_eval(engine, [data / "eval.jsonl"], out / f"eval_{name}", EvalConfig(max_new_tokens=48))
+                eval_cfg = load_recipe(EvalConfig, "tiny_eval")
+                engine = TransformersEngine(model, processor, max_batch_rows=eval_cfg.batch_size * 3)
+                samples = run_eval(engine, [data / "eval.jsonl"], out / f"eval_{name}", eval_cfg)
                 write_report(read_samples(samples), out / f"eval_{name}", title=title)
             timed(f"evaluation ({name})", evaluate)
     _write_report(out, summary, timings, time.time() - start)

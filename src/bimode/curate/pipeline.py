@@ -27,7 +27,7 @@ from bimode.curate.heuristics import (
 )
 from bimode.data.records import Record, RecordError, record_to_dict
 from bimode.data.rejects import REJECTS_FILE, from_error, image_error, reject, write_rejects
-from bimode.generation.defaults import PAPER_MAX_NEW_TOKENS, default_max_new_tokens
+from bimode.generation.defaults import DEFAULT_LIMIT_HELP, PAPER_MAX_NEW_TOKENS, default_max_new_tokens
 from bimode.generation.types import Prompt, SamplingParams
 from bimode.io import append_log, read_log, write_jsonl
 from bimode.modes import ThinkingMode
@@ -40,23 +40,44 @@ PROGRESS_FILE = "batches.jsonl"  # the resume log: one line per finished batch
 
 @dataclass
 class CurateConfig:
+    """How samples are labelled (the labelling side of `bimode curate`; the command adds inputs and models)."""
+
     n_samples: int = field(default=8, metadata={"help": "non-thinking answers sampled per verifiable query (N)"})
-    max_correct: int = field(default=0, metadata={"help": "at most this many right -> thinking (k; 0 = all wrong)"})
+    max_correct: int = field(default=0, metadata={
+        "help": "at most this many of N right -> thinking (k; 0 = all wrong, the paper's rule)"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature of the N answers"})
     max_new_tokens: int | None = field(default=None, metadata={
-        "help": "tokens per sampled non-thinking answer (None: the annotator's generation config, "
-                f"else {PAPER_MAX_NEW_TOKENS})"})
+        "help": f"tokens per sampled non-thinking answer (default: {DEFAULT_LIMIT_HELP}; an endpoint annotator "
+                f"gets {PAPER_MAX_NEW_TOKENS:,}): a cut answer counts as wrong and pushes the label to thinking"})
     trace_max_new_tokens: int | None = field(default=None, metadata={
-        "help": "tokens per generated reasoning trace (None: the reasoner's generation config, "
-                f"else {PAPER_MAX_NEW_TOKENS})"})
+        "help": f"tokens per reasoning trace the reasoner writes (default: {DEFAULT_LIMIT_HELP}): a cut trace "
+                "fails verification"})
     trace_tries: int = field(default=2, metadata={"help": "reasoning traces tried per query before rejecting"})
     batch_size: int = field(default=16, metadata={"help": "queries per batch (the resume unit)"})
     seed: int = field(default=0, metadata={"help": "base seed; batch i samples with seed + i"})
-    judge_prompt: str | None = field(default=None, metadata={"help": "prompt file for the difficulty judge"})
-    blocked_keywords: tuple[str, ...] = DEFAULT_BLOCKED_KEYWORDS
+    judge_prompt: str | None = field(default=None, metadata={
+        "help": "prompt file for the difficulty judge ({question}; default: bimode's)"})
+    blocked_keywords: list[str] = field(default_factory=lambda: list(DEFAULT_BLOCKED_KEYWORDS), metadata={
+        "help": "a trace containing any of these is dropped (default: phrases that name a hidden solution)"})
+    blocked_keywords_file: str | None = field(default=None, metadata={
+        "help": "file of keywords, one a line, that replaces blocked_keywords"})
     max_question_chars: int = field(default=8000, metadata={"help": "longer questions are rejected"})
-    near_duplicate_threshold: float = field(default=0.9, metadata={"help": "trigram Jaccard for near-dups"})
-    annotator_name: str = ""
+    near_duplicate_threshold: float = field(default=0.9, metadata={
+        "help": "trigram Jaccard similarity above which two questions are near-duplicates (the later is rejected)"})
+    annotator_name: str = field(default="", metadata={
+        "help": "name recorded with each label (default: the --annotator given)"})
+
+    def __post_init__(self):
+        if self.blocked_keywords_file:
+            lines = Path(self.blocked_keywords_file).read_text(encoding="utf-8").splitlines()
+            self.blocked_keywords = [k.strip() for k in lines if k.strip()]
+        self.blocked_keywords = list(self.blocked_keywords)
+        if self.n_samples < 1:
+            raise ValueError(f"n_samples must be at least 1, got {self.n_samples}")
+        if not 0 <= self.max_correct < self.n_samples:
+            raise ValueError(f"max_correct must be in [0, n_samples), got {self.max_correct} of {self.n_samples}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
 
 
 def default_judge_prompt() -> str:
@@ -166,11 +187,12 @@ def _finished_batches(progress: Path) -> dict[int, dict]:
     return {entry["batch"]: entry for entry in read_log(progress)}
 
 
-def run_curation(backend, inputs: list, out: Path, cfg: CurateConfig = CurateConfig(), reasoner=None,
+def run_curation(backend, inputs: list, out: Path, cfg: CurateConfig | None = None, reasoner=None,
                  overwrite: bool = False, progress: bool = True, input_format: str = "auto") -> dict:
     """Curate every input file into out/; resumes when out/ holds a partial run of the same command."""
     from bimode.data.convert import iter_converted
 
+    cfg = cfg or CurateConfig()
     start = time.time()
     out = Path(out)
     if (out / "summary.json").exists() or (out / PROGRESS_FILE).exists():

@@ -112,6 +112,7 @@ def from_plain_qa(row: dict, path=None, row_number=None) -> dict:
 
 
 CONVERTERS = {"llava": from_llava, "sharegpt": from_messages, "qa": from_plain_qa}
+INPUT_FORMATS = ("auto", *CONVERTERS)  # auto: detected per row
 
 
 def iter_converted(path, fmt: str = "auto", on_error=None) -> Iterator[Record]:

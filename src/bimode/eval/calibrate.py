@@ -186,6 +186,6 @@ def render_calibration(result: dict, run: str) -> str:
             if s and s.get("n"):
                 lines.append(f"| {'picking' if part == 'pick' else 'held out'} | {name} | {s['n']} | "
                              f"{100 * s['accuracy']:.1f} | {s['tokens']:.1f} | {100 * s['thinking_rate']:.1f} |")
-    lines += ["", (f"Use it: `bimode serve MODEL --think-threshold {result['threshold']!r}` (or a request's "
-                   f"`think_threshold`), `bimode chat MODEL --think-threshold {result['threshold']!r}`.")]
+    lines += ["", (f"Use it: `bimode serve MODEL --think_threshold {result['threshold']!r}` (or a request's "
+                   f"`think_threshold`), `bimode chat MODEL --think_threshold {result['threshold']!r}`.")]
     return "\n".join(lines) + "\n"

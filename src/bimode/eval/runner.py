@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from bimode.data.records import Record, RecordError, iter_numbered_records
 from bimode.data.rejects import REJECTS_FILE, from_error, image_error, read_rejects, write_rejects
-from bimode.generation.defaults import default_max_new_tokens
-from bimode.generation.types import Prompt, SamplingParams
+from bimode.generation.defaults import DEFAULT_LIMIT_HELP, PAPER_MAX_NEW_TOKENS, default_max_new_tokens
+from bimode.generation.types import Prompt, SamplingParams, check_think_threshold
 from bimode.io import append_log, read_log
 from bimode.modes import ThinkingMode
 from bimode.scoring import accuracy_reward
@@ -28,13 +28,27 @@ from bimode.scoring import accuracy_reward
 
 @dataclass
 class EvalConfig:
-    modes: tuple[str, ...] = ("auto", "think", "no_think")
-    max_new_tokens: int | None = None  # None: the model's generation config, else 8,192 (the paper's)
-    max_thinking_tokens: int | None = None
-    think_threshold: float | None = None
-    batch_size: int = 32
-    limit: int | None = None  # first N records of each benchmark
-    judge: object | None = None  # an OpenAIEndpointBackend for open-ended answers (answer_type "text")
+    """How a model is evaluated (the generation side of `bimode eval`; the command adds where to)."""
+
+    modes: list[str] = field(default_factory=lambda: ["auto", "think", "no_think"], metadata={
+        "help": "modes to evaluate each question in (comma- or space-separated): auto, think, no_think"})
+    max_new_tokens: int | None = field(default=None, metadata={
+        "help": f"generated-token limit per sample (default: {DEFAULT_LIMIT_HELP}; an endpoint gets "
+                f"{PAPER_MAX_NEW_TOKENS:,}); a cut response scores 0"})
+    max_thinking_tokens: int | None = field(default=None, metadata={"help": "thinking budget in tokens"})
+    think_threshold: float | None = field(default=None, metadata={
+        "help": "auto mode thinks iff p_think >= this (pick it with `bimode eval calibrate`)"})
+    batch_size: int = field(default=32, metadata={"help": "questions per generation batch"})
+    limit: int | None = field(default=None, metadata={"help": "first N records of each benchmark"})
+
+    def __post_init__(self):
+        items = [self.modes] if isinstance(self.modes, str) else self.modes
+        self.modes = [ThinkingMode.parse(m.strip()).value for item in items for m in item.split(",") if m.strip()]
+        if not self.modes:
+            raise ValueError("modes is empty: give at least one of auto, think, no_think")
+        check_think_threshold(self.think_threshold)
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
 
 
 def bench_name(path: str | os.PathLike) -> str:
@@ -93,9 +107,12 @@ def _done_keys(samples_path: Path) -> set:
     return {(row["bench"], row["id"], row["mode"]) for row in read_log(samples_path)}
 
 
-def run_eval(engine, bench_paths: list, out_dir: Path, cfg: EvalConfig = EvalConfig(), progress: bool = True) -> Path:
-    """Generate and score every (record, mode); returns the samples file. Rows that cannot be evaluated are
+def run_eval(engine, bench_paths: list, out_dir: Path, cfg: EvalConfig | None = None, progress: bool = True,
+             judge=None) -> Path:
+    """Generate and score every (record, mode); returns the samples file. `judge`: a backend (an LLM judge)
+    for open-ended answers (answer_type "text"), else they are matched. Rows that cannot be evaluated are
     written to out_dir/rejects.jsonl before generation starts (see the module docstring)."""
+    cfg = cfg or EvalConfig()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     samples_path = out_dir / "samples.jsonl"
@@ -134,7 +151,7 @@ def run_eval(engine, bench_paths: list, out_dir: Path, cfg: EvalConfig = EvalCon
                     "level": record.level, "domain": record.domain, "answer_type": record.answer_type,
                     "gold": record.answer, "response": c.response, "answer": parsed.answer,
                     "parsed_mode": parsed.mode, "thought": parsed.mode in ("think", "malformed"),
-                    "score": score(record, c.response, cfg.judge), "tokens": c.num_tokens,
+                    "score": score(record, c.response, judge), "tokens": c.num_tokens,
                     "thinking_tokens": c.thinking_tokens, "answer_tokens": c.answer_tokens,
                     "finish_reason": c.finish_reason, "p_think": c.p_think,
                 })

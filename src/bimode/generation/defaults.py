@@ -18,6 +18,9 @@ from pathlib import Path
 from typing import Any
 
 PAPER_MAX_NEW_TOKENS = 8192
+# the rule as `--help` states it for every limit flag
+DEFAULT_LIMIT_HELP = (f"the model's generation_config.json max_new_tokens, else {PAPER_MAX_NEW_TOKENS:,}, "
+                      "the paper's evaluation limit")
 
 
 def configured_max_new_tokens(source: Any) -> int | None:

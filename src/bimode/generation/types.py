@@ -12,6 +12,12 @@ from bimode.streaming import ResponseSplit, split_reasoning
 BUDGET_CLOSING = "\n\nConsidering the limited time by the user, I have to give the solution based on the thinking directly now.\n"
 
 
+def check_think_threshold(value: float | None) -> None:
+    """A think threshold is a probability (or None: the model decides); every config that takes one checks it."""
+    if value is not None and not 0.0 <= value <= 1.0:
+        raise ValueError(f"think_threshold must be between 0 and 1, got {value:g}")
+
+
 @dataclass
 class SamplingParams:
     max_new_tokens: int = 256  # sampled tokens; forced text (mode suffix, budget closing) is not counted
@@ -39,8 +45,7 @@ class SamplingParams:
             raise ValueError("top_k must be >= 0")
         if self.max_thinking_tokens is not None and self.max_thinking_tokens < 0:
             raise ValueError("max_thinking_tokens must be >= 0")
-        if self.think_threshold is not None and not 0 <= self.think_threshold <= 1:
-            raise ValueError("think_threshold must be in [0, 1]")
+        check_think_threshold(self.think_threshold)
 
 
 @dataclass

@@ -94,7 +94,7 @@ def _fetch_remote_image(url: str, limits: ServerLimits, where: str) -> tuple[byt
 
     if not limits.allow_remote_images:
         raise BadRequest(f"{where}: remote image URLs are not fetched unless the server runs with "
-                         "--allow-remote-images; or send a base64 data URL", where)
+                         "--allow_remote_images; or send a base64 data URL", where)
     cap, seconds = limits.remote_image_max_bytes, limits.remote_image_timeout_s
 
     def fail(reason: str) -> BadRequest:
@@ -142,7 +142,7 @@ def _fetch_remote_image(url: str, limits: ServerLimits, where: str) -> tuple[byt
 
 def _read_local_image(path: str, limits: ServerLimits, where: str) -> bytes:
     if limits.allow_image_dir is None:
-        raise BadRequest(f"{where}: local image paths are disabled (start the server with --allow-image-dir)", where)
+        raise BadRequest(f"{where}: local image paths are disabled (start the server with --allow_image_dir)", where)
     resolved = Path(path).resolve()
     if not resolved.is_relative_to(limits.allow_image_dir.resolve()):
         raise BadRequest(f"{where}: {path} is outside the allowed image directory", where, status=403)

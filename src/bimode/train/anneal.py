@@ -19,7 +19,7 @@ from trl import SFTConfig, SFTTrainer
 
 from bimode.data.records import Record
 from bimode.train.adapters import AdapterFields, build_peft_config, expose_output_bias
-from bimode.train.checkpoint import StrictResumeMixin, cli_main, load_start, train_and_save
+from bimode.train.checkpoint import StrictResumeMixin, load_start, train_and_save
 from bimode.train.components import COMPONENTS, freeze, optimizer_groups
 from bimode.train.precision import fp32_unless_asked_on_cpu
 from bimode.train.tokenization import collate, tokenize_example
@@ -133,10 +133,6 @@ def build_trainer(cfg: AnnealConfig, model=None, processor=None, model_args=None
 
 def run_anneal(cfg: AnnealConfig) -> Path:
     return train_and_save(build_trainer(cfg), cfg.resume_from_checkpoint)
-
-
-def main(argv: list[str] | None = None) -> int:
-    return cli_main(AnnealConfig, build_trainer, argv, "annealed model", "anneal")
 
 
 __all__ = ["AnnealConfig", "AnnealTrainer", "COMPONENTS", "build_trainer", "expand_targets", "main", "run_anneal"]

@@ -44,13 +44,8 @@ def train_and_save(trainer, resume_from_checkpoint=None) -> Path:
     return out
 
 
-def cli_main(config_class, build, argv, what: str, command: str) -> int:
-    """`bimode anneal` / `bimode bpo`: TRL's parser (--config RECIPE.yaml plus any field of the config and of
-    TRL's ModelConfig: use_peft, lora_r, ...), train, save."""
-    from trl import ModelConfig, TrlParser
-
-    cfg, model_args = TrlParser((config_class, ModelConfig), prog=f"bimode {command}").parse_args_and_config(
-        args=argv)
+def train_command(build, cfg, model_args, what: str) -> int:
+    """`bimode anneal` / `bimode bpo` once parsed (bimode/commands): build the trainer, train, save, end."""
     trainer = build(cfg, model_args=model_args)
     out = train_and_save(trainer, cfg.resume_from_checkpoint)
     if trainer.accelerator.is_main_process:

@@ -1,0 +1,36 @@
+"""bimode's commands, one module each (TRL's layout: `make_parser(prog)` and `main(*configs)`).
+
+A command's configuration is its dataclass(es): `make_parser` returns a parser over them (flags, `--config
+RECIPE.yaml`, `--help` from the fields' help) and `main` receives the parsed instances.
+"""
+
+from __future__ import annotations
+
+# command words -> (module under bimode.commands, one-line help); "eval compare" runs before "eval"
+COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
+    ("tiny",): ("tiny", "build the embedded tiny VLM (SigLIP + Qwen3, LLaVA layout) offline"),
+    ("data", "synth"): ("data_synth", "generate the synthetic multimodal reasoning world"),
+    ("data", "convert"): ("data_convert", "convert LLaVA / ShareGPT / QA files into records"),
+    ("chat",): ("chat", "chat with a model: streamed, reasoning shown apart from the answer"),
+    ("serve",): ("serve", "OpenAI-compatible server (/v1/chat/completions, /v1/models, /health)"),
+    ("eval",): ("eval", "evaluate a model in each mode, local or at an endpoint"),
+    ("eval", "compare"): ("eval_compare", "two eval runs side by side (say, before and after BPO)"),
+    ("eval", "calibrate"): ("eval_calibrate", "pick auto mode's think threshold from an eval run"),
+    ("curate",): ("curate", "label samples thinking / non-thinking (R-4B's heuristics) and build targets"),
+    ("anneal",): ("anneal", "bi-mode annealing on TRL's SFTTrainer: --config RECIPE.yaml [--field value ...]"),
+    ("bpo",): ("bpo", "Bi-mode Policy Optimization on TRL's GRPOTrainer: --config RECIPE.yaml [--field value ...]"),
+    ("export",): ("export", "merge a LoRA adapter folder into its base: a plain checkpoint"),
+    ("demo",): ("demo", "run the recipe on the embedded default"),
+}
+
+
+def find_command(argv: list[str]) -> tuple[tuple[str, ...] | None, list[str]]:
+    """The longest command named at the start of argv, and the arguments after it."""
+    for words in sorted(COMMANDS, key=len, reverse=True):
+        if tuple(argv[:len(words)]) == words:
+            return words, argv[len(words):]
+    return None, argv
+
+
+def help_text(*words: str) -> str:
+    return COMMANDS[words][1]

@@ -1,0 +1,90 @@
+"""`bimode eval MODEL | --endpoint URL`: benchmarks in each mode, scored, with a report."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bimode.commands.parsing import CommandParser
+from bimode.eval.runner import EvalConfig
+
+DESCRIPTION = ("Evaluate a local model directory, or a model behind an OpenAI-compatible server (--endpoint), in "
+               "each mode. `bimode eval compare A B` compares two runs; `bimode eval calibrate RUN` picks auto "
+               "mode's think threshold from a run. Recipe: configs/recipes/tiny_eval.yaml.")
+
+
+@dataclass
+class EvalCommandConfig:
+    """What `bimode eval` evaluates and where it writes; how it generates is EvalConfig."""
+
+    model: str | None = field(default=None, metadata={
+        "help": "local model directory or LoRA adapter folder (or give --endpoint)"})
+    endpoint: str | None = field(default=None, metadata={
+        "help": "OpenAI-compatible base URL (bimode serve, vLLM) to evaluate instead of a local model; modes are "
+                "forced through chat_template_kwargs.thinking_mode"})
+    endpoint_model: str | None = field(default=None, metadata={
+        "help": "model id at --endpoint (default: the first /v1/models lists)"})
+    api_key: str | None = field(default=None, metadata={
+        "help": "bearer key for --endpoint (default: $BIMODE_API_KEY, else $OPENAI_API_KEY)"})
+    concurrency: int = field(default=8, metadata={"help": "parallel requests to --endpoint"})
+    request_timeout: float = field(default=600.0, metadata={"help": "seconds per --endpoint request"})
+    bench: list[str] = field(default_factory=list, metadata={
+        "help": "benchmark record files (JSONL/JSON/Parquet)"})
+    out: str = field(default="", metadata={
+        "help": "run directory (samples.jsonl, metrics.json, report.md, PNGs)"})
+    judge: str | None = field(default=None, metadata={
+        "help": "OpenAI-compatible URL of an LLM judge for text answers"})
+    judge_model: str | None = field(default=None, metadata={"help": "judge model id (default: the endpoint's first)"})
+    overwrite: bool = field(default=False, metadata={"help": "start again instead of resuming"})
+    trust_remote_code: bool = field(default=False, metadata={"help": "allow the checkpoint's own code"})
+
+    def __post_init__(self):
+        if (self.model is None) == (self.endpoint is None):
+            raise ValueError("bimode eval takes a local MODEL directory or --endpoint URL (one of the two)")
+        if self.endpoint_model and not self.endpoint:
+            raise ValueError("--endpoint_model names the model at an --endpoint; a local model is MODEL")
+        if not self.bench or not self.out:
+            raise ValueError("--bench FILE [FILE ...] and --out DIR are required")
+
+
+def make_parser(prog: str = "bimode eval") -> CommandParser:
+    return CommandParser((EvalCommandConfig, EvalConfig), prog=prog, description=DESCRIPTION,
+                         positional={"model": "?"})
+
+
+def main(cmd: EvalCommandConfig, cfg: EvalConfig) -> int:
+    from bimode.eval.report import write_report
+    from bimode.eval.runner import read_samples, run_eval
+    from bimode.generation.backends import build_backend
+    from bimode.generation.openai_backend import EndpointError
+
+    out = Path(cmd.out)
+    if cmd.overwrite and out.exists():
+        shutil.rmtree(out)
+    try:
+        judge = build_backend(cmd.judge, model_name=cmd.judge_model) if cmd.judge else None
+        if cmd.endpoint:
+            # the modes travel as chat_template_kwargs.thinking_mode, one request per (question, mode)
+            api_key = cmd.api_key or os.environ.get("BIMODE_API_KEY") or os.environ.get("OPENAI_API_KEY")
+            engine = build_backend(cmd.endpoint, model_name=cmd.endpoint_model, api_key=api_key,
+                                   concurrency=cmd.concurrency, timeout_s=cmd.request_timeout)
+            title = f"bimode eval of {engine.model} at {cmd.endpoint}"
+        else:
+            engine = build_backend(cmd.model, trust_remote_code=cmd.trust_remote_code,
+                                   max_batch_rows=cfg.batch_size * 3)
+            title = f"bimode eval of {cmd.model}"
+        samples = run_eval(engine, cmd.bench, out, cfg, judge=judge)
+    except EndpointError as exc:  # what is scored is kept: the same command resumes
+        again = "the same command without --overwrite" if cmd.overwrite else "the same command"
+        print(f"error: {exc}" + (f"; run {again} to resume" if (out / "samples.jsonl").exists() else ""),
+              file=sys.stderr)
+        return 2
+    metrics = write_report(read_samples(samples), out, title=title)
+    rejected = metrics["rejected"]["total"]
+    if rejected:
+        print(f"rejected {rejected} rows (not scored; reasons in {out / 'rejects.jsonl'})")
+    print(f"report: {out / 'report.md'}; metrics: {out / 'metrics.json'}; samples: {samples}")
+    return 0

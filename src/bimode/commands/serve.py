@@ -1,0 +1,77 @@
+"""`bimode serve MODEL`: the OpenAI-compatible server."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+from bimode.commands import help_text
+from bimode.commands.parsing import CommandParser
+from bimode.generation.types import check_think_threshold
+
+HELP = help_text("serve")
+
+
+@dataclass
+class ServeConfig:
+    model: str = field(default="", metadata={"help": "local model directory or LoRA adapter folder (loaded with its base)"})
+    host: str = field(default="127.0.0.1", metadata={"help": "bind address"})
+    port: int = field(default=8000, metadata={"help": "port"})
+    allow_image_dir: str | None = field(default=None, metadata={"help": "serve local image paths under this directory only"})
+    allow_remote_images: bool = field(default=False, metadata={
+        "help": "fetch http(s) image URLs (off by default: it lets any client make the server open URLs)"})
+    remote_image_max_bytes: int = field(default=20 * 1024 * 1024, metadata={
+        "help": "largest remote image fetched (default 20 MiB)"})
+    remote_image_timeout: float = field(default=10.0, metadata={
+        "help": "seconds for a whole remote image fetch, at most 3 redirects"})
+    think_threshold: float | None = field(default=None, metadata={
+        "help": "auto mode thinks iff p_think >= this, for requests that set no think_threshold (pick it with "
+                "`bimode eval calibrate`)"})
+    max_batch: int = field(default=32, metadata={"help": "most samples generated together"})
+    request_timeout: float = field(default=300.0, metadata={"help": "seconds before a request fails (504)"})
+    served_model_name: str | None = field(default=None, metadata={
+        "help": "model id reported (default: folder name); NAME:auto, NAME:think and NAME:no_think are listed "
+                "too and force that mode"})
+    api_key: str | None = field(default=None, metadata={
+        "help": "require 'Authorization: Bearer KEY' on /v1 (default: $BIMODE_API_KEY; /health and /metrics "
+                "stay open)"})
+    max_model_len: int | None = field(default=None, metadata={
+        "help": "most prompt tokens (default: the model's position limit, else 32768)"})
+    max_tokens: int = field(default=32768, metadata={
+        "help": "most new tokens a request may ask for (a request without max_tokens gets the model's own "
+                "limit, else 8192)"})
+    default_chat_template_kwargs: dict | str | None = field(default=None, metadata={
+        "help": 'JSON applied under each request\'s chat_template_kwargs, e.g. \'{"thinking_mode": "short"}\''})
+    trust_remote_code: bool = field(default=False, metadata={"help": "allow the checkpoint's own code"})
+
+    def __post_init__(self):
+        if not self.model:
+            raise ValueError("bimode serve needs a MODEL: a local model directory or adapter folder")
+        check_think_threshold(self.think_threshold)
+        kwargs = self.default_chat_template_kwargs
+        if isinstance(kwargs, str):
+            try:
+                kwargs = json.loads(kwargs)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"default_chat_template_kwargs is not JSON: {exc}") from None
+        if kwargs is not None and not isinstance(kwargs, dict):
+            raise ValueError("default_chat_template_kwargs must be a JSON object")
+        self.default_chat_template_kwargs = kwargs or {}
+
+
+def make_parser(prog: str = "bimode serve") -> CommandParser:
+    return CommandParser((ServeConfig,), prog=prog, description=HELP, positional={"model": "?"})
+
+
+def main(cfg: ServeConfig) -> int:
+    from bimode.serve.app import serve
+
+    serve(cfg.model, host=cfg.host, port=cfg.port, allow_image_dir=cfg.allow_image_dir,
+          trust_remote_code=cfg.trust_remote_code, max_batch=cfg.max_batch, request_timeout_s=cfg.request_timeout,
+          served_model_name=cfg.served_model_name, api_key=cfg.api_key or os.environ.get("BIMODE_API_KEY") or None,
+          max_model_len=cfg.max_model_len, max_tokens=cfg.max_tokens,
+          default_chat_template_kwargs=cfg.default_chat_template_kwargs,
+          allow_remote_images=cfg.allow_remote_images, remote_image_max_bytes=cfg.remote_image_max_bytes,
+          remote_image_timeout_s=cfg.remote_image_timeout, think_threshold=cfg.think_threshold)
+    return 0
