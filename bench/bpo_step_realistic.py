@@ -1,0 +1,213 @@
+"""One BPO step against TRL's stock GRPOTrainer step at realistic shapes (issue 17, item 3), with the split.
+
+Sides, each in its own child process of this command (so each peak RSS is its own), one after the other:
+  stock        TRL's GRPOTrainer as shipped: rollouts through `model.generate` on the prompt repeated per
+               rollout, the loss forward and backward per row (the prompt, image encoder included, 2g times)
+  bpo          BPOTrainer (`rollout: bimode`): shared-prefix engine rollouts, shared-prefix training forward
+  bpo_unshared BPOTrainer with `shared_prefix_forward: false`: the same rollouts, TRL's per-row forward; the
+               difference to `bpo` is the training forward's gain alone (`--shared-forward on|off|both`)
+Model: the realistic-shape model of bench/realistic_model.py (runs/realistic, built there when missing):
+576 image tokens, ~600-token prompts; `--queries` image questions (1 by default, see the flag) x `--group`
+rollouts (8 + 8 by default) per step, one optimizer step per generation batch. End-of-turn is disabled on every side (stock:
+`min_new_tokens`; ours: the engine stops on nothing), so every completion has `--completion` tokens (BPO's
+forced mode suffix included: its sampled budget is `--completion` minus the mean suffix length); the measured
+mean lengths are printed. Rewards are the accuracy check (near 0 on a random model: the loss is ~0, but its
+forward and backward run in full). fp32, gradient checkpointing off unless asked.
+
+Reported per side: median step time over `--steps` timed steps after one warm-up step, the ratio to stock,
+and where the step goes: rollout (TRL's `_generate`: generation, incl. ours' regrouping), the rest of
+scoring (`_generate_and_score_completions` minus rollout: rewards, advantages, and the reference pass when
+`--beta` > 0), loss forward (`compute_loss`), backward, optimizer step; peak RSS of the side's process.
+
+    .venv/bin/python bench/bpo_step_realistic.py                       # realistic shapes (see bench/RESULTS.md)
+    .venv/bin/python bench/bpo_step_realistic.py --model tiny --queries 2 --group 4 --completion 4 --steps 1
+                                                                       # smoke: the tiny model, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+SIDES = ("stock", "bpo", "bpo_unshared")
+
+
+def model_dir(name: str, scratch: str) -> str:
+    """`tiny`: the embedded tiny model in a scratch folder; else a directory, built as realistic when missing."""
+    if name == "tiny":
+        from bimode.models.tiny import build_tiny
+
+        return str(build_tiny(Path(scratch) / "tiny"))
+    if not (Path(name) / "model.safetensors").exists():
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from realistic_model import build_realistic
+
+        print(f"building the realistic-shape model in {name}", file=sys.stderr, flush=True)
+        build_realistic(name)
+    return name
+
+
+def bench_records(n: int):
+    from bimode.data import synthetic
+
+    # shell game, level 6: the image questions of bench/shared_prefix.py (stock TRL cannot mix text-only rows)
+    return [s.to_record() for s in synthetic.generate(n, seed=0, families=["shell"], levels=[6])]
+
+
+def common_args(args) -> dict:
+    return dict(num_generations=args.group, per_device_train_batch_size=args.queries * args.group,
+                learning_rate=1e-6, report_to=[], save_strategy="no", logging_steps=1, use_cpu=not torch.cuda.is_available(),
+                bf16=False, seed=0, temperature=1.0, beta=args.beta, max_steps=10_000,
+                gradient_checkpointing=args.gradient_checkpointing == "on",
+                chat_template_kwargs={"thinking_mode": "auto"})
+
+
+def build(side: str, args, out: str):
+    from bimode.models import load_model
+    from bimode.train.bpo_rewards import build_rewards
+
+    model, processor = load_model(args.model, dtype=torch.float32)
+    records = bench_records(args.queries * 64)
+    if side == "stock":
+        import datasets
+        from trl import GRPOConfig, GRPOTrainer
+
+        rows = [{"prompt": r.messages(), "images": r.load_images(), "answer": r.answer, "answer_type": r.answer_type,
+                 "choices": r.choices} for r in records]
+        cfg = GRPOConfig(output_dir=out, max_completion_length=args.completion,
+                         generation_kwargs={"min_new_tokens": args.completion}, **common_args(args))
+        return GRPOTrainer(model=model, reward_funcs=build_rewards(["accuracy"], processor.tokenizer), args=cfg,
+                           train_dataset=datasets.Dataset.from_list(rows), processing_class=processor)
+    from bimode.generation.engine import TransformersEngine
+    from bimode.modes import ThinkingMode
+    from bimode.train.bpo import BPOConfig, BPOTrainer
+
+    engine = TransformersEngine(model, processor, max_batch_rows=1024)
+    engine.eos_ids = set()  # never stop early: every rollout samples its whole budget, like stock's
+    suffix = statistics.mean(len(engine.suffix_rest[m]) for m in (ThinkingMode.THINK, ThinkingMode.NO_THINK))
+    cfg = BPOConfig(output_dir=out, rollout="bimode", probe_steps=0, max_completion_length=args.completion,
+                    shared_prefix_forward=side == "bpo", **common_args(args))
+    trainer = BPOTrainer(model=model, args=cfg, records=records, processor=processor)
+    trainer._engine = engine  # the trainer reuses a set engine (swapping in its model each rollout)
+    # the forced suffix is part of the completion: sample that much less, so lengths match stock's on average
+    trainer.args.max_completion_length = max(1, args.completion - round(suffix))
+    return trainer
+
+
+class Timer:
+    """Wraps bound methods of the trainer and sums their time per step."""
+
+    def __init__(self):
+        self.spent: dict[str, float] = {}
+
+    def wrap(self, owner, name: str, key: str):
+        method = getattr(owner, name)
+
+        def timed(*a, **kw):
+            start = time.perf_counter()
+            try:
+                return method(*a, **kw)
+            finally:
+                self.spent[key] = self.spent.get(key, 0.0) + time.perf_counter() - start
+
+        setattr(owner, name, timed)
+
+
+def run_side(args) -> dict:
+    torch.manual_seed(0)
+    trainer = build(args.side, args, tempfile.mkdtemp(prefix=f"bimode_bench_{args.side}_"))
+    timer = Timer()
+    timer.wrap(trainer, "_generate", "rollout")
+    timer.wrap(trainer, "_generate_and_score_completions", "generate_and_score")
+    timer.wrap(trainer, "compute_loss", "loss_forward")
+    timer.wrap(trainer.accelerator, "backward", "backward")
+    trainer.model.train()
+    trainer.create_optimizer_and_scheduler(num_training_steps=10_000)
+    batches = iter(trainer.get_train_dataloader())
+    steps, lengths = [], []
+    for i in range(args.steps + 1):  # the first is a warm-up
+        batch = next(batches)
+        timer.spent.clear()
+        start = time.perf_counter()
+        trainer.current_gradient_accumulation_steps = 1
+        loss = trainer.training_step(trainer.model, batch, None)
+        optimizer_start = time.perf_counter()
+        trainer.optimizer.step()
+        trainer.optimizer.zero_grad()
+        end = time.perf_counter()
+        assert torch.isfinite(loss)
+        if i:
+            spent = dict(timer.spent)
+            steps.append({"step": end - start, "optimizer": end - optimizer_start,
+                          "rollout": spent.get("rollout", 0.0),
+                          "scoring_rest": spent.get("generate_and_score", 0.0) - spent.get("rollout", 0.0),
+                          "loss_forward": spent.get("loss_forward", 0.0), "backward": spent.get("backward", 0.0)})
+            lengths.append(trainer._metrics["train"]["completions/mean_length"][-1])
+    paths = sorted(getattr(trainer, "_forward_paths_logged", [])) or ["TRL's per-row forward (stock)"]
+    median = {k: statistics.median(s[k] for s in steps) for k in steps[0]}
+    return {"median": median, "length": statistics.mean(lengths), "paths": paths,
+            "max_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "params": sum(p.numel() for p in trainer.model.parameters()), "threads": torch.get_num_threads()}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="runs/realistic", help="model directory, or `tiny` for a smoke run")
+    # 1 by default: stock's per-row loss forward holds about 0.6 GiB of activations per 728-token row at the
+    # realistic shapes, so 2 x 16 rows (~20 GiB) would not fit next to anything else on a 23 GiB machine
+    parser.add_argument("--queries", type=int, default=1, help="image questions per step")
+    parser.add_argument("--group", type=int, default=16, help="rollouts per question (2g: g think + g no_think)")
+    parser.add_argument("--completion", type=int, default=128, help="completion tokens of every rollout")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per side, after one warm-up step")
+    parser.add_argument("--beta", type=float, default=0.0, help="KL coefficient (> 0 adds the reference pass)")
+    parser.add_argument("--gradient-checkpointing", choices=("on", "off"), default="off")
+    parser.add_argument("--shared-forward", choices=("on", "off", "both"), default="both",
+                        help="BPO sides: on (bpo), off (bpo_unshared) or both")
+    parser.add_argument("--sides", default=None, help="comma-separated subset of " + ",".join(SIDES))
+    parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # a child process's one side
+    args = parser.parse_args()
+    if args.side:
+        print(json.dumps(run_side(args)))
+        return 0
+    scratch = tempfile.mkdtemp(prefix="bimode_bench_model_")
+    args.model = model_dir(args.model, scratch)
+    sides = args.sides.split(",") if args.sides else ["stock"] + {
+        "on": ["bpo"], "off": ["bpo_unshared"], "both": ["bpo", "bpo_unshared"]}[args.shared_forward]
+    results = {}
+    for side in sides:
+        command = [sys.executable, __file__, "--side", side, "--model", args.model, "--queries", str(args.queries),
+                   "--group", str(args.group), "--completion", str(args.completion), "--steps", str(args.steps),
+                   "--beta", str(args.beta), "--gradient-checkpointing", args.gradient_checkpointing]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode:
+            sys.exit(f"side {side} failed:\n{done.stderr[-6000:]}")
+        results[side] = json.loads(done.stdout.strip().splitlines()[-1])
+        print(f"{side}: done ({results[side]['median']['step']:.2f} s a step)", file=sys.stderr, flush=True)
+    first = next(iter(results.values()))
+    print(f"{args.queries} questions x {args.group} rollouts ({args.group // 2} + {args.group // 2}), "
+          f"{args.completion}-token completions, model {args.model} ({first['params'] / 1e6:.1f}M parameters), "
+          f"torch {torch.__version__}, {first['threads']} threads, beta {args.beta}, gradient checkpointing "
+          f"{args.gradient_checkpointing}; median of {args.steps} steps after one warm-up")
+    base = results.get("stock", first)["median"]["step"]
+    print("| side | step (s) | ratio to stock | rollout | scoring rest | loss forward | backward | optimizer "
+          "| mean completion length | peak RSS (MiB) | training forward |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for side, r in results.items():
+        m = r["median"]
+        print(f"| {side} | {m['step']:.2f} | {m['step'] / base:.2f}x | {m['rollout']:.2f} | {m['scoring_rest']:.2f} "
+              f"| {m['loss_forward']:.2f} | {m['backward']:.2f} | {m['optimizer']:.2f} | {r['length']:.1f} "
+              f"| {r['max_rss'] / 2**20:,.0f} | {'; '.join(r['paths'])} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
