@@ -275,6 +275,8 @@ def test_a_bpo_step_is_the_same_with_the_shared_forward_on_and_off(tmp_path, tin
     (log_on, before_on, after_on, paths_on), (log_off, before_off, _, paths_off) = runs[True], runs[False]
     assert paths_on == {"shared-prefix forward"}, paths_on
     assert paths_off == {"TRL's per-row forward (shared_prefix_forward is off)"}, paths_off
+    # 8 rollouts of 2 prompts: 4 rows per prompt pass with the shared forward, 1 without
+    assert log_on["shared_prefix/rows_per_prompt_pass"] == 4.0 and log_off["shared_prefix/rows_per_prompt_pass"] == 1.0
     for key in ("loss", "kl", "entropy"):
         assert log_on[key] == pytest.approx(log_off[key], rel=1e-5, abs=1e-7), key
     moved = 0.0

@@ -45,7 +45,7 @@ from bimode.train.adapters import AdapterFields, build_peft_config, expose_outpu
 from bimode.train.bpo_core import (ROLLOUTS, mode_token_loss, parse_mode_token_loss, per_mode_stats,
                                    response_mode, rollout_modes)
 from bimode.train.bpo_rewards import build_rewards, weighted_rewards
-from bimode.train.checkpoint import StrictResumeMixin, load_start, train_and_save
+from bimode.train.checkpoint import StrictResumeMixin, cli_main, load_start, train_and_save
 from bimode.train.components import freeze
 from bimode.train.precision import fp32_unless_asked_on_cpu
 from bimode.train.shared_prefix_forward import call_unsupported, find_prefix_groups, grouped_completion_logps
@@ -256,11 +256,16 @@ class BPOTrainer(StrictResumeMixin, GRPOTrainer):
                                             image_sizes=image_sizes, num_images=num_images)
                 if not groups.shared:  # nothing to share (a batch of one rollout per prompt): same numbers
                     reason, level = "no two rows share a prompt", logging.INFO
+        mode = "train" if self.model.training else "eval"
         if reason is not None:
             self._log_forward_path(f"TRL's per-row forward ({reason})", level)
+            self._metrics[mode]["shared_prefix/rows_per_prompt_pass"].append(1.0)
             return super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
                                                               **kwargs)
         self._log_forward_path("shared-prefix forward")
+        # logged, so the path taken shows where logs go (1: TRL's per-row forward)
+        self._metrics[mode]["shared_prefix/rows_per_prompt_pass"].append(
+            input_ids.size(0) / len(groups.representatives))
         with self.accelerator.autocast():
             logps, entropies = grouped_completion_logps(
                 model, input_ids, attention_mask, logits_to_keep,
@@ -386,4 +391,8 @@ def run_bpo(cfg: BPOConfig) -> Path:
     return train_and_save(build_trainer(cfg), cfg.resume_from_checkpoint)
 
 
-__all__ = ["BPOConfig", "BPOTrainer", "build_trainer", "pick_probe", "run_bpo"]
+def main(argv: list[str] | None = None) -> int:
+    return cli_main(BPOConfig, build_trainer, argv, "BPO model", "bpo")
+
+
+__all__ = ["BPOConfig", "BPOTrainer", "build_trainer", "main", "pick_probe", "run_bpo"]
