@@ -45,7 +45,7 @@ from bimode.train.adapters import AdapterFields, build_peft_config, expose_outpu
 from bimode.train.bpo_core import (ROLLOUTS, mode_token_loss, parse_mode_token_loss, per_mode_stats,
                                    response_mode, rollout_modes)
 from bimode.train.bpo_rewards import build_rewards, weighted_rewards
-from bimode.train.checkpoint import StrictResumeMixin, cli_main, load_start, train_and_save
+from bimode.train.checkpoint import StrictResumeMixin, load_start, train_and_save
 from bimode.train.components import freeze
 from bimode.train.precision import fp32_unless_asked_on_cpu
 from bimode.train.shared_prefix_forward import call_unsupported, find_prefix_groups, grouped_completion_logps
@@ -391,8 +391,4 @@ def run_bpo(cfg: BPOConfig) -> Path:
     return train_and_save(build_trainer(cfg), cfg.resume_from_checkpoint)
 
 
-def main(argv: list[str] | None = None) -> int:
-    return cli_main(BPOConfig, build_trainer, argv, "BPO model", "bpo")
-
-
-__all__ = ["BPOConfig", "BPOTrainer", "build_trainer", "main", "pick_probe", "run_bpo"]
+__all__ = ["BPOConfig", "BPOTrainer", "build_trainer", "pick_probe", "run_bpo"]
