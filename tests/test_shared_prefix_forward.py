@@ -113,7 +113,7 @@ def tiny(tiny_dir):
 
 # ---- grouping -----------------------------------------------------------------------------------------
 def test_rows_group_by_prompt_and_images_wherever_they_sit(tiny):
-    model, processor = tiny
+    _, processor = tiny
     input_ids, mask, kwargs = tiny_batch(processor, records())
     groups = find_prefix_groups(input_ids, mask, K, **kwargs)
     assert groups.group_of.tolist() == ORDER and groups.representatives == [0, 1, 2] and groups.shared
@@ -187,7 +187,7 @@ def test_llava_next_with_image_sizes_matches_the_per_row_forward(tmp_path):
 # ---- what falls back --------------------------------------------------------------------------------
 def test_unsupported_models_and_calls_say_why(tmp_path, tiny):
     model, processor = tiny
-    input_ids, mask, kwargs = tiny_batch(processor, records())
+    input_ids, _, kwargs = tiny_batch(processor, records())
     qwen_dir = hf_fixtures.build_tiny_qwen25_vl(tmp_path / "qwen25_vl")
     qwen, _ = load_model(qwen_dir, dtype=torch.float32)
     assert "allow-list" in architecture_unsupported(qwen)

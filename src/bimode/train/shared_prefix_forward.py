@@ -18,7 +18,7 @@ states of the pass that made them), for 1 extra token per row. Positions are col
 forward (the model's default without `position_ids`), so the per-row pass takes columns P-1 .. L-1; the
 attention mask is TRL's own (B, L) mask, pads of the prompt included, so left pads stay masked.
 
-What must hold, checked by `shared_prefix_unsupported` (anything else takes TRL's own per-row path):
+What must hold, checked by `call_unsupported` (and `architecture_unsupported`) (anything else takes TRL's own per-row path):
 - 1-D positions that a cache offset continues: an allow-list of model types (LLaVA, LLaVA-NeXT, and the
   plain Qwen2/Qwen3/Llama LMs), full attention in every layer. Qwen2-VL/2.5-VL/3-VL (multi-axis rotary
   positions computed from the whole sequence with `rope_deltas`), Gemma 3 (sliding windows, bidirectional
@@ -41,14 +41,11 @@ same expected gradient, not the same random draw.
 from __future__ import annotations
 
 import functools
-import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
-
-log = logging.getLogger(__name__)
 
 # Top-level model types whose language model takes 1-D positions and whose images only replace placeholder
 # embeddings (the vision tower sees pixels, never text): the prompt's cache then continues like text.
