@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bimode.data import synthetic
-from bimode.data.records import read_records, write_records
+from bimode.data.records import TARGET_MODES, read_records, write_records
 
 
 @dataclass
@@ -119,7 +119,7 @@ def run_demo(cfg: DemoConfig) -> int:
     if _stage("annotator warm-up (SFT in both formats)", out / "annotator" / "config.json", out):
         def warmup():
             model, processor = load_model(out / "tiny", dtype=torch.float32)
-            train_sft(model, processor, read_records(data / "train.jsonl"), modes=("think", "no_think"),
+            train_sft(model, processor, read_records(data / "train.jsonl"), modes=TARGET_MODES,
                       cfg=SimpleSFTConfig(steps=cfg.warmup_steps, seed=seed))
             _save(model, processor, out / "annotator")
         timed("annotator warm-up", warmup)

@@ -18,9 +18,18 @@ THINK_CLOSE = "</think>"
 
 
 class ThinkingMode(str, enum.Enum):
+    """The three modes. A member is its name as a string everywhere (`==`, dict keys, JSON, f-strings), so code
+    compares against members while records and reports keep the plain names."""
+
     AUTO = "auto"
     THINK = "think"
     NO_THINK = "no_think"
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
 
     @classmethod
     def parse(cls, value: Any = None, *, enable_thinking: bool | None = None) -> "ThinkingMode":

@@ -130,7 +130,7 @@ def curate_batch(backend, records: list[Record], cfg: CurateConfig, batch_index:
             verdict = parse_verdict(reply[0].response)
             labels[record.id] = {"heuristic": "difficulty", "verdict": verdict,
                                  "mode": verdict if verdict != UNCLEAR else None}
-    need_trace = [r for r in good if labels[r.id]["mode"] == "think" and not r.reasoning]
+    need_trace = [r for r in good if labels[r.id]["mode"] == ThinkingMode.THINK and not r.reasoning]
     traces = _generate_traces(reasoner, need_trace, cfg, seed) if reasoner is not None and need_trace else {}
     for record in good:
         label = labels[record.id]
@@ -138,7 +138,7 @@ def curate_batch(backend, records: list[Record], cfg: CurateConfig, batch_index:
         if label["mode"] is None:
             rejects.append(reject("unclear judge verdict", id=record.id, curation=label))
             continue
-        if label["mode"] == "think":
+        if label["mode"] == ThinkingMode.THINK:
             trace, source = (record.reasoning, "record") if record.reasoning else traces.get(record.id, (None, None))
             if not trace:
                 rejects.append(reject("thinking label but no verified reasoning trace", field="reasoning",

@@ -30,9 +30,10 @@ from typing import Any, Iterable, Iterator
 from PIL import Image
 
 from bimode.io import write_jsonl
+from bimode.modes import ThinkingMode
 
 ANSWER_TYPES = ("math", "numeric", "mc", "text")
-TARGET_MODES = ("think", "no_think")
+TARGET_MODES = (ThinkingMode.THINK, ThinkingMode.NO_THINK)
 
 
 class RecordError(ValueError):
@@ -90,7 +91,7 @@ class Record:
         return messages
 
     def target_message(self, mode: str) -> dict:
-        if mode == "think":
+        if mode == ThinkingMode.THINK:
             if not self.reasoning:
                 raise RecordError("a thinking target needs a reasoning trace", field_name="reasoning")
             return {"role": "assistant", "content": self.answer, "reasoning_content": self.reasoning}

@@ -17,7 +17,8 @@ import datasets
 import torch
 from trl import SFTConfig, SFTTrainer
 
-from bimode.data.records import Record
+from bimode.data.records import TARGET_MODES, Record
+from bimode.modes import ThinkingMode
 from bimode.train.adapters import AdapterFields, build_peft_config, expose_output_bias
 from bimode.train.checkpoint import StrictResumeMixin, load_start, train_and_save
 from bimode.train.components import COMPONENTS, freeze, optimizer_groups
@@ -62,10 +63,10 @@ def expand_targets(records: list[Record], target_modes: str) -> list[tuple[Recor
     pairs = []
     for r in records:
         if target_modes == "labelled":
-            pairs.append((r, r.mode or ("think" if r.reasoning else "no_think")))
+            pairs.append((r, r.mode or (ThinkingMode.THINK if r.reasoning else ThinkingMode.NO_THINK)))
         elif target_modes == "both":
-            pairs += [(r, "think")] * bool(r.reasoning) + [(r, "no_think")]
-        elif target_modes in ("think", "no_think"):
+            pairs += [(r, ThinkingMode.THINK)] * bool(r.reasoning) + [(r, ThinkingMode.NO_THINK)]
+        elif target_modes in TARGET_MODES:
             pairs.append((r, target_modes))
         else:
             raise ValueError(f"target_modes must be labelled, both, think or no_think, not {target_modes!r}")

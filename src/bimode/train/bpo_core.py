@@ -119,7 +119,7 @@ def per_mode_stats(modes: list[str], rewards: torch.Tensor, advantages: torch.Te
     """Mean reward, advantage, generated length and thinking tokens (bimode.generation.types.token_counts)
     of the think and no_think rollouts, and the think share."""
     stats: dict[str, float] = {}
-    for name in ("think", "no_think"):
+    for name in (ThinkingMode.THINK, ThinkingMode.NO_THINK):
         pick = torch.tensor([m == name for m in modes], dtype=torch.bool)
         if pick.any():
             stats[f"{name}/reward"] = rewards[pick].float().nanmean().item()
@@ -128,5 +128,5 @@ def per_mode_stats(modes: list[str], rewards: torch.Tensor, advantages: torch.Te
             if thinking_tokens is not None:
                 stats[f"{name}/thinking_tokens"] = thinking_tokens[pick].float().mean().item()
     if modes:
-        stats["think_share"] = sum(m == "think" for m in modes) / len(modes)
+        stats["think_share"] = sum(m == ThinkingMode.THINK for m in modes) / len(modes)
     return stats

@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from bimode.modes import THINK_OPEN, parse_response
+from bimode.modes import THINK_OPEN, ThinkingMode, parse_response
 from bimode.scoring import accuracy_reward
 
 logger = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ def make_format_reward(tokenizer) -> Callable:
         out = []
         for text in _texts(tokenizer, completion_ids):
             parsed = parse_response(text)
-            out.append(float(parsed.mode in ("think", "no_think") and bool(parsed.answer.strip())))
+            out.append(float(parsed.mode in (ThinkingMode.THINK, ThinkingMode.NO_THINK) and bool(parsed.answer.strip())))
         return out
 
     return format_ok

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from bimode.data.records import Record
+from bimode.data.records import TARGET_MODES, Record
 from bimode.train.tokenization import collate, tokenize_example
 
 
@@ -37,7 +37,7 @@ def cosine_lr(step: int, total: int, warmup_ratio: float, min_ratio: float) -> f
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def train_sft(model, processor, records: list[Record], modes=("think", "no_think"),
+def train_sft(model, processor, records: list[Record], modes=TARGET_MODES,
               cfg: SimpleSFTConfig = SimpleSFTConfig()) -> list[float]:
     """Train on every record in each of `modes` (a record's own `mode` wins when modes is None).
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from bimode.data.records import Record
+from bimode.modes import MODE_SUFFIXES, ThinkingMode
 
 IGNORE_INDEX = -100
 
@@ -57,8 +58,7 @@ def tokenize_example(processor, record: Record, mode: str, mask_empty_think: boo
         raise ValueError(f"record {record.id}: response tokens differ in context; check the chat template")
     start = len(ids) - len(tail)
     targets = list(response)
-    if mask_empty_think and mode == "no_think":
-        from bimode.modes import MODE_SUFFIXES, ThinkingMode
+    if mask_empty_think and mode == ThinkingMode.NO_THINK:
 
         block = tokenizer(MODE_SUFFIXES[ThinkingMode.NO_THINK], add_special_tokens=False)["input_ids"]
         if targets[: len(block)] != block:
