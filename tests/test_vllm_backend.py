@@ -188,3 +188,13 @@ def test_the_checkpoint_s_generation_limit_is_the_default(compared):
     from bimode.generation.defaults import default_max_new_tokens
 
     assert compared["vllm"]["default_max_new_tokens"] == default_max_new_tokens(compared["engine"]) == 256
+
+
+def test_render_and_on_token_follow_the_generation_interface(compared):
+    """VLLMBackend renders prompts as the engine does and hands each completion's tokens to on_token."""
+    from bimode.modes import ThinkingMode
+
+    for mode in ThinkingMode:
+        assert compared["vllm"]["rendered"][mode.value] == compared["engine"].render(compared["prompts"][0], mode)
+    replay = compared["vllm"]["replay"]
+    assert replay["streamed"] == replay["token_ids"] and len(replay["token_ids"]) == 2 * 3

@@ -19,8 +19,8 @@ class StreamPrinter:
     think threshold), and then the response is printed when it is complete.
     """
 
-    def __init__(self, tokenizer, suffix: str | None, out=sys.stdout, color: bool = True):
-        self.out = out
+    def __init__(self, tokenizer, suffix: str | None, out=None, color: bool = True):
+        self.out = out or sys.stdout  # looked up per call: a default bound at import would miss a redirect
         self.dim, self.reset = (DIM, RESET) if color else ("", "")
         self.stream = ResponseStream(tokenizer, suffix)
         self.shown = {"thinking": False, "answer": False}
@@ -46,8 +46,9 @@ class StreamPrinter:
         self.out.flush()
 
 
-def chat_once(engine, messages, images, mode: ThinkingMode, params: SamplingParams, out=sys.stdout,
+def chat_once(engine, messages, images, mode: ThinkingMode, params: SamplingParams, out=None,
               color: bool = True):
+    out = out or sys.stdout
     chosen = mode is ThinkingMode.AUTO and params.think_threshold is not None  # the engine picks the suffix
     printer = StreamPrinter(engine.tokenizer, None if chosen else mode.prompt_suffix, out, color)
     completion = engine.generate([Prompt(messages=messages, images=images, modes=[mode])], params,
@@ -62,12 +63,10 @@ def chat_once(engine, messages, images, mode: ThinkingMode, params: SamplingPara
 def run_chat(model_path: str, prompt: str | None, image_paths: list[str], mode: str, budget: int | None,
              max_new_tokens: int, temperature: float, threshold: float | None, trust_remote_code: bool) -> int:
     from bimode.data.records import to_pil
-    from bimode.generation.engine import TransformersEngine
-    from bimode.models import load_model
+    from bimode.generation.backends import local_engine
 
     images = [to_pil(p) for p in image_paths]
-    model, processor = load_model(model_path, trust_remote_code=trust_remote_code)
-    engine = TransformersEngine(model, processor)
+    engine = local_engine(model_path, trust_remote_code=trust_remote_code)
     mode_ = ThinkingMode.parse(mode)
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, max_thinking_tokens=budget,
                             think_threshold=threshold)

@@ -81,7 +81,7 @@ def run_demo(cfg: DemoConfig) -> int:
     from bimode.curate import CurateConfig, run_curation
     from bimode.eval.report import write_report
     from bimode.eval.runner import EvalConfig, read_samples, run_eval
-    from bimode.generation.engine import TransformersEngine
+    from bimode.generation.backends import build_backend
     from bimode.models import load_model
     from bimode.models.tiny import build_tiny
     from bimode.train.anneal import AnnealConfig
@@ -129,8 +129,7 @@ def run_demo(cfg: DemoConfig) -> int:
     if _stage(f"curation (performance-based, N = {curate_cfg.n_samples}, k = {curate_cfg.max_correct})",
               out / "curation" / "summary.json", out):
         def curate():
-            model, processor = load_model(out / "annotator", dtype=torch.float32)
-            run_curation(TransformersEngine(model, processor), [data / "train.jsonl"], out / "curation", curate_cfg)
+            run_curation(build_backend(str(out / "annotator")), [data / "train.jsonl"], out / "curation", curate_cfg)
         timed("curation", curate)
     summary = json.loads((out / "curation" / "summary.json").read_text())
     print("labelled thinking, by level: " + ", ".join(
@@ -162,9 +161,8 @@ def run_demo(cfg: DemoConfig) -> int:
     for name, title in (("annealed", "Annealed tiny model"), ("bpo", "Tiny model after BPO")):
         if _stage(f"evaluation of the {name} model (auto, think, no_think)", out / f"eval_{name}" / "report.md", out):
             def evaluate(name=name, title=title):
-                model, processor = load_model(out / name, dtype=torch.float32)
                 eval_cfg = load_recipe(EvalConfig, "tiny_eval")
-                engine = TransformersEngine(model, processor, max_batch_rows=eval_cfg.batch_size * 3)
+                engine = build_backend(str(out / name), max_batch_rows=eval_cfg.batch_size * 3)
                 samples = run_eval(engine, [data / "eval.jsonl"], out / f"eval_{name}", eval_cfg)
                 write_report(read_samples(samples), out / f"eval_{name}", title=title)
             timed(f"evaluation ({name})", evaluate)

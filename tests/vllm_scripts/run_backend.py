@@ -6,6 +6,7 @@ SPEC: {"model": DIR, "llm": {LLM kwargs}, "prompts": [{"messages", "images": [PN
        "runs": {NAME: {"params": {SamplingParams fields}, "prompts": [indices] | null}},
        "media_probe": {"prompts": [indices], "n", "max_tokens", "temperature", "bias"} | null}
 OUT: {"startup_s", "runs": {NAME: [[completion fields]]}, "decision_stats": [[p_think, mass]],
+      "rendered": {mode: prompt 0's text}, "replay": {"streamed", "token_ids": {"pi,si": ids}},
       "media_probe": {"banned_ids", "with_ban" | "without_ban" | "natural": {"tokens", "media"}}}
 """
 
@@ -48,6 +49,14 @@ def main(spec_path: str, out_path: str) -> None:
         out["run_s"][name] = time.time() - start
         out["runs"][name] = [[completion_dict(c) for c in group] for group in results]
     out["decision_stats"] = backend.decision_stats(prompts)
+    from bimode.modes import ThinkingMode
+
+    out["rendered"] = {m.value: backend.render(prompts[0], m) for m in ThinkingMode}
+    streamed = {}  # on_token: the same tokens as the completions, handed over once each is finished
+    replayed = backend.generate(prompts[:2], SamplingParams(max_new_tokens=8),
+                                on_token=lambda pi, si, t: streamed.setdefault(f"{pi},{si}", []).append(t))
+    out["replay"] = {"streamed": streamed,
+                     "token_ids": {f"{pi},{si}": c.token_ids for pi, g in enumerate(replayed) for si, c in enumerate(g)}}
 
     probe = spec.get("media_probe")
     if probe:  # samples with bimode's media ban on and off (vllm_controls, extra_args)

@@ -5,14 +5,16 @@
     vllm:DIR       vLLM in this process (generation/vllm_backend.py; needs the vLLM environment, docs/vllm.md)
 
 Curation's annotator and reasoner, `bimode eval` and the scripts take such a spec. Streaming (`on_token`) is
-the transformers engine's alone; `bimode chat` and `bimode serve` use it directly.
+the transformers engine's as tokens are generated; the other two hand each completion's tokens over once it
+is finished (`replay_tokens`), so a streaming caller works on any backend, only not incrementally.
 """
 
 from __future__ import annotations
 
 from typing import Any, Protocol, runtime_checkable
 
-from bimode.generation.types import Completion, Prompt, SamplingParams
+from bimode.generation.types import Completion, Prompt, SamplingParams, TokenCallback
+from bimode.modes import ThinkingMode
 
 
 @runtime_checkable
@@ -21,8 +23,23 @@ class GenerationBackend(Protocol):
 
     tokenizer: Any  # the model's tokenizer; None for an endpoint given none (token counts from `usage`)
 
-    def generate(self, prompts: list[Prompt], params: SamplingParams = ...,
-                 progress: bool = False) -> list[list[Completion]]: ...
+    def render(self, prompt: Prompt, mode: ThinkingMode = ThinkingMode.AUTO) -> str:
+        """The prompt's text in a mode, as the model sees it (chat template applied)."""
+        ...
+
+    def generate(self, prompts: list[Prompt], params: SamplingParams = ..., on_token: TokenCallback | None = None,
+                 progress: bool = False) -> list[list[Completion]]:
+        """`on_token(prompt index, sample index, token id)` for each generated token, in order."""
+        ...
+
+
+def local_engine(spec: str, **options):
+    """The transformers engine of a local checkpoint, for what streams tokens as they are generated (chat, serve);
+    a URL or vLLM spec is refused with where to go instead."""
+    if spec.startswith(("http://", "https://", "vllm:")):
+        raise ValueError(f"{spec}: chat and serve stream from a local checkpoint directory; to serve with vLLM run "
+                         "its own server (docs/vllm.md), to evaluate an endpoint use `bimode eval --endpoint`")
+    return build_backend(spec, **options)
 
 
 def build_backend(spec: str, *, trust_remote_code: bool = False, model_name: str | None = None,

@@ -12,14 +12,12 @@ transformers path repeats the prompt n times). The prefill's last logits are the
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
-from bimode.generation.types import Completion, Prompt, SamplingParams, completion_from_ids
+from bimode.generation.types import Completion, Prompt, SamplingParams, TokenCallback, completion_from_ids
 from bimode.modes import MODE_SUFFIXES, THINK_CLOSE, ThinkingMode, mode_decision
 
-TokenCallback = Callable[[int, int, int], None]  # (prompt index, sample index, token id)
 
 
 @dataclass
@@ -124,6 +122,17 @@ class TransformersEngine:
         # sequence; our hand-fed positions would be wrong, so they take the plain path.
         self.shared_prefix = not hasattr(getattr(model, "model", model), "get_rope_index")
         self.banned_ids = media_token_ids(processor, self.tokenizer, getattr(model, "config", None))
+
+    @property
+    def image_tokens(self) -> int:
+        """Prompt tokens one image takes (LLaVA's `image_seq_length`), 0 where the config does not say."""
+        return getattr(getattr(self.model, "config", None), "image_seq_length", 0) or 0
+
+    @property
+    def context_length(self) -> int | None:
+        """The language model's position limit, None where the config does not say."""
+        config = getattr(self.model, "config", None)
+        return getattr(getattr(config, "text_config", None) or config, "max_position_embeddings", None)
 
     @property
     def device(self) -> torch.device:  # read per call: BPO swaps in the training model, which may move

@@ -17,7 +17,7 @@ import io
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from bimode.generation.types import Completion, Prompt, SamplingParams, token_counts
+from bimode.generation.types import Completion, Prompt, SamplingParams, TokenCallback, replay_tokens, token_counts
 from bimode.modes import R4B_NAMES, THINK_CLOSE, THINK_OPEN, ThinkingMode
 
 
@@ -161,8 +161,19 @@ class OpenAIEndpointBackend:
         answer = _share(total - reported, [len(t) - len(r) for t, r in zip(texts, reasonings)])
         return list(zip(thinking, answer))
 
+    def render(self, prompt: Prompt, mode: ThinkingMode = ThinkingMode.AUTO) -> str:
+        """The prompt text the served model sees, rendered with the tokenizer given (the server renders its own)."""
+        if self.tokenizer is None:
+            raise ValueError("rendering an endpoint's prompt needs the served model's tokenizer (tokenizer=)")
+        return self.tokenizer.apply_chat_template(prompt.messages, add_generation_prompt=True, tokenize=False,
+                                                  thinking_mode=R4B_NAMES[mode])
+
     def generate(self, prompts: list[Prompt], params: SamplingParams = SamplingParams(),
-                 progress: bool = False) -> list[list[Completion]]:
+                 on_token: TokenCallback | None = None, progress: bool = False) -> list[list[Completion]]:
+        """Completions for every sample of every prompt, in order, one request per (prompt, mode); `on_token`
+        gets each completion's tokens once it is finished (needs `tokenizer=`)."""
+        if on_token is not None and self.tokenizer is None:
+            raise ValueError("on_token needs the served model's tokenizer (tokenizer=) to turn text into tokens")
         jobs = []  # one request per (prompt, mode) with n = that mode's sample count
         for pi, prompt in enumerate(prompts):
             for mode in dict.fromkeys(prompt.modes):
@@ -180,6 +191,8 @@ class OpenAIEndpointBackend:
         for pi, prompt in enumerate(prompts):
             for mode in prompt.modes:
                 results[pi].append(by_key[(pi, mode)].pop(0))
+        if on_token is not None:
+            replay_tokens(results, on_token, self.tokenizer)
         return results
 
 

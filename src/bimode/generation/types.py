@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable, NamedTuple
+from typing import Any, Callable, Iterable, NamedTuple
 
 from bimode.modes import THINK_CLOSE, ParsedResponse, ThinkingMode, parse_response
 from bimode.streaming import ResponseSplit, split_reasoning
+
+TokenCallback = Callable[[int, int, int], None]  # (prompt index, sample index, token id), as generated
 
 # Qwen3's thinking-budget sentence: what the engine writes when the budget runs out, before `</think>`.
 BUDGET_CLOSING = "\n\nConsidering the limited time by the user, I have to give the solution based on the thinking directly now.\n"
@@ -168,3 +170,18 @@ def completion_from_ids(tokenizer, mode: ThinkingMode, suffix: str, ids: list[in
     return Completion(mode=mode, prompt_suffix=suffix, token_ids=ids, text=text, finish_reason=finish,
                       thinking_tokens=counts.thinking, answer_tokens=counts.answer, p_think=p_think,
                       logprobs=logprobs)
+
+
+def replay_tokens(results: list[list["Completion"]], on_token: TokenCallback, tokenizer=None) -> None:
+    """Hand finished completions to `on_token` token by token (a completion without token ids is encoded with
+    `tokenizer`), for backends that return whole completions (vLLM offline, an endpoint): a caller written for
+    the engine's live stream (chat, serve) runs on them unchanged, only not incrementally."""
+    for pi, completions in enumerate(results):
+        for si, completion in enumerate(completions):
+            ids = completion.token_ids
+            if not ids and completion.text:
+                if tokenizer is None:
+                    raise ValueError("on_token needs token ids: give the backend the model's tokenizer")
+                ids = tokenizer.encode(completion.text, add_special_tokens=False)
+            for token in ids:
+                on_token(pi, si, token)

@@ -22,7 +22,8 @@ from __future__ import annotations
 import math
 
 from bimode.generation.openai_backend import to_openai_messages
-from bimode.generation.types import Completion, Prompt, SamplingParams, completion_from_ids
+from bimode.generation.types import (Completion, Prompt, SamplingParams, TokenCallback, completion_from_ids,
+                                    replay_tokens)
 from bimode.modes import MODE_SUFFIXES, R4B_NAMES, THINK_CLOSE, ThinkingMode, mode_decision
 
 MAX_LOGPROB_TOKEN_IDS = 128  # vLLM's cap on `logprob_token_ids` per request
@@ -81,8 +82,21 @@ class VLLMBackend:
         return [p for p, _ in self.decision_stats(prompts)]
 
     # ---- generation ---------------------------------------------------------------------------------
+    def render(self, prompt: Prompt, mode: ThinkingMode = ThinkingMode.AUTO) -> str:
+        """The prompt text vLLM's chat renders for a mode: the checkpoint's chat template."""
+        return self.tokenizer.apply_chat_template(prompt.messages, add_generation_prompt=True, tokenize=False,
+                                                  thinking_mode=R4B_NAMES[mode])
+
     def generate(self, prompts: list[Prompt], params: SamplingParams = SamplingParams(),
-                 progress: bool = False) -> list[list[Completion]]:
+                 on_token: TokenCallback | None = None, progress: bool = False) -> list[list[Completion]]:
+        """Completions for every sample of every prompt, in order; `on_token` gets each completion's tokens once it
+        is finished (vLLM's offline engine returns whole completions)."""
+        results = self._generate(prompts, params, progress)
+        if on_token is not None:
+            replay_tokens(results, on_token)
+        return results
+
+    def _generate(self, prompts: list[Prompt], params: SamplingParams, progress: bool) -> list[list[Completion]]:
         from vllm import SamplingParams as VLLMSampling
 
         if not self.controls and (params.constrain_decision or params.max_thinking_tokens is not None):

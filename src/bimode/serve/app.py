@@ -146,7 +146,7 @@ def create_app(engine, model_name: str, limits: ServerLimits = ServerLimits(), r
     limits = resolve_limits(limits, engine)
     batcher = Batcher(engine, max_batch=max_batch)
     tokenizer = engine.tokenizer
-    image_tokens = getattr(getattr(engine.model, "config", None), "image_seq_length", 0) or 0
+    image_tokens = engine.image_tokens
 
     def error(status: int, message: str, param: str | None = None):
         metrics.failed(status)
@@ -276,14 +276,11 @@ def serve(model_path: str, host: str = "127.0.0.1", port: int = 8000, allow_imag
     import uvicorn
     from pathlib import Path
 
-    from bimode.generation.engine import TransformersEngine
-    from bimode.models import load_model
+    from bimode.generation.backends import local_engine
 
-    model, processor = load_model(model_path, trust_remote_code=trust_remote_code)
-    engine = TransformersEngine(model, processor, max_batch_rows=max_batch)
-    config = getattr(model.config, "text_config", None) or model.config
+    engine = local_engine(model_path, trust_remote_code=trust_remote_code, max_batch_rows=max_batch)
     limits = ServerLimits(allow_image_dir=Path(allow_image_dir) if allow_image_dir else None,
-                          max_prompt_tokens=max_model_len or getattr(config, "max_position_embeddings", None) or 32768,
+                          max_prompt_tokens=max_model_len or engine.context_length or 32768,
                           max_new_tokens=max_tokens, default_chat_template_kwargs=default_chat_template_kwargs or {},
                           allow_remote_images=allow_remote_images, remote_image_max_bytes=remote_image_max_bytes,
                           remote_image_timeout_s=remote_image_timeout_s, default_think_threshold=think_threshold)
