@@ -87,6 +87,20 @@ def test_component_learning_rates_and_freezing(tmp_path, train_file, tiny_dir):
         assert changed == (component_of(name) != "vision"), name
 
 
+def test_batches_grouped_by_length_get_estimated_lengths(tmp_path, train_file, tiny_dir):
+    """train_sampling_strategy group_by_length: the dataset carries each (record, mode)'s estimated length
+    (images not opened), within a token or two of the real one, so transformers' sampler groups by it."""
+    from bimode.train.tokenization import tokenize_example
+
+    trainer = build_trainer(_cfg(tmp_path, train_file, tiny_dir, train_sampling_strategy="group_by_length"))
+    collator = trainer.data_collator
+    lengths = trainer.train_dataset["length"]
+    real = [len(tokenize_example(collator.processor, *collator.pairs[i]).input_ids) for i in range(len(lengths))]
+    assert len(set(real)) > 3 and max(abs(a - b) for a, b in zip(lengths, real)) <= 2
+    assert type(trainer._get_train_sampler()).__name__ == "LengthGroupedSampler"
+    assert "length" not in build_trainer(_cfg(tmp_path, train_file, tiny_dir)).train_dataset.column_names
+
+
 @pytest.mark.parametrize("family", ["qwen25_vl", "qwen3_vl"])
 def test_anneal_trains_a_qwen_vl_model_with_its_image_grid(tmp_path, train_file, family):
     """Qwen-VL needs image_grid_thw next to pixel_values (the collator passes every image-processor output),

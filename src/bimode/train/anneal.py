@@ -5,6 +5,8 @@ assistant response only (its whole think block included; optionally the empty bl
 targets masked, the paper's non-thinking loss masking). The vision tower, projector and language model each
 get their own learning rate or are frozen (docs/r4b.md, section 5). With TRL's `use_peft` (and `lora_*`)
 flags they train LoRA adapters instead (train/adapters.py); the per-component learning rates apply to them.
+With `train_sampling_strategy: group_by_length` (transformers') batches hold rows of about the same length,
+from lengths estimated without opening images (TRL does not pack vision datasets).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from bimode.train.adapters import AdapterFields, build_peft_config, expose_outpu
 from bimode.train.checkpoint import StrictResumeMixin, load_start, train_and_save
 from bimode.train.components import COMPONENTS, freeze, optimizer_groups
 from bimode.train.precision import fp32_unless_asked_on_cpu
-from bimode.train.tokenization import collate, tokenize_example
+from bimode.train.tokenization import collate, estimated_length, tokenize_example
 
 
 @dataclass
@@ -121,10 +123,14 @@ def build_trainer(cfg: AnnealConfig, model=None, processor=None, model_args=None
         raise ValueError("every component is frozen: nothing to train")
     cfg.dataset_kwargs = {"skip_prepare_dataset": True}
     cfg.remove_unused_columns = False
+    rows = {"row": list(range(len(pairs)))}
+    if cfg.train_sampling_strategy in ("group_by_length", "batch_rebalance"):  # transformers' samplers read it
+        image_tokens = getattr(model.config, "image_seq_length", 0) or 1
+        rows[cfg.length_column_name] = [estimated_length(processor, r, mode, image_tokens) for r, mode in pairs]
     return AnnealTrainer(
         model=model,
         args=cfg,
-        train_dataset=datasets.Dataset.from_dict({"row": list(range(len(pairs)))}),
+        train_dataset=datasets.Dataset.from_dict(rows),
         data_collator=BimodeCollator(pairs, processor, cfg.nonthinking_loss_mask),
         processing_class=processor,
         component_lrs=cfg.component_lrs(),
@@ -136,4 +142,4 @@ def run_anneal(cfg: AnnealConfig) -> Path:
     return train_and_save(build_trainer(cfg), cfg.resume_from_checkpoint)
 
 
-__all__ = ["AnnealConfig", "AnnealTrainer", "COMPONENTS", "build_trainer", "expand_targets", "main", "run_anneal"]
+__all__ = ["AnnealConfig", "AnnealTrainer", "COMPONENTS", "build_trainer", "expand_targets", "run_anneal"]

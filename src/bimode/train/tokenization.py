@@ -30,6 +30,15 @@ def response_text(record: Record, mode: str, eos: str = "<|im_end|>") -> str:
     return format_target(message["content"], message["reasoning_content"]) + eos
 
 
+def estimated_length(processor, record: Record, mode: str, image_tokens: int) -> int:
+    """About how many tokens `tokenize_example` gives, without opening images: the rendered text's tokens, each
+    `<image>` placeholder counted as `image_tokens` (LLaVA's `image_seq_length`; 1 where unknown). Enough to
+    group batches by length; the real count comes from the processor."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    text = processor.apply_chat_template(record.messages(with_target=mode), tokenize=False)
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"]) + len(record.images) * max(image_tokens - 1, 0)
+
+
 def tokenize_example(processor, record: Record, mode: str, mask_empty_think: bool = False) -> Example:
     """Tokenize prompt + target; labels are -100 outside the response.
 
