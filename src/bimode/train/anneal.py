@@ -22,16 +22,14 @@ from trl import SFTConfig, SFTTrainer
 from bimode.data.records import TARGET_MODES, Record
 from bimode.modes import ThinkingMode
 from bimode.train.adapters import AdapterFields, build_peft_config, expose_output_bias
-from bimode.train.checkpoint import StrictResumeMixin, load_start, train_and_save
+from bimode.train.checkpoint import StartFields, StrictResumeMixin, load_start, train_and_save
 from bimode.train.components import COMPONENTS, freeze, optimizer_groups
 from bimode.train.precision import fp32_unless_asked_on_cpu
 from bimode.train.tokenization import collate, estimated_length, tokenize_example
 
 
 @dataclass
-class AnnealConfig(AdapterFields, SFTConfig):
-    model_path: str = field(default="", metadata={"help": "local model directory to start from"})
-    train_files: list[str] = field(default_factory=list, metadata={"help": "record files to train on"})
+class AnnealConfig(StartFields, AdapterFields, SFTConfig):
     target_modes: str = field(default="labelled", metadata={
         "help": "labelled: each record in its `mode` (else think if it has a trace); both: every record in "
                 "both modes (records without a trace only non-thinking); think / no_think: one mode for all"})

@@ -45,7 +45,7 @@ from bimode.train.adapters import AdapterFields, build_peft_config, expose_outpu
 from bimode.train.bpo_core import (ROLLOUTS, mode_token_loss, parse_mode_token_loss, per_mode_stats,
                                    response_mode, rollout_modes)
 from bimode.train.bpo_rewards import build_rewards, weighted_rewards
-from bimode.train.checkpoint import StrictResumeMixin, load_start, train_and_save
+from bimode.train.checkpoint import StartFields, StrictResumeMixin, load_start, train_and_save
 from bimode.train.components import freeze
 from bimode.train.precision import fp32_unless_asked_on_cpu
 from bimode.train.shared_prefix_forward import call_unsupported, find_prefix_groups, grouped_completion_logps
@@ -56,9 +56,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class BPOConfig(AdapterFields, GRPOConfig):
-    model_path: str = field(default="", metadata={"help": "local model directory to start from (an annealed model)"})
-    train_files: list[str] = field(default_factory=list, metadata={"help": "record files with prompts and answers"})
+class BPOConfig(StartFields, AdapterFields, GRPOConfig):
     rollout: str = field(default="bimode", metadata={
         "help": "bimode: num_generations/2 rollouts forced to think and as many not to, normalized together "
                 "(BPO); auto: every rollout in auto mode (plain GRPO, the paper's baseline)"})

@@ -6,6 +6,7 @@ import logging
 import os
 import sys
 import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,17 @@ def returns_within(fn, seconds: float) -> bool:
     if errors:
         raise errors[0]
     return True
+
+
+@dataclass
+class StartFields:
+    """Where a training command starts: the model and the record files (`load_start` reads them)."""
+
+    model_path: str = field(default="", metadata={
+        "help": "local model directory or adapter folder to start from (annealing: the annotator or base; BPO: "
+                "an annealed model)"})
+    train_files: list[str] = field(default_factory=list, metadata={
+        "help": "record files to train on (BPO: prompts with gold answers to reward)"})
 
 
 def load_start(cfg, model=None, processor=None, what: str = "records to train on", model_args=None):

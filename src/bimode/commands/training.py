@@ -1,0 +1,29 @@
+"""`bimode anneal` and `bimode bpo`: TRL's trainer configs plus bimode's fields, `--config RECIPE.yaml`."""
+
+from __future__ import annotations
+
+import importlib
+
+from bimode.commands import help_text
+from bimode.commands.parsing import CommandParser
+
+
+def training_command(name: str, config: str, what: str, recipes: str):
+    """(make_parser, main) of a training command. `config`: "module:Class" of its config (TRL's SFTConfig or
+    GRPOConfig plus bimode's fields), parsed with TRL's ModelConfig (use_peft, lora_r, ...); `what` names the
+    saved model in the closing line."""
+    module_name, class_name = config.split(":")
+
+    def make_parser(prog: str = f"bimode {name}") -> CommandParser:
+        from trl import ModelConfig
+
+        config_class = getattr(importlib.import_module(module_name), class_name)
+        return CommandParser((config_class, ModelConfig), prog=prog,
+                             description=f"{help_text(name)} (recipes: {recipes})")
+
+    def main(cfg, model_args) -> int:
+        from bimode.train.checkpoint import train_command
+
+        return train_command(importlib.import_module(module_name).build_trainer, cfg, model_args, what)
+
+    return make_parser, main
