@@ -59,3 +59,11 @@ def test_every_backend_renders_and_streams_through_one_interface(engine):
     assert [c.response for c in got[0]] == [c.response for c in local]
     for si, (remote, own) in enumerate(zip(got[0], local)):
         assert remote.prompt_suffix + engine.tokenizer.decode(streamed[(0, si)]) == own.response
+
+
+def test_mode_slots_fan_a_batch_out_per_prompt_and_mode():
+    from bimode.generation.types import mode_slots
+    from bimode.modes import ThinkingMode as M
+
+    assert mode_slots([[M.THINK, M.NO_THINK, M.THINK], [M.AUTO], []]) == [
+        (0, M.THINK, [0, 2]), (0, M.NO_THINK, [1]), (1, M.AUTO, [0])]

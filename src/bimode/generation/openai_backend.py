@@ -17,7 +17,8 @@ import io
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from bimode.generation.types import Completion, Prompt, SamplingParams, TokenCallback, replay_tokens, token_counts
+from bimode.generation.types import (Completion, Prompt, SamplingParams, TokenCallback, mode_slots, replay_tokens,
+                                    token_counts)
 from bimode.modes import R4B_NAMES, THINK_CLOSE, THINK_OPEN, ThinkingMode
 
 
@@ -174,23 +175,19 @@ class OpenAIEndpointBackend:
         gets each completion's tokens once it is finished (needs `tokenizer=`)."""
         if on_token is not None and self.tokenizer is None:
             raise ValueError("on_token needs the served model's tokenizer (tokenizer=) to turn text into tokens")
-        jobs = []  # one request per (prompt, mode) with n = that mode's sample count
-        for pi, prompt in enumerate(prompts):
-            for mode in dict.fromkeys(prompt.modes):
-                jobs.append((pi, mode, prompt.modes.count(mode)))
+        jobs = mode_slots([p.modes for p in prompts])  # one request per (prompt, mode), n = its samples
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-            futures = [pool.submit(self._request, prompts[pi], mode, n, params) for pi, mode, n in jobs]
+            futures = [pool.submit(self._request, prompts[pi], mode, len(slots), params) for pi, mode, slots in jobs]
             iterator = futures
             if progress:
                 from tqdm import tqdm
 
                 iterator = tqdm(futures, desc="endpoint", unit="request")
             answers = [f.result() for f in iterator]
-        results: list[list[Completion]] = [[] for _ in prompts]
-        by_key = {(pi, mode): list(a) for (pi, mode, _), a in zip(jobs, answers)}
-        for pi, prompt in enumerate(prompts):
-            for mode in prompt.modes:
-                results[pi].append(by_key[(pi, mode)].pop(0))
+        results: list[list[Completion]] = [[None] * len(p.modes) for p in prompts]  # type: ignore[list-item]
+        for (pi, _, slots), answer in zip(jobs, answers):
+            for si, completion in zip(slots, answer, strict=True):
+                results[pi][si] = completion
         if on_token is not None:
             replay_tokens(results, on_token, self.tokenizer)
         return results

@@ -185,3 +185,14 @@ def replay_tokens(results: list[list["Completion"]], on_token: TokenCallback, to
                 ids = tokenizer.encode(completion.text, add_special_tokens=False)
             for token in ids:
                 on_token(pi, si, token)
+
+
+def mode_slots(modes: list[list[ThinkingMode]]) -> list[tuple[int, ThinkingMode, list[int]]]:
+    """The per-mode fan-out of a batch: (prompt index, mode, its sample indices) for each mode a prompt asks for,
+    in order of first appearance. Backends that request a mode at a time (vLLM, an endpoint) send one request
+    per entry and put its completions back in those slots."""
+    out = []
+    for pi, prompt_modes in enumerate(modes):
+        for mode in dict.fromkeys(prompt_modes):
+            out.append((pi, mode, [si for si, m in enumerate(prompt_modes) if m == mode]))
+    return out

@@ -23,7 +23,7 @@ import math
 
 from bimode.generation.openai_backend import to_openai_messages
 from bimode.generation.types import (Completion, Prompt, SamplingParams, TokenCallback, completion_from_ids,
-                                    replay_tokens)
+                                    mode_slots, replay_tokens)
 from bimode.modes import MODE_SUFFIXES, R4B_NAMES, THINK_CLOSE, ThinkingMode, mode_decision
 
 MAX_LOGPROB_TOKEN_IDS = 128  # vLLM's cap on `logprob_token_ids` per request
@@ -113,9 +113,9 @@ class VLLMBackend:
                  if mode is ThinkingMode.AUTO and params.think_threshold is not None else mode
                  for mode in p.modes] for pi, p in enumerate(prompts)]
         results: list[list[Completion]] = [[None] * len(p.modes) for p in prompts]  # type: ignore[list-item]
-        for mode in (ThinkingMode.AUTO, ThinkingMode.THINK, ThinkingMode.NO_THINK):
-            jobs = [(pi, [si for si, u in enumerate(used[pi]) if u is mode]) for pi in range(len(prompts))]
-            jobs = [(pi, slots) for pi, slots in jobs if slots]
+        fan_out = mode_slots(used)
+        for mode in (ThinkingMode.AUTO, ThinkingMode.THINK, ThinkingMode.NO_THINK):  # one vLLM call per mode
+            jobs = [(pi, slots) for pi, m, slots in fan_out if m is mode]
             if params.temperature == 0:  # vLLM takes n > 1 only when sampling: one request per sample
                 jobs = [(pi, [si]) for pi, slots in jobs for si in slots]
             if not jobs:
