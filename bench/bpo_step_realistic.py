@@ -125,6 +125,9 @@ class Timer:
 def run_side(args) -> dict:
     torch.manual_seed(0)
     trainer = build(args.side, args, tempfile.mkdtemp(prefix=f"bimode_bench_{args.side}_"))
+    if args.gradient_checkpointing == "on":  # Trainer.train() would turn it on; this bench drives training_step
+        trainer.model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs=trainer.args.activation_checkpointing_kwargs or None)
     timer = Timer()
     timer.wrap(trainer, "_generate", "rollout")
     timer.wrap(trainer, "_generate_and_score_completions", "generate_and_score")

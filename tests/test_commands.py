@@ -64,11 +64,35 @@ def test_positional_model_and_flag_are_the_same_field():
     (["serve", "m", "--default_chat_template_kwargs", "[1]"], "must be a JSON object"),
     (["demo", "--quick", "--config", "x.yaml"], "give --quick or --config, not both"),
     (["eval", "calibrate", "run"], "give one goal"),
+    (["eval", "calibrate", "run", "--max_drop", "1", "--holdout", "r2", "--holdout_fraction", "0.3"],
+     "give one of the two"),
+    (["eval", "m", "--endpoint", "http://x", "--bench", "b", "--out", "o"], "the model id at an endpoint is --endpoint_model"),
+    (["demo", "--quick", "--families", "count", "chess"], "families: unknown families ['chess']"),
+    (["curate", "--input", "i", "--out", "o", "--annotator", "m", "--blocked_keywords_file", "nowhere.txt"],
+     "blocked_keywords_file: no file nowhere.txt"),
     (["eval", "compare", "a"], "takes two run directories, got 1"),
 ])
 def test_bad_settings_are_refused_naming_the_field(argv, message, capsys):
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_blocked_keywords_given_a_file_name_point_to_the_file_flag(tmp_path):
+    """--blocked-keywords FILE was the old flag: a lone existing path is refused, not taken as one keyword."""
+    from bimode.curate.pipeline import CurateConfig
+
+    words = tmp_path / "words.txt"
+    words.write_text("solution manual\n\nanswer key\n")
+    with pytest.raises(ValueError, match="use --blocked_keywords_file"):
+        CurateConfig(blocked_keywords=[str(words)])
+    assert CurateConfig(blocked_keywords_file=str(words)).blocked_keywords == ["solution manual", "answer key"]
+
+
+def test_image_repeats_and_takes_several():
+    from bimode.commands import chat
+
+    (cfg,) = chat.make_parser().parse_args_and_config(["m", "--image", "a.png", "--image", "b.png", "c.png"])
+    assert cfg.image == ["a.png", "b.png", "c.png"] and cfg.model == "m"
 
 
 def test_eval_modes_take_commas_or_spaces():

@@ -121,9 +121,14 @@ def test_rows_group_by_prompt_and_images_wherever_they_sit(tiny):
     other = dict(kwargs, pixel_values=kwargs["pixel_values"].clone())
     other["pixel_values"][3] += 1.0
     assert find_prefix_groups(input_ids, mask, K, **other).group_of.tolist() == [0, 1, 2, 3, 2, 1, 1, 0]
-    # completions are not part of the prompt; different prompt padding is
-    assert not find_prefix_groups(input_ids[:3], mask[:3], K, pixel_values=kwargs["pixel_values"][:3],
-                                  num_images=[1, 1, 1]).shared
+    # completions are not part of the prompt: rows 0 and 7 (prompt 0, other completions) share it ...
+    pick = [0, 7]
+    sub = {"pixel_values": kwargs["pixel_values"][pick], "num_images": [1, 1]}
+    assert find_prefix_groups(input_ids[pick], mask[pick], K, **sub).shared
+    # ... and the same prompt with one more column masked is another prompt
+    masked = mask[pick].clone()
+    masked[1, int(masked[1].nonzero()[0])] = 0
+    assert not find_prefix_groups(input_ids[pick], masked, K, **sub).shared
 
 
 # ---- equivalence: the tiny LLaVA (SigLIP + Qwen3) -------------------------------------------------------

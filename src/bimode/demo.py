@@ -45,6 +45,12 @@ class DemoConfig:
         "help": "BPO mode-token loss (default: tiny_bpo.yaml's)"})
     bpo_beta: float | None = field(default=None, metadata={"help": "BPO KL weight (default: tiny_bpo.yaml's)"})
 
+    def __post_init__(self):
+        synthetic.check_families(self.families)
+        for name in ("n_train", "n_eval", "warmup_steps", "anneal_steps", "bpo_steps", "bpo_prompts"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+
 
 # What every trainer of the demo shares, over its recipe: no checkpoints or loggers, progress bars shown
 _TRAINER_COMMON = dict(report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=False)

@@ -57,6 +57,14 @@ class ThinkingMode(str, enum.Enum):
         return MODE_SUFFIXES[self]
 
 
+def parse_mode_field(name: str, value) -> str:
+    """A config field's mode, by any accepted name, as its plain name; the error names the field."""
+    try:
+        return ThinkingMode.parse(value).value
+    except ValueError as exc:
+        raise ValueError(f"{name}: {exc}") from None
+
+
 _ALIASES = {
     "auto": ThinkingMode.AUTO,
     "think": ThinkingMode.THINK,

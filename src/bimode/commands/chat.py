@@ -8,7 +8,7 @@ from bimode.commands import help_text
 from bimode.commands.parsing import CommandParser
 from bimode.generation.types import check_think_threshold
 from bimode.generation.defaults import DEFAULT_LIMIT_HELP
-from bimode.modes import ThinkingMode
+from bimode.modes import parse_mode_field
 
 HELP = help_text("chat")
 
@@ -18,7 +18,8 @@ class ChatConfig:
     model: str = field(default="", metadata={"help": "local model directory or LoRA adapter folder (loaded with its base)"})
     prompt: str | None = field(default=None, metadata={
         "help": "one-shot question (omit for an interactive session)", "aliases": ["-p"]})
-    image: list[str] = field(default_factory=list, metadata={"help": "image files for the first turn"})
+    image: list[str] = field(default_factory=list, metadata={
+        "help": "image files for the first turn (repeatable, or several after one --image)", "action": "extend"})
     mode: str = field(default="auto", metadata={"help": "auto | think (long) | no_think (short)"})
     max_thinking_tokens: int | None = field(default=None, metadata={"help": "thinking budget in tokens"})
     think_threshold: float | None = field(default=None, metadata={
@@ -31,7 +32,7 @@ class ChatConfig:
     def __post_init__(self):
         if not self.model:
             raise ValueError("bimode chat needs a MODEL: a local model directory or adapter folder")
-        self.mode = ThinkingMode.parse(self.mode).value
+        self.mode = parse_mode_field("mode", self.mode)
         check_think_threshold(self.think_threshold)
 
 

@@ -34,6 +34,7 @@ class SynthConfig:
         if self.format not in ("jsonl", "parquet"):
             raise ValueError(f"format must be jsonl or parquet, not {self.format!r}")
         self.families = [f.strip() for item in self.families for f in item.split(",") if f.strip()]
+        synthetic.check_families(self.families)
 
 
 def make_parser(prog: str = "bimode data synth") -> CommandParser:

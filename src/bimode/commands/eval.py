@@ -42,7 +42,10 @@ class EvalCommandConfig:
     trust_remote_code: bool = field(default=False, metadata={"help": "allow the checkpoint's own code"})
 
     def __post_init__(self):
-        if (self.model is None) == (self.endpoint is None):
+        if self.model is not None and self.endpoint is not None:
+            raise ValueError("bimode eval takes a local MODEL directory or --endpoint URL (one of the two); the "
+                             "model id at an endpoint is --endpoint_model")
+        if self.model is None and self.endpoint is None:
             raise ValueError("bimode eval takes a local MODEL directory or --endpoint URL (one of the two)")
         if self.endpoint_model and not self.endpoint:
             raise ValueError("--endpoint_model names the model at an --endpoint; a local model is MODEL")

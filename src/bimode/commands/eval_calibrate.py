@@ -21,8 +21,9 @@ class CalibrateConfig:
         "help": "accuracy points auto may lose against think mode: the fewest tokens within it"})
     token_share: float | None = field(default=None, metadata={
         "help": "share of think mode's mean tokens auto may use (0.5 = half): the best accuracy within it"})
-    holdout_fraction: float = field(default=0.5, metadata={
-        "help": "share of the run's questions held out to report on, never used to pick"})
+    holdout_fraction: float | None = field(default=None, metadata={
+        "help": "share of the run's questions held out to report on, never used to pick (default 0.5; not with "
+                "--holdout)"})
     holdout: str | None = field(default=None, metadata={
         "help": "a second eval run of other questions to report on; then all of RUN picks"})
     seed: int = field(default=0, metadata={"help": "seed of the held-out split"})
@@ -32,6 +33,10 @@ class CalibrateConfig:
             raise ValueError("bimode eval calibrate needs RUN, an eval run directory")
         if (self.max_drop is None) == (self.token_share is None):
             raise ValueError("give one goal: --max_drop POINTS or --token_share SHARE")
+        if self.holdout and self.holdout_fraction is not None:
+            raise ValueError("--holdout_fraction splits RUN; with --holdout RUN2 all of RUN picks: give one of the two")
+        if self.holdout_fraction is None:
+            self.holdout_fraction = 0.5
 
 
 def make_parser(prog: str = "bimode eval calibrate") -> CommandParser:

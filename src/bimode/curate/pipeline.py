@@ -69,8 +69,13 @@ class CurateConfig:
 
     def __post_init__(self):
         if self.blocked_keywords_file:
+            if not Path(self.blocked_keywords_file).is_file():
+                raise FileNotFoundError(f"blocked_keywords_file: no file {self.blocked_keywords_file}")
             lines = Path(self.blocked_keywords_file).read_text(encoding="utf-8").splitlines()
             self.blocked_keywords = [k.strip() for k in lines if k.strip()]
+        elif len(self.blocked_keywords) == 1 and Path(self.blocked_keywords[0]).is_file():
+            raise ValueError(f"blocked_keywords takes the keywords themselves; to read them from "
+                             f"{self.blocked_keywords[0]}, one a line, use --blocked_keywords_file")
         self.blocked_keywords = list(self.blocked_keywords)
         if self.n_samples < 1:
             raise ValueError(f"n_samples must be at least 1, got {self.n_samples}")

@@ -95,9 +95,9 @@ class Record:
             if not self.reasoning:
                 raise RecordError("a thinking target needs a reasoning trace", field_name="reasoning")
             return {"role": "assistant", "content": self.answer, "reasoning_content": self.reasoning}
-        if mode == "no_think":
+        if mode == ThinkingMode.NO_THINK:
             return {"role": "assistant", "content": self.direct_answer or self.answer, "reasoning_content": ""}
-        raise RecordError(f"unknown target mode {mode!r}; expected one of {TARGET_MODES}", field_name="mode")
+        raise RecordError(f"unknown target mode {mode!r}; expected one of {', '.join(TARGET_MODES)}", field_name="mode")
 
     def load_images(self) -> list[Image.Image]:
         return [to_pil(img) for img in self.images]
@@ -146,7 +146,7 @@ def record_from_dict(row: Any, path=None, row_number: int | None = None, base_di
     if row.get("answer_type") is not None and row["answer_type"] not in ANSWER_TYPES:
         fail(f"unknown answer_type {row['answer_type']!r}; expected one of {ANSWER_TYPES}", "answer_type")
     if row.get("mode") is not None and row["mode"] not in TARGET_MODES:
-        fail(f"unknown mode {row['mode']!r}; expected one of {TARGET_MODES}", "mode")
+        fail(f"unknown mode {row['mode']!r}; expected one of {', '.join(TARGET_MODES)}", "mode")
     images = []
     for i, img in enumerate(row.get("images", [])):
         try:

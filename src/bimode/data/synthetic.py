@@ -179,6 +179,13 @@ def split_of(family: str, question: str, grid) -> str:
     return "eval" if int(_content_key(family, question, grid)[:8], 16) % EVAL_BUCKETS == 0 else "train"
 
 
+def check_families(families) -> None:
+    """Refuse names that are not families of the world, naming the field."""
+    unknown = sorted(set(families) - set(_GENERATORS))
+    if unknown or not families:
+        raise ValueError(f"families: unknown families {unknown or '(none given)'}; known: {', '.join(FAMILIES)}")
+
+
 def generate(
     n: int,
     seed: int = 0,
@@ -191,9 +198,7 @@ def generate(
     """n samples, balanced over (family, level) pairs, deterministic in (seed, split)."""
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', not {split!r}")
-    unknown = set(families) - set(_GENERATORS)
-    if unknown:
-        raise ValueError(f"unknown families {sorted(unknown)}; known: {', '.join(FAMILIES)}")
+    check_families(families)
     # Level-major order, so that even a small n covers every family.
     cells = sorted(((f, lv) for f in families for lv in family_levels(f, max_level) if levels is None or lv in levels),
                    key=lambda cell: (cell[1], list(families).index(cell[0])))

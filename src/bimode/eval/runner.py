@@ -22,7 +22,7 @@ from bimode.data.rejects import REJECTS_FILE, from_error, image_error, read_reje
 from bimode.generation.defaults import DEFAULT_LIMIT_HELP, PAPER_MAX_NEW_TOKENS, default_max_new_tokens
 from bimode.generation.types import Prompt, SamplingParams, check_think_threshold
 from bimode.io import append_log, read_log
-from bimode.modes import ThinkingMode
+from bimode.modes import ThinkingMode, parse_mode_field
 from bimode.scoring import accuracy_reward
 
 
@@ -43,7 +43,7 @@ class EvalConfig:
 
     def __post_init__(self):
         items = [self.modes] if isinstance(self.modes, str) else self.modes
-        self.modes = [ThinkingMode.parse(m.strip()).value for item in items for m in item.split(",") if m.strip()]
+        self.modes = [parse_mode_field("modes", m.strip()) for item in items for m in item.split(",") if m.strip()]
         if not self.modes:
             raise ValueError("modes is empty: give at least one of auto, think, no_think")
         check_think_threshold(self.think_threshold)

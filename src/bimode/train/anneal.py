@@ -25,7 +25,7 @@ from bimode.train.adapters import AdapterFields, build_peft_config, expose_outpu
 from bimode.train.checkpoint import StartFields, StrictResumeMixin, load_start, train_and_save
 from bimode.train.components import COMPONENTS, freeze, optimizer_groups
 from bimode.train.precision import fp32_unless_asked_on_cpu
-from bimode.train.tokenization import collate, estimated_length, tokenize_example
+from bimode.train.tokenization import collate, estimated_lengths, tokenize_example
 
 
 @dataclass
@@ -124,7 +124,7 @@ def build_trainer(cfg: AnnealConfig, model=None, processor=None, model_args=None
     rows = {"row": list(range(len(pairs)))}
     if cfg.train_sampling_strategy in ("group_by_length", "batch_rebalance"):  # transformers' samplers read it
         image_tokens = getattr(model.config, "image_seq_length", 0) or 1
-        rows[cfg.length_column_name] = [estimated_length(processor, r, mode, image_tokens) for r, mode in pairs]
+        rows[cfg.length_column_name] = estimated_lengths(processor, pairs, image_tokens)
     return AnnealTrainer(
         model=model,
         args=cfg,

@@ -36,6 +36,11 @@ What must hold, checked by `call_unsupported` (and `architecture_unsupported`) (
 Dropout: the supported models have none by default (attention_dropout 0). Where some is active in train mode
 (LoRA's `lora_dropout`), the prompt's dropout mask is drawn once per group instead of once per rollout: the
 same expected gradient, not the same random draw.
+
+Private APIs: the checkpointing part relies on transformers' `_can_checkpoint_with_cache` and
+`_gradient_checkpointing_func` on the decoder layers, and the override on TRL 1.16's signature of
+`_get_per_token_logps_and_entropies`; both packages are pinned to their minor version (pyproject) and
+tests/test_shared_prefix_forward.py fails if either changes.
 """
 
 from __future__ import annotations

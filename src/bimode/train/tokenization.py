@@ -30,13 +30,34 @@ def response_text(record: Record, mode: str, eos: str = "<|im_end|>") -> str:
     return format_target(message["content"], message["reasoning_content"]) + eos
 
 
-def estimated_length(processor, record: Record, mode: str, image_tokens: int) -> int:
-    """About how many tokens `tokenize_example` gives, without opening images: the rendered text's tokens, each
-    `<image>` placeholder counted as `image_tokens` (LLaVA's `image_seq_length`; 1 where unknown). Enough to
-    group batches by length; the real count comes from the processor."""
+def estimated_lengths(processor, pairs: list[tuple[Record, str]], image_tokens: int) -> list[int]:
+    """About how many tokens `tokenize_example` gives each (record, mode), for grouping batches by length, fast
+    enough for millions of rows: no image is opened and no template rendered per row. The rows' own texts go
+    through the tokenizer in one batched call; what the chat template adds is measured once per shape (mode,
+    images, system prompt) on the first row of that shape. Each image counts `image_tokens` (LLaVA's
+    `image_seq_length`; pass 1 where it is unknown, as for dynamic-resolution models: their images are then
+    not counted)."""
     tokenizer = getattr(processor, "tokenizer", processor)
-    text = processor.apply_chat_template(record.messages(with_target=mode), tokenize=False)
-    return len(tokenizer(text, add_special_tokens=False)["input_ids"]) + len(record.images) * max(image_tokens - 1, 0)
+
+    def own_text(messages: list[dict]) -> str:
+        parts = []
+        for m in messages:
+            content = m["content"]
+            parts += [content] if isinstance(content, str) else [c["text"] for c in content if c["type"] == "text"]
+            parts.append(m.get("reasoning_content") or "")
+        return "\n".join(parts)
+
+    conversations = [r.messages(with_target=mode) for r, mode in pairs]
+    own = [len(ids) for ids in tokenizer([own_text(c) for c in conversations], add_special_tokens=False)["input_ids"]]
+    added: dict[tuple, int] = {}  # template tokens and placeholders per shape
+    lengths = []
+    for (record, mode), conversation, n in zip(pairs, conversations, own):
+        shape = (str(mode), len(record.images), bool(record.system))
+        if shape not in added:
+            text = processor.apply_chat_template(conversation, tokenize=False)
+            added[shape] = len(tokenizer(text, add_special_tokens=False)["input_ids"]) - n
+        lengths.append(n + added[shape] + len(record.images) * max(image_tokens - 1, 0))
+    return lengths
 
 
 def tokenize_example(processor, record: Record, mode: str, mask_empty_think: bool = False) -> Example:
