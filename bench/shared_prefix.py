@@ -6,12 +6,16 @@ this one command (so each side's peak memory is its own; the children run one af
   repeated  engine.generate with each sample as its own Prompt (the prompt prefilled 2g times, as TRL's
             transformers path does), same decode loop
   hf        transformers' model.generate on the repeated prompts (TRL's actual transformers path)
+  vllm      (with --vllm-python, vLLM's own environment: `make setup-vllm`) vLLM's offline engine, each mode's g
+            samples as one request with n = g and prefix caching on (what TRL's colocated vLLM rollouts send),
+            fp32, eager, its engine in the side's own process so its peak memory is the side's
 Each side runs once untimed (warm-up), then `--repeats` timed runs; reported: the best time, completion tokens
 per second, prefill tokens computed, the side's peak resident memory (the child's max RSS), and ratios.
 
     .venv/bin/python bench/shared_prefix.py [--questions 8] [--max-new-tokens 32] [--repeats 3]
     .venv/bin/python bench/shared_prefix.py --realistic runs/realistic --questions 2 --groups 16 \\
         --max-new-tokens 128 --repeats 1        # the realistic shapes of issue 17 (bench/realistic_model.py)
+    ... --vllm-python .venv-vllm/bin/python     # and the vLLM side in the same table
 """
 
 from __future__ import annotations
@@ -60,20 +64,64 @@ def side_fn(name: str, engine, model, records, n: int, max_new_tokens: int):
     return hf
 
 
-def run_side(args) -> dict:
-    model, processor = load_model(args.model, dtype=torch.float32)
-    engine = TransformersEngine(model, processor, max_batch_rows=1024)
-    engine.eos_ids = set()  # never stop early: equal work on every side
-    records = [s.to_record() for s in synthetic.generate(args.questions, seed=0, split="eval",
-                                                         families=["shell"], levels=[6])]
-    fn = side_fn(args.side, engine, model, records, args.groups[0], args.max_new_tokens)
-    fn()  # warm-up: first-call costs (allocator, kernels) are not the side's
-    best = None
-    for _ in range(args.repeats):
+def run_vllm_side(args) -> dict:
+    """The vllm side (module docstring); runs under vLLM's environment."""
+    import os
+
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: its RSS is ours
+    from vllm import LLM
+    from vllm import SamplingParams as VLLMSampling
+
+    from bimode.generation.openai_backend import to_openai_messages
+    from bimode.modes import R4B_NAMES
+
+    records = bench_records(args.questions)
+    llm = LLM(model=args.model, dtype="float32", enforce_eager=True, max_model_len=2048, seed=0,
+              limit_mm_per_prompt={"image": 1}, enable_prefix_caching=True)
+    conversations = [to_openai_messages(Prompt.from_record(r).messages, r.load_images()) for r in records]
+    sampling = VLLMSampling(n=args.groups[0] // 2, max_tokens=args.max_new_tokens, ignore_eos=True, temperature=1.0,
+                            seed=0)
+    prompt_len = 0
+
+    def fn():
+        nonlocal prompt_len
+        total = 0
+        for mode in (ThinkingMode.THINK, ThinkingMode.NO_THINK):
+            outputs = llm.chat(conversations, sampling, use_tqdm=False,
+                               chat_template_kwargs={"thinking_mode": R4B_NAMES[mode]})
+            total += sum(len(s.token_ids) for o in outputs for s in o.outputs)
+            prompt_len = len(outputs[0].prompt_token_ids)
+        return total
+
+    tokens, best = timed_runs(fn, args.repeats)
+    return {"tokens": tokens, "seconds": best, "max_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "prompt_len": prompt_len, "params": 0, "threads": torch.get_num_threads()}
+
+
+def bench_records(n: int):
+    return [s.to_record() for s in synthetic.generate(n, seed=0, split="eval", families=["shell"], levels=[6])]
+
+
+def timed_runs(fn, repeats: int) -> tuple[int, float]:
+    """One untimed warm-up (first-call costs are not the side's), then the best of `repeats` runs."""
+    fn()
+    best, tokens = None, 0
+    for _ in range(repeats):
         start = time.perf_counter()
         tokens = fn()
         elapsed = time.perf_counter() - start
         best = elapsed if best is None else min(best, elapsed)
+    return tokens, best
+
+
+def run_side(args) -> dict:
+    model, processor = load_model(args.model, dtype=torch.float32)
+    engine = TransformersEngine(model, processor, max_batch_rows=1024)
+    engine.eos_ids = set()  # never stop early: equal work on every side
+    records = bench_records(args.questions)
+    fn = side_fn(args.side, engine, model, records, args.groups[0], args.max_new_tokens)
+    tokens, best = timed_runs(fn, args.repeats)
     prompt_len = len(processor(images=records[0].load_images(), text=[engine.render(Prompt.from_record(records[0]))],
                                return_tensors="pt")["input_ids"][0])
     return {"tokens": tokens, "seconds": best, "max_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
@@ -90,10 +138,12 @@ def main() -> None:
     parser.add_argument("--realistic", default=None, metavar="DIR",
                         help="the realistic-shape model of bench/realistic_model.py (built there if missing)")
     parser.add_argument("--groups", type=int, nargs="+", default=[8, 16], help="group sizes 2g to run")
-    parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # a child process: one side
+    parser.add_argument("--vllm-python", default=None, metavar="PYTHON",
+                        help="add the vllm side, run by this interpreter (vLLM's environment: .venv-vllm/bin/python)")
+    parser.add_argument("--side", choices=SIDES + ("vllm",), help=argparse.SUPPRESS)  # a child process: one side
     args = parser.parse_args()
     if args.side:
-        print(json.dumps(run_side(args)))
+        print(json.dumps(run_vllm_side(args) if args.side == "vllm" else run_side(args)))
         return
     if args.realistic:
         from realistic_model import build_realistic  # beside this script (python puts its folder on the path)
@@ -106,9 +156,12 @@ def main() -> None:
     header = False
     for n in args.groups:
         rows = {}
-        for name in SIDES:
-            done = subprocess.run(common + ["--groups", str(n), "--side", name], capture_output=True, text=True,
-                                  check=True)
+        for name in SIDES + (("vllm",) if args.vllm_python else ()):
+            command = ([args.vllm_python, *common[1:]] if name == "vllm" else common) + ["--groups", str(n),
+                                                                                         "--side", name]
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode:
+                sys.exit(f"side {name} failed:\n{done.stderr[-3000:]}")
             rows[name] = json.loads(done.stdout.strip().splitlines()[-1])
         if not header:
             first = rows["shared"]
@@ -121,7 +174,7 @@ def main() -> None:
             header = True
         base = rows["shared"]["seconds"]
         for name, r in rows.items():
-            prefill = args.questions * r["prompt_len"] * (1 if name == "shared" else n)
+            prefill = args.questions * r["prompt_len"] * (1 if name in ("shared", "vllm") else n)
             ratio = "1.00x" if name == "shared" else f"shared is {r['seconds'] / base:.2f}x faster"
             print(f"| {n // 2}+{n // 2} | {name} | {r['seconds']:.2f} | {r['tokens'] / r['seconds']:,.0f} "
                   f"| {prefill:,} | {r['max_rss'] / 2**20:,.0f} | {ratio} |", flush=True)

@@ -333,3 +333,16 @@ def test_two_processes_train_the_same_with_the_shared_forward_on_and_off(tmp_pat
     for name, w in weights_off.items():
         assert torch.equal(weights_on[name], weights_on_1[name]), name  # the ranks stayed in sync
         assert torch.allclose(weights_on[name], w, rtol=1e-5, atol=1e-6), name
+
+
+def test_another_transformers_version_takes_trl_s_path(tiny, monkeypatch):
+    """The cache and mask handling it relies on changed between transformers minors (vLLM's environment's 5.17
+    failed): only the tested minor shares."""
+    import transformers
+
+    from bimode.train.shared_prefix_forward import architecture_unsupported
+
+    model, _ = tiny
+    assert architecture_unsupported(model) is None
+    monkeypatch.setattr(transformers, "__version__", "5.17.0")
+    assert "transformers 5.17.0 is not the version" in architecture_unsupported(model)

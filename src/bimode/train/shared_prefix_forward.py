@@ -119,8 +119,18 @@ def _keep_cache_under_checkpointing(layers: list):
             del m._can_checkpoint_with_cache
 
 
+# The transformers minor the equivalence tests hold it to (pyproject pins it). Another version falls back: under
+# vLLM's environment's transformers 5.17 the row pass's attention mask did not cover the prompt's cache.
+TESTED_TRANSFORMERS = "5.24"
+
+
 def architecture_unsupported(model) -> str | None:
     """Why this model's architecture cannot share the prompt's cache (None: it can). Static per model."""
+    import transformers
+
+    if not transformers.__version__.startswith(TESTED_TRANSFORMERS + "."):
+        return (f"transformers {transformers.__version__} is not the version the shared forward is tested on "
+                f"({TESTED_TRANSFORMERS})")
     inner = base_model(model)
     config = getattr(inner, "config", None)
     if config is None:
