@@ -28,3 +28,14 @@ def test_atomic_writes_replace_the_whole_file_and_leave_no_temporary(tmp_path):
     write_jsonl(path, [{"x": 1}, {"y": 2}])
     assert read_log(path) == [{"x": 1}, {"y": 2}]
     assert [p.name for p in tmp_path.iterdir()] == ["out.jsonl"]
+
+
+def test_a_samples_file_without_its_keys_is_refused_naming_file_row_and_field(tmp_path):
+    import pytest
+
+    from bimode.eval.runner import read_samples
+
+    path = tmp_path / "samples.jsonl"
+    write_jsonl(path, [{"bench": "b", "id": "1", "mode": "think"}, {"bench": "b", "mode": "think"}])
+    with pytest.raises(ValueError, match=r"samples.jsonl: sample 2 has no 'id' field"):
+        read_samples(path)

@@ -165,5 +165,9 @@ def run_eval(engine, bench_paths: list, out_dir: Path, cfg: EvalConfig | None = 
 
 def read_samples(path: Path) -> list[dict]:
     rows = read_log(path)
+    for n, row in enumerate(rows, 1):
+        missing = [k for k in ("bench", "id", "mode") if k not in row]
+        if missing:
+            raise ValueError(f"{path}: sample {n} has no {missing[0]!r} field (not a `bimode eval` samples.jsonl?)")
     # one row per key: the last write wins (a resumed batch may repeat a half-written one)
     return list({(r["bench"], r["id"], r["mode"]): r for r in rows}.values())
