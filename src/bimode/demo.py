@@ -82,7 +82,7 @@ def _save(model, processor, path: Path) -> None:
 def run_demo(cfg: DemoConfig) -> int:
     import torch
 
-    from bimode.commands.parsing import load_recipe
+    from bimode.commands.parsing import load_recipe, recipe_values
 
     from bimode.curate import CurateConfig, run_curation
     from bimode.eval.report import write_report
@@ -153,11 +153,11 @@ def run_demo(cfg: DemoConfig) -> int:
     if _stage("BPO (bi-mode rollouts, mixed-group advantages)", out / "bpo" / "config.json", out):
         def bpo():
             shutil.rmtree(out / "bpo_run", ignore_errors=True)  # a re-run starts its probe log afresh
-            recipe = load_recipe(BPOConfig, "tiny_bpo", output_dir=str(out / "bpo_run"))  # for its group size
+            group = recipe_values("tiny_bpo")["num_generations"]  # rollouts per prompt
             bpo_cfg = load_recipe(BPOConfig, "tiny_bpo", model_path=str(out / "annealed"),
                                   train_files=[str(data / "train.jsonl")], probe_files=[str(data / "eval.jsonl")],
                                   output_dir=str(out / "bpo_run"), max_steps=cfg.bpo_steps,
-                                  per_device_train_batch_size=recipe.num_generations * cfg.bpo_prompts,
+                                  per_device_train_batch_size=group * cfg.bpo_prompts,
                                   probe_steps=max(1, cfg.bpo_steps // 10), seed=seed, **_TRAINER_COMMON,
                                   **_overrides(mode_token_loss=cfg.bpo_mode_token_loss, beta=cfg.bpo_beta))
             trainer = bpo_trainer(bpo_cfg)

@@ -45,15 +45,21 @@ def recipe_path(recipe: str | Path) -> Path:
                             "(the recipes ship with the repository: install bimode from a clone, pip install -e .)")
 
 
-def load_recipe(config_class, recipe: str | Path, **overrides):
-    """`config_class` from a YAML recipe with some fields overridden: the demo and scripts run the committed
-    recipes this way instead of restating their values."""
+def recipe_values(recipe: str | Path) -> dict:
+    """A recipe's field: value mapping, as written (its `env` block left out)."""
     path = recipe_path(recipe)
     values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     if not isinstance(values, dict):
         raise ValueError(f"{path}: a recipe is a YAML mapping of field: value")
     values.pop("env", None)
-    values.update(overrides)
+    return values
+
+
+def load_recipe(config_class, recipe: str | Path, **overrides):
+    """`config_class` from a YAML recipe with some fields overridden: the demo and scripts run the committed
+    recipes this way instead of restating their values."""
+    path = recipe_path(recipe)
+    values = {**recipe_values(path), **overrides}
     known = {f.name for f in dataclasses.fields(config_class) if f.init}
     unknown = sorted(set(values) - known)
     if unknown:
