@@ -13,12 +13,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from bimode.compat.transformers_api import disable_activation_checkpointing, enable_activation_checkpointing
 from bimode.data import synthetic
 from bimode.models import load_model
 from bimode.train.shared_prefix_forward import (architecture_unsupported, call_unsupported, find_prefix_groups,
                                                 grouped_completion_logps)
 
 from tests import hf_fixtures
+
+pytestmark = pytest.mark.internals  # runs at both ends of the transformers range (docs/internals.md)
 
 ORDER = [0, 1, 2, 0, 2, 1, 1, 0]  # 8 rollouts of 3 prompts, groups not adjacent
 K = 7  # completion columns
@@ -202,13 +205,13 @@ def test_unsupported_models_and_calls_say_why(tmp_path, tiny):
     image_in_completion[0, -1] = processor.image_token_id
     assert "image token" in call_unsupported(model, image_in_completion, K, **kwargs)
     # transformers 5's name for gradient checkpointing; reentrant runs the layer without autograd
-    model.activation_checkpointing_enable({"use_reentrant": True})
+    enable_activation_checkpointing(model, {"use_reentrant": True})
     try:
         assert "reentrant" in call_unsupported(model, input_ids, K, **kwargs)
         with torch.no_grad():  # TRL's old and reference log-probs: no backward replay, the cache is kept
             assert call_unsupported(model, input_ids, K, **kwargs) is None
     finally:
-        model.activation_checkpointing_disable()
+        disable_activation_checkpointing(model)
 
 
 def test_non_reentrant_gradient_checkpointing_keeps_the_prompt_cache_and_its_gradients(tiny):
@@ -216,13 +219,13 @@ def test_non_reentrant_gradient_checkpointing_keeps_the_prompt_cache_and_its_gra
     path's caches survive the backward replay, so log-probs and gradients still match."""
     model, processor = tiny
     input_ids, mask, kwargs = tiny_batch(processor, records())
-    model.activation_checkpointing_enable()  # {"use_reentrant": False}
+    enable_activation_checkpointing(model)  # {"use_reentrant": False}
     try:
         assert call_unsupported(model, input_ids, K, **kwargs) is None
         shared = grouped_completion_logps(model, input_ids, mask, K, kwargs, True, batch_size=4, temperature=0.7)
         logp, entropy, rel, used = compare(model, shared, direct(model, input_ids, mask, kwargs, 0.7))
     finally:
-        model.activation_checkpointing_disable()
+        disable_activation_checkpointing(model)
     assert not any(hasattr(m, "_can_checkpoint_with_cache") and "_can_checkpoint_with_cache" in vars(m)
                    for m in model.modules())  # the switch is put back
     print(f"checkpointed: max |dlogp| {logp:.2e}, max |dH| {entropy:.2e}, max rel grad {rel:.2e} ({used})")
@@ -333,16 +336,3 @@ def test_two_processes_train_the_same_with_the_shared_forward_on_and_off(tmp_pat
     for name, w in weights_off.items():
         assert torch.equal(weights_on[name], weights_on_1[name]), name  # the ranks stayed in sync
         assert torch.allclose(weights_on[name], w, rtol=1e-5, atol=1e-6), name
-
-
-def test_another_transformers_version_takes_trl_s_path(tiny, monkeypatch):
-    """The cache and mask handling it relies on changed between transformers minors (vLLM's environment's 5.17
-    failed): only the tested minor shares."""
-    import transformers
-
-    from bimode.train.shared_prefix_forward import architecture_unsupported
-
-    model, _ = tiny
-    assert architecture_unsupported(model) is None
-    monkeypatch.setattr(transformers, "__version__", "5.17.0")
-    assert "transformers 5.17.0 is not the version" in architecture_unsupported(model)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from bimode.compat.transformers_api import returned_cache, with_cache
 from bimode.generation.types import Completion, Prompt, SamplingParams, TokenCallback, completion_from_ids
 from bimode.modes import MODE_SUFFIXES, THINK_CLOSE, ThinkingMode, mode_decision
 
@@ -217,8 +218,9 @@ class TransformersEngine:
         from transformers import DynamicCache
 
         cache = DynamicCache()
-        out = self.model(**inputs, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
-        cache = getattr(out, "cache", None) or out.past_key_values
+        out = self.model(**inputs, position_ids=positions, **with_cache(self.model, cache), use_cache=True,
+                         logits_to_keep=1)
+        cache = returned_cache(out)
         last_logits = out.logits[:, -1].float()
         p_think = _decision(last_logits, self.think_ids, self.no_think_ids)[0].tolist()
 
@@ -272,8 +274,8 @@ class TransformersEngine:
             step_ids = torch.tensor(tokens, device=self.device).unsqueeze(1)
             mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
             out = self.model(input_ids=step_ids, attention_mask=mask, position_ids=next_pos.unsqueeze(1),
-                             cache=cache, use_cache=True)
-            cache = getattr(out, "cache", None) or out.past_key_values
+                             **with_cache(self.model, cache), use_cache=True)
+            cache = returned_cache(out)
             logits = out.logits[:, -1].float()
             next_pos = next_pos + 1
         prompt_ids = [ids[keep].tolist() for ids, keep in zip(inputs["input_ids"], inputs["attention_mask"].bool())]

@@ -5,14 +5,14 @@ LLaVA tower's weights are `model.vision_tower.embeddings...`, and `save_pretrain
 `vision_tower.embeddings...`. vLLM, SGLang, transformers 4 and the Hub's LLaVA checkpoints expect
 `vision_tower.vision_model.embeddings...`; vLLM refuses the flat names. transformers 5 reads both layouts,
 so writing the old one costs nothing. `save_pretrained` reverses the renamings in a model's
-`_weight_conversions` when it writes; `use_ecosystem_layout` adds one more, so every later save (ours,
-TRL's trainers, Trainer checkpoints) writes the old layout. The same mapping names parameters for TRL's
+weight conversions when it writes; `use_ecosystem_layout` adds one more (bimode.compat.transformers_api), so
+every later save (ours, TRL's trainers, Trainer checkpoints) writes the old layout. The same mapping names parameters for TRL's
 weight sync to vLLM (`checkpoint_param_name`).
 """
 
 from __future__ import annotations
 
-import re
+from bimode.compat.transformers_api import add_saving_renamings
 
 # towers whose pre-5 layout nests everything under `vision_model.`
 NESTED_TOWER_CLASSES = ("SiglipVisionModel", "Siglip2VisionModel", "CLIPVisionModel")
@@ -34,19 +34,7 @@ def checkpoint_param_name(name: str, towers: tuple[str, ...]) -> str:
 
 def use_ecosystem_layout(model):
     """Make every later `save_pretrained` of `model` write its SigLIP / CLIP tower as `vision_model.*`."""
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import WeightRenaming
-
     towers = flat_vision_towers(model)
-    if not towers:
-        return model
-    conversions = getattr(model, "_weight_conversions", None)
-    if conversions is None:  # built from a config, not loaded: what from_pretrained would have attached
-        conversions = [c for c in get_model_conversion_mapping(model, add_legacy=False)
-                       if type(c) is WeightRenaming]
-    # applied last when loading, so reversed first when saving (in-memory names on both sides)
-    nested = [WeightRenaming(source_patterns=rf"^{re.escape(t)}\.vision_model\.", target_patterns=f"{t}.")
-              for t in towers]
-    already = {repr(c) for c in nested}  # calling twice must not add the renaming twice
-    model._weight_conversions = [c for c in conversions if repr(c) not in already] + nested
+    if towers:
+        add_saving_renamings(model, {f"{t}.": f"{t}.vision_model." for t in towers})
     return model

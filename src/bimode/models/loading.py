@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import json
 import logging
-from contextlib import contextmanager
 from pathlib import Path
 
+from bimode.compat.transformers_api import processor_without_video
 from bimode.models.layout import use_ecosystem_layout
 from bimode.modes import THINK_CLOSE, THINK_OPEN, MODE_SUFFIXES, ThinkingMode
 from bimode.templates import chat_template
@@ -99,23 +99,6 @@ def prepare_processor(processor, model=None, template: str = "auto") -> object:
     return processor
 
 
-@contextmanager
-def _video_processor_optional():
-    """Let a processor be built with video_processor=None (transformers checks its class otherwise)."""
-    from transformers.processing_utils import ProcessorMixin
-
-    original = ProcessorMixin.check_argument_for_proper_class
-
-    def check(self, name, argument):
-        return None if name == "video_processor" and argument is None else original(self, name, argument)
-
-    ProcessorMixin.check_argument_for_proper_class = check
-    try:
-        yield
-    finally:
-        ProcessorMixin.check_argument_for_proper_class = original
-
-
 def load_image_only_processor(path: str | Path, **kwargs):
     """Qwen-VL-style processors without their video part, for machines without torchvision.
 
@@ -139,7 +122,7 @@ def load_image_only_processor(path: str | Path, **kwargs):
     image_processor = AutoImageProcessor.from_pretrained(path, **kwargs)
     log.warning("%s: torchvision is missing; using %s without its video processor (images and text only)",
                 path, class_name)
-    with _video_processor_optional():
+    with processor_without_video():
         return processor_class(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
                                chat_template=getattr(tokenizer, "chat_template", None))
 

@@ -37,20 +37,21 @@ Dropout: the supported models have none by default (attention_dropout 0). Where 
 (LoRA's `lora_dropout`), the prompt's dropout mask is drawn once per group instead of once per rollout: the
 same expected gradient, not the same random draw.
 
-Private APIs: the checkpointing part relies on transformers' `_can_checkpoint_with_cache` and
-`_gradient_checkpointing_func` on the decoder layers, and the override on TRL 1.16's signature of
-`_get_per_token_logps_and_entropies`; both packages are pinned to their minor version (pyproject) and
-tests/test_shared_prefix_forward.py fails if either changes.
+Library internals (the cache's argument name, which changed inside the supported transformers range, and the
+checkpointing switches) are reached through bimode.compat.transformers_api; BPOTrainer's override follows TRL
+1.16's signature of `_get_per_token_logps_and_entropies`. tests/test_compat.py and this module's tests run at
+both ends of the transformers range (5.17 in vLLM's environment, 5.25; docs/internals.md).
 """
 
 from __future__ import annotations
 
-import functools
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
+
+from bimode.compat.transformers_api import (base_model, checkpointing_layers, is_reentrant,
+                                            keep_cache_under_checkpointing, with_cache)
 
 # Top-level model types whose language model takes 1-D positions and whose images only replace placeholder
 # embeddings (the vision tower sees pixels, never text): the prompt's cache then continues like text.
@@ -60,17 +61,6 @@ SHARED_TEXT_TYPES = frozenset({"qwen3", "qwen2", "llama"})
 HANDLED_IMAGE_ARGS = ("pixel_values", "image_sizes", "num_images")
 OTHER_IMAGE_ARGS = ("image_grid_thw", "pixel_attention_mask", "spatial_shapes", "num_tiles", "token_type_ids",
                     "mm_token_type_ids", "image_position_ids")
-
-
-def base_model(model):
-    """The transformers model under DDP / DeepSpeed / PEFT wrappers (for its config and flags)."""
-    while True:
-        if isinstance(model, torch.nn.parallel.DistributedDataParallel) or type(model).__name__ == "DeepSpeedEngine":
-            model = model.module
-        elif hasattr(model, "get_base_model"):  # PeftModel
-            model = model.get_base_model()
-        else:
-            return model
 
 
 class RecordingLayer(DynamicLayer):
@@ -98,39 +88,8 @@ class ReadOnlyPrefixLayer(DynamicLayer):
         return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
 
 
-def _checkpointed_layers(model) -> list:
-    """The modules that gradient checkpointing wraps now (gradients on, training): [] when it is off."""
-    inner = base_model(model)
-    if not (torch.is_grad_enabled() and inner.training):
-        return []
-    return [m for m in inner.modules() if getattr(m, "gradient_checkpointing", False) is True]
-
-
-@contextmanager
-def _keep_cache_under_checkpointing(layers: list):
-    """Let checkpointed layers keep the cache for these passes (`_can_checkpoint_with_cache`, transformers'
-    switch for layers whose replay leaves the cache as it was: true of the two layer types above)."""
-    for m in layers:
-        m._can_checkpoint_with_cache = True  # an instance attribute over the class default
-    try:
-        yield
-    finally:
-        for m in layers:
-            del m._can_checkpoint_with_cache
-
-
-# The transformers minor the equivalence tests hold it to (pyproject pins it). Another version falls back: under
-# vLLM's environment's transformers 5.17 the row pass's attention mask did not cover the prompt's cache.
-TESTED_TRANSFORMERS = "5.24"
-
-
 def architecture_unsupported(model) -> str | None:
     """Why this model's architecture cannot share the prompt's cache (None: it can). Static per model."""
-    import transformers
-
-    if not transformers.__version__.startswith(TESTED_TRANSFORMERS + "."):
-        return (f"transformers {transformers.__version__} is not the version the shared forward is tested on "
-                f"({TESTED_TRANSFORMERS})")
     inner = base_model(model)
     config = getattr(inner, "config", None)
     if config is None:
@@ -175,10 +134,8 @@ def call_unsupported(model, input_ids: torch.Tensor, logits_to_keep: int, comput
     image_token = getattr(inner.config, "image_token_id", getattr(inner.config, "image_token_index", None))
     if image_token is not None and bool((input_ids[:, prompt_length - 1:] == image_token).any()):
         return "an image token in the per-row part (completion or the prompt's last token)"
-    for m in _checkpointed_layers(model):
-        func = getattr(m, "_gradient_checkpointing_func", None)
-        if not (isinstance(func, functools.partial) and func.keywords.get("use_reentrant") is False):
-            return "reentrant gradient checkpointing (the prompt's cached keys would get no gradient)"
+    if torch.is_grad_enabled() and any(is_reentrant(m) for m in checkpointing_layers(model)):
+        return "reentrant gradient checkpointing (the prompt's cached keys would get no gradient)"
     return None
 
 
@@ -281,7 +238,7 @@ def _run_prefixes(model, input_ids, attention_mask, groups: PrefixGroups, batch_
         model(input_ids=input_ids.index_select(0, index)[:, :cut],
               attention_mask=attention_mask.index_select(0, index)[:, :cut],
               **_prefix_images(rows, pixel_values, image_sizes, num_images),
-              cache=cache, use_cache=True, logits_to_keep=1)
+              **with_cache(model, cache), use_cache=True, logits_to_keep=1)
         layers.append([(layer.keys, layer.values) for layer in cache.layers])
     if len(layers) == 1:
         return layers[0]
@@ -316,7 +273,7 @@ def grouped_completion_logps(model, input_ids: torch.Tensor, attention_mask: tor
     Returns (log-probs (B, K), entropies (B, K) or None), zero where attention_mask is 0, like TRL 1.16's
     `_get_per_token_logps_and_entropies`. Call `call_unsupported` first: this function assumes the case holds.
     """
-    with _keep_cache_under_checkpointing(_checkpointed_layers(model)):
+    with keep_cache_under_checkpointing(checkpointing_layers(model)):
         return _grouped(model, input_ids, attention_mask, logits_to_keep, model_kwargs, compute_entropy, batch_size,
                         temperature, fused_lm_head, groups)
 
@@ -340,7 +297,7 @@ def _grouped(model, input_ids, attention_mask, logits_to_keep, model_kwargs, com
         cache.layers = [ReadOnlyPrefixLayer(k.index_select(0, select), v.index_select(0, select)) for k, v in prefix]
         cache.layer_class_to_replicate = None
         inputs = {"input_ids": input_ids[start:end, cut:], "attention_mask": attention_mask[start:end],
-                  "position_ids": positions, "cache": cache}
+                  "position_ids": positions, **with_cache(model, cache)}
         if fused_lm_head:
             out = model(**inputs, labels=labels[start:end, cut:], fused_lm_head=True)
             all_logps.append(out.log_probs[:, -logits_to_keep:])

@@ -1,0 +1,142 @@
+"""transformers: what bimode relies on beyond the public API, and what changed inside the supported range.
+
+Checked on transformers 5.17 (vLLM 0.31's environment) and 5.25 (the newest); docs/internals.md.
+- The cache argument: models take `past_key_values=` up to some 5.2x release and `cache=` after it (the old name
+  still works there, with a FutureWarning on every call, until 5.40). A name a model does not declare is
+  swallowed by its `**kwargs` without error: generation then recomputes every step from scratch.
+- Gradient checkpointing is switched on by `activation_checkpointing_enable` in 5.25, by
+  `gradient_checkpointing_enable` in 5.17 (kept in 5.25 as a deprecated alias).
+- Gradient checkpointing layers (`GradientCheckpointingLayer`) drop a cache passed to them unless
+  `_can_checkpoint_with_cache` is set, and wrap the layer in `_gradient_checkpointing_func` (a partial of
+  torch's checkpoint). 5.17 checkpoints whenever the layer trains, 5.25 only while gradients are on.
+- Weight renamings applied when loading and reversed when saving (`model._weight_conversions`,
+  `conversion_mapping.get_model_conversion_mapping`, `core_model_loading.WeightRenaming`).
+- `ProcessorMixin.check_argument_for_proper_class`, which refuses a processor built without its video part.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import re
+from contextlib import contextmanager
+
+import torch
+
+# the name every release in the supported range accepts (5.2x+ as a deprecated alias, until 5.40)
+LEGACY_CACHE_ARGUMENT = "past_key_values"
+
+
+def base_model(model):
+    """The transformers model under DDP / DeepSpeed / PEFT wrappers (for its config, flags and signature)."""
+    while True:
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel) or type(model).__name__ == "DeepSpeedEngine":
+            model = model.module
+        elif hasattr(model, "get_base_model"):  # PeftModel
+            model = model.get_base_model()
+        else:
+            return model
+
+
+@functools.cache
+def _declared_cache_argument(model_class: type) -> str:
+    parameters = inspect.signature(model_class.forward).parameters
+    for name in ("cache", LEGACY_CACHE_ARGUMENT):
+        if name in parameters:
+            return name
+    return LEGACY_CACHE_ARGUMENT  # a forward of **kwargs only (remote code): the name every release accepts
+
+
+def cache_argument(model) -> str:
+    """The keyword this model's forward takes its key/value cache under: "cache" or "past_key_values"."""
+    return _declared_cache_argument(type(base_model(model)))
+
+
+def with_cache(model, cache) -> dict:
+    """Forward keyword arguments that hand `cache` to `model` under the name it reads."""
+    return {cache_argument(model): cache}
+
+
+def returned_cache(output):
+    """The cache a forward returned (`output.cache` from the rename on, `output.past_key_values` before)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else getattr(output, LEGACY_CACHE_ARGUMENT, None)
+
+
+def checkpointing_layers(model) -> list:
+    """The layers gradient checkpointing wraps while `model` trains ([] in eval mode or with it off).
+
+    5.17 checkpoints a training layer even without gradients (TRL's old and reference log-probs are computed
+    that way), 5.25 only with them; both drop the cache then unless told to keep it, so callers that pass a cache
+    through these layers must use `keep_cache_under_checkpointing` in either case."""
+    inner = base_model(model)
+    if not inner.training:
+        return []
+    return [m for m in inner.modules() if getattr(m, "gradient_checkpointing", False) is True]
+
+
+def enable_activation_checkpointing(model, checkpointing_kwargs: dict | None = None) -> None:
+    """Gradient (activation) checkpointing on: `activation_checkpointing_enable` from its introduction on,
+    `gradient_checkpointing_enable` (5.17, a deprecated alias later) before."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable(checkpointing_kwargs)
+
+
+def disable_activation_checkpointing(model) -> None:
+    disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
+    disable()
+
+
+def is_reentrant(layer) -> bool:
+    """Whether the layer checkpoints with torch's reentrant variant (its replay runs without autograd)."""
+    func = getattr(layer, "_gradient_checkpointing_func", None)
+    return not (isinstance(func, functools.partial) and func.keywords.get("use_reentrant") is False)
+
+
+@contextmanager
+def keep_cache_under_checkpointing(layers: list):
+    """Let checkpointed layers keep the cache passed to them (`_can_checkpoint_with_cache`, transformers' switch
+    for layers whose replay leaves the cache as it was)."""
+    for m in layers:
+        m._can_checkpoint_with_cache = True  # an instance attribute over the class default
+    try:
+        yield
+    finally:
+        for m in layers:
+            del m._can_checkpoint_with_cache
+
+
+def add_saving_renamings(model, renamings: dict[str, str]) -> None:
+    """Make every later `save_pretrained` of `model` write the parameter names `renamings` maps to.
+
+    renamings: in-memory prefix -> prefix as written (e.g. "model.vision_tower." -> "model.vision_tower.vision_model.").
+    transformers applies a model's weight conversions when loading and reverses them when saving; these are
+    added as loading renamings from the written name to the in-memory one, after the model's own (so reversed
+    first when saving). Adding the same renaming twice adds it once."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming
+
+    conversions = getattr(model, "_weight_conversions", None)
+    if conversions is None:  # built from a config, not loaded: what from_pretrained would have attached
+        conversions = [c for c in get_model_conversion_mapping(model, add_legacy=False) if type(c) is WeightRenaming]
+    added = [WeightRenaming(source_patterns="^" + re.escape(written), target_patterns=in_memory)
+             for in_memory, written in renamings.items()]
+    already = {repr(c) for c in added}
+    model._weight_conversions = [c for c in conversions if repr(c) not in already] + added
+
+
+@contextmanager
+def processor_without_video():
+    """Let a processor be built with video_processor=None (transformers checks every part's class)."""
+    from transformers.processing_utils import ProcessorMixin
+
+    original = ProcessorMixin.check_argument_for_proper_class
+
+    def check(self, name, argument):
+        return None if name == "video_processor" and argument is None else original(self, name, argument)
+
+    ProcessorMixin.check_argument_for_proper_class = check
+    try:
+        yield
+    finally:
+        ProcessorMixin.check_argument_for_proper_class = original
