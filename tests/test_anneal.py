@@ -13,6 +13,8 @@ from bimode.train.components import component_of
 from bimode.train.tokenization import IGNORE_INDEX, response_text, tokenize_example
 from tests.hf_fixtures import saved_vision_keys
 
+pytestmark = pytest.mark.internals  # runs at both ends of the transformers range (docs/internals.md)
+
 
 @pytest.mark.parametrize("mode, mask", [("think", False), ("no_think", False), ("no_think", True), ("think", True)])
 def test_loss_mask_positions_are_exact(tiny_processor, mode, mask):

@@ -17,6 +17,8 @@ from tests.bpo_helpers import trained_p_think_drop
 from tests.conftest import TRAINED_MAX_LEVEL, launch_two_cpu_processes
 from tests.hf_fixtures import saved_vision_keys
 
+pytestmark = pytest.mark.internals  # runs at both ends of the transformers range (docs/internals.md)
+
 ROOT = Path(__file__).resolve().parents[1]
 BATCH = [{"row": i // 4} for i in range(8)]  # a generation batch as TRL samples it: 2 prompts x 4 rollouts
 T, N = ThinkingMode.THINK, ThinkingMode.NO_THINK

@@ -11,6 +11,8 @@ from bimode.models import load_model
 from bimode.modes import ThinkingMode
 from tests.conftest import TRAINED_FAMILIES, TRAINED_MAX_LEVEL
 
+pytestmark = pytest.mark.internals  # runs at both ends of the transformers range (docs/internals.md)
+
 
 @pytest.fixture(scope="module")
 def setup(trained_tiny):

@@ -18,6 +18,8 @@ from tests.hf_fixtures import (
     build_tiny_llava_next,
 )
 
+pytestmark = pytest.mark.internals  # runs at both ends of the transformers range (docs/internals.md)
+
 USER = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Where is the ball?"}]}]
 
 

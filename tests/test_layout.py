@@ -1,11 +1,14 @@
 """Saved checkpoints use the layout vLLM, SGLang and transformers 4 read: `vision_tower.vision_model.*`."""
 
+import pytest
 import torch
 
 from bimode.models import load_model
 from bimode.models.layout import checkpoint_param_name, flat_vision_towers
 from tests.hf_fixtures import build_tiny_llava_next, build_tiny_qwen25_vl, saved_vision_keys
 from tests.vllm_helpers import VLLM_PYTHON, needs_vllm, vllm_env
+
+pytestmark = pytest.mark.internals  # runs at both ends of the transformers range (docs/internals.md)
 
 
 def test_param_names_gain_the_vision_model_level_only_under_flat_towers():

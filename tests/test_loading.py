@@ -9,6 +9,8 @@ from bimode.modes import MODE_SUFFIXES, ThinkingMode, mode_decision
 from tests.conftest import reference_greedy
 from tests.hf_fixtures import build_tiny_llava_llama_style, build_tiny_qwen25_vl
 
+pytestmark = pytest.mark.internals  # runs at both ends of the transformers range (docs/internals.md)
+
 USER = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Where is the ball?"}]}]
 
 

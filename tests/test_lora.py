@@ -25,6 +25,8 @@ from tests.hf_fixtures import (
     saved_vision_keys,
 )
 
+pytestmark = pytest.mark.internals  # runs at both ends of the transformers range (docs/internals.md)
+
 LORA = dict(use_peft=True, lora_r=4, lora_dropout=0.0)
 # what LoRA may change: adapters, the projector's trained copy, the mode-token rows
 ADAPTER_PARTS = (".lora_A.", ".lora_B.", ".modules_to_save.", ".trainable_tokens_delta.")

@@ -2,10 +2,13 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from bimode.models.tiny import TinyConfig, build_model, build_processor, build_tokenizer
 from bimode.data import synthetic
+
+pytestmark = pytest.mark.internals  # runs at both ends of the transformers range (docs/internals.md)
 
 ROUND_TRIP = r"""
 import json, sys

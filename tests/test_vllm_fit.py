@@ -6,6 +6,8 @@ import pytest
 
 from bimode.train.vllm_fit import BAN_BIAS, collapse_image_runs, colocated_llm_kwargs, with_banned_tokens
 
+pytestmark = pytest.mark.internals  # runs at both ends of the transformers range (docs/internals.md)
+
 
 def test_each_image_s_run_of_tokens_becomes_one_placeholder():
     assert collapse_image_runs([1, 5, 5, 2, 5, 5, 3], 5, 2) == [1, 5, 2, 5, 3]

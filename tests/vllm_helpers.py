@@ -1,7 +1,8 @@
 """Driving the vLLM environment (.venv-vllm, `make setup-vllm`) from tests in the main environment.
 
-vLLM's pins clash with bimode's (transformers <5.18 against >=5.24), so vLLM lives in its own environment and
-the tests run scripts there (tests/vllm_scripts/) and compare the results here.
+vLLM 0.31 accepts transformers up to 5.17, the lower end of bimode's range; the main environment tests the upper
+end (the newest transformers), where vLLM cannot be installed. So the tests run scripts in the vLLM environment
+(tests/vllm_scripts/) and compare the results here; `make test` also runs the internals tests there.
 """
 
 import json

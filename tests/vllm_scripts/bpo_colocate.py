@@ -2,9 +2,11 @@
 
     python bpo_colocate.py SPEC.json OUT.json
 
-SPEC: {"args": [bimode bpo arguments], "probe_prompts": int}
-OUT: {"logged": TRL's log history, "rollouts": [{"forced", "logprobs"}] (first step), "saved": DIR,
+SPEC: {"args": [bimode bpo arguments], "probe_prompts": int (0: no sync check), "step_one_weights": PATH}
+OUT: {"logged": TRL's log history, "rollouts": [{"forced", "logprobs", "completion_ids"}] (first step), "saved": DIR,
       "before_sync" / "after_sync": {"vllm_vs_trained", "vllm_vs_start"}: largest per-token log-prob gaps}
+The weights after the first optimizer step go to step_one_weights, the starting ones to step_one_weights + ".start"
+(torch.save of a name -> tensor dict).
 
 After training (vLLM then holds the weights of the last step's start), the final weights are pushed once more: vLLM's log-probs of its own samples
 (no banned tokens, so both sides score the same distribution) are compared with a forward pass of the trained
@@ -40,6 +42,29 @@ def logprob_gaps(llm, models, processor, prompts, vllm_ids, image_token_id) -> l
     return gaps
 
 
+def step_one_weights_callback():
+    from transformers import TrainerCallback
+
+    class StepOneWeights(TrainerCallback):
+        def __init__(self, path: str):
+            self.path = path
+
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            self.save(model, self.path + ".start")
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if state.global_step == 1:
+                self.save(model, self.path)
+
+        @staticmethod
+        def save(model, path):
+            import torch
+
+            torch.save({n: p.detach().clone() for n, p in model.named_parameters()}, path)
+
+    return StepOneWeights
+
+
 def main(spec_path: str, out_path: str) -> None:
     import torch
     from trl import TrlParser
@@ -51,6 +76,7 @@ def main(spec_path: str, out_path: str) -> None:
     from bimode.train.bpo import BPOConfig, build_trainer
     from bimode.train.checkpoint import train_and_save
 
+    StepOneWeights = step_one_weights_callback()
     spec = json.loads(Path(spec_path).read_text())
     (cfg,) = TrlParser(BPOConfig).parse_args_and_config(args=spec["args"])
     trainer = build_trainer(cfg)
@@ -60,12 +86,17 @@ def main(spec_path: str, out_path: str) -> None:
     def spy(prompts, t):
         out = rollout(prompts, t)
         if not rollouts:
-            rollouts.extend({"forced": n, "logprobs": lp} for n, lp in
-                            zip(t._rollout_info["suffix_lengths"], out["logprobs"]))
+            rollouts.extend({"forced": n, "logprobs": lp, "completion_ids": ids} for n, lp, ids in
+                            zip(t._rollout_info["suffix_lengths"], out["logprobs"], out["completion_ids"]))
         return out
 
     trainer.rollout_func = spy
+    trainer.add_callback(StepOneWeights(spec["step_one_weights"]))
     saved = train_and_save(trainer)
+    if not spec["probe_prompts"]:
+        Path(out_path).write_text(json.dumps({"logged": trainer.state.log_history, "rollouts": rollouts,
+                                               "saved": str(saved)}))
+        return
 
     trained = trainer.accelerator.unwrap_model(trainer.model).eval()
     start, processor = load_model(cfg.model_path, dtype=torch.float32)

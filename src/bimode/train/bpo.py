@@ -17,8 +17,9 @@ forward and backward (train/shared_prefix_forward.py; `shared_prefix_forward`, o
 TRL's per-row forward where that is not proven equivalent, and logs which path it took).
 
 Pinned to TRL 1.16 (pyproject): this relies on `rollout_func`, `_generate_and_score_completions`, the
-(B, T) advantages `_compute_loss` accepts and the signature of `_get_per_token_logps_and_entropies`;
-tests/test_bpo.py and tests/test_shared_prefix_forward.py guard each.
+(B, T) advantages `_compute_loss` accepts and the signature of `_get_per_token_logps_and_entropies`; the
+private parts go through bimode.compat.trl_api (docs/internals.md), and tests/test_bpo.py,
+tests/test_shared_prefix_forward.py and tests/test_compat.py guard each.
 """
 
 from __future__ import annotations
@@ -37,11 +38,14 @@ import torch
 from trl import GRPOConfig, GRPOTrainer
 from trl.models import unwrap_model_for_generation
 
+from bimode.compat.peft_api import expose_output_bias
+from bimode.compat.overrides import check_overrides
+from bimode.compat.trl_api import log_metric
 from bimode.data.records import Record, RecordError, read_records
 from bimode.generation.engine import TransformersEngine
 from bimode.generation.types import Prompt, SamplingParams, token_counts
 from bimode.modes import ThinkingMode
-from bimode.train.adapters import AdapterFields, build_peft_config, expose_output_bias
+from bimode.train.adapters import AdapterFields, build_peft_config
 from bimode.train.bpo_core import (ROLLOUTS, mode_token_loss, parse_mode_token_loss, per_mode_stats,
                                    response_mode, rollout_modes)
 from bimode.train.bpo_rewards import build_rewards, weighted_rewards
@@ -101,6 +105,7 @@ class BPOTrainer(StrictResumeMixin, GRPOTrainer):
 
     def __init__(self, *, model, args: BPOConfig, records: list[Record], processor,
                  probe_records: list[Record] | None = None, **kwargs):
+        check_overrides(type(self))  # a TRL release that changed an overridden private method fails here
         os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func's warning: guarded by our tests
         self.records = records
         self.probe_records = probe_records or []
@@ -257,13 +262,12 @@ class BPOTrainer(StrictResumeMixin, GRPOTrainer):
         mode = "train" if self.model.training else "eval"
         if reason is not None:
             self._log_forward_path(f"TRL's per-row forward ({reason})", level)
-            self._metrics[mode]["shared_prefix/rows_per_prompt_pass"].append(1.0)
+            log_metric(self, "shared_prefix/rows_per_prompt_pass", 1.0, mode)
             return super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
                                                               **kwargs)
         self._log_forward_path("shared-prefix forward")
         # logged, so the path taken shows where logs go (1: TRL's per-row forward)
-        self._metrics[mode]["shared_prefix/rows_per_prompt_pass"].append(
-            input_ids.size(0) / len(groups.representatives))
+        log_metric(self, "shared_prefix/rows_per_prompt_pass", input_ids.size(0) / len(groups.representatives), mode)
         with self.accelerator.autocast():
             logps, entropies = grouped_completion_logps(
                 model, input_ids, attention_mask, logits_to_keep,
@@ -311,7 +315,7 @@ class BPOTrainer(StrictResumeMixin, GRPOTrainer):
         names = {v: k for k, v in MODE_CODES.items()}
         modes = [names[int(c)] for c in gathered[0].tolist()]
         for key, value in per_mode_stats(modes, *[t.cpu() for t in gathered[1:]]).items():
-            self._metrics["train"][f"bpo/{key}"].append(value)
+            log_metric(self, f"bpo/{key}", value)
 
     def _maybe_probe(self) -> None:
         step = self.state.global_step
@@ -320,7 +324,7 @@ class BPOTrainer(StrictResumeMixin, GRPOTrainer):
         self._last_probe = step
         result = self.probe()
         for key, value in result.items():
-            self._metrics["train"][f"probe/{key}"].append(value)
+            log_metric(self, f"probe/{key}", value)
         if self.accelerator.is_main_process:
             Path(self.args.output_dir).mkdir(parents=True, exist_ok=True)
             with open(Path(self.args.output_dir) / "probe.jsonl", "a") as f:

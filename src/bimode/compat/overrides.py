@@ -1,0 +1,38 @@
+"""Private methods of library classes that bimode's trainers override.
+
+BPOTrainer overrides TRL's `GRPOTrainer._generate_and_score_completions` and `_get_per_token_logps_and_entropies`,
+both trainers transformers' `Trainer._load_from_checkpoint` (StrictResumeMixin). The libraries call them by
+keyword, so a parameter renamed in a release would be dropped without an error; `check_overrides` compares
+every private override with the method it replaces and refuses to build the trainer when they differ.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+
+def _ours(klass: type) -> bool:
+    return klass.__module__.split(".")[0] == "bimode"
+
+
+def check_overrides(cls: type) -> None:
+    """Refuse a class whose private method overrides take other parameters than the library methods they
+    replace (checked by name and order, what a keyword call depends on)."""
+    mro = cls.__mro__
+    for position, klass in enumerate(mro):
+        if not _ours(klass):
+            continue
+        for name, ours in vars(klass).items():
+            if not (name.startswith("_") and not name.startswith("__") and callable(ours)):
+                continue
+            owner = next((b for b in mro[position + 1:] if not _ours(b) and name in vars(b)), None)
+            if owner is None:
+                continue
+            theirs = list(inspect.signature(vars(owner)[name]).parameters)
+            mine = list(inspect.signature(ours).parameters)
+            if mine != theirs:
+                raise RuntimeError(
+                    f"{owner.__module__}.{owner.__qualname__}.{name} takes ({', '.join(theirs)}), but bimode's "
+                    f"{klass.__name__}.{name} overrides it with ({', '.join(mine)}): this library release "
+                    "changed an internal bimode relies on (docs/internals.md); install the versions pyproject.toml "
+                    "names")

@@ -1,0 +1,42 @@
+"""TRL: what bimode relies on beyond TRL's public API (TRL 1.16, pinned to its minor; docs/internals.md).
+
+- Private methods BPOTrainer overrides (`GRPOTrainer._generate_and_score_completions`,
+  `_get_per_token_logps_and_entropies`): checked against TRL's by `bimode.compat.overrides.check_overrides`.
+- `GRPOTrainer._metrics[mode][key]`, the lists TRL averages into each logged step.
+- `VLLMGeneration._fix_param_name_to_vllm(name, extra_prefixes)`, which names each parameter for the weight sync.
+- `trl.generation.vllm_generation.LLM`, the class TRL's colocated mode builds its engine with.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from functools import partial
+
+
+def log_metric(trainer, key: str, value: float, mode: str = "train") -> None:
+    """Add a value to what TRL averages and logs as `key` at the next logging step."""
+    trainer._metrics[mode][key].append(value)
+
+
+def logged_metric(trainer, key: str, mode: str = "train") -> list[float]:
+    """The values collected for `key` since the last logging step."""
+    return trainer._metrics[mode][key]
+
+
+def map_vllm_param_names(generation, mapper) -> None:
+    """Make TRL's weight sync send each parameter under `mapper(TRL's name)`."""
+    trl_name = generation._fix_param_name_to_vllm
+    generation._fix_param_name_to_vllm = lambda name, extra_prefixes=None: mapper(trl_name(name, extra_prefixes))
+
+
+@contextmanager
+def colocated_llm_arguments(**kwargs):
+    """While TRL builds its colocated vLLM engine, add `kwargs` to the `LLM(...)` call."""
+    import trl.generation.vllm_generation as trl_vllm
+
+    llm_class = trl_vllm.LLM
+    trl_vllm.LLM = partial(llm_class, **kwargs)
+    try:
+        yield
+    finally:
+        trl_vllm.LLM = llm_class
