@@ -48,7 +48,7 @@ from pathlib import Path
 
 import torch
 
-from bimode.compat.transformers_api import enable_activation_checkpointing
+from bimode.compat.transformers_api import checkpointing_kwargs, enable_activation_checkpointing
 from bimode.compat.trl_api import logged_metric
 
 SIDES = ("stock", "bpo", "bpo_unshared", "stock_vllm", "bpo_vllm", "bpo_vllm_unshared")
@@ -169,8 +169,7 @@ def run_side(args) -> dict:
     torch.manual_seed(0)
     trainer = build(args.side, args, tempfile.mkdtemp(prefix=f"bimode_bench_{args.side}_"))
     if args.gradient_checkpointing == "on":  # Trainer.train() would turn it on; this bench drives training_step
-        enable_activation_checkpointing(trainer.model, getattr(trainer.args, "activation_checkpointing_kwargs", None)
-                                        or trainer.args.gradient_checkpointing_kwargs or None)
+        enable_activation_checkpointing(trainer.model, checkpointing_kwargs(trainer.args))
     timer = Timer()
     timer.wrap(trainer, "_generate", "rollout")
     if getattr(trainer, "use_vllm", False):

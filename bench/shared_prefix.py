@@ -6,7 +6,7 @@ this one command (so each side's peak memory is its own; the children run one af
   repeated  engine.generate with each sample as its own Prompt (the prompt prefilled 2g times, as TRL's
             transformers path does), same decode loop
   hf        transformers' model.generate on the repeated prompts (TRL's actual transformers path)
-  vllm      (with --vllm-python, vLLM's own environment: `make setup-vllm`) vLLM's offline engine, each mode's g
+  vllm      (with --vllm-python, vLLM's environment: `make setup-vllm`) vLLM's offline engine, each mode's g
             samples as one request with n = g and prefix caching on (what TRL's colocated vLLM rollouts send),
             fp32, eager, its engine in the side's own process so its peak memory is the side's
 Each side runs once untimed (warm-up), then `--repeats` timed runs; reported: the best time, completion tokens

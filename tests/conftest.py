@@ -42,15 +42,24 @@ def trained_families_file(tmp_path_factory):
 
 
 def _source_digest() -> str:
-    """A digest of bimode's code and this file: what a trained fixture depends on."""
+    """A digest of bimode's package files (code, chat template, prompts) and this file: what a trained fixture
+    depends on besides the libraries."""
     import hashlib
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
+    files = [p for p in (root / "src" / "bimode").rglob("*") if p.is_file() and "__pycache__" not in p.parts]
     digest = hashlib.sha256()
-    for path in sorted((root / "src" / "bimode").rglob("*.py")) + [Path(__file__).resolve()]:
+    for path in sorted(files) + [Path(__file__).resolve()]:
         digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:16]
+
+
+def _library_versions() -> str:
+    import torch
+    import transformers
+
+    return f"torch{torch.__version__}-transformers{transformers.__version__}".replace("+", "_")
 
 
 @pytest.fixture(scope="session")
@@ -58,20 +67,27 @@ def trained_tiny(tmp_path_factory, request):
     """The tiny model after a short bi-mode SFT on two families (about 75 s on 2 cores).
 
     Shared by the tests that need a model whose outputs mean something: forced-mode generation, image
-    dependence, the engine against plain generation. Kept in pytest's cache under a digest of bimode's code, so
-    `make test`'s second run (the internals tests in vLLM's environment) reuses the first run's model instead of
-    training it again; any change to src/bimode or this file trains a new one.
+    dependence, the engine against plain generation. Kept in pytest's cache under a digest of bimode's files and
+    the torch and transformers versions that trained it. `make test`'s second run (the internals tests at the
+    lower end of the transformers range) sets BIMODE_TESTS_ANY_TRAINED_VERSION=1 and takes the model the first
+    run trained with the same code instead of training it again.
     """
     import shutil
 
     cache = getattr(request.config, "cache", None)  # absent under -p no:cacheprovider
     if cache is None:
         return _train_tiny(tmp_path_factory.mktemp("trained"))
-    cached = cache.mkdir(f"trained_tiny-{_source_digest()}") / "sft"
+    code = _source_digest()
+    cached = cache.mkdir(f"trained_tiny-{code}-{_library_versions()}") / "sft"
     if (cached / "config.json").exists():
         return cached
-    for old in cached.parent.parent.glob("trained_tiny-*"):  # models of earlier code: never used again
-        if old != cached.parent:
+    if os.environ.get("BIMODE_TESTS_ANY_TRAINED_VERSION") == "1":
+        others = sorted(cached.parent.parent.glob(f"trained_tiny-{code}-*/sft/config.json"),
+                        key=lambda p: p.stat().st_mtime)
+        if others:
+            return others[-1].parent
+    for old in cached.parent.parent.glob("trained_tiny-*"):  # models of other code: never used again
+        if not old.name.startswith(f"trained_tiny-{code}-"):
             shutil.rmtree(old, ignore_errors=True)
     out = _train_tiny(tmp_path_factory.mktemp("trained"))
     staging = cached.with_name(f"sft.partial-{os.getpid()}")

@@ -25,7 +25,7 @@ def test_vllm_spec_needs_the_vllm_environment(tiny_dir):
     except ImportError:
         with pytest.raises(ImportError, match="setup-vllm"):
             build_backend(f"vllm:{tiny_dir}")
-    else:  # pragma: no cover - the main environment has no vLLM (its pins clash with ours)
+    else:  # pragma: no cover - the main environment has no vLLM (it holds transformers past vLLM 0.31's range)
         pytest.skip("vLLM is importable here: tests/test_vllm_backend.py covers it")
 
 

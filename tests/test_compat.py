@@ -87,15 +87,26 @@ def test_reentrant_checkpointing_is_recognised(tiny):
 
 
 def test_saving_renamings_rename_once_and_load_back(tmp_path, tiny_dir):
+    """What is added is written on save, once however often it is added; the tower layout bimode writes this way
+    (`vision_tower.vision_model.*`) loads back in plain transformers with the same weights."""
     from safetensors import safe_open
+    from transformers import AutoModelForImageTextToText
 
-    model, _ = load_model(tiny_dir, dtype=torch.float32)
+    model, _ = load_model(tiny_dir, dtype=torch.float32)  # load_model adds the tower renaming
     before = len(model._weight_conversions)
-    for _ in range(2):  # adding the same renaming twice adds it once
+    tf.add_saving_renamings(model, {"model.vision_tower.": "model.vision_tower.vision_model."})
+    assert len(model._weight_conversions) == before
+    model.save_pretrained(tmp_path / "nested")
+    reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "nested", dtype=torch.float32)
+    theirs = dict(reloaded.named_parameters())
+    assert set(theirs) == {n for n, _ in model.named_parameters()}
+    assert all(torch.equal(p, theirs[n]) for n, p in model.named_parameters())
+
+    for _ in range(2):
         tf.add_saving_renamings(model, {"model.language_model.norm.": "model.language_model.final_norm."})
     assert len(model._weight_conversions) == before + 1
-    model.save_pretrained(tmp_path / "out")
-    with safe_open(tmp_path / "out" / "model.safetensors", "pt") as f:
+    model.save_pretrained(tmp_path / "renamed")
+    with safe_open(tmp_path / "renamed" / "model.safetensors", "pt") as f:
         keys = list(f.keys())
     assert any(".final_norm." in k for k in keys) and not any(k.endswith("language_model.norm.weight") for k in keys)
     assert all(k.startswith("vision_tower.vision_model.") for k in keys if k.startswith("vision_tower."))
@@ -126,7 +137,7 @@ def test_bimode_trainers_override_the_libraries_methods_with_their_signatures():
     for name in ("_generate_and_score_completions", "_get_per_token_logps_and_entropies"):
         assert name in vars(BPOTrainer) and name in vars(GRPOTrainer), name
 
-    class Drifted(BPOTrainer):  # a test class: treated like a library class, not like bimode's
+    class Drifted(BPOTrainer):  # given a bimode module below: its override is checked like bimode's own
         pass
 
     Drifted.__module__ = "bimode.drifted"
@@ -137,6 +148,21 @@ def test_bimode_trainers_override_the_libraries_methods_with_their_signatures():
     Drifted._get_per_token_logps_and_entropies = _get_per_token_logps_and_entropies
     with pytest.raises(RuntimeError, match=r"bimode's Drifted\._get_per_token_logps_and_entropies overrides it"):
         check_overrides(Drifted)
+
+    class Library:  # a release that renamed the method bimode replaces
+        def _load_checkpoint(self, resume_from_checkpoint, model=None):
+            return None
+
+    class Ours(Library):
+        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+            return None
+
+        def _helper(self):  # bimode's own private method: nothing to compare it with
+            return None
+
+    Ours.__module__ = "bimode.ours"
+    with pytest.raises(RuntimeError, match=r"Ours\._load_from_checkpoint replaces a library method that no base"):
+        check_overrides(Ours)
 
 
 # ---- TRL -----------------------------------------------------------------------------------------------
@@ -190,9 +216,9 @@ def test_vllm_s_reload_protocol_and_engine_methods_are_there():
 
     from bimode.compat.vllm_api import on_cpu
 
-    assert len(inspect.signature(initialize_layerwise_reload).parameters) >= 1
-    assert len(inspect.signature(finalize_layerwise_reload).parameters) >= 2
-    assert callable(LLMEngine.reset_encoder_cache)
+    assert list(inspect.signature(initialize_layerwise_reload).parameters) == ["model"]
+    assert callable(finalize_layerwise_reload)  # (model, model_config), behind a decorator's (*args, **kwargs)
+    assert list(inspect.signature(LLMEngine.reset_encoder_cache).parameters) == ["self"]
     assert on_cpu() == (not torch.cuda.is_available())
 
 

@@ -1,6 +1,6 @@
 """The vLLM backend against the transformers engine, on CPU, on the trained tiny model.
 
-vLLM lives in its own environment (`make setup-vllm`, .venv-vllm): one script there (tests/vllm_scripts/
+vLLM is installed in vLLM's environment (`make setup-vllm`, .venv-vllm), not the main one: one script there (tests/vllm_scripts/
 run_backend.py) starts one engine for the whole module and runs every case of a JSON spec; this module
 computes the transformers engine's side here and compares. Skipped only while .venv-vllm is missing.
 """

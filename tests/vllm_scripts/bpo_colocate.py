@@ -1,16 +1,18 @@
-"""Runs in .venv-vllm (tests/test_bpo_vllm.py starts it): BPO with TRL's colocated vLLM on CPU.
+"""Runs in .venv-vllm (tests/test_bpo_vllm.py starts it): `bimode bpo` with TRL's colocated vLLM on CPU.
 
     python bpo_colocate.py SPEC.json OUT.json
 
-SPEC: {"args": [bimode bpo arguments], "probe_prompts": int (0: no sync check), "step_one_weights": PATH}
+SPEC: {"args": [`bimode bpo` arguments: the command runs through bimode's CLI entry point], "probe_prompts": int
+       (0: no sync check), "step_one_weights": PATH}
 OUT: {"logged": TRL's log history, "rollouts": [{"forced", "logprobs", "completion_ids"}] (first step), "saved": DIR,
       "before_sync" / "after_sync": {"vllm_vs_trained", "vllm_vs_start"}: largest per-token log-prob gaps}
 The weights after the first optimizer step go to step_one_weights, the starting ones to step_one_weights + ".start"
 (torch.save of a name -> tensor dict).
 
-After training (vLLM then holds the weights of the last step's start), the final weights are pushed once more: vLLM's log-probs of its own samples
-(no banned tokens, so both sides score the same distribution) are compared with a forward pass of the trained
-model and of the starting model: equal to the first, different from the second, or the sync did nothing.
+After training (vLLM then holds the weights of the last step's start), the final weights are pushed once more:
+vLLM's log-probs of its own samples (no banned tokens, so both sides score the same distribution) are compared
+with a forward pass of the trained model and of the starting model: equal to the first, different from the
+second, or the sync did nothing.
 """
 
 import json
@@ -67,32 +69,39 @@ def step_one_weights_callback():
 
 def main(spec_path: str, out_path: str) -> None:
     import torch
-    from trl import TrlParser
 
+    import bimode.train.bpo
+    from bimode import cli
     from bimode.data import synthetic
     from bimode.generation.types import Prompt
     from bimode.models import load_model
     from bimode.modes import ThinkingMode
-    from bimode.train.bpo import BPOConfig, build_trainer
-    from bimode.train.checkpoint import train_and_save
 
     StepOneWeights = step_one_weights_callback()
     spec = json.loads(Path(spec_path).read_text())
-    (cfg,) = TrlParser(BPOConfig).parse_args_and_config(args=spec["args"])
-    trainer = build_trainer(cfg)
-    rollouts = []
-    rollout = trainer._rollout
+    built, rollouts = [], []
+    build_trainer = bimode.train.bpo.build_trainer
 
-    def spy(prompts, t):
-        out = rollout(prompts, t)
-        if not rollouts:
-            rollouts.extend({"forced": n, "logprobs": lp, "completion_ids": ids} for n, lp, ids in
-                            zip(t._rollout_info["suffix_lengths"], out["logprobs"], out["completion_ids"]))
-        return out
+    def spy_build(cfg, **kwargs):  # what `bimode bpo` builds, with the spies this script reads
+        trainer = build_trainer(cfg, **kwargs)
+        rollout = trainer._rollout
 
-    trainer.rollout_func = spy
-    trainer.add_callback(StepOneWeights(spec["step_one_weights"]))
-    saved = train_and_save(trainer)
+        def spy(prompts, t):
+            out = rollout(prompts, t)
+            if not rollouts:
+                rollouts.extend({"forced": n, "logprobs": lp, "completion_ids": ids} for n, lp, ids in
+                                zip(t._rollout_info["suffix_lengths"], out["logprobs"], out["completion_ids"]))
+            return out
+
+        trainer.rollout_func = spy
+        trainer.add_callback(StepOneWeights(spec["step_one_weights"]))
+        built.append((trainer, cfg))
+        return trainer
+
+    bimode.train.bpo.build_trainer = spy_build  # `bimode bpo` looks it up when it runs
+    assert cli.main(["bpo", *spec["args"]]) == 0
+    (trainer, cfg), = built
+    saved = Path(cfg.output_dir) / "final"
     if not spec["probe_prompts"]:
         Path(out_path).write_text(json.dumps({"logged": trainer.state.log_history, "rollouts": rollouts,
                                                "saved": str(saved)}))

@@ -82,6 +82,13 @@ def enable_activation_checkpointing(model, checkpointing_kwargs: dict | None = N
     enable(checkpointing_kwargs)
 
 
+def checkpointing_kwargs(training_args) -> dict | None:
+    """The checkpointing keyword arguments of a TrainingArguments: `activation_checkpointing_kwargs` in 5.25
+    (`gradient_checkpointing_kwargs` its deprecated alias there, what TRL 1.16 sets), the latter in 5.17."""
+    return (getattr(training_args, "activation_checkpointing_kwargs", None)
+            or getattr(training_args, "gradient_checkpointing_kwargs", None) or None)
+
+
 def disable_activation_checkpointing(model) -> None:
     disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
     disable()

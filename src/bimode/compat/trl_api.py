@@ -5,12 +5,28 @@
 - `GRPOTrainer._metrics[mode][key]`, the lists TRL averages into each logged step.
 - `VLLMGeneration._fix_param_name_to_vllm(name, extra_prefixes)`, which names each parameter for the weight sync.
 - `trl.generation.vllm_generation.LLM`, the class TRL's colocated mode builds its engine with.
+- `trl.trainer.utils.selective_log_softmax` and `entropy_from_logits` (not exported by `trl`), so a forward of
+  bimode's scores tokens exactly as TRL's does.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
 from functools import partial
+
+
+def selective_log_softmax(logits, index):
+    """log_softmax(logits) at `index`, as TRL computes its per-token log-probs (`trl.trainer.utils`)."""
+    from trl.trainer.utils import selective_log_softmax as trl_selective_log_softmax
+
+    return trl_selective_log_softmax(logits, index)
+
+
+def entropy_from_logits(logits):
+    """Per-position entropy, as TRL logs it (`trl.trainer.utils`)."""
+    from trl.trainer.utils import entropy_from_logits as trl_entropy_from_logits
+
+    return trl_entropy_from_logits(logits)
 
 
 def log_metric(trainer, key: str, value: float, mode: str = "train") -> None:

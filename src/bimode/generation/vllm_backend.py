@@ -39,8 +39,9 @@ class VLLMBackend:
         try:
             from vllm import LLM
         except ImportError as exc:  # pragma: no cover - depends on the environment
-            raise ImportError("the vLLM backend needs vLLM: `make setup-vllm` (CPU, .venv-vllm) or "
-                              "`pip install vllm` in an environment of its own (docs/vllm.md)") from exc
+            raise ImportError("the vLLM backend needs vLLM: `pip install -e \".[vllm]\"` (GPU: the vLLM "
+                              "release bimode is tested with) or `make setup-vllm` (CPU, .venv-vllm; docs/vllm.md)"
+                              ) from exc
         llm_kwargs.setdefault("enable_prefix_caching", True)
         self.controls = controls
         if controls:

@@ -38,8 +38,8 @@ import torch
 from trl import GRPOConfig, GRPOTrainer
 from trl.models import unwrap_model_for_generation
 
-from bimode.compat.peft_api import expose_output_bias
 from bimode.compat.overrides import check_overrides
+from bimode.compat.peft_api import expose_output_bias
 from bimode.compat.trl_api import log_metric
 from bimode.data.records import Record, RecordError, read_records
 from bimode.generation.engine import TransformersEngine

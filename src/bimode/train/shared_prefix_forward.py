@@ -249,7 +249,7 @@ def _plain_head(model, inputs: dict, completion_ids: torch.Tensor, valid: torch.
                 compute_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs (and entropies) from the model's logits, for a model without TRL's fused head: logits of
     positions P-1 .. L-2 divided by the temperature, zero where the label is masked (as TRL's fused head)."""
-    from trl.trainer.utils import entropy_from_logits, selective_log_softmax
+    from bimode.compat.trl_api import entropy_from_logits, selective_log_softmax
 
     logits = model(**inputs, use_cache=False).logits[:, :-1].float() / temperature  # (n, K, V)
     logps = selective_log_softmax(logits, completion_ids).masked_fill(~valid, 0.0)
