@@ -50,7 +50,7 @@ def test_every_backend_renders_and_streams_through_one_interface(engine):
             client.render(prompt)
         client.tokenizer = engine.tokenizer
         streamed: dict = {}
-        got = client.generate([prompt], params, on_token=lambda pi, si, t: streamed.setdefault((pi, si), []).append(t))
+        got = client.generate([prompt], params, on_token=lambda pi, si, t, _logprob: streamed.setdefault((pi, si), []).append(t))
     finally:
         stop()
     for mode in ThinkingMode:

@@ -25,7 +25,7 @@ class StreamPrinter:
         self.stream = ResponseStream(tokenizer, suffix)
         self.shown = {"thinking": False, "answer": False}
 
-    def __call__(self, prompt_index: int, sample_index: int, token: int) -> None:
+    def __call__(self, prompt_index: int, sample_index: int, token: int, logprob=None) -> None:
         self.write(self.stream.add(token))
 
     def finish(self, completion) -> None:

@@ -54,7 +54,7 @@ def main(spec_path: str, out_path: str) -> None:
     out["rendered"] = {m.value: backend.render(prompts[0], m) for m in ThinkingMode}
     streamed = {}  # on_token: the same tokens as the completions, handed over once each is finished
     replayed = backend.generate(prompts[:2], SamplingParams(max_new_tokens=8),
-                                on_token=lambda pi, si, t: streamed.setdefault(f"{pi},{si}", []).append(t))
+                                on_token=lambda pi, si, t, _logprob: streamed.setdefault(f"{pi},{si}", []).append(t))
     out["replay"] = {"streamed": streamed,
                      "token_ids": {f"{pi},{si}": c.token_ids for pi, g in enumerate(replayed) for si, c in enumerate(g)}}
 

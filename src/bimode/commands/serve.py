@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from bimode.commands import help_text
 from bimode.commands.parsing import CommandParser
 from bimode.generation.types import check_think_threshold
+from bimode.serve.requests import DEFAULT_MAX_REQUEST_BYTES
 
 HELP = help_text("serve")
 
@@ -29,7 +30,17 @@ class ServeConfig:
         "help": "auto mode thinks iff p_think >= this, for requests that set no think_threshold (pick it with "
                 "`bimode eval calibrate`)"})
     max_batch: int = field(default=32, metadata={"help": "most samples generated together"})
-    request_timeout: float = field(default=300.0, metadata={"help": "seconds before a request fails (504)"})
+    request_timeout: float = field(default=300.0, metadata={
+        "help": "seconds from a request's arrival until it fails (504); its generation stops then"})
+    max_request_bytes: int = field(default=DEFAULT_MAX_REQUEST_BYTES, metadata={
+        "help": "largest request body; larger ones get 413 before they are parsed (default: room for two images "
+                "at the 10 MiB image limit, base64-encoded, and text)"})
+    max_queued_requests: int = field(default=64, metadata={
+        "help": "most requests waiting for the engine (being read, parsed or queued); more get 503 with "
+                "Retry-After"})
+    shutdown_timeout: float = field(default=30.0, metadata={
+        "help": "on SIGTERM: seconds the requests in flight get to finish before they are cut off; no new ones "
+                "are accepted, and the server then exits 0"})
     served_model_name: str | None = field(default=None, metadata={
         "help": "model id reported (default: folder name); NAME:auto, NAME:think and NAME:no_think are listed "
                 "too and force that mode"})
@@ -49,6 +60,12 @@ class ServeConfig:
         if not self.model:
             raise ValueError("bimode serve needs a MODEL: a local model directory or adapter folder")
         check_think_threshold(self.think_threshold)
+        for name in ("max_request_bytes", "max_queued_requests"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        for name in ("request_timeout", "shutdown_timeout"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
         kwargs = self.default_chat_template_kwargs
         if isinstance(kwargs, str):
             try:
@@ -73,5 +90,7 @@ def main(cfg: ServeConfig) -> int:
           max_model_len=cfg.max_model_len, max_tokens=cfg.max_tokens,
           default_chat_template_kwargs=cfg.default_chat_template_kwargs,
           allow_remote_images=cfg.allow_remote_images, remote_image_max_bytes=cfg.remote_image_max_bytes,
-          remote_image_timeout_s=cfg.remote_image_timeout, think_threshold=cfg.think_threshold)
+          remote_image_timeout_s=cfg.remote_image_timeout, think_threshold=cfg.think_threshold,
+          max_request_bytes=cfg.max_request_bytes, max_queued_requests=cfg.max_queued_requests,
+          shutdown_timeout_s=cfg.shutdown_timeout)
     return 0

@@ -29,7 +29,8 @@ class GenerationBackend(Protocol):
 
     def generate(self, prompts: list[Prompt], params: SamplingParams = ..., on_token: TokenCallback | None = None,
                  progress: bool = False) -> list[list[Completion]]:
-        """`on_token(prompt index, sample index, token id)` for each generated token, in order."""
+        """`on_token(prompt index, sample index, token id, TokenLogprob or None)` for each generated token, in order
+        (its log-probs when `params.logprobs` is set and the backend has them)."""
         ...
 
 

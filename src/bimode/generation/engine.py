@@ -12,11 +12,13 @@ transformers path repeats the prompt n times). The prefill's last logits are the
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
 from bimode.compat.transformers_api import returned_cache, with_cache
-from bimode.generation.types import Completion, Prompt, SamplingParams, TokenCallback, completion_from_ids
+from bimode.generation.types import (Completion, Prompt, SamplingParams, TokenCallback, TokenLogprob,
+                                     completion_from_ids)
 from bimode.modes import MODE_SUFFIXES, THINK_CLOSE, ThinkingMode, mode_decision
 
 
@@ -31,6 +33,7 @@ class _Row:
     suffix_ids: list[int] = field(default_factory=list)
     ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     closed: bool = False  # `</think>` seen (in the suffix or generated)
     thinking: int = 0
     sampled: int = 0  # generated tokens that count toward max_new_tokens (forced budget text does not)
@@ -47,6 +50,31 @@ def _decision(logits: torch.Tensor, think_ids: list[int], no_think_ids: list[int
     p_yes = probs[..., think_ids].sum(-1)
     p_no = probs[..., no_think_ids].sum(-1)
     return p_yes / (p_yes + p_no).clamp_min(1e-12), p_yes + p_no
+
+
+StopCheck = Callable[[int], bool]  # prompt index -> end its samples now
+
+
+def _top_logprobs(logprobs: torch.Tensor | None, k: int) -> list[list[tuple[int, float]]] | None:
+    """Per row, the k likeliest (token id, log-prob), likeliest first; None when not asked for."""
+    if logprobs is None or not k:
+        return None
+    values, ids = logprobs.topk(k, dim=-1)
+    return [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+
+
+def _cancel(rows: list, active: list[int], should_stop: StopCheck | None, offset: int) -> None:
+    """Mark the running rows whose prompt the caller wants stopped (checked once per prompt and step)."""
+    if should_stop is None:
+        return
+    verdict: dict[int, bool] = {}
+    for r in active:
+        row = rows[r]
+        if row.finish is None:
+            if row.prompt_index not in verdict:
+                verdict[row.prompt_index] = bool(should_stop(offset + row.prompt_index))
+            if verdict[row.prompt_index]:
+                row.finish = "cancelled"
 
 
 _MEDIA_TOKEN_ATTRS = ("image_token", "video_token", "boi_token", "eoi_token")
@@ -100,6 +128,17 @@ def _filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
         sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     return logits
+
+
+class _StopRequested:
+    """A stopping criterion for `model.generate`: the rows whose prompt the caller wants stopped are done."""
+
+    def __init__(self, should_stop: StopCheck, prompt_of_row: list[int]):
+        self.should_stop, self.prompt_of_row = should_stop, prompt_of_row
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        verdict = {pi: bool(self.should_stop(pi)) for pi in set(self.prompt_of_row)}
+        return torch.tensor([verdict[pi] for pi in self.prompt_of_row], dtype=torch.bool, device=input_ids.device)
 
 
 class TransformersEngine:
@@ -179,8 +218,11 @@ class TransformersEngine:
 
     @torch.no_grad()
     def generate(self, prompts: list[Prompt], params: SamplingParams = SamplingParams(),
-                 on_token: TokenCallback | None = None, progress: bool = False) -> list[list[Completion]]:
-        """Completions for every sample of every prompt, in order."""
+                 on_token: TokenCallback | None = None, progress: bool = False,
+                 should_stop: StopCheck | None = None) -> list[list[Completion]]:
+        """Completions for every sample of every prompt, in order. `should_stop(prompt index)`, asked after every
+        decoding step while a prompt's samples run: True ends them there, with finish reason "cancelled" (a
+        server's client went away or ran out of time), without stopping the rest of the batch."""
         generator = torch.Generator(device=self.device)
         generator.manual_seed(params.seed if params.seed is not None else torch.seed() % 2**63)
         results: list[list[Completion]] = []
@@ -201,7 +243,7 @@ class TransformersEngine:
         offset = 0
         for batch in batches:
             run = self._run_shared if self.shared_prefix else self._run_plain
-            for i, completions in enumerate(run(batch, params, generator, on_token, offset)):
+            for i, completions in enumerate(run(batch, params, generator, on_token, offset, should_stop)):
                 results.append(completions)
             offset += len(batch)
             if bar:
@@ -211,7 +253,7 @@ class TransformersEngine:
         return results
 
     # ---- the shared-prefix path ---------------------------------------------------------------------
-    def _run_shared(self, prompts, params, generator, on_token, offset) -> list[list[Completion]]:
+    def _run_shared(self, prompts, params, generator, on_token, offset, should_stop) -> list[list[Completion]]:
         inputs = self._encode([self.render(p) for p in prompts], [p.images for p in prompts])
         mask = inputs["attention_mask"]
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
@@ -253,6 +295,7 @@ class TransformersEngine:
             first = False
             sampled = self._sample(logits, params, generator).tolist()  # one call for all rows
             logprobs = torch.log_softmax(logits, dim=-1) if params.logprobs else None
+            top = _top_logprobs(logprobs, params.top_logprobs)
             tokens = []
             for slot, r in enumerate(active):
                 row = rows[r]
@@ -260,8 +303,11 @@ class TransformersEngine:
                 forced = bool(row.forced)
                 token = row.forced.pop(0) if forced else sampled[slot]
                 tokens.append(token)
-                logprob = float(logprobs[slot, token]) if logprobs is not None else None
+                logprob = None
+                if logprobs is not None:
+                    logprob = TokenLogprob(float(logprobs[slot, token]), top[slot] if top else [])
                 self._advance(row, token, forced, logprob, on_token, offset, params)
+            _cancel(rows, active, should_stop, offset)
             keep = [slot for slot, r in enumerate(active) if rows[r].finish is None]
             if not keep:
                 break
@@ -312,9 +358,10 @@ class TransformersEngine:
         if forced:
             row.forced_at.append(len(row.ids) - 1)
         if logprob is not None:
-            row.logprobs.append(logprob)
+            row.logprobs.append(logprob.logprob)
+            row.top_logprobs.append(logprob.top)
         if on_token is not None:
-            on_token(offset + row.prompt_index, row.sample_index, token)
+            on_token(offset + row.prompt_index, row.sample_index, token, logprob)
         row.sampled += not forced
         if not row.closed:
             row.thinking += not forced
@@ -328,22 +375,25 @@ class TransformersEngine:
         for row in rows:
             suffix = MODE_SUFFIXES[ThinkingMode.AUTO] + self.tokenizer.decode(row.suffix_ids, skip_special_tokens=False)
             completion = self._completion(row.mode, suffix, row.ids, row.finish or "length",
-                                          p_think[row.prompt_index], row.logprobs or None, row.forced_at)
+                                          p_think[row.prompt_index], row.logprobs or None, row.forced_at,
+                                          row.top_logprobs if any(row.top_logprobs) else None)
             completion.prompt_token_ids = prompt_ids[row.prompt_index]
             completion.stop_token_id = row.stop_id
             out[row.prompt_index][row.sample_index] = completion
         return out
 
-    def _completion(self, mode, suffix, ids, finish, p_think, logprobs, forced=()) -> Completion:
+    def _completion(self, mode, suffix, ids, finish, p_think, logprobs, forced=(), top_logprobs=None) -> Completion:
         return completion_from_ids(self.tokenizer, mode, suffix, ids, finish, self.decision.think_close_id,
-                                   p_think, logprobs, forced)
+                                   p_think, logprobs, forced, top_logprobs)
 
     # ---- the plain path (models with multi-axis positions) ------------------------------------------
-    def _run_plain(self, prompts, params, generator, on_token, offset) -> list[list[Completion]]:
+    def _run_plain(self, prompts, params, generator, on_token, offset, should_stop) -> list[list[Completion]]:
         """Batched `model.generate`, one call per mode (the mode text is part of those prompts): correct for every
         model, without prefix sharing."""
         if params.max_thinking_tokens is not None:
             raise NotImplementedError("the thinking budget needs the shared-prefix path; this model uses mrope")
+        if params.logprobs:
+            raise NotImplementedError("log-probs need the shared-prefix path; this model uses mrope")
         p_think = self.p_think(prompts)
         rows = []  # (prompt index, sample index, requested mode, mode used)
         for pi, p in enumerate(prompts):
@@ -362,6 +412,8 @@ class TransformersEngine:
                           suppress_tokens=self.banned_ids or None, eos_token_id=sorted(self.eos_ids))
             if used is ThinkingMode.AUTO and params.constrain_decision:
                 kwargs["logits_processor"] = [_FirstTokenAmong(width, self.think_ids + self.no_think_ids)]
+            if should_stop is not None:
+                kwargs["stopping_criteria"] = [_StopRequested(should_stop, [offset + pi for pi, *_ in group])]
             if params.temperature > 0:
                 kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p,
                               top_k=params.top_k or None)
@@ -372,9 +424,11 @@ class TransformersEngine:
                 # a row that stopped early is padded after its end-of-turn token
                 stop = next((i for i, t in enumerate(seq) if t in self.eos_ids), None)
                 ids, finish = (seq, "length") if stop is None else (seq[:stop], "stop")
+                if should_stop is not None and should_stop(offset + pi):
+                    finish = "cancelled"
                 if on_token is not None:
                     for t in ids:
-                        on_token(offset + pi, si, t)
+                        on_token(offset + pi, si, t, None)
                 out[pi][si] = self._completion(mode, used.prompt_suffix, ids, finish, p_think[pi], None)
                 out[pi][si].stop_token_id = None if stop is None else seq[stop]
         return out

@@ -175,6 +175,8 @@ class OpenAIEndpointBackend:
         gets each completion's tokens once it is finished (needs `tokenizer=`)."""
         if on_token is not None and self.tokenizer is None:
             raise ValueError("on_token needs the served model's tokenizer (tokenizer=) to turn text into tokens")
+        if params.logprobs:
+            raise NotImplementedError("log-probs through an endpoint are not requested by this client yet")
         jobs = mode_slots([p.modes for p in prompts])  # one request per (prompt, mode), n = its samples
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
             futures = [pool.submit(self._request, prompts[pi], mode, len(slots), params) for pi, mode, slots in jobs]

@@ -8,7 +8,21 @@ from typing import Any, Callable, Iterable, NamedTuple
 from bimode.modes import THINK_CLOSE, ParsedResponse, ThinkingMode, parse_response
 from bimode.streaming import ResponseSplit, split_reasoning
 
-TokenCallback = Callable[[int, int, int], None]  # (prompt index, sample index, token id), as generated
+
+
+class TokenLogprob(NamedTuple):
+    """A generated token's log-probability and, when asked (`SamplingParams.top_logprobs`), the likeliest
+    tokens at its position: (token id, log-prob), likeliest first."""
+
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+# (prompt index, sample index, token id, its TokenLogprob when SamplingParams.logprobs is set, else None), as
+# each token is generated
+TokenCallback = Callable[[int, int, int, "TokenLogprob | None"], None]
+
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit
 
 # Qwen3's thinking-budget sentence: what the engine writes when the budget runs out, before `</think>`.
 BUDGET_CLOSING = "\n\nConsidering the limited time by the user, I have to give the solution based on the thinking directly now.\n"
@@ -34,6 +48,7 @@ class SamplingParams:
     # as BPO-trained tiny models did, then writes an answer straight after `<think>`).
     constrain_decision: bool = True
     logprobs: bool = False
+    top_logprobs: int = 0  # with logprobs: also the likeliest this many tokens at every position (at most 20)
     budget_closing: str = BUDGET_CLOSING  # written before `</think>` when the budget runs out
 
     def __post_init__(self):
@@ -47,6 +62,10 @@ class SamplingParams:
             raise ValueError("top_k must be >= 0")
         if self.max_thinking_tokens is not None and self.max_thinking_tokens < 0:
             raise ValueError("max_thinking_tokens must be >= 0")
+        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}")
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs")
         check_think_threshold(self.think_threshold)
 
 
@@ -80,11 +99,14 @@ class Completion:
     prompt_suffix: str  # the mode text that was part of the prompt (forced), e.g. "<think>\n"
     token_ids: list[int]  # generated tokens after the suffix, end-of-turn excluded
     text: str
-    finish_reason: str  # "stop" | "length" | "budget" (the budget closed the thinking, then it stopped)
+    # "stop" | "length" | "budget" (the budget closed the thinking, then it stopped) | "cancelled" (the caller's
+    # should_stop asked for it: a server's client went away or ran out of time)
+    finish_reason: str
     thinking_tokens: int  # the model's reasoning tokens: see token_counts (docs/tokens.md)
     answer_tokens: int  # every other generated token: the answer, tags, separators (token_counts)
     p_think: float | None = None  # the prompt's auto-mode thinking probability, when read
-    logprobs: list[float] | None = None
+    logprobs: list[float] | None = None  # one per token_ids entry, with SamplingParams.logprobs
+    top_logprobs: list[list[tuple[int, float]]] | None = None  # per token_ids entry, with top_logprobs > 0
     # the auto-mode prompt ids this completion continues (its forced suffix is the start of the response);
     # the shared-prefix path has them from its prefill, so trainers need not encode the prompt again
     prompt_token_ids: list[int] | None = None
@@ -160,7 +182,7 @@ def token_counts(tokenizer, suffix: str, ids: list[int], close_id: int, forced: 
 
 def completion_from_ids(tokenizer, mode: ThinkingMode, suffix: str, ids: list[int], finish: str,
                         close_id: int, p_think: float | None = None, logprobs=None,
-                        forced: Iterable[int] = ()) -> Completion:
+                        forced: Iterable[int] = (), top_logprobs=None) -> Completion:
     """A Completion from generated ids (end-of-turn removed): decodes them and counts tokens (token_counts).
 
     `forced`: positions in `ids` the engine fed instead of sampling (budget closing text), not thinking.
@@ -169,7 +191,7 @@ def completion_from_ids(tokenizer, mode: ThinkingMode, suffix: str, ids: list[in
     text = tokenizer.decode(ids, skip_special_tokens=False)
     return Completion(mode=mode, prompt_suffix=suffix, token_ids=ids, text=text, finish_reason=finish,
                       thinking_tokens=counts.thinking, answer_tokens=counts.answer, p_think=p_think,
-                      logprobs=logprobs)
+                      logprobs=logprobs, top_logprobs=top_logprobs)
 
 
 def replay_tokens(results: list[list["Completion"]], on_token: TokenCallback, tokenizer=None) -> None:
@@ -183,8 +205,16 @@ def replay_tokens(results: list[list["Completion"]], on_token: TokenCallback, to
                 if tokenizer is None:
                     raise ValueError("on_token needs token ids: give the backend the model's tokenizer")
                 ids = tokenizer.encode(completion.text, add_special_tokens=False)
-            for token in ids:
-                on_token(pi, si, token)
+            for k, token in enumerate(ids):
+                on_token(pi, si, token, token_logprob(completion, k))
+
+
+def token_logprob(completion: Completion, k: int) -> TokenLogprob | None:
+    """The log-probs of a completion's k-th generated token, where the backend returned them."""
+    if not completion.logprobs or k >= len(completion.logprobs):
+        return None
+    top = completion.top_logprobs[k] if completion.top_logprobs and k < len(completion.top_logprobs) else []
+    return TokenLogprob(completion.logprobs[k], top)
 
 
 def mode_slots(modes: list[list[ThinkingMode]]) -> list[tuple[int, ThinkingMode, list[int]]]:

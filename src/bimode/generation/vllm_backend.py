@@ -92,6 +92,8 @@ class VLLMBackend:
                  on_token: TokenCallback | None = None, progress: bool = False) -> list[list[Completion]]:
         """Completions for every sample of every prompt, in order; `on_token` gets each completion's tokens once it
         is finished (vLLM's offline engine returns whole completions)."""
+        if params.top_logprobs:
+            raise NotImplementedError("top_logprobs: the vLLM backend returns each sampled token's log-prob only")
         results = self._generate(prompts, params, progress)
         if on_token is not None:
             replay_tokens(results, on_token)

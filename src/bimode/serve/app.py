@@ -1,22 +1,28 @@
 """`bimode serve`: an OpenAI-compatible chat server over the generation engine.
 
-One worker thread owns the engine and runs requests in batches (requests with the same sampling settings
-that arrive together share a batch), so concurrent requests are served together without mixing outputs.
-Reasoning is returned apart from the answer (as `reasoning` and `reasoning_content`, vLLM's new and old names), split by
-bimode.streaming in both the streamed and the plain response, so the two agree for the same tokens; usage's
-reasoning_tokens are the completions' thinking_tokens (generation.types.token_counts, docs/tokens.md).
+One worker thread owns the engine and runs requests in batches (serve/batcher.py). Reasoning is returned apart
+from the answer (as `reasoning` and `reasoning_content`, vLLM's new and old names), split by bimode.streaming in
+both the streamed and the plain response, so the two agree for the same tokens; usage's reasoning_tokens are the
+completions' thinking_tokens (generation.types.token_counts, docs/tokens.md).
+
+What one request may cost is bounded, and the event loop never waits on it: the body is read within
+`max_request_bytes` (413 past it) and parsed in a worker thread, a prompt that cannot fit is refused from its
+length before it is tokenized, tokenizing and image decoding run in worker threads, at most `max_queued_requests`
+wait for the engine (503 with Retry-After past it), and a request whose deadline passes or whose client goes away
+stops generating at the engine's next step. Every field of a request is honoured or refused (serve/requests.py).
+docs/serving_and_eval.md has the limits and what a hostile-traffic test measured.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import hmac
 import json
-import queue
-import threading
+import signal
 import time
 import uuid
-from dataclasses import astuple, dataclass, field, replace
+from dataclasses import replace
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -24,110 +30,16 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
 
 from bimode.generation.defaults import default_max_new_tokens
-from bimode.generation.types import Completion, Prompt, SamplingParams
 from bimode.modes import ThinkingMode
+from bimode.serve import responses
+from bimode.serve.batcher import Batcher, Job, QueueFull
+from bimode.serve.body import read_json
 from bimode.serve.metrics import ServerMetrics
-from bimode.serve.requests import MODEL_MODES, BadRequest, ServerLimits, parse_request
-from bimode.streaming import Delta, ResponseStream
+from bimode.serve.requests import DEFAULT_MAX_REQUEST_BYTES, MODEL_MODES, BadRequest, ServerLimits, parse_request
+from bimode.streaming import ResponseStream
 
-
-@dataclass
-class _Job:
-    prompt: Prompt
-    params: SamplingParams
-    loop: asyncio.AbstractEventLoop
-    future: asyncio.Future
-    tokens: asyncio.Queue | None = None  # streaming: (sample index, token id) as they come
-    cancelled: bool = False
-    submitted: float = field(default_factory=time.monotonic)
-    started: float | None = None  # when its batch began: submitted -> started is queue time
-    result: list[Completion] = field(default_factory=list)
-
-
-class Batcher:
-    """Collects jobs for a few milliseconds and runs those with equal sampling settings as one batch."""
-
-    def __init__(self, engine, max_batch: int = 32, window_s: float = 0.01):
-        self.engine, self.max_batch, self.window_s = engine, max_batch, window_s
-        self.jobs: queue.Queue[_Job] = queue.Queue()
-        self.thread = threading.Thread(target=self._loop, name="bimode-batcher", daemon=True)
-        self.thread.start()
-
-    def submit(self, job: _Job) -> None:
-        self.jobs.put(job)
-
-    def _loop(self) -> None:
-        pending: list[_Job] = []
-        while True:
-            if not pending:
-                pending.append(self.jobs.get())
-            deadline = time.monotonic() + self.window_s
-            while len(pending) < self.max_batch:
-                try:
-                    pending.append(self.jobs.get(timeout=max(0.0, deadline - time.monotonic())))
-                except queue.Empty:
-                    break
-            key = astuple(pending[0].params)
-            batch = [j for j in pending if astuple(j.params) == key and not j.cancelled][: self.max_batch]
-            pending = [j for j in pending if j not in batch and not j.cancelled]
-            if batch:
-                self._run(batch)
-
-    def _run(self, batch: list[_Job]) -> None:
-        def on_token(prompt_index: int, sample_index: int, token: int) -> None:
-            job = batch[prompt_index]
-            if job.tokens is not None:
-                job.loop.call_soon_threadsafe(job.tokens.put_nowait, (sample_index, token))
-
-        started = time.monotonic()
-        for job in batch:
-            job.started = started
-        try:
-            results = self.engine.generate([j.prompt for j in batch], batch[0].params, on_token=on_token)
-        except Exception as exc:  # one bad batch must not stop the server
-            for job in batch:
-                job.loop.call_soon_threadsafe(_set_exception, job.future, exc)
-            return
-        for job, completions in zip(batch, results):
-            job.loop.call_soon_threadsafe(_set_result, job.future, completions)
-
-
-def _set_result(future: asyncio.Future, value) -> None:
-    if not future.done():
-        future.set_result(value)
-
-
-def _set_exception(future: asyncio.Future, exc: Exception) -> None:
-    if not future.done():
-        future.set_exception(exc)
-
-
-def _message(completion: Completion) -> dict:
-    """The assistant message. Reasoning goes out under both names: `reasoning` (vLLM since PR #27752, and the
-    clients that followed) and `reasoning_content` (older vLLM and its clients); no reasoning is None."""
-    split = completion.split
-    reasoning = split.reasoning or None
-    return {"role": "assistant", "content": split.content, "reasoning": reasoning, "reasoning_content": reasoning}
-
-
-def _delta(delta: Delta) -> dict:
-    out = {}
-    if delta.reasoning:
-        out["reasoning"] = out["reasoning_content"] = delta.reasoning
-    if delta.content:
-        out["content"] = delta.content
-    return out
-
-
-def _usage(prompt_tokens: int, completions: list[Completion]) -> dict:
-    generated = sum(c.num_tokens for c in completions)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": generated,
-            "total_tokens": prompt_tokens + generated,
-            "completion_tokens_details": {"reasoning_tokens": sum(c.thinking_tokens for c in completions)}}
-
-
-def _finish(completion: Completion) -> str:
-    return "length" if completion.finish_reason == "length" else "stop"
+RETRY_AFTER_S = 1  # what a 503 tells the client to wait
+POLL_S = 0.1  # how often a waiting request looks at its client and its deadline
 
 
 def resolve_limits(limits: ServerLimits, engine) -> ServerLimits:
@@ -137,30 +49,96 @@ def resolve_limits(limits: ServerLimits, engine) -> ServerLimits:
     return replace(limits, default_new_tokens=min(default_max_new_tokens(engine), limits.max_new_tokens))
 
 
-def create_app(engine, model_name: str, limits: ServerLimits = ServerLimits(), request_timeout_s: float = 300.0,
-               max_batch: int = 32, api_key: str | None = None):
-    """The app. With `api_key`, every /v1 request needs `Authorization: Bearer <api_key>` (401 without);
-    /health and /metrics stay open, as in vLLM."""
-    app = FastAPI(title="bimode", description="OpenAI-compatible auto-thinking VLM server")
-    metrics = ServerMetrics()
-    limits = resolve_limits(limits, engine)
-    batcher = Batcher(engine, max_batch=max_batch)
+def engine_limits(limits: ServerLimits, engine) -> ServerLimits:
+    """The limits that come from the engine: the longest text one token can stand for (from the tokenizer's
+    vocabulary), the tokens an image takes, and whether the engine shares prefixes (budget and log-probs)."""
     tokenizer = engine.tokenizer
-    image_tokens = engine.image_tokens
+    longest = max((len(tokenizer.decode([i], skip_special_tokens=False)) for i in range(len(tokenizer))), default=1)
+    return replace(limits, max_token_chars=max(1, longest), image_tokens=engine.image_tokens,
+                   shared_prefix=bool(getattr(engine, "shared_prefix", True)))
 
-    def error(status: int, message: str, param: str | None = None):
+
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
+                   headers: dict | None = None) -> JSONResponse:
+    """OpenAI's error shape."""
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return JSONResponse(status_code=status, headers=headers,
+                        content={"error": {"message": message, "type": kind, "param": param, "code": code or status}})
+
+
+class RequireKey:
+    """ASGI middleware: every /v1 request needs `Authorization: Bearer <key>` (401 without); /health and /metrics
+    stay open, as in vLLM. Plain ASGI, so streamed responses and client disconnects pass through untouched."""
+
+    def __init__(self, app, key: str, metrics: ServerMetrics):
+        self.app, self.key, self.metrics = app, f"Bearer {key}".encode(), metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            given = dict(scope["headers"]).get(b"authorization", b"")  # bytes: compare_digest refuses non-ASCII str
+            if not hmac.compare_digest(given, self.key):
+                self.metrics.failed(401)
+                response = error_response(401, "missing or wrong API key (send Authorization: Bearer <key>)")
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class Drain:
+    """Graceful shutdown's end, as the app sees it: once `until` is set, requests still waiting or generating at
+    that time stop and answer 503 (Retry-After) instead of being cut off by the server with a 500."""
+
+    def __init__(self):
+        self.until: float | None = None
+
+    def start(self, grace_s: float) -> None:
+        if self.until is None:
+            self.until = time.monotonic() + grace_s
+
+    @property
+    def over(self) -> bool:
+        return self.until is not None and time.monotonic() >= self.until
+
+
+SHUTTING_DOWN = "the server is shutting down; retry on another replica or later"
+
+
+def create_app(engine, model_name: str, limits: ServerLimits = ServerLimits(), request_timeout_s: float = 300.0,
+               max_batch: int = 32, api_key: str | None = None, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+               max_queued_requests: int = 64):
+    """The app. With `api_key`, every /v1 request needs `Authorization: Bearer <api_key>`. `app.state.drain`
+    (Drain) is started by `serve` on SIGTERM."""
+    app = FastAPI(title="bimode", description="OpenAI-compatible auto-thinking VLM server")
+    drain = app.state.drain = Drain()
+    metrics = ServerMetrics()
+    limits = engine_limits(resolve_limits(limits, engine), engine)
+    # The server's own copy: a fast tokenizer is not safe to share between threads while one of them changes its
+    # padding (the engine's batches do, for every batch); sharing it failed batches now and then ("generation
+    # failed" under concurrent traffic) when request threads counted prompt tokens meanwhile.
+    tokenizer = copy.deepcopy(engine.tokenizer)
+    batcher = Batcher(engine, max_batch=max_batch, max_queued=max_queued_requests)
+    if api_key:
+        app.add_middleware(RequireKey, key=api_key, metrics=metrics)
+
+    def error(status: int, message: str, param: str | None = None, code: str | None = None, headers=None):
         metrics.failed(status)
-        kind = "invalid_request_error" if status < 500 else "server_error"
-        return JSONResponse(status_code=status,
-                            content={"error": {"message": message, "type": kind, "param": param, "code": status}})
+        return error_response(status, message, param, code, headers)
 
-    @app.middleware("http")
-    async def check_key(request: Request, call_next):
-        # bytes: compare_digest refuses non-ASCII str, and headers arrive as latin-1
-        if api_key and request.url.path.startswith("/v1") and not hmac.compare_digest(
-                request.headers.get("authorization", "").encode("latin-1"), f"Bearer {api_key}".encode()):
-            return error(401, "missing or wrong API key (send Authorization: Bearer <key>)")
-        return await call_next(request)
+    def prompt_tokens_of(prompt) -> int:
+        text = engine.render(prompt)
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"]) + len(prompt.images) * limits.image_tokens
+
+    def prepare(body):
+        """Worker thread: the request's prompt, params and prompt length (BadRequest for the client's errors)."""
+        prompt, params, stream, extras = parse_request(body, limits, model_name)
+        try:
+            prompt_tokens = prompt_tokens_of(prompt)
+        except (ValueError, TypeError) as exc:  # template errors and the like: the request's fault
+            raise BadRequest(str(exc)) from None
+        if prompt_tokens > limits.max_prompt_tokens:
+            raise BadRequest(f"the prompt has {prompt_tokens} tokens, over the limit of {limits.max_prompt_tokens}",
+                             "messages")
+        return prompt, params, stream, extras, prompt_tokens
 
     @app.get("/health")
     def health():
@@ -179,24 +157,23 @@ def create_app(engine, model_name: str, limits: ServerLimits = ServerLimits(), r
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
+        arrived = time.monotonic()
         try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return error(400, "the request body is not valid JSON")
+            ticket = batcher.admit()
+        except QueueFull as exc:
+            return error(503, f"the server is busy: {exc}; retry later", headers={"Retry-After": str(RETRY_AFTER_S)})
         try:
-            # parsed in a worker thread: a remote image fetch must not stall the event loop
-            prompt, params, stream, extras = await run_in_threadpool(parse_request, body, limits)
-            text = engine.render(prompt)
-            prompt_tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"]) + len(prompt.images) * image_tokens
+            body = await read_json(request, max_request_bytes)
+            prompt, params, stream, extras, prompt_tokens = await run_in_threadpool(prepare, body)
         except BadRequest as exc:
-            return error(exc.status, str(exc), exc.param)
-        except (ValueError, TypeError) as exc:  # template errors and the like: the request's fault
-            return error(400, str(exc))
-        if prompt_tokens > limits.max_prompt_tokens:
-            return error(400, f"the prompt has {prompt_tokens} tokens, over the limit of {limits.max_prompt_tokens}",
-                         "messages")
+            ticket.release()
+            return error(exc.status, str(exc), exc.param, exc.code)
+        except BaseException:
+            ticket.release()
+            raise
         loop = asyncio.get_running_loop()
-        job = _Job(prompt, params, loop, loop.create_future(), asyncio.Queue() if stream else None)
+        job = Job(prompt, params, loop, loop.create_future(), deadline=arrived + request_timeout_s,
+                  tokens=asyncio.Queue() if stream else None, ticket=ticket)
         batcher.submit(job)
         request_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
@@ -204,65 +181,102 @@ def create_app(engine, model_name: str, limits: ServerLimits = ServerLimits(), r
             return StreamingResponse(_stream(job, request_id, created, prompt_tokens, extras),
                                      media_type="text/event-stream")
         try:
-            completions = await asyncio.wait_for(asyncio.shield(job.future), timeout=request_timeout_s)
-        except asyncio.TimeoutError:
-            job.cancelled = True
-            return error(504, f"the request took longer than {request_timeout_s:.0f} s")
+            while not job.future.done():
+                await asyncio.wait({job.future}, timeout=POLL_S)
+                if job.future.done():
+                    break
+                if await request.is_disconnected():  # nobody to answer: free the engine for the others
+                    job.cancel()
+                    metrics.failed(499)
+                    return Response(status_code=499)
+                if job.expired:
+                    job.cancel()
+                    return error(504, f"the request took longer than {request_timeout_s:g} s (--request_timeout)")
+                if drain.over:
+                    job.cancel()
+                    return error(503, SHUTTING_DOWN, headers={"Retry-After": str(RETRY_AFTER_S)})
+        except asyncio.CancelledError:  # the server shuts down past its grace period
+            job.cancel()
+            raise
+        if job.future.cancelled() or job.expired:
+            return error(504, f"the request took longer than {request_timeout_s:g} s (--request_timeout)")
+        try:
+            completions = job.future.result()
         except Exception as exc:
             return error(500, f"generation failed: {exc}")
         metrics.served(prompt_tokens, completions, time.monotonic() - job.submitted)
         metrics.queue_time.observe((job.started or job.submitted) - job.submitted)
         choices = []
         for i, c in enumerate(completions):
-            choices.append({"index": i, "message": _message(c), "finish_reason": _finish(c),
+            choices.append({"index": i, "message": responses.message(c), "finish_reason": responses.finish_reason(c),
+                            "logprobs": responses.logprobs(tokenizer, c, params.logprobs),
                             "bimode": {"mode": c.split.mode, "p_think": c.p_think,
                                        "budget_hit": c.finish_reason == "budget"}})
         return {"id": request_id, "object": "chat.completion", "created": created, "model": model_name,
-                "choices": choices, "usage": _usage(prompt_tokens, completions)}
+                "choices": choices, "usage": responses.usage(prompt_tokens, completions)}
 
-    async def _stream(job: _Job, request_id: str, created: int, prompt_tokens: int, extras: dict):
+    async def _stream(job: Job, request_id: str, created: int, prompt_tokens: int, extras: dict):
         n = len(job.prompt.modes)
         # With a think threshold the engine picks an auto sample's mode suffix itself: known only at the end.
         chosen = job.params.think_threshold is not None
         streams = [ResponseStream(tokenizer, None if chosen and m is ThinkingMode.AUTO else m.prompt_suffix)
                    for m in job.prompt.modes]
+        unsent = [[] for _ in range(n)]  # log-prob entries of tokens whose text is not out yet
 
         def chunk(index: int, delta: dict, finish: str | None = None) -> str:
+            choice = {"index": index, "delta": delta, "finish_reason": finish}
+            if job.params.logprobs:
+                choice["logprobs"] = {"content": unsent[index]}
+                unsent[index] = []
             payload = {"id": request_id, "object": "chat.completion.chunk", "created": created,
-                       "model": model_name, "choices": [{"index": index, "delta": delta, "finish_reason": finish}]}
+                       "model": model_name, "choices": [choice]}
             return f"data: {json.dumps(payload)}\n\n"
 
-        for i in range(n):
-            yield chunk(i, {"role": "assistant", "content": ""})
-        deadline = time.monotonic() + request_timeout_s
-        while not job.future.done() or not job.tokens.empty():
-            try:
-                index, token = await asyncio.wait_for(job.tokens.get(), timeout=0.05)
-            except asyncio.TimeoutError:
-                if time.monotonic() > deadline:
-                    job.cancelled = True
-                    metrics.failed(504)
-                    yield f"data: {json.dumps({'error': {'message': 'request timed out', 'code': 504}})}\n\n"
-                    return
-                continue
-            delta = _delta(streams[index].add(token))
-            if delta:
-                yield chunk(index, delta)
+        def failure(status: int, message: str) -> str:
+            metrics.failed(status)
+            return f"data: {json.dumps({'error': {'message': message, 'code': status}})}\n\n"
+
+        finished = False
         try:
-            completions = job.future.result()
-        except Exception as exc:
-            metrics.failed(500)
-            yield f"data: {json.dumps({'error': {'message': f'generation failed: {exc}', 'code': 500}})}\n\n"
-            return
-        for i, c in enumerate(completions):  # what is left: held-back text, a cut-off character
-            yield chunk(i, _delta(streams[i].finish(c.prompt_suffix, c.text)), _finish(c))
-        metrics.served(prompt_tokens, completions, time.monotonic() - job.submitted)
-        metrics.queue_time.observe((job.started or job.submitted) - job.submitted)
-        if extras.get("include_usage"):
-            payload = {"id": request_id, "object": "chat.completion.chunk", "created": created,
-                       "model": model_name, "choices": [], "usage": _usage(prompt_tokens, completions)}
-            yield f"data: {json.dumps(payload)}\n\n"
-        yield "data: [DONE]\n\n"
+            for i in range(n):
+                yield chunk(i, {"role": "assistant", "content": ""})
+            while not job.future.done() or not job.tokens.empty():
+                try:
+                    index, token, logprob = await asyncio.wait_for(job.tokens.get(), timeout=POLL_S)
+                except asyncio.TimeoutError:
+                    if job.expired:
+                        yield failure(504, "request timed out")
+                        return
+                    if drain.over:
+                        yield failure(503, SHUTTING_DOWN)
+                        return
+                    continue
+                if logprob is not None and job.params.logprobs:
+                    unsent[index].append(responses.logprob_entry(tokenizer, token, logprob))
+                delta = responses.delta(streams[index].add(token))
+                if delta:
+                    yield chunk(index, delta)
+            if job.future.cancelled() or job.expired:
+                yield failure(504, "request timed out")
+                return
+            try:
+                completions = job.future.result()
+            except Exception as exc:
+                yield failure(500, f"generation failed: {exc}")
+                return
+            for i, c in enumerate(completions):  # what is left: held-back text, a cut-off character
+                yield chunk(i, responses.delta(streams[i].finish(c.prompt_suffix, c.text)), responses.finish_reason(c))
+            metrics.served(prompt_tokens, completions, time.monotonic() - job.submitted)
+            metrics.queue_time.observe((job.started or job.submitted) - job.submitted)
+            if extras.get("include_usage"):
+                payload = {"id": request_id, "object": "chat.completion.chunk", "created": created,
+                           "model": model_name, "choices": [], "usage": responses.usage(prompt_tokens, completions)}
+                yield f"data: {json.dumps(payload)}\n\n"
+            yield "data: [DONE]\n\n"
+            finished = True
+        finally:
+            if not finished:  # the client went away, or the request failed: stop generating for it
+                job.cancel()
 
     return app
 
@@ -272,7 +286,11 @@ def serve(model_path: str, host: str = "127.0.0.1", port: int = 8000, allow_imag
           served_model_name: str | None = None, api_key: str | None = None, max_model_len: int | None = None,
           max_tokens: int = 32768, default_chat_template_kwargs: dict | None = None,
           allow_remote_images: bool = False, remote_image_max_bytes: int = 20 * 1024 * 1024,
-          remote_image_timeout_s: float = 10.0, think_threshold: float | None = None) -> None:
+          remote_image_timeout_s: float = 10.0, think_threshold: float | None = None,
+          max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, max_queued_requests: int = 64,
+          shutdown_timeout_s: float = 30.0) -> None:
+    """Serve until SIGTERM or Ctrl-C. SIGTERM stops accepting requests, lets those running finish within
+    `shutdown_timeout_s` (then cuts them off) and returns, so the process exits 0."""
     import uvicorn
     from pathlib import Path
 
@@ -286,5 +304,17 @@ def serve(model_path: str, host: str = "127.0.0.1", port: int = 8000, allow_imag
                           remote_image_timeout_s=remote_image_timeout_s, default_think_threshold=think_threshold)
     name = served_model_name or Path(model_path).name
     app = create_app(engine, name, limits, request_timeout_s=request_timeout_s, max_batch=max_batch,
-                     api_key=api_key)
-    uvicorn.run(app, host=host, port=port, log_level="info")
+                     api_key=api_key, max_request_bytes=max_request_bytes, max_queued_requests=max_queued_requests)
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):  # the app ends what is left at the grace period's end itself
+            app.state.drain.start(shutdown_timeout_s)
+            super().handle_exit(sig, frame)
+
+    # uvicorn's own cut-off (tasks cancelled, a 500 for what had no response yet) only backs the app's up
+    server = Server(uvicorn.Config(app, host=host, port=port, log_level="info",
+                                   timeout_graceful_shutdown=shutdown_timeout_s + 2))
+    # uvicorn shuts down gracefully on SIGTERM, then raises the signal again under the handler it found: with the
+    # default one the process would die of it (exit status 143) after a clean shutdown
+    stopped = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: stopped.append(signum))
+    server.run()

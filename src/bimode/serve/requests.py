@@ -1,4 +1,11 @@
-"""Turning an OpenAI chat request into a Prompt and SamplingParams, with 4xx errors that say what is wrong."""
+"""Turning an OpenAI chat request into a Prompt and SamplingParams, with 4xx errors that say what is wrong.
+
+Every field of a request is either honoured or refused with a 400 naming it: a client that relies on a field
+bimode does not implement (tools, response_format, penalties, stop strings, ...) must learn so instead of getting
+another contract than it asked for. Fields clients send by default with a value that asks for nothing (a zero
+penalty, `"tools": []`, `"response_format": {"type": "text"}`) are accepted. A model name the server does not
+serve is a 404 `model_not_found`, as vLLM and OpenAI answer.
+"""
 
 from __future__ import annotations
 
@@ -14,14 +21,19 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from bimode.generation.defaults import PAPER_MAX_NEW_TOKENS
-from bimode.generation.types import Prompt, SamplingParams
+from bimode.generation.types import MAX_TOP_LOGPROBS, Prompt, SamplingParams
 from bimode.modes import ThinkingMode
 
 
 class BadRequest(ValueError):
-    def __init__(self, message: str, param: str | None = None, status: int = 400):
+    def __init__(self, message: str, param: str | None = None, status: int = 400, code: str | None = None):
         super().__init__(message)
-        self.param, self.status = param, status
+        self.param, self.status, self.code = param, status, code
+
+
+# A request body's default cap: room for two images at ServerLimits' 10 MiB image limit, base64-encoded (4/3 as
+# large), and 4 MiB of text beside them.
+DEFAULT_MAX_REQUEST_BYTES = 2 * (10 * 1024 * 1024 * 4 // 3) + 4 * 1024 * 1024
 
 
 @dataclass
@@ -29,6 +41,10 @@ class ServerLimits:
     max_image_bytes: int = 10 * 1024 * 1024
     max_image_pixels: int = 4096 * 4096
     max_prompt_tokens: int = 32768
+    # the most characters one token of the tokenizer decodes to: a prompt of C characters has at least
+    # C / max_token_chars tokens, so one far over the limit is refused without tokenizing it (set by the app)
+    max_token_chars: int | None = None
+    image_tokens: int = 0  # prompt tokens one image takes (set by the app from the engine)
     max_new_tokens: int = 32768  # the most a request may ask for (R-4B's own client example asks 16,384)
     # what a request without max_tokens gets (harnesses often send none); None: the model's generation
     # config, else 8,192, within max_new_tokens (resolve_limits, bimode.generation.defaults)
@@ -44,6 +60,9 @@ class ServerLimits:
     default_chat_template_kwargs: dict = field(default_factory=dict)
     # auto mode thinks iff p_think >= this when a request sets no think_threshold (`bimode eval calibrate`)
     default_think_threshold: float | None = None
+    # False for models the engine runs through `model.generate` (Qwen-VL's multi-axis positions): no thinking
+    # budget and no log-probs there, so requests for them are refused
+    shared_prefix: bool = True
 
 
 def _decode_image(url: Any, limits: ServerLimits, where: str) -> Image.Image:
@@ -154,10 +173,14 @@ def _read_local_image(path: str, limits: ServerLimits, where: str) -> bytes:
 
 
 def parse_messages(messages: Any, limits: ServerLimits) -> tuple[list[dict], list[Image.Image]]:
-    """OpenAI messages -> our template's messages and the images in placeholder order."""
+    """OpenAI messages -> our template's messages and the images in placeholder order.
+
+    The structure and the prompt's least possible length are checked before any image is decoded: a prompt whose
+    text alone (at `limits.max_token_chars` characters a token at most) and images cannot fit
+    `limits.max_prompt_tokens` is refused without tokenizing it or decoding its images."""
     if not isinstance(messages, list) or not messages:
         raise BadRequest("messages must be a non-empty list", "messages")
-    out, images = [], []
+    out, pending, chars = [], [], 0  # pending: (parts list, index, url, where) of each image, in order
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(message, dict):
@@ -170,16 +193,18 @@ def parse_messages(messages: Any, limits: ServerLimits) -> tuple[list[dict], lis
             content = ""
         if isinstance(content, str):
             entry = {"role": role, "content": content}
+            chars += len(content)
         elif isinstance(content, list):
             parts = []
             for j, part in enumerate(content):
                 pwhere = f"{where}.content[{j}]"
                 kind = part.get("type") if isinstance(part, dict) else None
+                image = part.get("image_url") if kind == "image_url" else None
                 if kind == "text" and isinstance(part.get("text"), str):
                     parts.append({"type": "text", "text": part["text"]})
-                elif kind == "image_url" and isinstance(part.get("image_url"), (dict, str)):
-                    url = part["image_url"]["url"] if isinstance(part["image_url"], dict) else part["image_url"]
-                    images.append(_decode_image(url, limits, pwhere))
+                    chars += len(part["text"])
+                elif isinstance(image, (dict, str)):
+                    pending.append((pwhere, image.get("url") if isinstance(image, dict) else image))
                     parts.append({"type": "image"})
                 else:
                     raise BadRequest(f"{pwhere} must be a text or image_url part", pwhere)
@@ -190,6 +215,12 @@ def parse_messages(messages: Any, limits: ServerLimits) -> tuple[list[dict], lis
         if role == "assistant" and isinstance(reasoning, str):
             entry["reasoning_content"] = reasoning  # the template leaves past reasoning out of the prompt
         out.append(entry)
+    least = -(-chars // limits.max_token_chars) if limits.max_token_chars else 0
+    least += len(pending) * limits.image_tokens
+    if least > limits.max_prompt_tokens:
+        raise BadRequest(f"the prompt has at least {least} tokens ({chars} characters of text, {len(pending)} "
+                         f"images), over the limit of {limits.max_prompt_tokens}", "messages")
+    images = [_decode_image(url, limits, where) for where, url in pending]
     return out, images
 
 
@@ -227,10 +258,59 @@ def _budget(body: dict, kwargs: dict) -> Any:
     return next(iter(given.values()), None)
 
 
-def parse_request(body: Any, limits: ServerLimits) -> tuple[Prompt, SamplingParams, bool, dict]:
-    """(prompt, params, stream, extras) from a /v1/chat/completions body."""
+# What bimode serve acts on. `user` is a label for the caller's own tracking; nothing to act on, nothing ignored.
+HONOURED = frozenset({"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
+                      "n", "stream", "stream_options", "seed", "logprobs", "top_logprobs", "chat_template_kwargs",
+                      "think_threshold", "user", *BUDGET_NAMES})
+# Fields bimode does not implement, accepted with a value that asks for nothing (clients send these by default).
+# None (JSON null) always asks for nothing.
+NEUTRAL = {"presence_penalty": [0], "frequency_penalty": [0], "repetition_penalty": [1], "min_p": [0],
+           "logit_bias": [{}], "stop": [[], ""], "tools": [[]], "functions": [[]], "tool_choice": ["none"],
+           "function_call": ["none"], "parallel_tool_calls": [True, False], "response_format": [{"type": "text"}],
+           "store": [False], "metadata": [{}], "echo": [False], "ignore_eos": [False], "min_tokens": [0],
+           "skip_special_tokens": [True], "include_stop_str_in_output": [False], "best_of": [1],
+           "vllm_xargs": [{}], "modalities": [["text"]]}
+MAX_SEED = 2**63 - 1
+
+
+def _asks_nothing(value: Any, neutral: Any) -> bool:
+    if isinstance(value, bool) or isinstance(neutral, bool):  # JSON false is not the number 0
+        return value is neutral
+    return value == neutral
+
+
+def check_fields(body: dict) -> None:
+    """Refuse, naming it, the first field bimode would otherwise ignore."""
+    for name, value in body.items():
+        if name in HONOURED or value is None:
+            continue
+        if name in NEUTRAL:
+            if any(_asks_nothing(value, neutral) for neutral in NEUTRAL[name]):
+                continue
+            raise BadRequest(f"{name} is not supported by bimode serve (only {NEUTRAL[name][0]!r} or null, which "
+                             "ask for nothing); leave it out", name)
+        raise BadRequest(f"{name} is not supported by bimode serve; leave it out", name)
+
+
+def check_model(requested: Any, served: str | None) -> None:
+    """A model name the server does not serve is a 404 (NAME, NAME:auto, NAME:think, NAME:no_think are served)."""
+    if served is None or requested is None:
+        return
+    base, _ = split_model_name(requested)
+    if base != served:
+        raise BadRequest(f"the model {requested!r} does not exist here: this server serves {served!r} (and "
+                         f"{served}:auto, {served}:think, {served}:no_think)", "model", status=404,
+                         code="model_not_found")
+
+
+def parse_request(body: Any, limits: ServerLimits, served_model: str | None = None
+                  ) -> tuple[Prompt, SamplingParams, bool, dict]:
+    """(prompt, params, stream, extras) from a /v1/chat/completions body; `served_model`: the name requests may
+    ask for (None: any)."""
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
+    check_fields(body)
+    check_model(body.get("model"), served_model)
     messages, images = parse_messages(body.get("messages"), limits)
     own = body.get("chat_template_kwargs") or {}
     if not isinstance(own, dict):
@@ -268,15 +348,31 @@ def parse_request(body: Any, limits: ServerLimits) -> tuple[Prompt, SamplingPara
     if not isinstance(stream, bool):
         raise BadRequest("stream must be a boolean", "stream")
     stream_options = body.get("stream_options") or {}
+    if not isinstance(stream_options, dict):
+        raise BadRequest("stream_options must be an object", "stream_options")
+    logprobs = body.get("logprobs", False)
+    if logprobs is None:
+        logprobs = False
+    if not isinstance(logprobs, bool):
+        raise BadRequest("logprobs must be a boolean", "logprobs")
+    top_logprobs = _number(body, "top_logprobs", int, 0, 0, MAX_TOP_LOGPROBS)
+    if top_logprobs and not logprobs:
+        raise BadRequest("top_logprobs needs logprobs: true", "top_logprobs")
+    if not limits.shared_prefix:
+        asked = "logprobs" if logprobs else "max_thinking_tokens" if budget is not None else None
+        if asked:
+            raise BadRequest(f"{asked} is not available for this model: it runs through transformers' generate "
+                             "(multi-axis rotary positions, e.g. Qwen-VL)", asked)
     params = SamplingParams(
         max_new_tokens=max_new,
         temperature=_number(body, "temperature", float, 0.0, 0.0, 2.0),
         top_p=_number(body, "top_p", float, 1.0, 1e-6, 1.0),
         top_k=max(0, _number(body, "top_k", int, 0, -1, 10**6)),
-        seed=_number(body, "seed", int, None),
+        seed=_number(body, "seed", int, None, 0, MAX_SEED),
         max_thinking_tokens=_number({"max_thinking_tokens": budget}, "max_thinking_tokens", int, None, 0,
                                     limits.max_new_tokens),
         think_threshold=_number(body, "think_threshold", float, limits.default_think_threshold, 0.0, 1.0),
+        logprobs=logprobs, top_logprobs=top_logprobs,
     )
     prompt = Prompt(messages=messages, images=images, modes=[mode] * n)
     return prompt, params, stream, {"include_usage": bool(stream_options.get("include_usage"))}
