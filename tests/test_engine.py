@@ -133,3 +133,37 @@ def test_auto_mode_decision_is_always_a_decision_token(tiny_dir):
     stats = engine.decision_stats(prompts[:4])
     assert all(0 < mass < 0.5 and 0 <= p <= 1 for p, mass in stats)  # untrained: little mass on decisions
     assert [p for p, _ in stats] == pytest.approx(engine.p_think(prompts[:4]))
+
+
+def test_should_stop_ends_one_prompt_s_samples_and_not_the_others(setup):
+    """What a server uses when a client leaves: the stopped prompt's samples end at the next step, the batch's
+    others run on to the same tokens they give alone (greedy)."""
+    _, _, engine, records = setup
+    prompts = [Prompt.from_record(r, ["think"]) for r in records[:3]]
+    params = SamplingParams(max_new_tokens=24)
+    steps = {"calls": 0}
+
+    def should_stop(prompt_index: int) -> bool:
+        steps["calls"] += prompt_index == 1
+        return prompt_index == 1 and steps["calls"] > 3
+
+    out = engine.generate(prompts, params, should_stop=should_stop)
+    alone = engine.generate([prompts[0], prompts[2]], params)
+    # asked once per step: 4 steps ran, the first feeding think mode's forced `\n` (prompt, not generated)
+    assert out[1][0].finish_reason == "cancelled" and len(out[1][0].token_ids) == 3
+    assert [out[0][0].token_ids, out[2][0].token_ids] == [alone[0][0].token_ids, alone[1][0].token_ids]
+
+
+def test_top_logprobs_are_the_likeliest_tokens_and_stream_with_each_token(setup):
+    _, _, engine, records = setup
+    streamed = []
+    (completion,), = engine.generate([Prompt.from_record(records[0], ["think"])],
+                                     SamplingParams(max_new_tokens=12, logprobs=True, top_logprobs=4),
+                                     on_token=lambda pi, si, token, info: streamed.append((token, info)))
+    assert len(completion.logprobs) == len(completion.top_logprobs) == len(completion.token_ids)
+    for token, logprob, top in zip(completion.token_ids, completion.logprobs, completion.top_logprobs):
+        values = [v for _, v in top]
+        assert len(top) == 4 and values == sorted(values, reverse=True)
+        assert top[0] == (token, pytest.approx(logprob))  # greedy: the token taken is the likeliest
+    assert [t for t, _ in streamed] == completion.token_ids
+    assert [info.logprob for _, info in streamed] == completion.logprobs
