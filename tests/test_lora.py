@@ -266,13 +266,13 @@ def test_bpo_with_lora_moves_p_think_against_the_base_as_kl_reference(tmp_path, 
 
 # ---- inference from an adapter folder -------------------------------------------------------------------
 def test_serve_chat_and_eval_run_an_adapter_folder(tiny_adapter, tmp_path, capsys, monkeypatch):
-    import uvicorn
+    import bimode.serve.app
 
     from bimode.cli import main
 
     _, _, adapter = tiny_adapter
     apps = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: apps.append(app))  # keep what `serve` would run
+    monkeypatch.setattr(bimode.serve.app, "run_app", lambda app, *args: apps.append(app))  # keep what `serve` would run
     assert main(["serve", str(adapter), "--max-tokens", "64"]) == 0 and len(apps) == 1
     base, stop = serve_in_thread(apps[0])
     try:

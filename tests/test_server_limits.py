@@ -72,17 +72,23 @@ def post(base: str, body, timeout: float = 60, **kwargs) -> httpx.Response:
 
 
 class HealthWatch:
-    """Polls /health every 50 ms in a thread; `worst` is the slowest answer."""
+    """Polls /health every 50 ms in a thread; `worst` is the slowest answer, `failures` what was not a 200."""
 
     def __init__(self, base: str):
         self.base, self.worst, self.count, self.stop = base, 0.0, 0, threading.Event()
+        self.failures: list = []
         self.thread = threading.Thread(target=self.run, daemon=True)
 
     def run(self):
         with httpx.Client(timeout=30) as client:
             while not self.stop.is_set():
                 start = time.monotonic()
-                assert client.get(self.base + "/health").status_code == 200
+                try:
+                    status = client.get(self.base + "/health").status_code
+                except httpx.HTTPError as exc:
+                    status = repr(exc)
+                if status != 200:
+                    self.failures.append(status)
                 self.worst = max(self.worst, time.monotonic() - start)
                 self.count += 1
                 time.sleep(0.05)
@@ -94,6 +100,7 @@ class HealthWatch:
     def __exit__(self, *exc):
         self.stop.set()
         self.thread.join(timeout=30)
+        assert self.count > 0 and not self.failures, (self.count, self.failures[:3])
 
 
 # ---- the four measured cases ------------------------------------------------------------------------------
@@ -119,7 +126,7 @@ def test_malformed_json_of_any_shape_is_a_400(serve):
         "deep nesting": "[" * 100_000 + "]" * 100_000,  # before: RecursionError, 500
         "deep object": '{"a":' * 100_000 + "1" + "}" * 100_000,
         "NaN": json.dumps({"messages": HI}).replace("}]", "}], \"temperature\": NaN"),
-        "Infinity": '{"messages": [], "max_tokens": Infinity}',
+        "Infinity": '{"messages": [{"role": "user", "content": "hi"}], "max_tokens": Infinity}',
         "bad UTF-8": b'{"messages": "\xff\xfe"}',
         "truncated": '{"messages": [',
         "not an object": "[1, 2, 3]",
@@ -177,15 +184,26 @@ def test_logprobs_are_honoured_and_fields_bimode_lacks_are_refused(serve):
         "stop": ["\n"],
         "top_logprobs": 2,  # without logprobs
         "frobnicate": 1,
+        "chat_template_kwargs": {"thinking_mode": "long", "add_vision_id": True},
     }
     for field, value in refused.items():
         reply = post(base, {"model": "random", "messages": HI, "max_tokens": 4, field: value})
         assert reply.status_code == 400, (field, reply.text)
-        assert reply.json()["error"]["param"] == field, reply.json()
+        assert reply.json()["error"]["param"].split(".")[0] == field, reply.json()
     # what clients send by default asks for nothing, and is accepted
     neutral = {"tools": [], "response_format": {"type": "text"}, "presence_penalty": 0, "frequency_penalty": 0.0,
                "stop": None, "user": "someone", "logit_bias": {}}
     assert post(base, {"model": "random", "messages": HI, "max_tokens": 4, **neutral}).status_code == 200
+
+
+def test_an_auto_answer_s_first_token_has_only_finite_alternatives(serve):
+    """The mode decision is drawn from the decision tokens only: the other tokens' log-prob is -inf, which JSON
+    cannot carry; they are left out of top_logprobs, streamed or not."""
+    base, _ = serve()
+    body = {"model": "random:auto", "messages": HI, "max_tokens": 3, "logprobs": True, "top_logprobs": 20}
+    first = post(base, body).json()["choices"][0]["logprobs"]["content"][0]
+    assert 1 <= len(first["top_logprobs"]) < 20 and all(t["logprob"] > -1e4 for t in first["top_logprobs"])
+    assert _streamed_logprobs(base, body)[0]["top_logprobs"] == first["top_logprobs"]
 
 
 # ---- bounded body, queue and time ---------------------------------------------------------------------------
@@ -197,6 +215,36 @@ def test_a_body_over_the_cap_is_a_413_before_it_is_parsed(serve):
     reply = httpx.post(base + "/v1/chat/completions", content=chunks, timeout=30)
     assert reply.status_code == 413
     assert post(base, {"messages": HI, "max_tokens": 4}).status_code == 200
+
+
+def test_a_body_that_trickles_in_is_a_408_and_gives_its_place_back(serve):
+    import socket
+
+    base, _ = serve(body_timeout_s=1.0, max_queued_requests=1)
+    host, port = base.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 1000\r\n\r\n{\"messages\": ")  # and nothing more
+        s.settimeout(10)
+        start = time.monotonic()
+        answer = s.recv(4096).decode()
+    assert answer.startswith("HTTP/1.1 408") and time.monotonic() - start < 5, answer[:200]
+    assert post(base, {"messages": HI, "max_tokens": 4}).status_code == 200  # its place among 1 came back
+
+
+def test_a_request_cancelled_while_waiting_gives_its_place_back_at_once(serve):
+    base, engine = serve(max_queued_requests=1)
+    engine.gate.clear()  # the first request holds the engine
+    with ThreadPoolExecutor(2) as pool:
+        running = pool.submit(post, base, {"messages": HI, "max_tokens": 4})
+        time.sleep(0.5)
+        with pytest.raises(httpx.ReadTimeout):  # waits in the queue, then its client leaves
+            post(base, {"messages": HI, "max_tokens": 5}, timeout=0.5)
+        time.sleep(0.3)
+        waiting = pool.submit(post, base, {"messages": HI, "max_tokens": 6})  # admitted: the place is free
+        time.sleep(0.3)
+        engine.gate.set()
+        assert running.result().status_code == 200 and waiting.result().status_code == 200, waiting.result().text
 
 
 def test_past_the_queue_cap_requests_get_503_with_retry_after(serve):

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from bimode.commands import help_text
 from bimode.commands.parsing import CommandParser
 from bimode.generation.types import check_think_threshold
-from bimode.serve.requests import DEFAULT_MAX_REQUEST_BYTES
+from bimode.serve.requests import DEFAULT_MAX_REQUEST_BYTES, TEMPLATE_KWARGS
 
 HELP = help_text("serve")
 
@@ -74,6 +74,10 @@ class ServeConfig:
                 raise ValueError(f"default_chat_template_kwargs is not JSON: {exc}") from None
         if kwargs is not None and not isinstance(kwargs, dict):
             raise ValueError("default_chat_template_kwargs must be a JSON object")
+        unread = sorted(set(kwargs or {}) - TEMPLATE_KWARGS)
+        if unread:
+            raise ValueError(f"default_chat_template_kwargs: {', '.join(unread)} not read by bimode's chat template "
+                             f"(it reads {', '.join(sorted(TEMPLATE_KWARGS))})")
         self.default_chat_template_kwargs = kwargs or {}
 
 

@@ -56,11 +56,12 @@ StopCheck = Callable[[int], bool]  # prompt index -> end its samples now
 
 
 def _top_logprobs(logprobs: torch.Tensor | None, k: int) -> list[list[tuple[int, float]]] | None:
-    """Per row, the k likeliest (token id, log-prob), likeliest first; None when not asked for."""
+    """Per row, the k likeliest (token id, log-prob), likeliest first; None when not asked for. Tokens ruled out
+    (-inf: an auto row's first token may only be a decision token) are left out, so a row may have fewer."""
     if logprobs is None or not k:
         return None
     values, ids = logprobs.topk(k, dim=-1)
-    return [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+    return [[(t, v) for t, v in zip(i, vs) if v != float("-inf")] for i, vs in zip(ids.tolist(), values.tolist())]
 
 
 def _cancel(rows: list, active: list[int], should_stop: StopCheck | None, offset: int) -> None:

@@ -25,6 +25,7 @@ import uuid
 from dataclasses import replace
 
 from fastapi import FastAPI, Request
+from jinja2 import TemplateError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
@@ -40,6 +41,7 @@ from bimode.streaming import ResponseStream
 
 RETRY_AFTER_S = 1  # what a 503 tells the client to wait
 POLL_S = 0.1  # how often a waiting request looks at its client and its deadline
+BODY_TIMEOUT_S = 30.0  # to send the whole body: a client that trickles it holds a place among the waiting ones
 
 
 def resolve_limits(limits: ServerLimits, engine) -> ServerLimits:
@@ -105,7 +107,7 @@ SHUTTING_DOWN = "the server is shutting down; retry on another replica or later"
 
 def create_app(engine, model_name: str, limits: ServerLimits = ServerLimits(), request_timeout_s: float = 300.0,
                max_batch: int = 32, api_key: str | None = None, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-               max_queued_requests: int = 64):
+               max_queued_requests: int = 64, body_timeout_s: float = BODY_TIMEOUT_S):
     """The app. With `api_key`, every /v1 request needs `Authorization: Bearer <api_key>`. `app.state.drain`
     (Drain) is started by `serve` on SIGTERM."""
     app = FastAPI(title="bimode", description="OpenAI-compatible auto-thinking VLM server")
@@ -124,6 +126,8 @@ def create_app(engine, model_name: str, limits: ServerLimits = ServerLimits(), r
         metrics.failed(status)
         return error_response(status, message, param, code, headers)
 
+    image_processor = getattr(getattr(engine, "processor", None), "image_processor", None)
+
     def prompt_tokens_of(prompt) -> int:
         text = engine.render(prompt)
         return len(tokenizer(text, add_special_tokens=False)["input_ids"]) + len(prompt.images) * limits.image_tokens
@@ -133,23 +137,29 @@ def create_app(engine, model_name: str, limits: ServerLimits = ServerLimits(), r
         prompt, params, stream, extras = parse_request(body, limits, model_name)
         try:
             prompt_tokens = prompt_tokens_of(prompt)
-        except (ValueError, TypeError) as exc:  # template errors and the like: the request's fault
-            raise BadRequest(str(exc)) from None
+        except (ValueError, TypeError, TemplateError) as exc:  # the model's template refused the conversation
+            raise BadRequest(f"the chat template cannot render these messages: {exc}", "messages") from None
+        if prompt.images and image_processor is not None:
+            try:  # what the model's processor refuses (Qwen-VL: extreme aspect ratios) fails here, not its batch
+                image_processor(images=prompt.images, return_tensors="pt")
+            except (ValueError, TypeError) as exc:
+                raise BadRequest(f"the model's image processor refuses an image: {exc}", "messages") from None
         if prompt_tokens > limits.max_prompt_tokens:
             raise BadRequest(f"the prompt has {prompt_tokens} tokens, over the limit of {limits.max_prompt_tokens}",
                              "messages")
         return prompt, params, stream, extras, prompt_tokens
 
+    # async: answered on the event loop, never queued behind the worker threads that parse and tokenize requests
     @app.get("/health")
-    def health():
+    async def health():
         return {"status": "ok"}
 
     @app.get("/metrics")
-    def prometheus():
+    async def prometheus():
         return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
-    def models():
+    async def models():
         # NAME:auto, NAME:think, NAME:no_think force a mode for clients that cannot send chat_template_kwargs
         names = [model_name] + [model_name + suffix for suffix in MODEL_MODES]
         return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "bimode"}
@@ -163,8 +173,12 @@ def create_app(engine, model_name: str, limits: ServerLimits = ServerLimits(), r
         except QueueFull as exc:
             return error(503, f"the server is busy: {exc}; retry later", headers={"Retry-After": str(RETRY_AFTER_S)})
         try:
-            body = await read_json(request, max_request_bytes)
+            body = await asyncio.wait_for(read_json(request, max_request_bytes), body_timeout_s)
             prompt, params, stream, extras, prompt_tokens = await run_in_threadpool(prepare, body)
+            del body  # the parsed JSON (base64 images and all) is not kept while the request waits
+        except asyncio.TimeoutError:
+            ticket.release()
+            return error(408, f"the request body took longer than {body_timeout_s:g} s to arrive")
         except BadRequest as exc:
             ticket.release()
             return error(exc.status, str(exc), exc.param, exc.code)
@@ -206,14 +220,20 @@ def create_app(engine, model_name: str, limits: ServerLimits = ServerLimits(), r
             return error(500, f"generation failed: {exc}")
         metrics.served(prompt_tokens, completions, time.monotonic() - job.submitted)
         metrics.queue_time.observe((job.started or job.submitted) - job.submitted)
-        choices = []
-        for i, c in enumerate(completions):
-            choices.append({"index": i, "message": responses.message(c), "finish_reason": responses.finish_reason(c),
-                            "logprobs": responses.logprobs(tokenizer, c, params.logprobs),
-                            "bimode": {"mode": c.split.mode, "p_think": c.p_think,
-                                       "budget_hit": c.finish_reason == "budget"}})
-        return {"id": request_id, "object": "chat.completion", "created": created, "model": model_name,
-                "choices": choices, "usage": responses.usage(prompt_tokens, completions)}
+
+        def reply() -> JSONResponse:  # a worker thread: log-probs of long answers are much text to build
+            choices = []
+            for i, c in enumerate(completions):
+                choices.append({"index": i, "message": responses.message(c),
+                                "finish_reason": responses.finish_reason(c),
+                                "logprobs": responses.logprobs(tokenizer, c, params.logprobs),
+                                "bimode": {"mode": c.split.mode, "p_think": c.p_think,
+                                           "budget_hit": c.finish_reason == "budget"}})
+            return JSONResponse({"id": request_id, "object": "chat.completion", "created": created,
+                                 "model": model_name, "choices": choices,
+                                 "usage": responses.usage(prompt_tokens, completions)})
+
+        return await run_in_threadpool(reply)
 
     async def _stream(job: Job, request_id: str, created: int, prompt_tokens: int, extras: dict):
         n = len(job.prompt.modes)
@@ -225,16 +245,16 @@ def create_app(engine, model_name: str, limits: ServerLimits = ServerLimits(), r
 
         def chunk(index: int, delta: dict, finish: str | None = None) -> str:
             choice = {"index": index, "delta": delta, "finish_reason": finish}
-            if job.params.logprobs:
-                choice["logprobs"] = {"content": unsent[index]}
+            if job.params.logprobs:  # the entries of the tokens this chunk brings (none: null, as vLLM sends)
+                choice["logprobs"] = {"content": unsent[index]} if unsent[index] else None
                 unsent[index] = []
             payload = {"id": request_id, "object": "chat.completion.chunk", "created": created,
                        "model": model_name, "choices": [choice]}
             return f"data: {json.dumps(payload)}\n\n"
 
-        def failure(status: int, message: str) -> str:
+        def failure(status: int, message: str) -> str:  # an error event, then the end of the stream (as vLLM)
             metrics.failed(status)
-            return f"data: {json.dumps({'error': {'message': message, 'code': status}})}\n\n"
+            return f"data: {json.dumps({'error': {'message': message, 'code': status}})}\n\ndata: [DONE]\n\n"
 
         finished = False
         try:
@@ -256,6 +276,9 @@ def create_app(engine, model_name: str, limits: ServerLimits = ServerLimits(), r
                 delta = responses.delta(streams[index].add(token))
                 if delta:
                     yield chunk(index, delta)
+                if drain.over:  # checked per token too: a stream that never pauses must still end in time
+                    yield failure(503, SHUTTING_DOWN)
+                    return
             if job.future.cancelled() or job.expired:
                 yield failure(504, "request timed out")
                 return
@@ -290,8 +313,7 @@ def serve(model_path: str, host: str = "127.0.0.1", port: int = 8000, allow_imag
           max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, max_queued_requests: int = 64,
           shutdown_timeout_s: float = 30.0) -> None:
     """Serve until SIGTERM or Ctrl-C. SIGTERM stops accepting requests, lets those running finish within
-    `shutdown_timeout_s` (then cuts them off) and returns, so the process exits 0."""
-    import uvicorn
+    `shutdown_timeout_s` (then answers what is left with 503) and returns, so the process exits 0."""
     from pathlib import Path
 
     from bimode.generation.backends import local_engine
@@ -305,6 +327,13 @@ def serve(model_path: str, host: str = "127.0.0.1", port: int = 8000, allow_imag
     name = served_model_name or Path(model_path).name
     app = create_app(engine, name, limits, request_timeout_s=request_timeout_s, max_batch=max_batch,
                      api_key=api_key, max_request_bytes=max_request_bytes, max_queued_requests=max_queued_requests)
+    run_app(app, host, port, shutdown_timeout_s)
+
+
+def run_app(app, host: str, port: int, shutdown_timeout_s: float) -> None:
+    """uvicorn on `app` until SIGTERM / SIGINT, shutting down within the grace period (see `serve`)."""
+    import uvicorn
+
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):  # the app ends what is left at the grace period's end itself
             app.state.drain.start(shutdown_timeout_s)
@@ -313,8 +342,10 @@ def serve(model_path: str, host: str = "127.0.0.1", port: int = 8000, allow_imag
     # uvicorn's own cut-off (tasks cancelled, a 500 for what had no response yet) only backs the app's up
     server = Server(uvicorn.Config(app, host=host, port=port, log_level="info",
                                    timeout_graceful_shutdown=shutdown_timeout_s + 2))
-    # uvicorn shuts down gracefully on SIGTERM, then raises the signal again under the handler it found: with the
-    # default one the process would die of it (exit status 143) after a clean shutdown
-    stopped = []
-    signal.signal(signal.SIGTERM, lambda signum, frame: stopped.append(signum))
+    # uvicorn shuts down gracefully on SIGTERM / SIGINT, then raises the signal again under the handler it found:
+    # with the defaults the process would die of it (exit status 143) or print a KeyboardInterrupt traceback
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: None)
     server.run()
+    if not server.started:  # it never served (the port was taken, ...): uvicorn has said why
+        raise SystemExit(3)

@@ -27,16 +27,17 @@ class QueueFull(Exception):
 
 
 class Ticket:
-    """One admitted request's place among the waiting ones; given back once (when its batch starts, when it is
-    dropped, or when the request fails before reaching the engine)."""
+    """One admitted request's place among the waiting ones; given back once, from whichever thread comes first
+    (its batch starts, it is cancelled while waiting, or the request fails before reaching the engine)."""
 
     def __init__(self, batcher: "Batcher"):
         self._batcher, self._held = batcher, True
 
     def release(self) -> None:
-        if self._held:
-            self._held = False
-            self._batcher._left_queue(1)
+        with self._batcher._lock:
+            if self._held:
+                self._held = False
+                self._batcher._waiting -= 1
 
 
 @dataclass
@@ -48,13 +49,17 @@ class Job:
     deadline: float  # time.monotonic() after which the request has failed (504)
     tokens: asyncio.Queue | None = None  # streaming: (sample index, token id, TokenLogprob or None) as they come
     cancelled: bool = False
+    emitted: bool = False  # a token went out to its stream (a failed batch is then not run again for it)
     submitted: float = field(default_factory=time.monotonic)
     started: float | None = None  # when its batch began: submitted -> started is queue time
     result: list[Completion] = field(default_factory=list)
     ticket: Ticket | None = None
 
     def cancel(self) -> None:
+        """Stop it: a waiting job gives its place back at once, a running one stops at the engine's next step."""
         self.cancelled = True
+        if self.started is None and self.ticket is not None:
+            self.ticket.release()
 
     @property
     def expired(self) -> bool:
@@ -89,10 +94,6 @@ class Batcher:
         """Queue an admitted job (job.ticket from `admit`)."""
         self.jobs.put(job)
 
-    def _left_queue(self, count: int) -> None:
-        with self._lock:
-            self._waiting -= count
-
     def _loop(self) -> None:
         pending: list[Job] = []
         while True:
@@ -104,16 +105,17 @@ class Batcher:
                     pending.append(self.jobs.get(timeout=max(0.0, deadline - time.monotonic())))
                 except queue.Empty:
                     break
-            dropped = [j for j in pending if j.expired]  # nobody waits for these any more
+            expired = [j.expired for j in pending]  # read once: a deadline may pass while we look
+            dropped = [j for j, gone in zip(pending, expired) if gone]  # nobody waits for these any more
             for job in dropped:
-                job.loop.call_soon_threadsafe(job.future.cancel)
-            live = [j for j in pending if not j.expired]
+                _call(job, job.future.cancel)
+            live = [j for j, gone in zip(pending, expired) if not gone]
             key = astuple(live[0].params) if live else None
             batch = [j for j in live if astuple(j.params) == key][: self.max_batch]
             pending = [j for j in live if j not in batch]
             for job in dropped + batch:
                 if job.ticket is not None:
-                    job.ticket.release()
+                    job.ticket.release()  # a no-op for one its cancellation already gave back
             if batch:
                 self._run(batch)
 
@@ -121,7 +123,8 @@ class Batcher:
         def on_token(prompt_index: int, sample_index: int, token: int, logprob) -> None:
             job = batch[prompt_index]
             if job.tokens is not None:
-                job.loop.call_soon_threadsafe(job.tokens.put_nowait, (sample_index, token, logprob))
+                job.emitted = True
+                _call(job, job.tokens.put_nowait, (sample_index, token, logprob))
 
         started = time.monotonic()
         for job in batch:
@@ -129,13 +132,29 @@ class Batcher:
         try:
             results = self.engine.generate([j.prompt for j in batch], batch[0].params, on_token=on_token,
                                            should_stop=lambda i: batch[i].expired)
-        except Exception as exc:  # one bad batch must not stop the server
-            log.exception("generation failed for a batch of %d requests", len(batch))
-            for job in batch:
-                job.loop.call_soon_threadsafe(_set_exception, job.future, exc)
+        except Exception as exc:  # one bad request must not fail the others, nor stop the server
+            again = [j for j in batch if not j.emitted]
+            if len(batch) > 1 and again:
+                log.warning("a batch of %d requests failed (%s); running them one at a time", len(batch), exc)
+                for job in batch:
+                    if job.emitted:  # its stream already has tokens: running it again would repeat them
+                        _call(job, _set_exception, job.future, exc)
+                for job in again:
+                    self._run([job])
+                return
+            log.exception("generation failed")
+            _call(batch[0], _set_exception, batch[0].future, exc)
             return
         for job, completions in zip(batch, results):
-            job.loop.call_soon_threadsafe(_set_result, job.future, completions)
+            _call(job, _set_result, job.future, completions)
+
+
+def _call(job: Job, callback, *args) -> None:
+    """Run `callback(*args)` on the job's event loop; a loop already closed (the server stopped) is no error."""
+    try:
+        job.loop.call_soon_threadsafe(callback, *args)
+    except RuntimeError:
+        pass
 
 
 def _set_result(future: asyncio.Future, value) -> None:

@@ -270,7 +270,9 @@ NEUTRAL = {"presence_penalty": [0], "frequency_penalty": [0], "repetition_penalt
            "store": [False], "metadata": [{}], "echo": [False], "ignore_eos": [False], "min_tokens": [0],
            "skip_special_tokens": [True], "include_stop_str_in_output": [False], "best_of": [1],
            "vllm_xargs": [{}], "modalities": [["text"]]}
-MAX_SEED = 2**63 - 1
+SEEDS = (-(2**63), 2**64 - 1)  # what torch's generator takes (vLLM and OpenAI clients may send -1)
+# chat_template_kwargs bimode reads: the mode and the budget; the template gets nothing else
+TEMPLATE_KWARGS = frozenset({"thinking_mode", "enable_thinking", *BUDGET_NAMES})
 
 
 def _asks_nothing(value: Any, neutral: Any) -> bool:
@@ -294,6 +296,8 @@ def check_fields(body: dict) -> None:
 
 def check_model(requested: Any, served: str | None) -> None:
     """A model name the server does not serve is a 404 (NAME, NAME:auto, NAME:think, NAME:no_think are served)."""
+    if requested is not None and not isinstance(requested, str):
+        raise BadRequest("model must be a string", "model")
     if served is None or requested is None:
         return
     base, _ = split_model_name(requested)
@@ -309,12 +313,16 @@ def parse_request(body: Any, limits: ServerLimits, served_model: str | None = No
     ask for (None: any)."""
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
-    check_fields(body)
     check_model(body.get("model"), served_model)
+    check_fields(body)
     messages, images = parse_messages(body.get("messages"), limits)
     own = body.get("chat_template_kwargs") or {}
     if not isinstance(own, dict):
         raise BadRequest("chat_template_kwargs must be an object", "chat_template_kwargs")
+    unread = sorted(k for k, v in own.items() if k not in TEMPLATE_KWARGS and v is not None)
+    if unread:
+        raise BadRequest(f"chat_template_kwargs.{unread[0]} is not read by bimode's chat template (it reads "
+                         f"{', '.join(sorted(TEMPLATE_KWARGS))}); leave it out", f"chat_template_kwargs.{unread[0]}")
     _, model_mode = split_model_name(body.get("model"))
     if model_mode is not None:
         if any(own.get(k) is not None for k in ("thinking_mode", "enable_thinking")):
@@ -368,7 +376,7 @@ def parse_request(body: Any, limits: ServerLimits, served_model: str | None = No
         temperature=_number(body, "temperature", float, 0.0, 0.0, 2.0),
         top_p=_number(body, "top_p", float, 1.0, 1e-6, 1.0),
         top_k=max(0, _number(body, "top_k", int, 0, -1, 10**6)),
-        seed=_number(body, "seed", int, None, 0, MAX_SEED),
+        seed=_number(body, "seed", int, None, *SEEDS),
         max_thinking_tokens=_number({"max_thinking_tokens": budget}, "max_thinking_tokens", int, None, 0,
                                     limits.max_new_tokens),
         think_threshold=_number(body, "think_threshold", float, limits.default_think_threshold, 0.0, 1.0),

@@ -3,10 +3,14 @@
 Reasoning goes out under both names: `reasoning` (vLLM since PR #27752, and the clients that followed) and
 `reasoning_content` (older vLLM and its clients). Log-probs follow OpenAI's `choices[i].logprobs.content`: one entry
 per generated token (reasoning and answer alike, the forced mode suffix excluded, as it is prompt), with its text,
-its log-prob, its UTF-8 bytes and, when asked, the likeliest tokens at its position.
+its log-prob, its UTF-8 bytes and, when asked, the likeliest tokens at its position. An auto-mode answer's first
+token is its mode decision, drawn from the decision tokens only: its log-prob is renormalised over them and its
+alternatives are those tokens alone.
 """
 
 from __future__ import annotations
+
+import math
 
 from bimode.generation.types import Completion, TokenLogprob, token_logprob
 from bimode.streaming import Delta
@@ -39,9 +43,14 @@ def finish_reason(completion: Completion) -> str:
     return "length" if completion.finish_reason == "length" else "stop"
 
 
+# JSON has no -inf: what vLLM sends for a token the model rules out
+NO_CHANCE = -9999.0
+
+
 def _token(tokenizer, token: int, logprob: float) -> dict:
     text = tokenizer.decode([token], skip_special_tokens=False)
-    return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+    return {"token": text, "logprob": logprob if math.isfinite(logprob) else NO_CHANCE,
+            "bytes": list(text.encode("utf-8"))}
 
 
 def logprob_entry(tokenizer, token: int, info: TokenLogprob) -> dict:
