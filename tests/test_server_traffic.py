@@ -1,6 +1,6 @@
 """`bimode serve` under hostile and heavy traffic, then SIGTERM with requests in flight.
 
-One `bimode serve` process (the untrained tiny model, loopback only) gets about a minute of mixed traffic from
+One `bimode serve` process (the untrained tiny model, loopback only) gets 40 s of mixed traffic from
 this process: steady clients sending normal requests of every mode (images, streaming, n > 1; a 503 is retried
 after its Retry-After), hostile ones (10 MB prompts, bodies over the cap with and without Content-Length, deep
 nesting, NaN, bad images, unknown models and fields, dropped streams and dropped plain requests) and bursts of 40
@@ -29,8 +29,8 @@ from bimode.data import synthetic
 from tests.conftest import free_port, wait_until_healthy
 
 ROOT = Path(__file__).resolve().parents[1]
-DURATION_S = 50.0
-BURSTS_AT_S = (8.0, 22.0, 36.0)
+DURATION_S = 40.0
+BURSTS_AT_S = (6.0, 17.0, 28.0)
 BURST = 40
 QUEUE_CAP = 16
 PEAK_RSS_BOUND_MB = 1024  # the server process's peak RSS may not pass this (measured: docs/serving_and_eval.md)
