@@ -26,7 +26,10 @@ class CalibrateConfig:
                 "--holdout)"})
     holdout: str | None = field(default=None, metadata={
         "help": "a second eval run of other questions to report on; then all of RUN picks"})
-    seed: int = field(default=0, metadata={"help": "seed of the held-out split"})
+    confidence: float = field(default=0.95, metadata={
+        "help": "a threshold meets the goal only at this one-sided confidence (paired bootstrap over the "
+                "picking questions), so that it holds on new questions; 0: the measured pick, no margin"})
+    seed: int = field(default=0, metadata={"help": "seed of the held-out split and of the bootstrap"})
 
     def __post_init__(self):
         if not self.run:
@@ -37,6 +40,8 @@ class CalibrateConfig:
             raise ValueError("--holdout_fraction splits RUN; with --holdout RUN2 all of RUN picks: give one of the two")
         if self.holdout_fraction is None:
             self.holdout_fraction = 0.5
+        if not 0 <= self.confidence < 1:
+            raise ValueError(f"--confidence must be in [0, 1), got {self.confidence}")
 
 
 def make_parser(prog: str = "bimode eval calibrate") -> CommandParser:
@@ -57,7 +62,8 @@ def main(cfg: CalibrateConfig) -> int:
         rows = read_samples(run / "samples.jsonl")
         holdout = read_samples(Path(cfg.holdout) / "samples.jsonl") if cfg.holdout else None
         result = calibrate(rows, max_drop=cfg.max_drop, token_share=cfg.token_share,
-                           holdout_fraction=cfg.holdout_fraction, seed=cfg.seed, holdout_rows=holdout)
+                           holdout_fraction=cfg.holdout_fraction, seed=cfg.seed, holdout_rows=holdout,
+                           confidence=cfg.confidence)
     except CalibrationError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
