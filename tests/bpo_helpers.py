@@ -27,3 +27,8 @@ def trained_p_think_drop(trainer) -> tuple[float, dict, dict]:
     after = trainer.probe()
     levels = [k for k in before if k.startswith("p_think/")]
     return sum(before[k] - after[k] for k in levels) / len(levels), before, after
+
+
+def always_right(prompts, completions, completion_ids, rollout_mode, **kwargs):
+    """Both modes answer every query correctly: R-4B's accuracy-only BPO has nothing to learn from it."""
+    return [1.0] * len(rollout_mode)

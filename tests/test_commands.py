@@ -71,6 +71,8 @@ def test_positional_model_and_flag_are_the_same_field():
     (["curate", "--input", "i", "--out", "o", "--annotator", "m", "--blocked_keywords_file", "nowhere.txt"],
      "blocked_keywords_file: no file nowhere.txt"),
     (["eval", "compare", "a"], "takes two run directories, got 1"),
+    (["eval", "calibrate", "run", "--max_drop", "1", "--confidence", "1"], "--confidence must be in [0, 1), got 1.0"),
+    (["bpo", "--output_dir", "o", "--mode_objective", "router"], "mode_objective must be one of"),
 ])
 def test_bad_settings_are_refused_naming_the_field(argv, message, capsys):
     assert main(argv) == 2

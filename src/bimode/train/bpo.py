@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import random
 from collections import defaultdict
@@ -46,14 +47,40 @@ from bimode.generation.engine import TransformersEngine
 from bimode.generation.types import Prompt, SamplingParams, token_counts
 from bimode.modes import ThinkingMode
 from bimode.train.adapters import AdapterFields, build_peft_config
-from bimode.train.bpo_core import (ROLLOUTS, mode_token_loss, parse_mode_token_loss, per_mode_stats,
-                                   response_mode, rollout_modes)
-from bimode.train.bpo_rewards import build_rewards, weighted_rewards
-from bimode.train.checkpoint import StartFields, StrictResumeMixin, load_start, train_and_save
+from bimode.train.bpo_core import (
+    MODE_OBJECTIVES,
+    ROLLOUTS,
+    decision_advantages,
+    mode_token_loss,
+    parse_mode_token_loss,
+    per_mode_stats,
+    response_mode,
+    rollout_modes,
+)
+from bimode.train.bpo_rewards import (
+    GuardedReward,
+    build_rewards,
+    make_thinking_cost,
+    weighted_rewards,
+)
+from bimode.train.checkpoint import (
+    StartFields,
+    StrictResumeMixin,
+    load_start,
+    train_and_save,
+)
 from bimode.train.components import freeze
 from bimode.train.precision import fp32_unless_asked_on_cpu
-from bimode.train.shared_prefix_forward import call_unsupported, find_prefix_groups, grouped_completion_logps
-from bimode.train.vllm_fit import collapse_image_runs, fit_vllm_generation, colocated_llm_settings
+from bimode.train.shared_prefix_forward import (
+    call_unsupported,
+    find_prefix_groups,
+    grouped_completion_logps,
+)
+from bimode.train.vllm_fit import (
+    collapse_image_runs,
+    colocated_llm_settings,
+    fit_vllm_generation,
+)
 
 MODE_CODES = {"think": 0, "no_think": 1, "malformed": 2}
 log = logging.getLogger(__name__)
@@ -68,6 +95,22 @@ class BPOConfig(StartFields, AdapterFields, GRPOConfig):
         "help": "loss on the forced mode tokens: off (none; the paper's literal reading), on (the rollout's "
                 "advantage, like any token) or a weight in (0, 1). Default on: measured on the embedded "
                 "default (README, 'BPO in miniature')"})
+    mode_objective: str = field(default="bpo", metadata={
+        "help": "what the forced mode tokens (the auto-mode decision) learn: bpo (the rollout's own advantage, "
+                "the paper's) or decision (AdaptThink-style: +d on the direct rollouts' mode tokens and -d on "
+                "the thinking ones, d = the query's direct accuracy + direct_margin - its thinking accuracy; "
+                "docs/bpo.md, 'A cost of thinking'). Needs rollout bimode and mode_token_loss > 0"})
+    direct_margin: float = field(default=0.0, metadata={
+        "help": "decision objective: the accuracy (reward) a query may lose by answering directly and still "
+                "prefer it (AdaptThink's delta)"})
+    decision_scale: float = field(default=1.0, metadata={
+        "help": "decision objective: the decision advantage's size against the response tokens' "
+                "group-normalized advantage"})
+    thinking_cost_per_token: float = field(default=0.0, metadata={
+        "help": "reward lost per thinking token, summed with the rewards before BPO's group normalization "
+                "(0: none, the paper's BPO)"})
+    thinking_cost_per_think: float = field(default=0.0, metadata={
+        "help": "reward lost by a rollout that thinks at all (a per-mode cost; 0: none)"})
     rewards: list[str] = field(default_factory=lambda: ["accuracy"], metadata={
         "help": "reward functions: accuracy, format (a collapse risk; weight it low) or package.module:function; "
                 "weights in reward_weights"})
@@ -95,7 +138,18 @@ class BPOConfig(StartFields, AdapterFields, GRPOConfig):
             raise ValueError(f"rollout must be one of {ROLLOUTS}, not {self.rollout!r}")
         if self.rollout == "bimode" and self.num_generations % 2:
             raise ValueError(f"rollout bimode needs an even num_generations (2g), got {self.num_generations}")
-        parse_mode_token_loss(self.mode_token_loss)
+        weight = parse_mode_token_loss(self.mode_token_loss)
+        if self.mode_objective not in MODE_OBJECTIVES:  # read now, so an objective registered by a user counts
+            raise ValueError(f"mode_objective must be one of {tuple(MODE_OBJECTIVES)}, not {self.mode_objective!r}")
+        if self.mode_objective != "bpo" and (self.rollout != "bimode" or weight == 0.0):
+            raise ValueError(f"mode_objective {self.mode_objective} trains the forced mode tokens: it needs "
+                             f"rollout bimode and mode_token_loss above 0 (got rollout {self.rollout}, "
+                             f"mode_token_loss {self.mode_token_loss})")
+        for name in ("thinking_cost_per_token", "thinking_cost_per_think", "direct_margin", "decision_scale"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or (name != "direct_margin" and value < 0):
+                raise ValueError(f"{name} must be a finite number{'' if name == 'direct_margin' else ' >= 0'}, "
+                                 f"got {value}")
         fp32_unless_asked_on_cpu(self)
         super().__post_init__()
 
@@ -111,7 +165,13 @@ class BPOTrainer(StrictResumeMixin, GRPOTrainer):
         self.probe_records = probe_records or []
         self.mode_weight = parse_mode_token_loss(args.mode_token_loss)
         tokenizer = getattr(processor, "tokenizer", processor)
-        self.guarded_rewards = build_rewards(args.rewards, tokenizer)
+        self.task_rewards = build_rewards(args.rewards, tokenizer)  # what the mode decision compares
+        self.guarded_rewards = list(self.task_rewards)
+        if args.thinking_cost_per_token or args.thinking_cost_per_think:
+            cost = make_thinking_cost(args.thinking_cost_per_token, args.thinking_cost_per_think)
+            self.guarded_rewards.append(GuardedReward(cost, "thinking_cost"))
+            if args.reward_weights is not None and len(args.reward_weights) == len(self.task_rewards):
+                args.reward_weights = [*args.reward_weights, 1.0]  # the cost's size is in its own settings
         self._engine: TransformersEngine | None = None
         self._rows: list[int] = []
         self._images: dict[int, list] = {}  # row -> its decoded images, for the current generation batch
@@ -193,7 +253,10 @@ class BPOTrainer(StrictResumeMixin, GRPOTrainer):
             out["logprobs"] = None
         self._rollout_info = {"modes": modes, "suffix_lengths": suffix_lengths,
                               "generated_lengths": generated_lengths, "thinking_tokens": thinking, "taken": taken}
-        out["rollout_mode"] = [m.value for m in modes]  # reaches reward functions as a column
+        # columns for reward functions: the forced mode, the mode taken and its thinking tokens
+        out["rollout_mode"] = [m.value for m in modes]
+        out["taken_mode"] = taken
+        out["thinking_tokens"] = thinking
         return out
 
     def _sampling_params(self) -> SamplingParams:
@@ -290,9 +353,10 @@ class BPOTrainer(StrictResumeMixin, GRPOTrainer):
         output = super()._generate_and_score_completions(inputs)
         suffix_lengths = self._rollout_info["suffix_lengths"]
         advantages = output["advantages"].clone()  # each rollout's A, before any per-token weighting
-        if self.args.rollout == "bimode":  # the algorithm is bpo_core.mode_token_loss; here, TRL's fields
+        if self.args.rollout == "bimode":  # the algorithm is bpo_core's; here, TRL's fields
+            forced = self._mode_decision()
             output["advantages"], keep = mode_token_loss(output["advantages"], output["completion_mask"],
-                                                         suffix_lengths, self.mode_weight)
+                                                         suffix_lengths, self.mode_weight, forced)
             if keep is not None:  # TRL 1.16's per-token loss mask and the token count it divides by
                 output["tool_mask"] = keep * output["tool_mask"] if "tool_mask" in output else keep
                 loss_mask = output["completion_mask"] * output["tool_mask"]
@@ -300,6 +364,28 @@ class BPOTrainer(StrictResumeMixin, GRPOTrainer):
         self._log_modes(advantages)
         self._maybe_probe()
         return output
+
+    def _mode_decision(self) -> torch.Tensor | None:
+        """The mode objective's advantage for this process's forced mode tokens (None: the rollouts' own A),
+        from the task rewards (the thinking cost left out) gathered over processes, since a group of 2g may
+        be split across them; logs the share of queries whose direct answer wins and the decision advantage."""
+        device = self.accelerator.device
+        local = weighted_rewards([func.last for func in self.task_rewards],
+                                 self.reward_weights[:len(self.task_rewards)].tolist())
+        thinks = torch.tensor([m == ThinkingMode.THINK for m in self._rollout_info["modes"]], dtype=torch.float32)
+        rewards, thinks = (self.accelerator.gather(t.to(device)).cpu() for t in (local, thinks))
+        margin = self.args.direct_margin
+        stats = decision_advantages(rewards, thinks.bool(), self.num_generations, margin)
+        log_metric(self, "bpo/direct_wins", stats.direct_wins.float().mean().item())
+        log_metric(self, "bpo/direct_decision_advantage",
+                   stats.forced_advantages[~thinks.bool()].mean().item())
+        signal = MODE_OBJECTIVES[self.args.mode_objective](rewards, thinks.bool(), self.num_generations, margin,
+                                                           self.args.decision_scale)
+        if signal is None:
+            return None
+        n = len(local)
+        start = self.accelerator.process_index * n
+        return signal.forced_advantages[start:start + n]
 
     def _log_modes(self, advantages: torch.Tensor) -> None:
         """Per taken mode: reward (as TRL sums it, unscorable rollouts left out), advantage A and generated

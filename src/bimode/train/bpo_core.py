@@ -7,6 +7,7 @@ in what the forced mode tokens contribute to the loss. Those two differences liv
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -86,21 +87,106 @@ def mode_token_weights(suffix_lengths: list[int], width: int, weight: float) -> 
 
 
 def mode_token_loss(advantages: torch.Tensor, completion_mask: torch.Tensor, suffix_lengths: list[int],
-                    weight: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+                    weight: float, forced_advantages: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """What the forced mode tokens contribute to the loss, as the two inputs TRL's loss takes.
 
     advantages: (B,) one A per rollout; completion_mask: (B, T) 1 on the completion's tokens;
-    suffix_lengths: B forced-suffix lengths (each completion starts with its forced suffix).
+    suffix_lengths: B forced-suffix lengths (each completion starts with its forced suffix);
+    forced_advantages: (B,) what the forced tokens carry instead of A (a mode objective's decision advantage,
+    see `decision_advantages`; None: A itself).
     Returns (advantages, keep): weight 1 -> (A (B,), None), unchanged; 0 < weight < 1 -> (A x per-token
     weights (B, T), None); weight 0 -> (A (B,), keep (B, T)), a 0/1 mask that takes the forced tokens out of
     the loss and out of its token count (their advantage times 0 would still count them in the mean).
+    With forced_advantages (and weight > 0), the forced tokens carry weight x F and the rest A, as (B, T).
     """
-    if weight >= 1.0:
+    if weight >= 1.0 and forced_advantages is None:
         return advantages, None
-    weights = mode_token_weights(suffix_lengths, completion_mask.size(1), weight).to(completion_mask.device)
+    device = completion_mask.device
+    forced = (mode_token_weights(suffix_lengths, completion_mask.size(1), 0.0) == 0).to(device)
     if weight == 0.0:
-        return advantages, (weights > 0).to(completion_mask.dtype)
-    return advantages.reshape(-1, 1) * weights, None
+        return advantages, (~forced).to(completion_mask.dtype)
+    rest = advantages.reshape(-1, 1)
+    carried = rest if forced_advantages is None else forced_advantages.reshape(-1, 1).to(rest)
+    return torch.where(forced, weight * carried, rest), None
+
+
+# ---- what thinking costs (beyond R-4B's accuracy-only reward; docs/bpo.md, "A cost of thinking") ----------
+# A mode objective decides what the forced mode tokens (the auto-mode decision) are trained towards. "bpo" is
+# the paper's: the rollout's own advantage A. Others compute a decision advantage from the two forced groups of
+# each query, which hold both modes' outcomes: the information a router needs.
+MODE_OBJECTIVES: dict[str, Callable[..., DecisionSignal | None]] = {}
+
+
+def register_mode_objective(name: str):
+    def register(objective):
+        MODE_OBJECTIVES[name] = objective
+        return objective
+    return register
+
+
+@dataclass(frozen=True)
+class DecisionSignal:
+    """A mode objective's output: the forced tokens' advantage per rollout (B,) and whether the direct
+    answer wins its query's decision, per group (B / 2g,)."""
+    forced_advantages: torch.Tensor
+    direct_wins: torch.Tensor
+
+
+def mode_group_means(rewards: torch.Tensor, thinks: torch.Tensor, num_generations: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per group of `num_generations` consecutive rollouts: (mean reward of its thinking rollouts, of its
+    direct ones), NaN rewards (unscorable rollouts) left out; NaN where a group has no scorable rollout of a
+    mode."""
+    r = rewards.float().reshape(-1, num_generations)
+    t = thinks.bool().reshape(-1, num_generations)
+    scored = ~torch.isnan(r)
+    value = torch.nan_to_num(r)
+
+    def mean(pick):
+        count = (pick & scored).sum(1)
+        total = (value * (pick & scored)).sum(1)
+        return torch.where(count > 0, total / count.clamp(min=1), torch.full_like(total, float("nan")))
+
+    return mean(t), mean(~t)
+
+
+@register_mode_objective("bpo")
+def bpo_objective(rewards: torch.Tensor, thinks: torch.Tensor, num_generations: int, margin: float = 0.0,
+                  scale: float = 1.0) -> DecisionSignal | None:
+    """R-4B's BPO: the forced tokens carry their rollout's advantage like every other token (None: nothing to
+    replace)."""
+    return None
+
+
+@register_mode_objective("decision")
+def decision_advantages(rewards: torch.Tensor, thinks: torch.Tensor, num_generations: int, margin: float = 0.0,
+                        scale: float = 1.0) -> DecisionSignal:
+    """A decision-level objective in the spirit of AdaptThink (arXiv 2505.13417): prefer the direct answer
+    unless thinking is worth more than `margin` of accuracy on this query.
+
+    AdaptThink maximizes the share of direct answers subject to accuracy not falling below the reference's;
+    its Lagrangian gives a direct answer the advantage R + margin - R_ref. Here both expectations come from
+    the query's own forced groups: the decision advantage of answering directly is
+        d = mean reward (direct) + margin - mean reward (thinking),
+    and of thinking -d, times `scale` (its size against the response tokens' normalized advantage). Only the
+    forced mode tokens carry it, so the response tokens keep BPO's own advantage (Thinkless' decoupling of
+    the mode decision from the response, arXiv 2505.13379).
+    A query whose rollouts of one mode all failed to score gets 0 (no decision signal).
+    """
+    think_mean, direct_mean = mode_group_means(rewards, thinks, num_generations)
+    gap = torch.nan_to_num(direct_mean + margin - think_mean, nan=0.0)
+    per_rollout = scale * gap.repeat_interleave(num_generations)
+    forced = torch.where(thinks.bool().reshape(-1).to(per_rollout.device), -per_rollout, per_rollout)
+    return DecisionSignal(forced, direct_mean + margin >= think_mean)
+
+
+def thinking_cost(thinking_tokens: torch.Tensor, thought: torch.Tensor, per_token: float = 0.0,
+                  per_think: float = 0.0) -> torch.Tensor:
+    """The reward a rollout loses for thinking (a cost in the reward, as length-penalised rewards do):
+    `per_token` for each thinking token and `per_think` once if it thought at all. Returned as a
+    negative reward, to be summed with accuracy before BPO's group normalization."""
+    return -(per_token * thinking_tokens.float() + per_think * thought.float())
 
 
 def response_mode(completion_ids: list[int], think_ids, no_think_ids) -> str:

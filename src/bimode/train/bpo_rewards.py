@@ -17,6 +17,7 @@ import torch
 
 from bimode.modes import THINK_OPEN, ThinkingMode, parse_response
 from bimode.scoring import accuracy_reward
+from bimode.train import bpo_core
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +60,21 @@ def make_format_reward(tokenizer) -> Callable:
         return out
 
     return format_ok
+
+
+def make_thinking_cost(per_token: float, per_think: float) -> Callable:
+    """The cost of thinking as a reward (bpo_core.thinking_cost): minus `per_token` per thinking token, minus
+    `per_think` for a rollout that thought, from the `thinking_tokens` and `taken_mode` columns BPO's rollouts
+    pass to reward functions. Summed with accuracy before the group normalization, so where both modes are
+    right the direct answer wins."""
+
+    def thinking_cost(prompts, completions, completion_ids, **kwargs) -> list[float]:
+        n = len(completion_ids)
+        tokens = torch.tensor([t or 0 for t in _column(kwargs, "thinking_tokens", n)], dtype=torch.float32)
+        thought = torch.tensor([m == ThinkingMode.THINK.value for m in _column(kwargs, "taken_mode", n)])
+        return bpo_core.thinking_cost(tokens, thought, per_token, per_think).tolist()
+
+    return thinking_cost
 
 
 def import_reward(path: str) -> Callable:

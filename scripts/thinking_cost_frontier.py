@@ -1,0 +1,235 @@
+"""A cost of thinking in BPO, measured as a frontier on the embedded default (docs/bpo.md, "A cost of thinking").
+
+From the demo's annealed model (run `make demo` first), BPO with the demo's settings (configs/recipes/demo.yaml
+over tiny_bpo.yaml) is run once per setting and seed:
+  BPO (paper)           accuracy reward only, the forced mode tokens carry the rollout's advantage
+  token cost C          thinking_cost_per_token C: reward minus C per thinking token
+  think cost C          thinking_cost_per_think C: reward minus C for a rollout that thinks
+  decision m [x s]      mode_objective decision, direct_margin m (AdaptThink-style decision advantage on the
+                        forced mode tokens, carried at full weight), decision_scale s (default 1)
+Each final model is evaluated greedily in auto, think and no_think mode on the demo's eval split (400
+questions) and on a fresh split of 600 questions drawn with a seed the project uses nowhere else. Per run:
+auto accuracy and tokens against think mode's, the oracle router (per question, the cheaper forced mode that
+is right), and each model's threshold calibrated on the eval split (max_drop 1 point, 95% confidence and the
+plain pick), checked on the fresh split. Writes results.json, frontier.md and
+frontier.png to --out.
+
+    .venv/bin/python scripts/thinking_cost_frontier.py --demo runs/demo --out runs/frontier [--seeds 0 1 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from dataclasses import replace
+from pathlib import Path
+from statistics import mean
+
+import torch
+
+from bimode.commands.parsing import load_recipe, recipe_values
+from bimode.data import synthetic
+from bimode.data.records import read_records, write_records
+from bimode.eval.calibrate import calibrate
+from bimode.eval.metrics import group_metrics, oracle_summary
+from bimode.eval.runner import EvalConfig, read_samples, run_eval
+from bimode.generation.engine import TransformersEngine
+from bimode.models import load_model
+from bimode.train.bpo import BPOConfig, build_trainer
+
+SETTINGS = {
+    "BPO (paper)": {},
+    "token cost 0.01": dict(thinking_cost_per_token=0.01),
+    "token cost 0.03": dict(thinking_cost_per_token=0.03),
+    "think cost 0.3": dict(thinking_cost_per_think=0.3),
+    "decision m=0.1": dict(mode_objective="decision", direct_margin=0.1, mode_token_loss="on"),
+    "decision m=0.3": dict(mode_objective="decision", direct_margin=0.3, mode_token_loss="on"),
+    "decision m=0.3 x4": dict(mode_objective="decision", direct_margin=0.3, decision_scale=4.0, mode_token_loss="on"),
+}
+FRESH_SEED = 20261204  # a seed no other part of the project draws the world with
+GOAL = {"max_drop": 1.0, "token_share": 0.4, "level1_thinking": 0.10}
+
+
+def run_bpo(start: Path, demo: Path, out: Path, seed: int, setting: dict) -> Path:
+    demo_values = recipe_values("demo")
+    group = recipe_values("tiny_bpo")["num_generations"]
+    cfg = load_recipe(BPOConfig, "tiny_bpo", model_path=str(start), train_files=[str(demo / "data" / "train.jsonl")],
+                      probe_files=[str(demo / "data" / "eval.jsonl")], output_dir=str(out),
+                      max_steps=demo_values["bpo_steps"], per_device_train_batch_size=group * demo_values["bpo_prompts"],
+                      probe_steps=demo_values["bpo_steps"] // 10, seed=seed, report_to=[], save_strategy="no",
+                      use_cpu=not torch.cuda.is_available(), disable_tqdm=True,
+                      **{"mode_token_loss": demo_values["bpo_mode_token_loss"], "beta": demo_values["bpo_beta"],
+                         **setting})
+    trainer = build_trainer(cfg)
+    trainer.train()
+    final = out / "final"
+    trainer.save_model(str(final))
+    trainer.processing_class.save_pretrained(str(final))
+    (out / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
+    return final
+
+
+def evaluate(model_dir: Path, bench: Path, out: Path) -> list[dict]:
+    if not (out / "samples.jsonl").exists():
+        model, processor = load_model(model_dir, dtype=torch.float32)
+        run_eval(TransformersEngine(model, processor, max_batch_rows=96), [bench], out,
+                 load_recipe(EvalConfig, "tiny_eval", modes=["auto", "think", "no_think"]), progress=False)
+    return read_samples(out / "samples.jsonl")
+
+
+def summarize(rows: list[dict]) -> dict:
+    bench = next(iter(group_metrics(rows)["benchmarks"].values()))
+    auto, think = bench["modes"]["auto"], bench["modes"]["think"]
+    oracle = oracle_summary(rows)
+    level1 = bench["by_level"][min(bench["by_level"], key=int)]["modes"]["auto"]["thinking_rate"]
+    out = {"auto_accuracy": auto["accuracy"], "auto_tokens": auto["tokens"], "auto_thinking": auto["thinking_rate"],
+           "think_accuracy": think["accuracy"], "think_tokens": think["tokens"],
+           "no_think_accuracy": bench["modes"]["no_think"]["accuracy"],
+           "token_share": auto["tokens"] / think["tokens"], "level1_thinking": level1,
+           "thinking_by_level": {lv: m["modes"]["auto"]["thinking_rate"] for lv, m in bench["by_level"].items()},
+           "oracle_accuracy": oracle["accuracy"], "oracle_share": oracle["tokens"] / think["tokens"]}
+    out["goal_met"] = (out["auto_accuracy"] >= out["think_accuracy"] - GOAL["max_drop"] / 100
+                       and out["token_share"] <= GOAL["token_share"] and level1 <= GOAL["level1_thinking"])
+    return out
+
+
+def calibrated(pick_rows: list[dict], fresh_rows: list[dict], confidence: float) -> dict:
+    result = calibrate(pick_rows, max_drop=GOAL["max_drop"], holdout_rows=fresh_rows, confidence=confidence, seed=0)
+    held = result["holdout"]
+    return {"threshold": result["threshold"], "confidence": confidence, "met_on_fresh": result["met_on_holdout"],
+            "fresh_accuracy": held["calibrated"]["accuracy"], "fresh_think_accuracy": held["think"]["accuracy"],
+            "fresh_token_share": held["calibrated"]["tokens"] / held["think"]["tokens"],
+            "fresh_difference": held["difference"]}
+
+
+def fresh_split(demo: Path, out: Path, n: int) -> Path:
+    families = recipe_values("demo")["families"]
+    records = [replace(s.to_record(), id=f"fresh-{s.to_record().id}")
+               for s in synthetic.generate(n, FRESH_SEED, "eval", families=families)]
+    known = {r.id for r in read_records(demo / "data" / "eval.jsonl")}
+    assert not known & {r.id for r in records}
+    return write_records(records, out / "fresh.jsonl", overwrite=True)
+
+
+def run_directory(out: Path, setting: str, seed: int) -> Path:
+    return out / setting.replace(" ", "_").replace("(", "").replace(")", "").replace("=", "") / f"seed{seed}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--demo", default="runs/demo", help="a finished `bimode demo` run (its annealed model, data)")
+    parser.add_argument("--out", default="runs/frontier")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--n-fresh", type=int, default=600)
+    args = parser.parse_args()
+    demo, out = Path(args.demo), Path(args.out)
+    start = demo / "annealed"
+    if not (start / "config.json").exists():
+        raise SystemExit(f"no annealed model in {start}: run `make demo` (or `bimode demo --out {demo}`) first")
+    out.mkdir(parents=True, exist_ok=True)
+    fresh = fresh_split(demo, out, args.n_fresh)
+    results_path = out / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    for name in args.settings:
+        for seed in args.seeds:
+            key = f"{name} | seed {seed}"
+            if key in results:
+                continue
+            run_dir = run_directory(out, name, seed)
+            began = time.time()
+            if not (run_dir / "final" / "config.json").exists():
+                shutil.rmtree(run_dir, ignore_errors=True)
+                run_bpo(start, demo, run_dir, seed, SETTINGS[name])
+            eval_rows = evaluate(run_dir / "final", demo / "data" / "eval.jsonl", run_dir / "eval")
+            fresh_rows = evaluate(run_dir / "final", fresh, run_dir / "eval_fresh")
+            entry = {"setting": name, "seed": seed, "eval": summarize(eval_rows), "fresh": summarize(fresh_rows),
+                     "seconds": round(time.time() - began, 1)}
+            results[key] = entry
+            results_path.write_text(json.dumps(results, indent=1))
+            print(f"{key}: auto {100 * entry['eval']['auto_accuracy']:.1f} at "
+                  f"{100 * entry['eval']['token_share']:.0f}% of think's tokens", flush=True)
+    for entry in results.values():  # every model's threshold, picked on the eval split, checked on the fresh one
+        if "calibrated" not in entry:
+            run_dir = run_directory(out, entry["setting"], entry["seed"])
+            pick, check = (read_samples(run_dir / part / "samples.jsonl") for part in ("eval", "eval_fresh"))
+            entry["calibrated"] = [calibrated(pick, check, c) for c in (0.0, 0.95)]
+    results_path.write_text(json.dumps(results, indent=1))
+    (out / "frontier.md").write_text(render(results))
+    plot(results, out / "frontier.png")
+    print(render(results))
+
+
+def render(results: dict) -> str:
+    lines = ["| setting | seed | auto acc | think acc | auto tokens (share of think) | L1 thinks | L6 thinks | "
+             "oracle share | goal met | fresh split: auto - think, share |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for entry in results.values():
+        e, f = entry["eval"], entry["fresh"]
+        levels = e["thinking_by_level"]
+        lines.append(f"| {entry['setting']} | {entry['seed']} | {100 * e['auto_accuracy']:.1f} | "
+                     f"{100 * e['think_accuracy']:.1f} | {e['auto_tokens']:.1f} ({100 * e['token_share']:.0f}%) | "
+                     f"{100 * e['level1_thinking']:.0f}% | {100 * levels[max(levels, key=int)]:.0f}% | "
+                     f"{100 * e['oracle_share']:.0f}% | {'yes' if e['goal_met'] else 'no'} | "
+                     f"{100 * (f['auto_accuracy'] - f['think_accuracy']):+.1f}, {100 * f['token_share']:.0f}% |")
+    lines += ["", "Each model with a calibrated threshold (picked on the eval split, max_drop 1 point), on the fresh "
+                  "split:", "",
+              "| setting | seed | confidence | threshold | auto - think (95% interval) | share of think's tokens | met |",
+              "|---|---|---|---|---|---|---|"]
+    for entry in results.values():
+        for c in entry.get("calibrated", []):
+            d = c["fresh_difference"]
+            lines.append(f"| {entry['setting']} | {entry['seed']} | {c['confidence']:g} | {c['threshold']:g} | "
+                         f"{d['difference']:+.1f} "
+                         f"[{d['low']:+.1f}, {d['high']:+.1f}] | {100 * c['fresh_token_share']:.0f}% | "
+                         f"{'yes' if c['met_on_fresh'] else 'no'} |")
+    by_setting: dict[str, list[dict]] = {}
+    for entry in results.values():
+        by_setting.setdefault(entry["setting"], []).append(entry["eval"])
+    lines += ["", "| setting | runs | auto acc (mean) | auto - think (mean) | share of think's tokens (mean) | "
+                  "L1 thinks (mean) | goal met |", "|---|---|---|---|---|---|---|"]
+    for name, runs in by_setting.items():
+        lines.append(f"| {name} | {len(runs)} | {100 * mean(r['auto_accuracy'] for r in runs):.1f} | "
+                     f"{100 * mean(r['auto_accuracy'] - r['think_accuracy'] for r in runs):+.1f} | "
+                     f"{100 * mean(r['token_share'] for r in runs):.0f}% | "
+                     f"{100 * mean(r['level1_thinking'] for r in runs):.0f}% | "
+                     f"{sum(r['goal_met'] for r in runs)} of {len(runs)} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9.5, 4.5))
+    markers = dict(zip(SETTINGS, "osD^vP<>"))
+    for name in SETTINGS:
+        runs = [e["eval"] for e in results.values() if e["setting"] == name]
+        if runs:
+            ax.scatter([100 * r["token_share"] for r in runs], [100 * r["auto_accuracy"] for r in runs],
+                       marker=markers[name], label=f"auto, {name}", s=40)
+    oracle = [e["eval"] for e in results.values()]
+    ax.scatter([100 * r["oracle_share"] for r in oracle], [100 * r["oracle_accuracy"] for r in oracle],
+               marker="*", color="gray", label="oracle router (same models)", s=50)
+    calib = [(c, e) for e in results.values() for c in e.get("calibrated", [])
+             if c["confidence"] and e["setting"] == "BPO (paper)"]
+    if calib:
+        ax.scatter([100 * c["fresh_token_share"] for c, _ in calib], [100 * c["fresh_accuracy"] for c, _ in calib],
+                   marker="x", color="black", label="plain BPO + calibrated threshold (fresh split)", s=40)
+    think = mean(100 * e["eval"]["think_accuracy"] for e in results.values())
+    ax.axhline(think - GOAL["max_drop"], color="red", lw=0.8, ls="--", label="mean think acc - 1 point")
+    ax.axvline(100 * GOAL["token_share"], color="red", lw=0.8, ls=":", label="40% of think's tokens")
+    ax.set_xlabel("auto tokens, % of think mode's (eval split)")
+    ax.set_ylabel("accuracy %")
+    ax.set_title("A cost of thinking in BPO: one point per run (embedded default)")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
