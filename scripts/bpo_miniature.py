@@ -41,6 +41,11 @@ def rl(start: Path, train: Path, probe: Path, out: Path, steps: int, seed: int, 
     cfg = load_recipe(BPOConfig, "tiny_bpo", model_path=str(start), train_files=[str(train)],
                       probe_files=[str(probe)], output_dir=str(out), max_steps=steps, report_to=[],
                       save_strategy="no", seed=seed, use_cpu=not torch.cuda.is_available(), **setting)
+    return train_to_final(cfg, out)
+
+
+def train_to_final(cfg: BPOConfig, out: Path) -> Path:
+    """Train, save the model and processor to out/final and the log history beside it."""
     trainer = build_trainer(cfg)
     trainer.train()
     final = out / "final"

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -37,7 +38,10 @@ from bimode.eval.metrics import group_metrics, oracle_summary
 from bimode.eval.runner import EvalConfig, read_samples, run_eval
 from bimode.generation.engine import TransformersEngine
 from bimode.models import load_model
-from bimode.train.bpo import BPOConfig, build_trainer
+from bimode.train.bpo import BPOConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bpo_miniature import train_to_final  # noqa: E402
 
 SETTINGS = {
     "BPO (paper)": {},
@@ -62,13 +66,7 @@ def run_bpo(start: Path, demo: Path, out: Path, seed: int, setting: dict) -> Pat
                       use_cpu=not torch.cuda.is_available(), disable_tqdm=True,
                       **{"mode_token_loss": demo_values["bpo_mode_token_loss"], "beta": demo_values["bpo_beta"],
                          **setting})
-    trainer = build_trainer(cfg)
-    trainer.train()
-    final = out / "final"
-    trainer.save_model(str(final))
-    trainer.processing_class.save_pretrained(str(final))
-    (out / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
-    return final
+    return train_to_final(cfg, out)
 
 
 def evaluate(model_dir: Path, bench: Path, out: Path) -> list[dict]:
