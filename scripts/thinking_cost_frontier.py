@@ -115,6 +115,36 @@ def run_directory(out: Path, setting: str, seed: int) -> Path:
     return out / setting.replace(" ", "_").replace("(", "").replace(")", "").replace("=", "") / f"seed{seed}"
 
 
+def direct_sampling_check(model_dir: Path, eval_dir: Path, bench: Path, samples: int = 8) -> str:
+    """Where the learned router thinks but a threshold need not: per level, the questions auto mode thought on,
+    split by whether the greedy direct answer (what the eval scores) is right, and how often a direct answer
+    sampled at temperature 1 (what BPO's rollouts see) is right on them."""
+    from bimode.generation.types import Prompt, SamplingParams
+    from bimode.scoring import accuracy_reward
+
+    rows = read_samples(eval_dir / "samples.jsonl")
+    by_id: dict[str, dict] = {}
+    for r in rows:
+        by_id.setdefault(r["id"], {})[r["mode"]] = r
+    records = {r.id: r for r in read_records(bench)}
+    chosen = [(records[i], m) for i, m in by_id.items() if m["auto"]["thought"] and m["think"]["level"] >= 4]
+    model, processor = load_model(model_dir, dtype=torch.float32)
+    engine = TransformersEngine(model, processor, max_batch_rows=96)
+    params = SamplingParams(max_new_tokens=48, temperature=1.0, seed=0)
+    groups = engine.generate([Prompt.from_record(r, ["no_think"] * samples) for r, _ in chosen], params)
+    table: dict[tuple[int, bool], list[float]] = {}
+    for (record, modes), group in zip(chosen, groups):
+        right = sum(accuracy_reward(c.prompt_suffix + c.text, record.answer, record.answer_type, record.choices)
+                    for c in group) / len(group)
+        table.setdefault((record.level, modes["no_think"]["score"] >= 1), []).append(right)
+    lines = [f"| level | greedy direct answer | questions auto thinks on | sampled direct answers right (T=1, "
+             f"{samples} each) |", "|---|---|---|---|"]
+    for (level, greedy_right), values in sorted(table.items()):
+        lines.append(f"| {level} | {'right' if greedy_right else 'wrong'} | {len(values)} | "
+                     f"{100 * mean(values):.0f}% |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--demo", default="runs/demo", help="a finished `bimode demo` run (its annealed model, data)")
@@ -122,8 +152,15 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--n-fresh", type=int, default=600)
+    parser.add_argument("--diagnose", metavar="SETTING_SEED_DIR", help="instead of runs: for one finished run "
+                        "(e.g. runs/frontier/BPO_paper/seed0), how often direct answers sampled at temperature 1 are "
+                        "right on the level 4-6 questions its auto mode thinks on")
     args = parser.parse_args()
     demo, out = Path(args.demo), Path(args.out)
+    if args.diagnose:
+        run = Path(args.diagnose)
+        print(direct_sampling_check(run / "final", run / "eval", demo / "data" / "eval.jsonl"))
+        return
     start = demo / "annealed"
     if not (start / "config.json").exists():
         raise SystemExit(f"no annealed model in {start}: run `make demo` (or `bimode demo --out {demo}`) first")

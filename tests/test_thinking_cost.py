@@ -7,13 +7,9 @@ import pytest
 import torch
 
 from bimode.train import bpo_core
-from bimode.train.bpo_core import (
-    decision_advantages,
-    mode_group_means,
-    mode_token_loss,
-    thinking_cost,
-)
+from bimode.train.bpo_core import decision_advantages, mode_group_means, mode_token_loss, thinking_cost
 from bimode.train.bpo_rewards import make_thinking_cost
+
 from tests.bpo_helpers import trained_p_think_drop
 from tests.test_bpo import BATCH, make_trainer
 

@@ -47,40 +47,14 @@ from bimode.generation.engine import TransformersEngine
 from bimode.generation.types import Prompt, SamplingParams, token_counts
 from bimode.modes import ThinkingMode
 from bimode.train.adapters import AdapterFields, build_peft_config
-from bimode.train.bpo_core import (
-    MODE_OBJECTIVES,
-    ROLLOUTS,
-    decision_advantages,
-    mode_token_loss,
-    parse_mode_token_loss,
-    per_mode_stats,
-    response_mode,
-    rollout_modes,
-)
-from bimode.train.bpo_rewards import (
-    GuardedReward,
-    build_rewards,
-    make_thinking_cost,
-    weighted_rewards,
-)
-from bimode.train.checkpoint import (
-    StartFields,
-    StrictResumeMixin,
-    load_start,
-    train_and_save,
-)
+from bimode.train.bpo_core import (MODE_OBJECTIVES, ROLLOUTS, decision_advantages, mode_token_loss,
+                                   parse_mode_token_loss, per_mode_stats, response_mode, rollout_modes)
+from bimode.train.bpo_rewards import GuardedReward, build_rewards, make_thinking_cost, weighted_rewards
+from bimode.train.checkpoint import StartFields, StrictResumeMixin, load_start, train_and_save
 from bimode.train.components import freeze
 from bimode.train.precision import fp32_unless_asked_on_cpu
-from bimode.train.shared_prefix_forward import (
-    call_unsupported,
-    find_prefix_groups,
-    grouped_completion_logps,
-)
-from bimode.train.vllm_fit import (
-    collapse_image_runs,
-    colocated_llm_settings,
-    fit_vllm_generation,
-)
+from bimode.train.shared_prefix_forward import call_unsupported, find_prefix_groups, grouped_completion_logps
+from bimode.train.vllm_fit import collapse_image_runs, fit_vllm_generation, colocated_llm_settings
 
 MODE_CODES = {"think": 0, "no_think": 1, "malformed": 2}
 log = logging.getLogger(__name__)
