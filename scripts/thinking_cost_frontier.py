@@ -7,6 +7,7 @@ over tiny_bpo.yaml) is run once per setting and seed:
   think cost C          thinking_cost_per_think C: reward minus C for a rollout that thinks
   decision m [x s]      mode_objective decision, direct_margin m (AdaptThink-style decision advantage on the
                         forced mode tokens, carried at full weight), decision_scale s (default 1)
+  ..., 600 steps        the same, three times as long
 Each final model is evaluated greedily in auto, think and no_think mode on the demo's eval split (400
 questions) and on a fresh split of 600 questions drawn with a seed the project uses nowhere else. Per run:
 auto accuracy and tokens against think mode's, the oracle router (per question, the cheaper forced mode that
@@ -51,6 +52,9 @@ SETTINGS = {
     "decision m=0.1": dict(mode_objective="decision", direct_margin=0.1, mode_token_loss="on"),
     "decision m=0.3": dict(mode_objective="decision", direct_margin=0.3, mode_token_loss="on"),
     "decision m=0.3 x4": dict(mode_objective="decision", direct_margin=0.3, decision_scale=4.0, mode_token_loss="on"),
+    "token cost 0.03, 600 steps": dict(thinking_cost_per_token=0.03, max_steps=600),
+    "decision m=0.3, 600 steps": dict(mode_objective="decision", direct_margin=0.3, mode_token_loss="on",
+                                      max_steps=600),
 }
 FRESH_SEED = 20261204  # a seed no other part of the project draws the world with
 GOAL = {"max_drop": 1.0, "token_share": 0.4, "level1_thinking": 0.10}
@@ -59,13 +63,13 @@ GOAL = {"max_drop": 1.0, "token_share": 0.4, "level1_thinking": 0.10}
 def run_bpo(start: Path, demo: Path, out: Path, seed: int, setting: dict) -> Path:
     demo_values = recipe_values("demo")
     group = recipe_values("tiny_bpo")["num_generations"]
+    steps = setting.get("max_steps", demo_values["bpo_steps"])
+    values = {"max_steps": steps, "per_device_train_batch_size": group * demo_values["bpo_prompts"],
+              "probe_steps": steps // 10, "mode_token_loss": demo_values["bpo_mode_token_loss"],
+              "beta": demo_values["bpo_beta"], **setting}
     cfg = load_recipe(BPOConfig, "tiny_bpo", model_path=str(start), train_files=[str(demo / "data" / "train.jsonl")],
-                      probe_files=[str(demo / "data" / "eval.jsonl")], output_dir=str(out),
-                      max_steps=demo_values["bpo_steps"], per_device_train_batch_size=group * demo_values["bpo_prompts"],
-                      probe_steps=demo_values["bpo_steps"] // 10, seed=seed, report_to=[], save_strategy="no",
-                      use_cpu=not torch.cuda.is_available(), disable_tqdm=True,
-                      **{"mode_token_loss": demo_values["bpo_mode_token_loss"], "beta": demo_values["bpo_beta"],
-                         **setting})
+                      probe_files=[str(demo / "data" / "eval.jsonl")], output_dir=str(out), seed=seed, report_to=[],
+                      save_strategy="no", use_cpu=not torch.cuda.is_available(), disable_tqdm=True, **values)
     return train_to_final(cfg, out)
 
 
@@ -240,7 +244,7 @@ def plot(results: dict, png: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(9.5, 4.5))
-    markers = dict(zip(SETTINGS, "osD^vP<>"))
+    markers = dict(zip(SETTINGS, "osD^vP<>hX"))
     for name in SETTINGS:
         runs = [e["eval"] for e in results.values() if e["setting"] == name]
         if runs:
