@@ -134,7 +134,7 @@ def direct_sampling_check(model_dir: Path, eval_dir: Path, bench: Path, samples:
     chosen = [(records[i], m) for i, m in by_id.items() if m["auto"]["thought"] and m["think"]["level"] >= 4]
     model, processor = load_model(model_dir, dtype=torch.float32)
     engine = TransformersEngine(model, processor, max_batch_rows=96)
-    params = SamplingParams(max_new_tokens=48, temperature=1.0, seed=0)
+    params = SamplingParams(max_new_tokens=recipe_values("tiny_eval")["max_new_tokens"], temperature=1.0, seed=0)
     groups = engine.generate([Prompt.from_record(r, ["no_think"] * samples) for r, _ in chosen], params)
     table: dict[tuple[int, bool], list[float]] = {}
     for (record, modes), group in zip(chosen, groups):
