@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 install_cpu_torch = $(if $(PIP_LOCAL),$(1) -m pip install $(PIP_LOCAL) "$(TORCH_SPEC)" || )$(1) -m pip install \
 	--index-url https://download.pytorch.org/whl/cpu "$(TORCH_SPEC)"
 
-.PHONY: setup setup-vllm setup-lmms-eval check-versions test demo clean
+.PHONY: setup setup-vllm setup-lmms-eval check-versions test test-fast demo clean
 
 setup: $(VENV)/.installed
 
@@ -54,7 +54,7 @@ $(VLLM_VENV)/.installed: pyproject.toml
 	$(VLLM_PY) -c "import torchvision, vllm, bimode.generation.vllm_backend; print('vllm', vllm.__version__)"
 	touch $@
 
-# lmms-eval's own environment (docs/lmms_eval.md): tests/test_lmms_eval.py runs its CLI against `bimode serve` and
+# lmms-eval's own environment (docs/lmms_eval.md): tests/integration/test_lmms_eval.py runs its CLI against `bimode serve` and
 # skips while it is missing. lmms-eval only talks HTTP to bimode, so bimode is not installed there. The CPU torch
 # as in `setup` (PyPI's CUDA build, the last resort, works on CPU too, at about 3 GB), then the part of
 # lmms-eval's requirements that its CLI and OpenAI-compatible model import (requirements/lmms-eval.txt), then
@@ -90,6 +90,11 @@ test: setup
 	else \
 		echo "Skipped: the internals tests at the lower end of the range run in vLLM's environment (make setup-vllm)"; \
 	fi
+
+# The inner loop: the unit tests (tests/unit) that are not marked slow, in the main environment only. The whole
+# suite before you push: `make test`.
+test-fast: setup
+	$(PY) -m pytest tests/unit -m "not slow" $(PYTEST_ARGS)
 
 # The GPU extra (`pip install ".[vllm]"`) resolves to the versions CI tests, and pyproject.toml's transformers
 # range is the two tested ends (scripts/check_versions.py; pip reads the packages' metadata and downloads none of

@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bimode.commands.parsing import load_recipe
+from bimode.recipes import load_recipe
 from bimode.data import synthetic
 from bimode.data.records import write_records
 from bimode.train.anneal import AnnealConfig, build_trainer

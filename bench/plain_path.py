@@ -1,7 +1,7 @@
 """The engine's plain path (models with multi-axis rotary positions: Qwen-VL) batched per mode, against one
 `model.generate` per sample (how the path worked before, and how a naive loop does it).
 
-Both run in this one process on a tiny random Qwen2.5-VL (tests/hf_fixtures.py), the same image prompts and
+Both run in this one process on a tiny random Qwen2.5-VL (tests/helpers/hf_fixtures.py), the same image prompts and
 bi-mode groups, greedy, with the same completion lengths (greedy: the same tokens, checked).
 
     .venv/bin/python bench/plain_path.py [--questions 8] [--g 2] [--max-new-tokens 24] [--repeats 3]
@@ -23,7 +23,7 @@ from bimode.generation.types import Prompt, SamplingParams
 from bimode.models import load_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.hf_fixtures import build_tiny_qwen25_vl  # noqa: E402
+from tests.helpers.hf_fixtures import build_tiny_qwen25_vl  # noqa: E402
 
 
 def one_at_a_time(model, processor, prompts, max_new_tokens):

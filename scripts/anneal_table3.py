@@ -28,7 +28,7 @@ from bimode.eval.runner import EvalConfig, read_samples, run_eval
 from bimode.generation.engine import TransformersEngine
 from bimode.models import load_model
 from bimode.models.tiny import build_tiny
-from bimode.commands.parsing import load_recipe
+from bimode.recipes import load_recipe
 from bimode.train.anneal import AnnealConfig, build_trainer
 
 

@@ -26,7 +26,7 @@ from anneal_table3 import anneal, evaluate
 from bimode.data import synthetic
 from bimode.data.records import write_records
 from bimode.models.tiny import build_tiny
-from bimode.commands.parsing import load_recipe
+from bimode.recipes import load_recipe
 from bimode.train.bpo import BPOConfig, build_trainer
 
 RUNS = {

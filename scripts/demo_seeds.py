@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from bimode.commands.parsing import load_recipe
+from bimode.recipes import load_recipe
 from bimode.demo import DemoConfig, run_demo
 
 # what each stage leaves that a re-run should reproduce

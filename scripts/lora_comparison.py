@@ -27,7 +27,7 @@ from trl import ModelConfig
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from anneal_table3 import needs_reasoning
 
-from bimode.commands.parsing import load_recipe
+from bimode.recipes import load_recipe
 from bimode.data import synthetic
 from bimode.data.records import write_records
 from bimode.eval.metrics import group_metrics
@@ -83,7 +83,7 @@ def bpo(start: Path, train_file: Path, probe: Path, out: Path, steps: int, promp
 
 
 def evaluate(model_dir: Path, bench: Path, out: Path) -> dict:
-    # adapters merged for evaluation: the same outputs (tests/test_lora.py), faster
+    # adapters merged for evaluation: the same outputs (tests/unit/test_lora.py), faster
     model, processor = load_model(model_dir, dtype=torch.float32, merge_adapter=True)
     samples = run_eval(TransformersEngine(model, processor, max_batch_rows=96), [bench], out,
                        load_recipe(EvalConfig, "tiny_eval", modes=list(MODES)), progress=False)

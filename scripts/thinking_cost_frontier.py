@@ -31,7 +31,7 @@ from statistics import mean
 
 import torch
 
-from bimode.commands.parsing import load_recipe, recipe_values
+from bimode.recipes import load_recipe, recipe_values
 from bimode.data import synthetic
 from bimode.data.records import read_records, write_records
 from bimode.eval.calibrate import calibrate

@@ -5,6 +5,18 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach a hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+KINDS = ("unit", "distributed", "integration")  # the folders under tests/, each a marker of the same name
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        kind = item.path.parent.name
+        if kind in KINDS:
+            item.add_marker(kind)
+        # the trained tiny model is trained again (about a minute) whenever bimode's code changed: not inner-loop
+        if "trained_tiny" in getattr(item, "fixturenames", ()):
+            item.add_marker("slow")
+
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
@@ -175,7 +187,7 @@ def engine(trained_tiny):
 
 
 def launch_two_cpu_processes(script: str, *args: str, timeout: int = 300, config: str = "cpu2") -> None:
-    """Run tests/<script> (a .py name) or a module (`-m bimode.cli`) under `accelerate launch` with
+    """Run tests/distributed/<script> (a rank worker's .py name) or a module (`-m bimode.cli`) under `accelerate launch` with
     configs/accelerate/<config>.yaml (2 processes, gloo: cpu2 is DDP, cpu2_zero2 / cpu2_zero3 / cpu2_fsdp2
     the sharded engines)."""
     import socket
@@ -185,7 +197,7 @@ def launch_two_cpu_processes(script: str, *args: str, timeout: int = 300, config
 
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
-    target = script.split() if script.startswith("-m ") else [str(root / "tests" / script)]
+    target = script.split() if script.startswith("-m ") else [str(root / "tests" / "distributed" / script)]
     with socket.socket() as s:  # a port of its own: a launch must never meet another launch's rendezvous
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

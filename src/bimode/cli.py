@@ -28,7 +28,7 @@ def overview_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bimode.data.records import RecordError
+    from bimode.errors import UsageError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     words, rest = find_command(argv)
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         configs = module.make_parser(prog="bimode " + " ".join(words)).parse_args_and_config(rest)
         return module.main(*configs)
-    except (RecordError, FileNotFoundError, FileExistsError, ValueError) as exc:
+    except UsageError as exc:  # the user's mistake: one line; anything else is a bug and keeps its traceback
         if os.environ.get("BIMODE_DEBUG"):
             raise
         print(f"error: {exc}", file=sys.stderr)

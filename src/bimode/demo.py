@@ -17,13 +17,14 @@ from pathlib import Path
 
 from bimode.data import synthetic
 from bimode.data.records import TARGET_MODES, read_records, write_records
+from bimode.errors import UsageError
 
 
 @dataclass
 class DemoConfig:
     """The demo's run: sizes, and the few settings where it departs from the tiny recipes it runs
-    (configs/recipes/tiny_{curate,anneal,bpo,eval}.yaml). The sizes come from a recipe: demo.yaml (the
-    default of `bimode demo`) or demo_quick.yaml (`--quick`)."""
+    (the shipped recipes tiny_{curate,anneal,bpo,eval}, in bimode/configs/recipes). The sizes come from a
+    recipe: demo.yaml (the default of `bimode demo`) or demo_quick.yaml (`--quick`)."""
 
     n_train: int = field(metadata={"help": "synthetic training samples"})
     n_eval: int = field(metadata={"help": "held-out eval samples"})
@@ -49,7 +50,7 @@ class DemoConfig:
         synthetic.check_families(self.families)
         for name in ("n_train", "n_eval", "warmup_steps", "anneal_steps", "bpo_steps", "bpo_prompts"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+                raise UsageError(f"{name} must be at least 1, got {getattr(self, name)}")
 
 
 # What every trainer of the demo shares, over its recipe: no checkpoints or loggers, progress bars shown
@@ -82,14 +83,13 @@ def _save(model, processor, path: Path) -> None:
 def run_demo(cfg: DemoConfig) -> int:
     import torch
 
-    from bimode.commands.parsing import load_recipe, recipe_values
-
     from bimode.curate import CurateConfig, run_curation
     from bimode.eval.report import write_report
     from bimode.eval.runner import EvalConfig, read_samples, run_eval
     from bimode.generation.backends import build_backend
     from bimode.models import load_model
     from bimode.models.tiny import build_tiny
+    from bimode.recipes import load_recipe, recipe_values
     from bimode.train.anneal import AnnealConfig
     from bimode.train.anneal import build_trainer as anneal_trainer
     from bimode.train.bpo import BPOConfig
@@ -173,15 +173,15 @@ def run_demo(cfg: DemoConfig) -> int:
                 write_report(read_samples(samples), out / f"eval_{name}", title=title)
             timed(f"evaluation ({name})", evaluate)
     _write_report(out, summary, timings, time.time() - start)
-    _print_samples(out / "eval_bpo" / "samples.jsonl")
+    _print_samples(out / "eval_bpo" / "samples.jsonl", "model after BPO")
     print((out / "report.md").read_text())
     print(f"done in {time.time() - start:.0f} s; the final model is in {out / 'bpo'} "
           f"(try `bimode chat {out / 'bpo'}` or `bimode serve {out / 'bpo'}`)")
     return 0
 
 
-def _print_samples(samples_path: Path, per_family: int = 1) -> None:
-    """One eval question per family with the annealed model's response in each mode."""
+def _print_samples(samples_path: Path, model: str, per_family: int = 1) -> None:
+    """One eval question per family with `model`'s response in each mode (its eval's samples_path)."""
     from bimode.eval.runner import read_samples
 
     rows = read_samples(samples_path)
@@ -189,7 +189,7 @@ def _print_samples(samples_path: Path, per_family: int = 1) -> None:
     for r in rows:
         by_query.setdefault((r["family"], r["id"]), {})[r["mode"]] = r
     shown: dict = {}
-    print("\nSamples from the eval split (annealed model):")
+    print(f"\nSamples from the eval split ({model}):")
     for (family, _), modes in sorted(by_query.items(), key=lambda kv: (kv[0][0], -(next(iter(kv[1].values()))["level"] or 0))):
         if shown.get(family, 0) >= per_family or len(modes) < 3:
             continue

@@ -13,6 +13,8 @@ import enum
 from dataclasses import dataclass
 from typing import Any
 
+from bimode.errors import UsageError
+
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
 
@@ -46,7 +48,7 @@ class ThinkingMode(str, enum.Enum):
             key = value.strip().lower().replace("-", "_")
             if key in _ALIASES:
                 return _ALIASES[key]
-        raise ValueError(
+        raise UsageError(
             f"unknown thinking mode {value!r}: expected one of "
             f"{', '.join(sorted(_ALIASES))} or a bool (enable_thinking)"
         )
@@ -62,7 +64,7 @@ def parse_mode_field(name: str, value) -> str:
     try:
         return ThinkingMode.parse(value).value
     except ValueError as exc:
-        raise ValueError(f"{name}: {exc}") from None
+        raise UsageError(f"{name}: {exc}") from None
 
 
 _ALIASES = {
@@ -179,14 +181,14 @@ def mode_decision(tokenizer) -> ModeDecision:
     close_id = tokenizer.convert_tokens_to_ids(THINK_CLOSE)
     unk = getattr(tokenizer, "unk_token_id", None)
     if open_id is None or close_id is None or unk is not None and unk in (open_id, close_id):
-        raise ValueError(f"tokenizer lacks {THINK_OPEN} / {THINK_CLOSE}: load the model with bimode.models.load_model")
+        raise UsageError(f"tokenizer lacks {THINK_OPEN} / {THINK_CLOSE}: load the model with bimode.models.load_model")
     suffix_ids = {m: tokenizer.encode(s, add_special_tokens=False) for m, s in MODE_SUFFIXES.items()}
     if suffix_ids[ThinkingMode.AUTO] != [open_id]:
-        raise ValueError(f"{THINK_OPEN} does not encode to one token: {suffix_ids[ThinkingMode.AUTO]}")
+        raise UsageError(f"{THINK_OPEN} does not encode to one token: {suffix_ids[ThinkingMode.AUTO]}")
     think_first = suffix_ids[ThinkingMode.THINK][1]
     no_think_first = suffix_ids[ThinkingMode.NO_THINK][1]
     if think_first == no_think_first:
-        raise ValueError(
+        raise UsageError(
             "the thinking suffix '<think>\\n' is a prefix of the non-thinking one: '\\n\\n' must be one token "
             "(keep whitespace runs together in the pre-tokenizer), or greedy 'thinking' closes the block"
         )

@@ -21,6 +21,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("bpo",): ("bpo", "Bi-mode Policy Optimization on TRL's GRPOTrainer: --config RECIPE.yaml [--field value ...]"),
     ("export",): ("export", "merge a LoRA adapter folder into its base: a plain checkpoint"),
     ("demo",): ("demo", "run the recipe on the embedded default"),
+    ("configs",): ("configs", "list the recipes and launch configs bimode ships, or print one's path"),
 }
 
 

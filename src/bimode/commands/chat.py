@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from bimode.commands import help_text
 from bimode.commands.parsing import CommandParser
+from bimode.errors import UsageError
 from bimode.generation.types import check_think_threshold
 from bimode.generation.defaults import DEFAULT_LIMIT_HELP
 from bimode.modes import parse_mode_field
@@ -31,7 +32,7 @@ class ChatConfig:
 
     def __post_init__(self):
         if not self.model:
-            raise ValueError("bimode chat needs a MODEL: a local model directory or adapter folder")
+            raise UsageError("bimode chat needs a MODEL: a local model directory or adapter folder")
         self.mode = parse_mode_field("mode", self.mode)
         check_think_threshold(self.think_threshold)
 

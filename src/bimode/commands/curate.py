@@ -9,6 +9,7 @@ from bimode.commands import help_text
 from bimode.commands.parsing import CommandParser
 from bimode.data.convert import INPUT_FORMATS
 from bimode.curate.pipeline import CurateConfig
+from bimode.errors import UsageError
 
 HELP = help_text("curate")
 
@@ -32,14 +33,14 @@ class CurateCommandConfig:
 
     def __post_init__(self):
         if not self.input or not self.out or not self.annotator:
-            raise ValueError("--input FILE [FILE ...], --out DIR and --annotator MODEL_OR_URL are required")
+            raise UsageError("--input FILE [FILE ...], --out DIR and --annotator MODEL_OR_URL are required")
         if self.input_format not in INPUT_FORMATS:
-            raise ValueError(f"input_format must be one of {', '.join(INPUT_FORMATS)}, not {self.input_format!r}")
+            raise UsageError(f"input_format must be one of {', '.join(INPUT_FORMATS)}, not {self.input_format!r}")
 
 
 def make_parser(prog: str = "bimode curate") -> CommandParser:
     return CommandParser((CurateCommandConfig, CurateConfig), prog=prog,
-                         description=HELP + ". Recipe: configs/recipes/tiny_curate.yaml.")
+                         description=HELP + ". Recipe: --config tiny_curate (bimode configs lists the shipped ones).")
 
 
 def main(cmd: CurateCommandConfig, cfg: CurateConfig) -> int:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from bimode.commands import help_text
 from bimode.commands.parsing import CommandParser
 from bimode.data.convert import INPUT_FORMATS
+from bimode.errors import UsageError
 
 HELP = help_text("data", "convert")
 
@@ -20,9 +21,9 @@ class ConvertConfig:
 
     def __post_init__(self):
         if not self.input or not self.out:
-            raise ValueError("--input and --out are required")
+            raise UsageError("--input and --out are required")
         if self.format not in INPUT_FORMATS:
-            raise ValueError(f"format must be one of {', '.join(INPUT_FORMATS)}, not {self.format!r}")
+            raise UsageError(f"format must be one of {', '.join(INPUT_FORMATS)}, not {self.format!r}")
 
 
 def make_parser(prog: str = "bimode data convert") -> CommandParser:

@@ -8,6 +8,7 @@ from pathlib import Path
 from bimode.commands import help_text
 from bimode.commands.parsing import CommandParser
 from bimode.data import synthetic
+from bimode.errors import UsageError
 
 HELP = help_text("data", "synth")
 
@@ -28,11 +29,11 @@ class SynthConfig:
 
     def __post_init__(self):
         if not self.out:
-            raise ValueError("--out is required: the directory or file to write the samples to")
+            raise UsageError("--out is required: the directory or file to write the samples to")
         if self.split not in ("train", "eval"):
-            raise ValueError(f"split must be train or eval, not {self.split!r}")
+            raise UsageError(f"split must be train or eval, not {self.split!r}")
         if self.format not in ("jsonl", "parquet"):
-            raise ValueError(f"format must be jsonl or parquet, not {self.format!r}")
+            raise UsageError(f"format must be jsonl or parquet, not {self.format!r}")
         self.families = [f.strip() for item in self.families for f in item.split(",") if f.strip()]
         synthetic.check_families(self.families)
 

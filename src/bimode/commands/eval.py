@@ -9,11 +9,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bimode.commands.parsing import CommandParser
+from bimode.errors import UsageError
 from bimode.eval.runner import EvalConfig
 
 DESCRIPTION = ("Evaluate a local model directory, or a model behind an OpenAI-compatible server (--endpoint), in "
                "each mode. `bimode eval compare A B` compares two runs; `bimode eval calibrate RUN` picks auto "
-               "mode's think threshold from a run. Recipe: configs/recipes/tiny_eval.yaml.")
+               "mode's think threshold from a run. Recipe: --config tiny_eval (bimode configs lists the shipped ones).")
 
 
 @dataclass
@@ -43,14 +44,14 @@ class EvalCommandConfig:
 
     def __post_init__(self):
         if self.model is not None and self.endpoint is not None:
-            raise ValueError("bimode eval takes a local MODEL directory or --endpoint URL (one of the two); the "
+            raise UsageError("bimode eval takes a local MODEL directory or --endpoint URL (one of the two); the "
                              "model id at an endpoint is --endpoint_model")
         if self.model is None and self.endpoint is None:
-            raise ValueError("bimode eval takes a local MODEL directory or --endpoint URL (one of the two)")
+            raise UsageError("bimode eval takes a local MODEL directory or --endpoint URL (one of the two)")
         if self.endpoint_model and not self.endpoint:
-            raise ValueError("--endpoint_model names the model at an --endpoint; a local model is MODEL")
+            raise UsageError("--endpoint_model names the model at an --endpoint; a local model is MODEL")
         if not self.bench or not self.out:
-            raise ValueError("--bench FILE [FILE ...] and --out DIR are required")
+            raise UsageError("--bench FILE [FILE ...] and --out DIR are required")
 
 
 def make_parser(prog: str = "bimode eval") -> CommandParser:

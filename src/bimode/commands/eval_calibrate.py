@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from bimode.commands.parsing import CommandParser
+from bimode.errors import MissingInputError, UsageError
 
 DESCRIPTION = ("Pick auto mode's think_threshold from an eval run's p_think and think / no_think outcomes (greedy: no "
         "generation), on part of its questions, and report it on the rest (or on a second run). Writes "
@@ -33,15 +33,15 @@ class CalibrateConfig:
 
     def __post_init__(self):
         if not self.run:
-            raise ValueError("bimode eval calibrate needs RUN, an eval run directory")
+            raise UsageError("bimode eval calibrate needs RUN, an eval run directory")
         if (self.max_drop is None) == (self.token_share is None):
-            raise ValueError("give one goal: --max_drop POINTS or --token_share SHARE")
+            raise UsageError("give one goal: --max_drop POINTS or --token_share SHARE")
         if self.holdout and self.holdout_fraction is not None:
-            raise ValueError("--holdout_fraction splits RUN; with --holdout RUN2 all of RUN picks: give one of the two")
+            raise UsageError("--holdout_fraction splits RUN; with --holdout RUN2 all of RUN picks: give one of the two")
         if self.holdout_fraction is None:
             self.holdout_fraction = 0.5
         if not 0 <= self.confidence < 1:
-            raise ValueError(f"--confidence must be in [0, 1), got {self.confidence}")
+            raise UsageError(f"--confidence must be in [0, 1), got {self.confidence}")
 
 
 def make_parser(prog: str = "bimode eval calibrate") -> CommandParser:
@@ -49,24 +49,19 @@ def make_parser(prog: str = "bimode eval calibrate") -> CommandParser:
 
 
 def main(cfg: CalibrateConfig) -> int:
-    from bimode.eval.calibrate import CalibrationError, calibrate, render_calibration
+    from bimode.eval.calibrate import calibrate, render_calibration
     from bimode.eval.runner import read_samples
     from bimode.io import atomic_write_text
 
     run = Path(cfg.run)
     for folder in (run, Path(cfg.holdout) if cfg.holdout else None):
         if folder is not None and not (folder / "samples.jsonl").is_file():
-            print(f"error: no samples.jsonl in {folder}: give the directory of a `bimode eval` run", file=sys.stderr)
-            return 2
-    try:
-        rows = read_samples(run / "samples.jsonl")
-        holdout = read_samples(Path(cfg.holdout) / "samples.jsonl") if cfg.holdout else None
-        result = calibrate(rows, max_drop=cfg.max_drop, token_share=cfg.token_share,
-                           holdout_fraction=cfg.holdout_fraction, seed=cfg.seed, holdout_rows=holdout,
-                           confidence=cfg.confidence)
-    except CalibrationError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+            raise MissingInputError(f"no samples.jsonl in {folder}: give the directory of a `bimode eval` run")
+    rows = read_samples(run / "samples.jsonl")
+    holdout = read_samples(Path(cfg.holdout) / "samples.jsonl") if cfg.holdout else None
+    result = calibrate(rows, max_drop=cfg.max_drop, token_share=cfg.token_share,
+                       holdout_fraction=cfg.holdout_fraction, seed=cfg.seed, holdout_rows=holdout,
+                       confidence=cfg.confidence)
     text = render_calibration(result, str(run))
     atomic_write_text(run / "calibration.json", json.dumps(result, indent=2))
     atomic_write_text(run / "calibration.md", text)

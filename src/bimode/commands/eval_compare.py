@@ -7,6 +7,7 @@ from pathlib import Path
 
 from bimode.commands import help_text
 from bimode.commands.parsing import CommandParser
+from bimode.errors import MissingInputError, UsageError
 
 HELP = help_text("eval", "compare")
 
@@ -17,7 +18,7 @@ class CompareConfig:
 
     def __post_init__(self):
         if len(self.runs) != 2:
-            raise ValueError(f"bimode eval compare takes two run directories, got {len(self.runs)}")
+            raise UsageError(f"bimode eval compare takes two run directories, got {len(self.runs)}")
 
 
 def make_parser(prog: str = "bimode eval compare") -> CommandParser:
@@ -27,5 +28,8 @@ def make_parser(prog: str = "bimode eval compare") -> CommandParser:
 def main(cfg: CompareConfig) -> int:
     from bimode.eval.report import compare_runs
 
+    for run in cfg.runs:
+        if not (Path(run) / "metrics.json").is_file():
+            raise MissingInputError(f"no metrics.json in {run}: give the directories of two `bimode eval` runs")
     print(compare_runs(Path(cfg.runs[0]), Path(cfg.runs[1])))
     return 0

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from bimode.commands import help_text
 from bimode.commands.parsing import CommandParser
+from bimode.errors import UsageError
 
 HELP = help_text("export")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -24,9 +25,9 @@ class ExportConfig:
 
     def __post_init__(self):
         if not self.merge or not self.out:
-            raise ValueError("--merge ADAPTER and --out are required")
+            raise UsageError("--merge ADAPTER and --out are required")
         if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
+            raise UsageError(f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
 
 
 def make_parser(prog: str = "bimode export") -> CommandParser:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 
 from bimode.commands import help_text
 from bimode.commands.parsing import CommandParser
+from bimode.errors import UsageError
 from bimode.generation.types import check_think_threshold
 from bimode.serve.requests import DEFAULT_MAX_REQUEST_BYTES, TEMPLATE_KWARGS
 
@@ -58,25 +58,25 @@ class ServeConfig:
 
     def __post_init__(self):
         if not self.model:
-            raise ValueError("bimode serve needs a MODEL: a local model directory or adapter folder")
+            raise UsageError("bimode serve needs a MODEL: a local model directory or adapter folder")
         check_think_threshold(self.think_threshold)
         for name in ("max_request_bytes", "max_queued_requests"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1")
+                raise UsageError(f"{name} must be at least 1")
         for name in ("request_timeout", "shutdown_timeout"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive")
+                raise UsageError(f"{name} must be positive")
         kwargs = self.default_chat_template_kwargs
         if isinstance(kwargs, str):
             try:
                 kwargs = json.loads(kwargs)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"default_chat_template_kwargs is not JSON: {exc}") from None
+                raise UsageError(f"default_chat_template_kwargs is not JSON: {exc}") from None
         if kwargs is not None and not isinstance(kwargs, dict):
-            raise ValueError("default_chat_template_kwargs must be a JSON object")
+            raise UsageError("default_chat_template_kwargs must be a JSON object")
         unread = sorted(set(kwargs or {}) - TEMPLATE_KWARGS)
         if unread:
-            raise ValueError(f"default_chat_template_kwargs: {', '.join(unread)} not read by bimode's chat template "
+            raise UsageError(f"default_chat_template_kwargs: {', '.join(unread)} not read by bimode's chat template "
                              f"(it reads {', '.join(sorted(TEMPLATE_KWARGS))})")
         self.default_chat_template_kwargs = kwargs or {}
 
@@ -88,13 +88,5 @@ def make_parser(prog: str = "bimode serve") -> CommandParser:
 def main(cfg: ServeConfig) -> int:
     from bimode.serve.app import serve
 
-    serve(cfg.model, host=cfg.host, port=cfg.port, allow_image_dir=cfg.allow_image_dir,
-          trust_remote_code=cfg.trust_remote_code, max_batch=cfg.max_batch, request_timeout_s=cfg.request_timeout,
-          served_model_name=cfg.served_model_name, api_key=cfg.api_key or os.environ.get("BIMODE_API_KEY") or None,
-          max_model_len=cfg.max_model_len, max_tokens=cfg.max_tokens,
-          default_chat_template_kwargs=cfg.default_chat_template_kwargs,
-          allow_remote_images=cfg.allow_remote_images, remote_image_max_bytes=cfg.remote_image_max_bytes,
-          remote_image_timeout_s=cfg.remote_image_timeout, think_threshold=cfg.think_threshold,
-          max_request_bytes=cfg.max_request_bytes, max_queued_requests=cfg.max_queued_requests,
-          shutdown_timeout_s=cfg.shutdown_timeout)
+    serve(cfg)
     return 0

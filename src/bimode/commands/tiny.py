@@ -7,6 +7,7 @@ from pathlib import Path
 
 from bimode.commands import help_text
 from bimode.commands.parsing import CommandParser
+from bimode.errors import OutputExistsError, UsageError
 
 HELP = help_text("tiny")
 
@@ -19,7 +20,7 @@ class TinyCommandConfig:
 
     def __post_init__(self):
         if not self.out:
-            raise ValueError("--out is required: the directory to write the tiny model to")
+            raise UsageError("--out is required: the directory to write the tiny model to")
 
 
 def make_parser(prog: str = "bimode tiny") -> CommandParser:
@@ -31,7 +32,7 @@ def main(cfg: TinyCommandConfig) -> int:
 
     out = Path(cfg.out)
     if out.exists() and any(out.iterdir()) and not cfg.overwrite:
-        raise FileExistsError(f"{out} is not empty; pass --overwrite to replace it")
+        raise OutputExistsError(f"{out} is not empty; pass --overwrite to replace it")
     build_tiny(out, TinyConfig(seed=cfg.seed))
     print(f"tiny model written to {out}")
     return 0

@@ -22,8 +22,19 @@ def training_command(name: str, config: str, what: str, recipes: str):
                              description=f"{help_text(name)} (recipes: {recipes})")
 
     def main(cfg, model_args) -> int:
-        from bimode.train.checkpoint import train_command
-
         return train_command(importlib.import_module(module_name).build_trainer, cfg, model_args, what)
 
     return make_parser, main
+
+
+def train_command(build, cfg, model_args, what: str) -> int:
+    """`bimode anneal` / `bimode bpo` once parsed (bimode/commands): build the trainer, train, save, end."""
+    from bimode.train.processes import end_processes
+    from bimode.train.run import train_and_save
+
+    trainer = build(cfg, model_args=model_args)
+    out = train_and_save(trainer, cfg.resume_from_checkpoint)
+    if trainer.accelerator.is_main_process:
+        print(f"{what} saved to {out}", flush=True)
+    end_processes(trainer)
+    return 0

@@ -1,7 +1,7 @@
 """Every use bimode makes of a library's non-public or version-dependent API, one module per library.
 
 A library release that changes one of these breaks here, in one place, and the contract tests in
-tests/test_compat.py (run at both ends of the supported range by `make test`) say which. docs/internals.md lists
+tests/unit/test_compat.py (run at both ends of the supported range by `make test`) say which. docs/internals.md lists
 each internal, what bimode relies on and the versions it was checked on, together with the few extension points
 used where they are built on (custom cache layers in the shared-prefix forward, vLLM's logits-processor
 interface, the fields of TRL's GRPO batch that BPO writes).

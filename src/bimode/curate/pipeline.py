@@ -27,6 +27,7 @@ from bimode.curate.heuristics import (
 )
 from bimode.data.records import Record, RecordError, record_to_dict
 from bimode.data.rejects import REJECTS_FILE, from_error, image_error, reject, write_rejects
+from bimode.errors import MissingInputError, OutputExistsError, UsageError
 from bimode.generation.defaults import DEFAULT_LIMIT_HELP, PAPER_MAX_NEW_TOKENS, default_max_new_tokens
 from bimode.generation.types import Prompt, SamplingParams
 from bimode.io import append_log, read_log, write_jsonl
@@ -70,19 +71,19 @@ class CurateConfig:
     def __post_init__(self):
         if self.blocked_keywords_file:
             if not Path(self.blocked_keywords_file).is_file():
-                raise FileNotFoundError(f"blocked_keywords_file: no file {self.blocked_keywords_file}")
+                raise MissingInputError(f"blocked_keywords_file: no file {self.blocked_keywords_file}")
             lines = Path(self.blocked_keywords_file).read_text(encoding="utf-8").splitlines()
             self.blocked_keywords = [k.strip() for k in lines if k.strip()]
         elif len(self.blocked_keywords) == 1 and Path(self.blocked_keywords[0]).is_file():
-            raise ValueError(f"blocked_keywords takes the keywords themselves; to read them from "
+            raise UsageError(f"blocked_keywords takes the keywords themselves; to read them from "
                              f"{self.blocked_keywords[0]}, one a line, use --blocked_keywords_file")
         self.blocked_keywords = list(self.blocked_keywords)
         if self.n_samples < 1:
-            raise ValueError(f"n_samples must be at least 1, got {self.n_samples}")
+            raise UsageError(f"n_samples must be at least 1, got {self.n_samples}")
         if not 0 <= self.max_correct < self.n_samples:
-            raise ValueError(f"max_correct must be in [0, n_samples), got {self.max_correct} of {self.n_samples}")
+            raise UsageError(f"max_correct must be in [0, n_samples), got {self.max_correct} of {self.n_samples}")
         if self.batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+            raise UsageError(f"batch_size must be at least 1, got {self.batch_size}")
 
 
 def default_judge_prompt() -> str:
@@ -205,7 +206,7 @@ def run_curation(backend, inputs: list, out: Path, cfg: CurateConfig | None = No
             for name in OUTPUT_FILES + (PROGRESS_FILE,):
                 (out / name).unlink(missing_ok=True)
         elif (out / "summary.json").exists():
-            raise FileExistsError(f"{out} holds a finished curation; pass --overwrite to redo it")
+            raise OutputExistsError(f"{out} holds a finished curation; pass --overwrite to redo it")
     out.mkdir(parents=True, exist_ok=True)
     read_rejects: list[dict] = []
 

@@ -29,6 +29,7 @@ from typing import Any, Iterable, Iterator
 
 from PIL import Image
 
+from bimode.errors import OutputExistsError, UsageError
 from bimode.io import write_jsonl
 from bimode.modes import ThinkingMode
 
@@ -36,7 +37,7 @@ ANSWER_TYPES = ("math", "numeric", "mc", "text")
 TARGET_MODES = (ThinkingMode.THINK, ThinkingMode.NO_THINK)
 
 
-class RecordError(ValueError):
+class RecordError(UsageError):
     """A bad row: says which file, row and field, and what is wrong."""
 
     def __init__(self, message: str, path: str | os.PathLike | None = None, row: int | None = None,
@@ -172,7 +173,7 @@ def _image_from_disk_form(img: Any, base_dir: Path | None):
         if img.get("path"):
             img = img["path"]
         else:
-            raise ValueError("an image object needs 'bytes', 'base64' or 'path'")
+            raise UsageError("an image object needs 'bytes', 'base64' or 'path'")
     if isinstance(img, (bytes, bytearray)):
         return bytes(img)
     if isinstance(img, str):
@@ -194,10 +195,10 @@ def to_pil(img: Any) -> Image.Image:
         with Image.open(img) as opened:
             return opened.convert("RGB")
     except FileNotFoundError as exc:
-        raise ValueError(f"image file not found: {img}") from exc
+        raise UsageError(f"image file not found: {img}") from exc
     except Exception as exc:  # PIL raises several types for undecodable data
         what = f"{len(img)} bytes" if isinstance(img, (bytes, bytearray)) else str(img)
-        raise ValueError(f"cannot decode image ({what}): {exc}") from exc
+        raise UsageError(f"cannot decode image ({what}): {exc}") from exc
 
 
 def png_bytes(img: Any) -> bytes:
@@ -320,7 +321,7 @@ def write_records(records: Iterable[Record], path: str | os.PathLike, overwrite:
     """Write atomically. JSONL stores images as PNG files in `<stem>_images/`; Parquet and HF embed them."""
     path = Path(path)
     if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
+        raise OutputExistsError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
     records = list(records)
     if path.suffix == ".jsonl":

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 from PIL import Image
 
+from bimode.errors import UsageError
+
 GRID = 4
 CELL_PX = 8  # one cell per 8x8 patch of the tiny SigLIP tower
 IMAGE_PX = GRID * CELL_PX
@@ -183,7 +185,7 @@ def check_families(families) -> None:
     """Refuse names that are not families of the world, naming the field."""
     unknown = sorted(set(families) - set(_GENERATORS))
     if unknown or not families:
-        raise ValueError(f"families: unknown families {unknown or '(none given)'}; known: {', '.join(FAMILIES)}")
+        raise UsageError(f"families: unknown families {unknown or '(none given)'}; known: {', '.join(FAMILIES)}")
 
 
 def generate(
@@ -197,13 +199,13 @@ def generate(
 ) -> list[WorldSample]:
     """n samples, balanced over (family, level) pairs, deterministic in (seed, split)."""
     if split not in ("train", "eval"):
-        raise ValueError(f"split must be 'train' or 'eval', not {split!r}")
+        raise UsageError(f"split must be 'train' or 'eval', not {split!r}")
     check_families(families)
     # Level-major order, so that even a small n covers every family.
     cells = sorted(((f, lv) for f in families for lv in family_levels(f, max_level) if levels is None or lv in levels),
                    key=lambda cell: (cell[1], list(families).index(cell[0])))
     if not cells:
-        raise ValueError(f"no (family, level) pair matches families={families} levels={levels}")
+        raise UsageError(f"no (family, level) pair matches families={families} levels={levels}")
     rng = random.Random(f"bimode-world|{seed}|{split}")
     samples = []
     iterator = range(n)

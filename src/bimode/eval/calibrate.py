@@ -21,7 +21,7 @@ meeting the goal only if it does so at that one-sided confidence, by a paired bo
 questions: the lower bound on (auto's accuracy - think's) for `max_drop`, the upper bound on (auto's tokens -
 token_share x think's) for `token_share`. The bounds hold for all thresholds at once (a studentized band),
 since the pick is the cheapest threshold that passes. `confidence 0` is the plain pick. Tested in
-tests/test_calibrate.py: picks on 400 questions checked on 200,000 new ones, 40 times.
+tests/unit/test_calibrate.py: picks on 400 questions checked on 200,000 new ones, 40 times.
 """
 
 from __future__ import annotations
@@ -32,13 +32,14 @@ from statistics import mean
 
 import numpy as np
 
+from bimode.errors import UsageError
 from bimode.eval.metrics import by_query, oracle_summary, threshold_curve
 
 BOOTSTRAP_RESAMPLES = 2000
 
 
-class CalibrationError(ValueError):
-    pass
+class CalibrationError(UsageError):
+    """The run cannot be calibrated as asked (no auto rows, a goal no threshold meets, ...)."""
 
 
 def usable_queries(rows: list[dict], source: str = "the run") -> dict:
@@ -105,7 +106,7 @@ def confidence_bound(differences: np.ndarray, confidence: float, upper: bool = F
     """One-sided bounds on the mean of each row (lower unless `upper`) that hold for all rows at once at
     `confidence`: a studentized bootstrap band (sup-t). Bounds that hold one row at a time are not enough here:
     the pick is the cheapest row whose bound passes, so it favours rows whose sample happened to flatter them
-    (measured on the world of tests/test_calibrate.py: bounds one row at a time missed the goal in 6 of 40
+    (measured on the world of tests/unit/test_calibrate.py: bounds one row at a time missed the goal in 6 of 40
     picks, the band in none)."""
     observed = differences.mean(axis=1)
     deviation = bootstrap_means(differences, seed) - observed[:, None]  # sample mean - truth, as resampled

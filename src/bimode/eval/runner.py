@@ -19,6 +19,7 @@ from pathlib import Path
 
 from bimode.data.records import Record, RecordError, iter_numbered_records
 from bimode.data.rejects import REJECTS_FILE, from_error, image_error, read_rejects, write_rejects
+from bimode.errors import UsageError
 from bimode.generation.defaults import DEFAULT_LIMIT_HELP, PAPER_MAX_NEW_TOKENS, default_max_new_tokens
 from bimode.generation.types import Prompt, SamplingParams, check_think_threshold
 from bimode.io import append_log, read_log
@@ -45,10 +46,10 @@ class EvalConfig:
         items = [self.modes] if isinstance(self.modes, str) else self.modes
         self.modes = [parse_mode_field("modes", m.strip()) for item in items for m in item.split(",") if m.strip()]
         if not self.modes:
-            raise ValueError("modes is empty: give at least one of auto, think, no_think")
+            raise UsageError("modes is empty: give at least one of auto, think, no_think")
         check_think_threshold(self.think_threshold)
         if self.batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+            raise UsageError(f"batch_size must be at least 1, got {self.batch_size}")
 
 
 def bench_name(path: str | os.PathLike) -> str:
@@ -168,6 +169,6 @@ def read_samples(path: Path) -> list[dict]:
     for n, row in enumerate(rows, 1):
         missing = [k for k in ("bench", "id", "mode") if k not in row]
         if missing:
-            raise ValueError(f"{path}: sample {n} has no {missing[0]!r} field (not a `bimode eval` samples.jsonl?)")
+            raise UsageError(f"{path}: sample {n} has no {missing[0]!r} field (not a `bimode eval` samples.jsonl?)")
     # one row per key: the last write wins (a resumed batch may repeat a half-written one)
     return list({(r["bench"], r["id"], r["mode"]): r for r in rows}.values())

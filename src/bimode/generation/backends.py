@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol, runtime_checkable
 
+from bimode.errors import UsageError
 from bimode.generation.types import Completion, Prompt, SamplingParams, TokenCallback
 from bimode.modes import ThinkingMode
 
@@ -38,7 +39,7 @@ def local_engine(spec: str, **options):
     """The transformers engine of a local checkpoint, for what streams tokens as they are generated (chat, serve);
     a URL or vLLM spec is refused with where to go instead."""
     if spec.startswith(("http://", "https://", "vllm:")):
-        raise ValueError(f"{spec}: chat and serve stream from a local checkpoint directory; to serve with vLLM run "
+        raise UsageError(f"{spec}: chat and serve stream from a local checkpoint directory; to serve with vLLM run "
                          "its own server (docs/vllm.md), to evaluate an endpoint use `bimode eval --endpoint`")
     return build_backend(spec, **options)
 

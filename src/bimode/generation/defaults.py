@@ -17,6 +17,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from bimode.errors import UsageError
+
 PAPER_MAX_NEW_TOKENS = 8192
 # the rule as `--help` states it for every limit flag
 DEFAULT_LIMIT_HELP = (f"the model's generation_config.json max_new_tokens, else {PAPER_MAX_NEW_TOKENS:,}, "
@@ -56,6 +58,6 @@ def default_max_new_tokens(source: Any = None, explicit: int | None = None) -> i
     """The limit to generate with: `explicit` when given, else the model's configured one, else 8,192."""
     if explicit is not None:
         if explicit < 1:
-            raise ValueError("max_new_tokens must be at least 1")
+            raise UsageError("max_new_tokens must be at least 1")
         return explicit
     return configured_max_new_tokens(source) or PAPER_MAX_NEW_TOKENS

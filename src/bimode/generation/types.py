@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, NamedTuple
 
+from bimode.errors import UsageError
 from bimode.modes import THINK_CLOSE, ParsedResponse, ThinkingMode, parse_response
 from bimode.streaming import ResponseSplit, split_reasoning
 
@@ -31,7 +32,7 @@ BUDGET_CLOSING = "\n\nConsidering the limited time by the user, I have to give t
 def check_think_threshold(value: float | None) -> None:
     """A think threshold is a probability (or None: the model decides); every config that takes one checks it."""
     if value is not None and not 0.0 <= value <= 1.0:
-        raise ValueError(f"think_threshold must be between 0 and 1, got {value:g}")
+        raise UsageError(f"think_threshold must be between 0 and 1, got {value:g}")
 
 
 @dataclass
@@ -53,19 +54,19 @@ class SamplingParams:
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
-            raise ValueError("max_new_tokens must be at least 1")
+            raise UsageError("max_new_tokens must be at least 1")
         if self.temperature < 0:
-            raise ValueError("temperature must be >= 0")
+            raise UsageError("temperature must be >= 0")
         if not 0 < self.top_p <= 1:
-            raise ValueError("top_p must be in (0, 1]")
+            raise UsageError("top_p must be in (0, 1]")
         if self.top_k < 0:
-            raise ValueError("top_k must be >= 0")
+            raise UsageError("top_k must be >= 0")
         if self.max_thinking_tokens is not None and self.max_thinking_tokens < 0:
-            raise ValueError("max_thinking_tokens must be >= 0")
+            raise UsageError("max_thinking_tokens must be >= 0")
         if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
-            raise ValueError(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}")
+            raise UsageError(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}")
         if self.top_logprobs and not self.logprobs:
-            raise ValueError("top_logprobs needs logprobs")
+            raise UsageError("top_logprobs needs logprobs")
         check_think_threshold(self.think_threshold)
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
+from bimode.errors import UsageError
 from bimode.generation.engine import media_token_ids
 from bimode.generation.types import BUDGET_CLOSING
 from bimode.modes import THINK_CLOSE, mode_decision
@@ -101,12 +102,12 @@ class BimodeControls(LogitsProcessor):
         args = sampling_params.extra_args or {}
         for name in (CONSTRAIN_DECISION_ARG, BAN_MEDIA_ARG):
             if not isinstance(args.get(name, True), bool):
-                raise ValueError(f"{name} must be a bool, got {args[name]!r}")
+                raise UsageError(f"{name} must be a bool, got {args[name]!r}")
         budget = args.get(BUDGET_ARG)
         if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 0):
-            raise ValueError(f"{BUDGET_ARG} must be an integer >= 0, got {budget!r}")
+            raise UsageError(f"{BUDGET_ARG} must be an integer >= 0, got {budget!r}")
         if not isinstance(args.get(CLOSING_ARG, ""), str):
-            raise ValueError(f"{CLOSING_ARG} must be a string, got {args[CLOSING_ARG]!r}")
+            raise UsageError(f"{CLOSING_ARG} must be a string, got {args[CLOSING_ARG]!r}")
 
     def _closing_ids(self, closing: str) -> list[int]:
         if closing not in self.closings:

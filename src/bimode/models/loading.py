@@ -16,6 +16,7 @@ import logging
 from pathlib import Path
 
 from bimode.compat.transformers_api import processor_without_video
+from bimode.errors import MissingInputError, OutputExistsError, UsageError
 from bimode.models.layout import use_ecosystem_layout
 from bimode.modes import THINK_CLOSE, THINK_OPEN, MODE_SUFFIXES, ThinkingMode
 from bimode.templates import chat_template
@@ -26,7 +27,7 @@ log = logging.getLogger(__name__)
 def _check_local(path: str | Path) -> Path:
     path = Path(path)
     if not path.is_dir() or not (path / "config.json").exists():
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"{path}: not a local model directory with a config.json, nor a PEFT adapter folder "
             "(bimode loads only local checkpoints; download once with `hf download` and pass the folder)")
     return path
@@ -87,7 +88,7 @@ def prepare_processor(processor, model=None, template: str = "auto") -> object:
     "keep" never.
     """
     if template not in ("auto", "bimode", "keep"):
-        raise ValueError(f"template must be auto, bimode or keep, not {template!r}")
+        raise UsageError(f"template must be auto, bimode or keep, not {template!r}")
     tokenizer = getattr(processor, "tokenizer", processor)
     ensure_think_tokens(tokenizer, model)
     current = getattr(processor, "chat_template", None)
@@ -137,7 +138,7 @@ def adapter_base(path: str | Path) -> Path | None:
     for candidate in candidates:
         if (candidate / "config.json").exists():
             return candidate
-    raise FileNotFoundError(
+    raise MissingInputError(
         f"{path / 'adapter_config.json'}: base_model_name_or_path {base!r} is not a local model directory with a "
         "config.json; point it at the base model the adapter was trained on")
 
@@ -170,7 +171,7 @@ def load_model(path: str | Path, *, trust_remote_code: bool = False, dtype="auto
     # absolute, so that an adapter trained on this model records a base_model_name_or_path valid from anywhere
     path = _check_local(base or path).resolve()
     if needs_remote_code(path) and not trust_remote_code:
-        raise ValueError(
+        raise UsageError(
             f"{path} ships its own model code (auto_map in config.json), as R-4B does; "
             "pass trust_remote_code=True (--trust-remote-code) if you trust it")
     kwargs = {"trust_remote_code": trust_remote_code, "local_files_only": True}
@@ -209,9 +210,9 @@ def export_merged(adapter: str | Path, out: str | Path, *, dtype="auto", trust_r
     keep the ecosystem layout (models/layout.py)."""
     out = Path(out)
     if adapter_base(adapter) is None:
-        raise ValueError(f"{adapter}: not a PEFT adapter folder (no adapter_config.json, or a config.json beside it)")
+        raise UsageError(f"{adapter}: not a PEFT adapter folder (no adapter_config.json, or a config.json beside it)")
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} is not empty; pass --overwrite to replace its files")
+        raise OutputExistsError(f"{out} is not empty; pass --overwrite to replace its files")
     model, processor = load_model(adapter, trust_remote_code=trust_remote_code, dtype=dtype, merge_adapter=True)
     model.save_pretrained(out)
     processor.save_pretrained(out)

@@ -19,10 +19,13 @@ import asyncio
 import copy
 import hmac
 import json
+import logging
+import os
 import signal
 import time
 import uuid
 from dataclasses import replace
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from jinja2 import TemplateError
@@ -36,8 +39,10 @@ from bimode.serve import responses
 from bimode.serve.batcher import Batcher, Job, QueueFull
 from bimode.serve.body import read_json
 from bimode.serve.metrics import ServerMetrics
-from bimode.serve.requests import DEFAULT_MAX_REQUEST_BYTES, MODEL_MODES, BadRequest, ServerLimits, parse_request
+from bimode.serve.requests import MODEL_MODES, BadRequest, ServerLimits, parse_request
 from bimode.streaming import ResponseStream
+
+log = logging.getLogger(__name__)
 
 RETRY_AFTER_S = 1  # what a 503 tells the client to wait
 POLL_S = 0.1  # how often a waiting request looks at its client and its deadline
@@ -48,16 +53,18 @@ def resolve_limits(limits: ServerLimits, engine) -> ServerLimits:
     """The limits with `default_new_tokens` filled in: the model's own limit, else 8,192, within the cap."""
     if limits.default_new_tokens is not None:
         return limits
-    return replace(limits, default_new_tokens=min(default_max_new_tokens(engine), limits.max_new_tokens))
+    return replace(limits, default_new_tokens=min(default_max_new_tokens(engine), limits.max_tokens))
 
 
 def engine_limits(limits: ServerLimits, engine) -> ServerLimits:
     """The limits that come from the engine: the longest text one token can stand for (from the tokenizer's
-    vocabulary), the tokens an image takes, and whether the engine shares prefixes (budget and log-probs)."""
+    vocabulary), the tokens an image takes, whether the engine shares prefixes (budget and log-probs), and the
+    prompt limit when none is set (the engine's context length, else 32,768)."""
     tokenizer = engine.tokenizer
     longest = max((len(tokenizer.decode([i], skip_special_tokens=False)) for i in range(len(tokenizer))), default=1)
     return replace(limits, max_token_chars=max(1, longest), image_tokens=engine.image_tokens,
-                   shared_prefix=bool(getattr(engine, "shared_prefix", True)))
+                   shared_prefix=bool(getattr(engine, "shared_prefix", True)),
+                   max_model_len=limits.max_model_len or getattr(engine, "context_length", None) or 32768)
 
 
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
@@ -105,9 +112,12 @@ class Drain:
 SHUTTING_DOWN = "the server is shutting down; retry on another replica or later"
 
 
-def create_app(engine, model_name: str, limits: ServerLimits = ServerLimits(), request_timeout_s: float = 300.0,
-               max_batch: int = 32, api_key: str | None = None, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-               max_queued_requests: int = 64, body_timeout_s: float = BODY_TIMEOUT_S):
+def generation_failed(request_id: str) -> str:
+    return f"generation failed (request {request_id}; the server's log has the details)"
+
+
+def create_app(engine, model_name: str, limits: ServerLimits = ServerLimits(), api_key: str | None = None,
+               body_timeout_s: float = BODY_TIMEOUT_S):
     """The app. With `api_key`, every /v1 request needs `Authorization: Bearer <api_key>`. `app.state.drain`
     (Drain) is started by `serve` on SIGTERM."""
     app = FastAPI(title="bimode", description="OpenAI-compatible auto-thinking VLM server")
@@ -118,7 +128,8 @@ def create_app(engine, model_name: str, limits: ServerLimits = ServerLimits(), r
     # padding (the engine's batches do, for every batch); sharing it failed batches now and then ("generation
     # failed" under concurrent traffic) when request threads counted prompt tokens meanwhile.
     tokenizer = copy.deepcopy(engine.tokenizer)
-    batcher = Batcher(engine, max_batch=max_batch, max_queued=max_queued_requests)
+    batcher = Batcher(engine, max_batch=limits.max_batch, max_queued=limits.max_queued_requests)
+    request_timeout_s = limits.request_timeout
     if api_key:
         app.add_middleware(RequireKey, key=api_key, metrics=metrics)
 
@@ -144,8 +155,8 @@ def create_app(engine, model_name: str, limits: ServerLimits = ServerLimits(), r
                 image_processor(images=prompt.images, return_tensors="pt")
             except (ValueError, TypeError) as exc:
                 raise BadRequest(f"the model's image processor refuses an image: {exc}", "messages") from None
-        if prompt_tokens > limits.max_prompt_tokens:
-            raise BadRequest(f"the prompt has {prompt_tokens} tokens, over the limit of {limits.max_prompt_tokens}",
+        if prompt_tokens > limits.max_model_len:
+            raise BadRequest(f"the prompt has {prompt_tokens} tokens, over the limit of {limits.max_model_len}",
                              "messages")
         return prompt, params, stream, extras, prompt_tokens
 
@@ -168,12 +179,13 @@ def create_app(engine, model_name: str, limits: ServerLimits = ServerLimits(), r
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         arrived = time.monotonic()
+        request_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         try:
             ticket = batcher.admit()
         except QueueFull as exc:
             return error(503, f"the server is busy: {exc}; retry later", headers={"Retry-After": str(RETRY_AFTER_S)})
         try:
-            body = await asyncio.wait_for(read_json(request, max_request_bytes), body_timeout_s)
+            body = await asyncio.wait_for(read_json(request, limits.max_request_bytes), body_timeout_s)
             prompt, params, stream, extras, prompt_tokens = await run_in_threadpool(prepare, body)
             del body  # the parsed JSON (base64 images and all) is not kept while the request waits
         except asyncio.TimeoutError:
@@ -182,14 +194,17 @@ def create_app(engine, model_name: str, limits: ServerLimits = ServerLimits(), r
         except BadRequest as exc:
             ticket.release()
             return error(exc.status, str(exc), exc.param, exc.code)
+        except Exception:  # a bug, not the client's error: logged with its traceback, a generic answer
+            ticket.release()
+            log.exception("request %s failed before generation", request_id)
+            return error(500, f"internal error (request {request_id}; the server's log has the details)")
         except BaseException:
             ticket.release()
             raise
         loop = asyncio.get_running_loop()
         job = Job(prompt, params, loop, loop.create_future(), deadline=arrived + request_timeout_s,
-                  tokens=asyncio.Queue() if stream else None, ticket=ticket)
+                  tokens=asyncio.Queue() if stream else None, ticket=ticket, request_id=request_id)
         batcher.submit(job)
-        request_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
         if stream:
             return StreamingResponse(_stream(job, request_id, created, prompt_tokens, extras),
@@ -216,8 +231,8 @@ def create_app(engine, model_name: str, limits: ServerLimits = ServerLimits(), r
             return error(504, f"the request took longer than {request_timeout_s:g} s (--request_timeout)")
         try:
             completions = job.future.result()
-        except Exception as exc:
-            return error(500, f"generation failed: {exc}")
+        except Exception:  # the batcher logged it with its traceback; the client learns no internals
+            return error(500, generation_failed(request_id))
         metrics.served(prompt_tokens, completions, time.monotonic() - job.submitted)
         metrics.queue_time.observe((job.started or job.submitted) - job.submitted)
 
@@ -284,8 +299,8 @@ def create_app(engine, model_name: str, limits: ServerLimits = ServerLimits(), r
                 return
             try:
                 completions = job.future.result()
-            except Exception as exc:
-                yield failure(500, f"generation failed: {exc}")
+            except Exception:
+                yield failure(500, generation_failed(request_id))
                 return
             for i, c in enumerate(completions):  # what is left: held-back text, a cut-off character
                 yield chunk(i, responses.delta(streams[i].finish(c.prompt_suffix, c.text)), responses.finish_reason(c))
@@ -304,30 +319,17 @@ def create_app(engine, model_name: str, limits: ServerLimits = ServerLimits(), r
     return app
 
 
-def serve(model_path: str, host: str = "127.0.0.1", port: int = 8000, allow_image_dir: str | None = None,
-          trust_remote_code: bool = False, max_batch: int = 32, request_timeout_s: float = 300.0,
-          served_model_name: str | None = None, api_key: str | None = None, max_model_len: int | None = None,
-          max_tokens: int = 32768, default_chat_template_kwargs: dict | None = None,
-          allow_remote_images: bool = False, remote_image_max_bytes: int = 20 * 1024 * 1024,
-          remote_image_timeout_s: float = 10.0, think_threshold: float | None = None,
-          max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, max_queued_requests: int = 64,
-          shutdown_timeout_s: float = 30.0) -> None:
-    """Serve until SIGTERM or Ctrl-C. SIGTERM stops accepting requests, lets those running finish within
-    `shutdown_timeout_s` (then answers what is left with 503) and returns, so the process exits 0."""
-    from pathlib import Path
-
+def serve(cfg) -> None:
+    """Serve `bimode serve`'s config (ServeConfig) until SIGTERM or Ctrl-C. SIGTERM stops accepting requests,
+    lets those running finish within `cfg.shutdown_timeout` (then answers what is left with 503) and returns, so
+    the process exits 0."""
     from bimode.generation.backends import local_engine
 
-    engine = local_engine(model_path, trust_remote_code=trust_remote_code, max_batch_rows=max_batch)
-    limits = ServerLimits(allow_image_dir=Path(allow_image_dir) if allow_image_dir else None,
-                          max_prompt_tokens=max_model_len or engine.context_length or 32768,
-                          max_new_tokens=max_tokens, default_chat_template_kwargs=default_chat_template_kwargs or {},
-                          allow_remote_images=allow_remote_images, remote_image_max_bytes=remote_image_max_bytes,
-                          remote_image_timeout_s=remote_image_timeout_s, default_think_threshold=think_threshold)
-    name = served_model_name or Path(model_path).name
-    app = create_app(engine, name, limits, request_timeout_s=request_timeout_s, max_batch=max_batch,
-                     api_key=api_key, max_request_bytes=max_request_bytes, max_queued_requests=max_queued_requests)
-    run_app(app, host, port, shutdown_timeout_s)
+    engine = local_engine(cfg.model, trust_remote_code=cfg.trust_remote_code, max_batch_rows=cfg.max_batch)
+    name = cfg.served_model_name or Path(cfg.model).name
+    app = create_app(engine, name, ServerLimits.from_config(cfg),
+                     api_key=cfg.api_key or os.environ.get("BIMODE_API_KEY") or None)
+    run_app(app, cfg.host, cfg.port, cfg.shutdown_timeout)
 
 
 def run_app(app, host: str, port: int, shutdown_timeout_s: float) -> None:

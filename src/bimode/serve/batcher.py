@@ -54,6 +54,7 @@ class Job:
     started: float | None = None  # when its batch began: submitted -> started is queue time
     result: list[Completion] = field(default_factory=list)
     ticket: Ticket | None = None
+    request_id: str = ""  # named in the log when its generation fails
 
     def cancel(self) -> None:
         """Stop it: a waiting job gives its place back at once, a running one stops at the engine's next step."""
@@ -134,15 +135,17 @@ class Batcher:
                                            should_stop=lambda i: batch[i].expired)
         except Exception as exc:  # one bad request must not fail the others, nor stop the server
             again = [j for j in batch if not j.emitted]
+            ids = ", ".join(j.request_id for j in batch)
             if len(batch) > 1 and again:
-                log.warning("a batch of %d requests failed (%s); running them one at a time", len(batch), exc)
+                log.exception("a batch of %d requests failed (%s); running those not yet streaming one at a time",
+                              len(batch), ids)
                 for job in batch:
                     if job.emitted:  # its stream already has tokens: running it again would repeat them
                         _call(job, _set_exception, job.future, exc)
                 for job in again:
                     self._run([job])
                 return
-            log.exception("generation failed")
+            log.exception("generation failed (%s)", ids)
             _call(batch[0], _set_exception, batch[0].future, exc)
             return
         for job, completions in zip(batch, results):

@@ -8,6 +8,7 @@ import json
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 
+from bimode.errors import UsageError
 from bimode.serve.requests import BadRequest
 
 # Past the cap the rest of a body is still read (and dropped), up to this much and this long, so that the client
@@ -53,7 +54,7 @@ async def _drain(request: Request) -> None:
 
 
 def _refuse_constant(name: str):
-    raise ValueError(f"{name} is not a JSON number")
+    raise UsageError(f"{name} is not a JSON number")
 
 
 def parse_json(raw: bytes):

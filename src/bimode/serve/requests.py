@@ -14,7 +14,7 @@ import binascii
 import io
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -38,31 +38,48 @@ DEFAULT_MAX_REQUEST_BYTES = 2 * (10 * 1024 * 1024 * 4 // 3) + 4 * 1024 * 1024
 
 @dataclass
 class ServerLimits:
+    """What the server allows, built once from `bimode serve`'s config (`from_config`); the fields that are
+    flags have the flags' names."""
+
     max_image_bytes: int = 10 * 1024 * 1024
     max_image_pixels: int = 4096 * 4096
-    max_prompt_tokens: int = 32768
+    max_model_len: int | None = None  # most prompt tokens; None: the engine's context length, else 32,768
     # the most characters one token of the tokenizer decodes to: a prompt of C characters has at least
     # C / max_token_chars tokens, so one far over the limit is refused without tokenizing it (set by the app)
     max_token_chars: int | None = None
     image_tokens: int = 0  # prompt tokens one image takes (set by the app from the engine)
-    max_new_tokens: int = 32768  # the most a request may ask for (R-4B's own client example asks 16,384)
+    max_tokens: int = 32768  # the most new tokens a request may ask for (R-4B's own client example asks 16,384)
     # what a request without max_tokens gets (harnesses often send none); None: the model's generation
-    # config, else 8,192, within max_new_tokens (resolve_limits, bimode.generation.defaults)
+    # config, else 8,192, within max_tokens (resolve_limits, bimode.generation.defaults)
     default_new_tokens: int | None = None
     max_n: int = 16
     allow_image_dir: Path | None = None  # local image paths are refused unless under this directory
     # http(s) image URLs: refused unless allowed (fetching lets any client make the server open URLs)
     allow_remote_images: bool = False
     remote_image_max_bytes: int = 20 * 1024 * 1024
-    remote_image_timeout_s: float = 10.0  # the whole fetch, redirects and body included
+    remote_image_timeout: float = 10.0  # seconds for the whole fetch, redirects and body included
     remote_image_max_redirects: int = 3
     # applied under every request's own chat_template_kwargs (vLLM's --default-chat-template-kwargs)
     default_chat_template_kwargs: dict = field(default_factory=dict)
     # auto mode thinks iff p_think >= this when a request sets no think_threshold (`bimode eval calibrate`)
-    default_think_threshold: float | None = None
+    think_threshold: float | None = None
     # False for models the engine runs through `model.generate` (Qwen-VL's multi-axis positions): no thinking
     # budget and no log-probs there, so requests for them are refused
     shared_prefix: bool = True
+    max_batch: int = 32  # most samples generated together
+    request_timeout: float = 300.0  # seconds from a request's arrival until it fails (504)
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # larger bodies get 413 before they are parsed
+    max_queued_requests: int = 64  # more requests waiting for the engine get 503 with Retry-After
+
+    @classmethod
+    def from_config(cls, cfg) -> ServerLimits:
+        """The limits a `bimode serve` config (ServeConfig) sets: every field of both, by name."""
+        names = {f.name for f in fields(cls)} & {f.name for f in fields(cfg)}
+        values = {name: getattr(cfg, name) for name in names}
+        if values.get("allow_image_dir"):
+            values["allow_image_dir"] = Path(values["allow_image_dir"])
+        values["default_chat_template_kwargs"] = dict(values.get("default_chat_template_kwargs") or {})
+        return cls(**values)
 
 
 def _decode_image(url: Any, limits: ServerLimits, where: str) -> Image.Image:
@@ -114,7 +131,7 @@ def _fetch_remote_image(url: str, limits: ServerLimits, where: str) -> tuple[byt
     if not limits.allow_remote_images:
         raise BadRequest(f"{where}: remote image URLs are not fetched unless the server runs with "
                          "--allow_remote_images; or send a base64 data URL", where)
-    cap, seconds = limits.remote_image_max_bytes, limits.remote_image_timeout_s
+    cap, seconds = limits.remote_image_max_bytes, limits.remote_image_timeout
 
     def fail(reason: str) -> BadRequest:
         return BadRequest(f"{where}: cannot fetch image {url}: {reason}", where)
@@ -177,7 +194,7 @@ def parse_messages(messages: Any, limits: ServerLimits) -> tuple[list[dict], lis
 
     The structure and the prompt's least possible length are checked before any image is decoded: a prompt whose
     text alone (at `limits.max_token_chars` characters a token at most) and images cannot fit
-    `limits.max_prompt_tokens` is refused without tokenizing it or decoding its images."""
+    `limits.max_model_len` is refused without tokenizing it or decoding its images."""
     if not isinstance(messages, list) or not messages:
         raise BadRequest("messages must be a non-empty list", "messages")
     out, pending, chars = [], [], 0  # pending: (parts list, index, url, where) of each image, in order
@@ -217,9 +234,9 @@ def parse_messages(messages: Any, limits: ServerLimits) -> tuple[list[dict], lis
         out.append(entry)
     least = -(-chars // limits.max_token_chars) if limits.max_token_chars else 0
     least += len(pending) * limits.image_tokens
-    if least > limits.max_prompt_tokens:
+    if limits.max_model_len is not None and least > limits.max_model_len:
         raise BadRequest(f"the prompt has at least {least} tokens ({chars} characters of text, {len(pending)} "
-                         f"images), over the limit of {limits.max_prompt_tokens}", "messages")
+                         f"images), over the limit of {limits.max_model_len}", "messages")
     images = [_decode_image(url, limits, where) for where, url in pending]
     return out, images
 
@@ -349,8 +366,8 @@ def parse_request(body: Any, limits: ServerLimits, served_model: str | None = No
     if max_tokens is None:
         max_tokens = body.get("max_tokens")
     max_new = _number({"max_tokens": max_tokens}, "max_tokens", int,
-                      min(limits.default_new_tokens or PAPER_MAX_NEW_TOKENS, limits.max_new_tokens), 1,
-                      limits.max_new_tokens)
+                      min(limits.default_new_tokens or PAPER_MAX_NEW_TOKENS, limits.max_tokens), 1,
+                      limits.max_tokens)
     budget = _budget(body, kwargs)
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
@@ -378,8 +395,8 @@ def parse_request(body: Any, limits: ServerLimits, served_model: str | None = No
         top_k=max(0, _number(body, "top_k", int, 0, -1, 10**6)),
         seed=_number(body, "seed", int, None, *SEEDS),
         max_thinking_tokens=_number({"max_thinking_tokens": budget}, "max_thinking_tokens", int, None, 0,
-                                    limits.max_new_tokens),
-        think_threshold=_number(body, "think_threshold", float, limits.default_think_threshold, 0.0, 1.0),
+                                    limits.max_tokens),
+        think_threshold=_number(body, "think_threshold", float, limits.think_threshold, 0.0, 1.0),
         logprobs=logprobs, top_logprobs=top_logprobs,
     )
     prompt = Prompt(messages=messages, images=images, modes=[mode] * n)

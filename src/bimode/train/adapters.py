@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from bimode.errors import UsageError
 from bimode.modes import MODE_SUFFIXES, THINK_CLOSE, THINK_OPEN, ThinkingMode
 from bimode.train.components import component_of
 
@@ -111,14 +112,14 @@ def check_quantization(model_args) -> None:
     if not asked:
         return
     if not model_args.use_peft:
-        raise ValueError(f"{', '.join(asked)}: a quantized base model trains only through adapters; add use_peft")
+        raise UsageError(f"{', '.join(asked)}: a quantized base model trains only through adapters; add use_peft")
     if not (model_args.load_in_4bit or model_args.load_in_8bit):
-        raise ValueError("use_bnb_nested_quant quantizes the 4-bit quantization constants: add load_in_4bit")
+        raise UsageError("use_bnb_nested_quant quantizes the 4-bit quantization constants: add load_in_4bit")
     if not torch.cuda.is_available():
-        raise ValueError(f"{', '.join(asked)} (QLoRA) needs bitsandbytes on a CUDA GPU and this machine has none: "
+        raise UsageError(f"{', '.join(asked)} (QLoRA) needs bitsandbytes on a CUDA GPU and this machine has none: "
                          "drop the flag (plain LoRA runs anywhere) or run on a GPU")
     if importlib.util.find_spec("bitsandbytes") is None:
-        raise ValueError(f"{', '.join(asked)} (QLoRA) needs bitsandbytes: pip install bitsandbytes")
+        raise UsageError(f"{', '.join(asked)} (QLoRA) needs bitsandbytes: pip install bitsandbytes")
 
 
 def model_load_kwargs(model_args) -> dict:
@@ -152,13 +153,13 @@ def build_peft_config(model_args, model, tokenizer, settings: AdapterFields, fro
         return None
     unknown = set(settings.lora_components) - {"llm", "vision"}
     if unknown:
-        raise ValueError(f"lora_components: {sorted(unknown)} not llm or vision (the projector trains in full "
+        raise UsageError(f"lora_components: {sorted(unknown)} not llm or vision (the projector trains in full "
                          "or not at all: lora_train_projector)")
     if config.target_modules is None:
         components = [c for c in settings.lora_components if c not in frozen]
         config.target_modules = linear_targets(model, components) or None
     elif frozen & {"llm", "vision"}:  # PEFT would wrap whatever the names match, frozen or not
-        raise ValueError(f"lora_target_modules names modules itself, so freeze_{'/freeze_'.join(sorted(frozen))} "
+        raise UsageError(f"lora_target_modules names modules itself, so freeze_{'/freeze_'.join(sorted(frozen))} "
                          "cannot take a component out of it: use lora_components instead, or leave the frozen "
                          "component's modules out of lora_target_modules")
     to_save = list(config.modules_to_save or [])
@@ -171,6 +172,6 @@ def build_peft_config(model_args, model, tokenizer, settings: AdapterFields, fro
     if ids:
         config.trainable_token_indices = {name: sorted(ids) for name in token_row_modules(model)}
     if not (config.target_modules or config.modules_to_save or config.trainable_token_indices):
-        raise ValueError("use_peft: nothing to train (every component in lora_components is frozen, the projector "
+        raise UsageError("use_peft: nothing to train (every component in lora_components is frozen, the projector "
                          "is frozen or lora_train_projector is off)")
     return config

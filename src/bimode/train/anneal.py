@@ -22,9 +22,12 @@ from trl import SFTConfig, SFTTrainer
 from bimode.compat.overrides import check_overrides
 from bimode.compat.peft_api import expose_output_bias
 from bimode.data.records import TARGET_MODES, Record
+from bimode.errors import UsageError
 from bimode.modes import ThinkingMode
 from bimode.train.adapters import AdapterFields, build_peft_config
-from bimode.train.checkpoint import StartFields, StrictResumeMixin, load_start, train_and_save
+from bimode.train.checkpoint import StrictResumeMixin
+from bimode.train.run import train_and_save
+from bimode.train.start import StartFields, load_start
 from bimode.train.components import COMPONENTS, freeze, optimizer_groups
 from bimode.train.precision import fp32_unless_asked_on_cpu
 from bimode.train.tokenization import collate, estimated_lengths, tokenize_example
@@ -71,7 +74,7 @@ def expand_targets(records: list[Record], target_modes: str) -> list[tuple[Recor
         elif target_modes in TARGET_MODES:
             pairs.append((r, target_modes))
         else:
-            raise ValueError(f"target_modes must be labelled, both, think or no_think, not {target_modes!r}")
+            raise UsageError(f"target_modes must be labelled, both, think or no_think, not {target_modes!r}")
     return pairs
 
 
@@ -121,7 +124,7 @@ def build_trainer(cfg: AnnealConfig, model=None, processor=None, model_args=None
     # LoRA: the trainer wraps the model (TRL's path); frozen components get no adapters
     peft_config = build_peft_config(model_args, model, tokenizer, cfg, cfg.frozen()) if model_args is not None else None
     if peft_config is None and not any(freeze(model, cfg.frozen()).values()):
-        raise ValueError("every component is frozen: nothing to train")
+        raise UsageError("every component is frozen: nothing to train")
     cfg.dataset_kwargs = {"skip_prepare_dataset": True}
     cfg.remove_unused_columns = False
     rows = {"row": list(range(len(pairs)))}

@@ -18,8 +18,8 @@ TRL's per-row forward where that is not proven equivalent, and logs which path i
 
 Pinned to TRL 1.16 (pyproject): this relies on `rollout_func`, `_generate_and_score_completions`, the
 (B, T) advantages `_compute_loss` accepts and the signature of `_get_per_token_logps_and_entropies`; the
-private parts go through bimode.compat.trl_api (docs/internals.md), and tests/test_bpo.py,
-tests/test_shared_prefix_forward.py and tests/test_compat.py guard each.
+private parts go through bimode.compat.trl_api (docs/internals.md), and tests/unit/test_bpo.py,
+tests/unit/test_shared_prefix_forward.py and tests/unit/test_compat.py guard each.
 """
 
 from __future__ import annotations
@@ -43,14 +43,17 @@ from bimode.compat.overrides import check_overrides
 from bimode.compat.peft_api import expose_output_bias
 from bimode.compat.trl_api import log_metric
 from bimode.data.records import Record, RecordError, read_records
+from bimode.errors import UsageError
 from bimode.generation.engine import TransformersEngine
 from bimode.generation.types import Prompt, SamplingParams, token_counts
 from bimode.modes import ThinkingMode
 from bimode.train.adapters import AdapterFields, build_peft_config
-from bimode.train.bpo_core import (MODE_OBJECTIVES, ROLLOUTS, decision_advantages, mode_token_loss,
+from bimode.train.bpo_core import (MODE_OBJECTIVES, ROLLOUT_LAYOUTS, decision_advantages, mode_token_loss,
                                    parse_mode_token_loss, per_mode_stats, response_mode, rollout_modes)
 from bimode.train.bpo_rewards import GuardedReward, build_rewards, make_thinking_cost, weighted_rewards
-from bimode.train.checkpoint import StartFields, StrictResumeMixin, load_start, train_and_save
+from bimode.train.checkpoint import StrictResumeMixin
+from bimode.train.run import train_and_save
+from bimode.train.start import StartFields, load_start
 from bimode.train.components import freeze
 from bimode.train.precision import fp32_unless_asked_on_cpu
 from bimode.train.shared_prefix_forward import call_unsupported, find_prefix_groups, grouped_completion_logps
@@ -108,21 +111,21 @@ class BPOConfig(StartFields, AdapterFields, GRPOConfig):
             self.chat_template_kwargs = {}
         if isinstance(self.chat_template_kwargs, dict):
             self.chat_template_kwargs.setdefault("thinking_mode", "auto")
-        if self.rollout not in ROLLOUTS:
-            raise ValueError(f"rollout must be one of {ROLLOUTS}, not {self.rollout!r}")
+        if self.rollout not in ROLLOUT_LAYOUTS:  # read now, not at import: a layout a user registers counts
+            raise UsageError(f"rollout must be one of {tuple(ROLLOUT_LAYOUTS)}, not {self.rollout!r}")
         if self.rollout == "bimode" and self.num_generations % 2:
-            raise ValueError(f"rollout bimode needs an even num_generations (2g), got {self.num_generations}")
+            raise UsageError(f"rollout bimode needs an even num_generations (2g), got {self.num_generations}")
         weight = parse_mode_token_loss(self.mode_token_loss)
         if self.mode_objective not in MODE_OBJECTIVES:  # read now, so an objective registered by a user counts
-            raise ValueError(f"mode_objective must be one of {tuple(MODE_OBJECTIVES)}, not {self.mode_objective!r}")
+            raise UsageError(f"mode_objective must be one of {tuple(MODE_OBJECTIVES)}, not {self.mode_objective!r}")
         if self.mode_objective != "bpo" and (self.rollout != "bimode" or weight == 0.0):
-            raise ValueError(f"mode_objective {self.mode_objective} trains the forced mode tokens: it needs "
+            raise UsageError(f"mode_objective {self.mode_objective} trains the forced mode tokens: it needs "
                              f"rollout bimode and mode_token_loss above 0 (got rollout {self.rollout}, "
                              f"mode_token_loss {self.mode_token_loss})")
         for name in ("thinking_cost_per_token", "thinking_cost_per_think", "direct_margin", "decision_scale"):
             value = getattr(self, name)
             if not math.isfinite(value) or (name != "direct_margin" and value < 0):
-                raise ValueError(f"{name} must be a finite number{'' if name == 'direct_margin' else ' >= 0'}, "
+                raise UsageError(f"{name} must be a finite number{'' if name == 'direct_margin' else ' >= 0'}, "
                                  f"got {value}")
         fp32_unless_asked_on_cpu(self)
         super().__post_init__()
@@ -247,7 +250,7 @@ class BPOTrainer(StrictResumeMixin, GRPOTrainer):
         flat_prompts, flat_images, forced, modes = [], [], [], []
         image_id = getattr(self.processing_class, "image_token_id", None)
         if image_id is None and any(p.images for p in batch):
-            raise ValueError("vLLM rollouts with images need the processor's image_token_id")
+            raise UsageError("vLLM rollouts with images need the processor's image_token_id")
         for p, ids in zip(batch, prompt_ids):
             vllm_ids = collapse_image_runs(ids, image_id, len(p.images)) if p.images else ids
             for mode in p.modes:
@@ -440,7 +443,7 @@ def build_trainer(cfg: BPOConfig, model=None, processor=None, model_args=None) -
     tokenizer = getattr(processor, "tokenizer", processor)
     peft_config = build_peft_config(model_args, model, tokenizer, cfg, frozen) if model_args is not None else None
     if peft_config is not None and cfg.use_vllm:  # vllm_fit maps full-model names; adapters are not proven there
-        raise ValueError("use_vllm with use_peft is not supported yet: BPO with LoRA rolls out with bimode's "
+        raise UsageError("use_vllm with use_peft is not supported yet: BPO with LoRA rolls out with bimode's "
                          "shared-prefix engine (drop use_vllm)")
     if peft_config is None:
         freeze(model, frozen)

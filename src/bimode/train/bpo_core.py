@@ -12,6 +12,7 @@ from typing import Callable
 
 import torch
 
+from bimode.errors import UsageError
 from bimode.modes import ThinkingMode
 
 # rollout name -> layout(offset, n, num_generations): the mode of each of n local rollouts (verl's
@@ -34,7 +35,7 @@ def bimode_layout(offset: int, n: int, num_generations: int) -> list[ThinkingMod
     split a group across processes, so the mode follows the global position `offset + i`, not the local one.
     """
     if num_generations % 2:
-        raise ValueError(f"bi-mode rollouts need an even num_generations (2g), got {num_generations}")
+        raise UsageError(f"bi-mode rollouts need an even num_generations (2g), got {num_generations}")
     g = num_generations // 2
     return [ThinkingMode.THINK if (offset + i) % num_generations < g else ThinkingMode.NO_THINK
             for i in range(n)]
@@ -46,13 +47,10 @@ def auto_layout(offset: int, n: int, num_generations: int) -> list[ThinkingMode]
     return [ThinkingMode.AUTO] * n
 
 
-ROLLOUTS = tuple(ROLLOUT_LAYOUTS)
-
-
 def rollout_modes(offset: int, n: int, num_generations: int, rollout: str = "bimode") -> list[ThinkingMode]:
     """The mode of each of n local rollouts starting at global position `offset`, by the named layout."""
     if rollout not in ROLLOUT_LAYOUTS:
-        raise ValueError(f"rollout must be one of {tuple(ROLLOUT_LAYOUTS)}, not {rollout!r}")
+        raise UsageError(f"rollout must be one of {tuple(ROLLOUT_LAYOUTS)}, not {rollout!r}")
     return ROLLOUT_LAYOUTS[rollout](offset, n, num_generations)
 
 
@@ -67,10 +65,10 @@ def parse_mode_token_loss(value) -> float:
         try:
             value = float(text)
         except ValueError:
-            raise ValueError(f"mode_token_loss must be off, on or a weight in (0, 1), not {value!r}") from None
+            raise UsageError(f"mode_token_loss must be off, on or a weight in (0, 1), not {value!r}") from None
     weight = float(value)
     if not 0.0 <= weight <= 1.0:
-        raise ValueError(f"mode_token_loss weight must be in [0, 1], got {weight}")
+        raise UsageError(f"mode_token_loss weight must be in [0, 1], got {weight}")
     return weight
 
 

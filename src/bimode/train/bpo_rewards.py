@@ -15,6 +15,7 @@ from typing import Callable
 
 import torch
 
+from bimode.errors import UsageError
 from bimode.modes import THINK_OPEN, ThinkingMode, parse_response
 from bimode.scoring import accuracy_reward
 from bimode.train import bpo_core
@@ -83,13 +84,13 @@ def import_reward(path: str) -> Callable:
     if not sep:
         module_name, _, attr = path.rpartition(".")
     if not module_name or not attr:
-        raise ValueError(f"reward {path!r}: expected 'package.module:function'")
+        raise UsageError(f"reward {path!r}: expected 'package.module:function'")
     try:
         func = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
-        raise ValueError(f"reward {path!r} cannot be imported: {exc}") from exc
+        raise UsageError(f"reward {path!r} cannot be imported: {exc}") from exc
     if not callable(func):
-        raise ValueError(f"reward {path!r} is not callable")
+        raise UsageError(f"reward {path!r} is not callable")
     return func
 
 

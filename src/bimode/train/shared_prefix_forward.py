@@ -39,7 +39,7 @@ same expected gradient, not the same random draw.
 
 Library internals (the cache's argument name, which changed inside the supported transformers range, and the
 checkpointing switches) are reached through bimode.compat.transformers_api; BPOTrainer's override follows TRL
-1.16's signature of `_get_per_token_logps_and_entropies`. tests/test_compat.py and this module's tests run at
+1.16's signature of `_get_per_token_logps_and_entropies`. tests/unit/test_compat.py and this module's tests run at
 both ends of the transformers range (5.17 in vLLM's environment, 5.25; docs/internals.md).
 """
 

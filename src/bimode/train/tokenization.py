@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from bimode.data.records import Record
+from bimode.errors import UsageError
 from bimode.modes import MODE_SUFFIXES, ThinkingMode
 
 IGNORE_INDEX = -100
@@ -85,14 +86,14 @@ def tokenize_example(processor, record: Record, mode: str, mask_empty_think: boo
                      add_special_tokens=False)["input_ids"]
     response = tokenizer(response_text(record, mode), add_special_tokens=False)["input_ids"]
     if ids[len(ids) - len(tail):] != tail or tail[: len(response)] != response:
-        raise ValueError(f"record {record.id}: response tokens differ in context; check the chat template")
+        raise UsageError(f"record {record.id}: response tokens differ in context; check the chat template")
     start = len(ids) - len(tail)
     targets = list(response)
     if mask_empty_think and mode == ThinkingMode.NO_THINK:
 
         block = tokenizer(MODE_SUFFIXES[ThinkingMode.NO_THINK], add_special_tokens=False)["input_ids"]
         if targets[: len(block)] != block:
-            raise ValueError(f"record {record.id}: the non-thinking target does not start with the empty block")
+            raise UsageError(f"record {record.id}: the non-thinking target does not start with the empty block")
         targets[: len(block)] = [IGNORE_INDEX] * len(block)
     labels = [IGNORE_INDEX] * start + targets + [IGNORE_INDEX] * (len(tail) - len(response))
     return Example(ids, labels, images, features)

@@ -31,6 +31,7 @@ from contextlib import contextmanager, nullcontext
 
 from bimode.compat.trl_api import colocated_llm_arguments, map_vllm_param_names
 from bimode.compat.vllm_api import layerwise_reload, on_cpu, reset_encoder_cache
+from bimode.errors import UsageError
 from bimode.generation.engine import media_token_ids
 from bimode.models.layout import checkpoint_param_name, flat_vision_towers
 
@@ -109,7 +110,7 @@ def collapse_image_runs(prompt_ids: list[int], image_token_id: int, n_images: in
         return list(prompt_ids)
     per_image = total // n_images
     if not runs or total % n_images or any(length % per_image for _, length in runs):
-        raise ValueError(f"cannot tell the {n_images} image(s) apart in {total} image tokens ({len(runs)} runs): "
+        raise UsageError(f"cannot tell the {n_images} image(s) apart in {total} image tokens ({len(runs)} runs): "
                          "vLLM rollouts need images of one token count")
     out, last = [], 0
     for start, length in runs:

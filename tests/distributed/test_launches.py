@@ -1,0 +1,79 @@
+"""Two processes under `accelerate launch` (gloo on CPU): data sharding, BPO's mixed groups across ranks, and
+the shared-prefix forward under DDP. The rank workers beside this file run in the launched processes."""
+
+import json
+
+import pytest
+import torch
+
+from bimode.data import synthetic
+from bimode.data.records import write_records
+from tests.conftest import launch_two_cpu_processes
+from tests.helpers.reference_generation import generate
+
+pytestmark = [pytest.mark.internals, pytest.mark.slow]  # internals: runs at both ends (docs/internals.md)
+
+
+def test_the_readme_two_process_anneal_shards_the_data_and_saves_a_working_model(tmp_path, tiny_dir):
+    """The README's CPU command, `accelerate launch --config_file configs/accelerate/cpu2.yaml -m bimode.cli
+    anneal --config tiny_anneal --use_cpu true ...`: each rank trains on its own rows, and the saved model
+    generates in the bi-mode format."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    train_file = tmp_path / "train.jsonl"
+    write_records([s.to_record() for s in synthetic.generate(64, seed=3, families=["count", "shell"], max_level=2)],
+                  train_file)
+    out = tmp_path / "ddp"
+    launch_two_cpu_processes(
+        "anneal_ranks.py", "--config", "tiny_anneal", "--use_cpu", "true", "--model_path", str(tiny_dir),
+        "--train_files", str(train_file), "--output_dir", str(out), "--max_steps", "3",
+        "--per_device_train_batch_size", "4", "--report_to", "none", "--save_strategy", "no")
+    rows = [json.loads((out / f"rows-{rank}.json").read_text()) for rank in (0, 1)]
+    assert len(rows[0]) >= 12 and len(rows[1]) >= 12
+    assert not set(rows[0]) & set(rows[1])  # each rank saw its own shard
+    final = out / "final"
+    assert (final / "model.safetensors").exists() and (final / "chat_template.jinja").exists()
+    model, processor = AutoModelForImageTextToText.from_pretrained(final), AutoProcessor.from_pretrained(final)
+    record = synthetic.generate(1, seed=1, families=["shell"], levels=[1])[0].to_record()
+    gen = generate(model, processor, [record], mode="think", max_new_tokens=8)[0]
+    assert gen.num_tokens > 0 and gen.response.startswith("<think>\n")
+
+
+def test_two_processes_keep_mixed_groups_intact(tmp_path, trained_tiny, trained_families_file):
+    out = tmp_path / "ddp"
+    # per-device batch 2 with groups of 4: every group is split, its thinking half on rank 0
+    launch_two_cpu_processes(
+        "bpo_ranks.py", "--model_path", str(trained_tiny), "--train_files", str(trained_families_file),
+        "--output_dir", str(out),
+        "--max_steps", "1", "--per_device_train_batch_size", "2", "--num_generations", "4",
+        "--max_completion_length", "16", "--rewards", "tests.helpers.bpo_helpers:think_wins", "--report_to", "none",
+        "--save_strategy", "no", "--probe_steps", "0", "--use_cpu", "true")
+    ranks = [json.loads((out / f"rank-{r}.json").read_text())[0] for r in (0, 1)]
+    assert ranks[0]["rows"] == ranks[1]["rows"] and len(set(ranks[0]["rows"])) == 1  # one prompt's group
+    assert ranks[0]["modes"] == ["think", "think"] and ranks[1]["modes"] == ["no_think", "no_think"]
+    expected = 0.5 / (3 ** -0.5 + 1e-4)  # normalized over the 4 rollouts of both ranks, not per rank
+    assert ranks[0]["advantages"] == pytest.approx([expected] * 2, rel=1e-5)
+    assert ranks[1]["advantages"] == pytest.approx([-expected] * 2, rel=1e-5)
+
+
+def test_two_processes_train_the_same_with_the_shared_forward_on_and_off(tmp_path, tiny_dir, trained_families_file):
+    """DDP: the shared path calls the wrapped model twice (prefix, then rows) before one backward."""
+    runs = {}
+    for shared in ("true", "false"):
+        out = tmp_path / shared
+        launch_two_cpu_processes(
+            "shared_forward_ranks.py", "--model_path", str(tiny_dir), "--train_files", str(trained_families_file),
+            "--output_dir", str(out), "--max_steps", "1", "--per_device_train_batch_size", "4", "--num_generations",
+            "4", "--max_completion_length", "8", "--rewards", "tests.helpers.bpo_helpers:no_think_wins", "--report_to",
+            "none", "--save_strategy", "no", "--probe_steps", "0", "--use_cpu", "true", "--learning_rate", "0.5",
+            "--optim", "sgd", "--gradient_checkpointing", "false", "--bf16", "false", "--temperature", "1.0",
+            "--beta", "0.05", "--num_iterations", "2", "--shared_prefix_forward", shared)
+        runs[shared] = [(json.loads((out / f"rank-{r}.json").read_text()),
+                         torch.load(out / f"weights-{r}.pt")) for r in (0, 1)]
+    assert all(info["paths"] == ["shared-prefix forward"] for info, _ in runs["true"])
+    (on, weights_on), (_, weights_on_1) = runs["true"]
+    (off, weights_off), _ = runs["false"]
+    assert on["loss"] == pytest.approx(off["loss"], rel=1e-5, abs=1e-7)
+    for name, w in weights_off.items():
+        assert torch.equal(weights_on[name], weights_on_1[name]), name  # the ranks stayed in sync
+        assert torch.allclose(weights_on[name], w, rtol=1e-5, atol=1e-6), name

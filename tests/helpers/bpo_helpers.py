@@ -1,0 +1,34 @@
+"""Controlled rewards for the BPO tests, importable by path (`tests.helpers.bpo_helpers:...`)."""
+
+
+def no_think_wins(prompts, completions, completion_ids, rollout_mode, **kwargs):
+    return [float(mode == "no_think") for mode in rollout_mode]
+
+
+def think_wins(prompts, completions, completion_ids, rollout_mode, **kwargs):
+    return [float(mode == "think") for mode in rollout_mode]
+
+
+def fails_on_thinking(prompts, completions, completion_ids, rollout_mode, **kwargs):
+    if any(mode == "think" for mode in rollout_mode):
+        raise RuntimeError("this reward cannot score thinking rollouts")
+    return [1.0] * len(rollout_mode)
+
+
+def none_on_thinking(prompts, completions, completion_ids, rollout_mode, **kwargs):
+    """Cannot score thinking rollouts (TRL's None); every direct answer scores 1."""
+    return [None if mode == "think" else 1.0 for mode in rollout_mode]
+
+
+def trained_p_think_drop(trainer) -> tuple[float, dict, dict]:
+    """Probe p_think, train, probe again: the mean drop over levels, and both probes (for the message)."""
+    before = trainer.probe()
+    trainer.train()
+    after = trainer.probe()
+    levels = [k for k in before if k.startswith("p_think/")]
+    return sum(before[k] - after[k] for k in levels) / len(levels), before, after
+
+
+def always_right(prompts, completions, completion_ids, rollout_mode, **kwargs):
+    """Both modes answer every query correctly: R-4B's accuracy-only BPO has nothing to learn from it."""
+    return [1.0] * len(rollout_mode)

@@ -1,0 +1,132 @@
+"""Remote image URLs in `bimode serve` requests: off by default; with --allow_remote_images fetched over http(s)
+within a size cap, a deadline and a redirect limit, every failure a 400 naming the URL and the reason. The
+images come from an HTTP server this module starts on 127.0.0.1."""
+
+import io
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from PIL import Image
+
+from bimode.serve.requests import BadRequest, ServerLimits, parse_request
+
+
+def _png(size=(12, 8), color=(200, 30, 30)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+PNG = _png()
+BIG = b"\0" * 300_000  # over the tests' 200,000-byte cap
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.0"  # a body without Content-Length ends when the connection closes
+
+    def log_message(self, *args):  # quiet
+        pass
+
+    def _send(self, status, body=b"", headers=(), length=True):
+        self.send_response(status)
+        for key, value in headers:
+            self.send_header(key, value)
+        if length:
+            self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        routes = {
+            "/grid.png": lambda: self._send(200, PNG, [("Content-Type", "image/png")]),
+            "/big.png": lambda: self._send(200, BIG, [("Content-Type", "image/png")]),
+            # no Content-Length: the cap must hold while reading, not only on the declared size
+            "/big-unsized.png": lambda: self._send(200, BIG, [("Content-Type", "image/png")], length=False),
+            "/loop": lambda: self._send(302, headers=[("Location", "/loop")]),
+            "/hop": lambda: self._send(302, headers=[("Location", "/grid.png")]),
+            "/to-ftp": lambda: self._send(302, headers=[("Location", "ftp://127.0.0.1/grid.png")]),
+            "/page.html": lambda: self._send(200, b"<html>not an image</html>", [("Content-Type", "text/html")]),
+            "/slow.png": self._slow,
+            # three hops of 0.4 s each before any body: every hop is within 1 s, the fetch is not
+            "/late-hop-1": lambda: self._late(302, "/late-hop-2"),
+            "/late-hop-2": lambda: self._late(302, "/late-hop-3"),
+            "/late-hop-3": lambda: self._late(302, "/grid.png"),
+        }
+        routes.get(self.path, lambda: self._send(404, b"not found"))()
+
+    def _late(self, status, location):
+        time.sleep(0.4)
+        self._send(status, headers=[("Location", location)])
+
+    def _slow(self):  # a byte every 0.2 s: each read is quick, the whole fetch is not
+        self.send_response(200)
+        self.end_headers()
+        for byte in PNG[:20]:
+            self.wfile.write(bytes([byte]))
+            self.wfile.flush()
+            time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def images():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+ON = ServerLimits(allow_remote_images=True, remote_image_max_bytes=200_000, remote_image_timeout=1.0)
+
+
+def _body(url: str) -> dict:
+    return {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                      {"type": "text", "text": "What colour is it?"}]}]}
+
+
+def test_remote_png_is_fetched_when_allowed(images):
+    for path in ("/grid.png", "/hop"):  # a redirect within the limit is followed
+        prompt = parse_request(_body(images + path), ON)[0]
+        assert len(prompt.images) == 1 and prompt.images[0].size == (12, 8)
+        assert prompt.images[0].getpixel((0, 0)) == (200, 30, 30)
+
+
+def test_remote_images_are_off_by_default_and_say_how_to_turn_them_on(images):
+    with pytest.raises(BadRequest, match="--allow_remote_images") as caught:
+        parse_request(_body(images + "/grid.png"), ServerLimits())
+    assert caught.value.status == 400 and caught.value.param == "messages[0].content[0]"
+
+
+@pytest.mark.parametrize("path, reason", [
+    ("/big.png", "300000 bytes, over the limit of 200000"),
+    ("/big-unsized.png", "over the limit of 200000 bytes"),
+    ("/loop", "more than 3 redirects"),
+    ("/to-ftp", "unsupported scheme"),
+    ("/page.html", "cannot decode image"),
+    ("/missing.png", "HTTP 404"),
+    ("/slow.png", "took longer than 1 s"),
+    ("/late-hop-1", "took longer than 1 s"),
+])
+def test_every_failed_fetch_is_a_400_naming_the_url_and_the_reason(images, path, reason):
+    url = images + path
+    with pytest.raises(BadRequest) as caught:
+        parse_request(_body(url), ON)
+    message = str(caught.value)
+    assert caught.value.status == 400 and url in message and reason in message, message
+    assert message.startswith("messages[0].content[0]")
+
+
+def test_unreachable_host_and_other_schemes():
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on once closed
+        s.bind(("127.0.0.1", 0))
+        server_gone = f"http://127.0.0.1:{s.getsockname()[1]}/grid.png"
+    with pytest.raises(BadRequest, match="cannot fetch image http://127.0.0.1:.*ConnectError"):
+        parse_request(_body(server_gone), ON)
+    with pytest.raises(BadRequest, match="scheme 'ftp' is not supported"):
+        parse_request(_body("ftp://127.0.0.1/grid.png"), ON)

@@ -1,0 +1,48 @@
+"""The experiment scripts the README quotes run end to end (tiny sizes here; the README's numbers come from
+their full sizes)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_script(*args: str) -> str:
+    done = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_bpo_miniature_runs_and_reports(tmp_path):
+    out = tmp_path / "mini"
+    stdout = run_script("scripts/bpo_miniature.py", "--out", str(out), "--n-train", "48", "--n-eval", "12",
+                        "--anneal-steps", "2", "--steps", "2", "--runs", "BPO, mode tokens on",
+                        "GRPO (auto rollouts)")
+    results = json.loads((out / "results.json").read_text())
+    assert set(results) == {"no RL (annealed)", "BPO, mode tokens on", "GRPO (auto rollouts)"}
+    for name, m in results.items():
+        assert f"| {name} | {100 * m['modes']['auto']['accuracy']:.1f} |" in stdout
+    assert [p["step"] for p in results["BPO, mode tokens on"]["probe"]] == [0]
+
+
+def test_anneal_table3_runs_and_reports(tmp_path):
+    out = tmp_path / "t3"
+    stdout = run_script("scripts/anneal_table3.py", "--out", str(out), "--n-train", "48", "--n-eval", "12",
+                        "--steps", "2")
+    results = json.loads((out / "results.json").read_text())
+    assert set(results) == {"non-reasoning only", "reasoning only", "NR then R", "mixed"}
+    assert f"| mixed | {100 * results['mixed']['modes']['think']['accuracy']:.1f} |" in stdout
+
+
+def test_lora_comparison_runs_and_reports(tmp_path):
+    out = tmp_path / "lora"
+    stdout = run_script("scripts/lora_comparison.py", "--out", str(out), "--n-train", "48", "--n-eval", "6",
+                        "--anneal-steps", "2", "--bpo-steps", "1", "--bpo-prompts", "2", "--lora-r", "4")
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert list(runs) == ["anneal, full", "anneal, LoRA", "BPO, full", "BPO, LoRA"]
+    assert runs["anneal, LoRA"]["trainable"] < runs["anneal, full"]["trainable"] == runs["anneal, full"]["total"]
+    for name, m in runs.items():
+        assert f"| {name} | {m['trainable']:,} " in stdout and m["steps"] > 0
+    assert (out / "bpo_lora" / "final" / "adapter_config.json").exists()

@@ -1,0 +1,200 @@
+"""The vLLM backend against the transformers engine, on CPU, on the trained tiny model.
+
+vLLM is installed in vLLM's environment (`make setup-vllm`, .venv-vllm), not the main one: one script there (tests/integration/vllm_scripts/
+run_backend.py) starts one engine for the whole module and runs every case of a JSON spec; this module
+computes the transformers engine's side here and compares. Skipped only while .venv-vllm is missing.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.vllm_helpers import needs_vllm, run_vllm_script
+
+pytestmark = needs_vllm
+
+# the engine settings that run on a 2-core CPU machine (docs/vllm.md)
+CPU_LLM = {"dtype": "float32", "enforce_eager": True, "max_model_len": 512, "limit_mm_per_prompt": {"image": 1},
+           "seed": 0}
+MAX_NEW = 40
+LOGPROB_TOL = 2e-3
+
+
+def prompt_specs(tmp: Path):
+    """Eval-split prompts of the trained families with their images, and each again with another prompt's
+    image (the same text: if images reach the model, answers and log-probs change)."""
+    from bimode.data import synthetic
+    from bimode.generation.types import Prompt
+
+    records = [s.to_record() for s in synthetic.generate(6, seed=3, split="eval", families=["count", "shell"],
+                                                         max_level=3)]
+    prompts = [Prompt.from_record(r, ["auto", "think", "no_think"]) for r in records]
+    swapped = [Prompt(messages=p.messages, images=prompts[(i + 1) % len(prompts)].images, modes=p.modes)
+               for i, p in enumerate(prompts)]
+    prompts += swapped
+    specs = []
+    for i, p in enumerate(prompts):
+        paths = []
+        for j, image in enumerate(p.images):
+            paths.append(str(tmp / f"p{i}_{j}.png"))
+            image.save(paths[-1])
+        specs.append({"messages": p.messages, "images": paths, "modes": [m.value for m in p.modes]})
+    return prompts, specs
+
+
+def threshold_between(values: list[float]) -> float:
+    """A threshold in the widest gap between the prompts' p_think values: both modes get prompts, and no
+    prompt sits near it (the two backends' p_think differ in the last digits)."""
+    ordered = sorted(values)
+    gaps = [(b - a, (a + b) / 2) for a, b in zip(ordered, ordered[1:])]
+    return max(gaps)[1]
+
+
+RUNS = {  # name -> (SamplingParams fields, which prompts: None = all)
+    "greedy": ({"max_new_tokens": MAX_NEW, "logprobs": True}, None),
+    "budget_0": ({"max_new_tokens": MAX_NEW, "max_thinking_tokens": 0}, [0, 1, 2, 3]),
+    "budget_2": ({"max_new_tokens": MAX_NEW, "max_thinking_tokens": 2, "logprobs": True}, [0, 1, 2, 3]),
+    # forced closing text does not count toward max_new_tokens: 6 sampled tokens, then cut
+    "budget_1_short": ({"max_new_tokens": 6, "max_thinking_tokens": 1}, [0, 1, 2, 3]),
+    "short": ({"max_new_tokens": 3}, [0, 1, 2, 3]),
+    "unconstrained": ({"max_new_tokens": MAX_NEW, "constrain_decision": False}, [0, 1, 2, 3]),
+}
+
+
+@pytest.fixture(scope="module")
+def compared(trained_tiny, tmp_path_factory):
+    return compare_backends(trained_tiny, tmp_path_factory.mktemp("vllm_backend"))
+
+
+def compare_backends(model_dir: Path, tmp: Path) -> dict:
+    """Both backends on every run: {"vllm": the script's answer, "hf": {run: completions}, ...}."""
+    import torch
+
+    from bimode.generation.engine import TransformersEngine
+    from bimode.generation.types import SamplingParams
+    from bimode.models import load_model
+
+    prompts, specs = prompt_specs(tmp)
+    model, processor = load_model(model_dir, dtype=torch.float32)
+    engine = TransformersEngine(model, processor)
+    stats = engine.decision_stats(prompts)
+    runs = dict(RUNS)
+    runs["threshold"] = ({"max_new_tokens": MAX_NEW, "think_threshold": threshold_between([p for p, _ in stats])},
+                         None)
+    hf = {}
+    for name, (params, chosen) in runs.items():
+        subset = prompts if chosen is None else [prompts[i] for i in chosen]
+        hf[name] = engine.generate(subset, SamplingParams(**params))
+    spec = {"model": str(model_dir), "llm": CPU_LLM, "prompts": specs,
+            "runs": {name: {"params": params, "prompts": chosen} for name, (params, chosen) in runs.items()},
+            "media_probe": {"prompts": [0, 1], "n": 8, "max_tokens": 64, "temperature": 1.0, "bias": 30.0}}
+    start = time.time()
+    out = run_vllm_script("run_backend.py", spec, tmp)
+    out["wall_s"] = time.time() - start
+    print(f"vLLM script: {out['wall_s']:.0f} s, engine start-up {out['startup_s']:.0f} s, runs {out['run_s']}")
+    return {"vllm": out, "hf": hf, "hf_stats": stats, "prompts": prompts, "engine": engine}
+
+
+def assert_same(hf_group, vllm_group, logprobs=False):
+    for h, v in zip(hf_group, vllm_group, strict=True):
+        where = f"mode {h.mode.value}: engine {h.response!r}, vLLM {v['prompt_suffix'] + v['text']!r}"
+        assert v["token_ids"] == h.token_ids, where
+        assert (v["prompt_suffix"], v["text"], v["mode"]) == (h.prompt_suffix, h.text, h.mode.value), where
+        assert v["finish_reason"] == h.finish_reason, where
+        assert (v["thinking_tokens"], v["answer_tokens"]) == (h.thinking_tokens, h.answer_tokens), where
+        assert v["stop_token_id"] == h.stop_token_id, where
+        if logprobs:
+            assert len(v["logprobs"]) == len(h.logprobs), where
+            assert max(abs(a - b) for a, b in zip(v["logprobs"], h.logprobs)) < LOGPROB_TOL, where
+
+
+def run_pairs(compared, name):
+    chosen = RUNS[name][1] if name in RUNS else None
+    hf = compared["hf"][name]
+    got = compared["vllm"]["runs"][name]
+    assert len(got) == len(hf) == (len(compared["prompts"]) if chosen is None else len(chosen))
+    return zip(hf, got)
+
+
+def test_greedy_matches_the_transformers_engine_in_every_mode(compared):
+    for hf_group, vllm_group in run_pairs(compared, "greedy"):
+        assert_same(hf_group, vllm_group, logprobs=True)
+        # the three modes as the template renders them, and a response that parses in each
+        assert [v["prompt_suffix"] for v in vllm_group] == ["<think>", "<think>\n", "<think>\n\n</think>\n\n"]
+        assert vllm_group[0]["text"][:1] == "\n"  # auto mode: the first token is the mode decision
+
+
+def test_images_reach_the_model(compared):
+    """The same question with another image: vLLM's answers follow the image as the engine's do."""
+    n = len(compared["prompts"]) // 2
+    got = compared["vllm"]["runs"]["greedy"]
+    changed = sum(got[i][m]["logprobs"] != got[i + n][m]["logprobs"] for i in range(n) for m in range(3))
+    assert changed == 3 * n
+    texts_changed = sum(got[i][m]["text"] != got[i + n][m]["text"] for i in range(n) for m in range(3))
+    assert texts_changed >= 1
+    # the prompt the completion continues, image placeholders expanded, as the engine feeds it
+    for i, prompt in enumerate(compared["prompts"]):
+        assert got[i][0]["prompt_token_ids"] == compared["engine"].prompt_ids(prompt)
+
+
+def test_p_think_and_threshold(compared):
+    for (p, mass), (vp, vmass) in zip(compared["hf_stats"], compared["vllm"]["decision_stats"], strict=True):
+        assert abs(p - vp) < 1e-3 and abs(mass - vmass) < 1e-3
+    threshold = compared["hf"]["threshold"]
+    forced = [g[0].prompt_suffix for g in threshold]
+    assert {"<think>\n", "<think>\n\n</think>\n\n"} == set(forced)  # the threshold picked both modes
+    for hf_group, vllm_group in run_pairs(compared, "threshold"):
+        assert_same(hf_group, vllm_group)
+        assert vllm_group[0]["mode"] == "auto" and vllm_group[0]["p_think"] == pytest.approx(
+            hf_group[0].p_think, abs=1e-3)
+
+
+@pytest.mark.parametrize("name", ["budget_0", "budget_2", "budget_1_short"])
+def test_thinking_budget_matches_the_engine(compared, name):
+    from bimode.generation.types import BUDGET_CLOSING
+
+    hit = 0
+    for hf_group, vllm_group in run_pairs(compared, name):
+        assert_same(hf_group, vllm_group, logprobs=RUNS[name][0].get("logprobs", False))
+        for h in hf_group:
+            budget = RUNS[name][0]["max_thinking_tokens"]
+            if h.mode.value != "no_think":
+                assert h.thinking_tokens <= budget
+            hit += BUDGET_CLOSING.strip() in h.text
+    assert hit  # the budget did cut some thinking short
+
+
+@pytest.mark.parametrize("name", ["short", "unconstrained"])
+def test_length_and_unconstrained_decision_match(compared, name):
+    for hf_group, vllm_group in run_pairs(compared, name):
+        assert_same(hf_group, vllm_group)
+
+
+def test_media_placeholders_are_never_sampled(compared):
+    """vLLM itself samples image placeholders (an untrained or hot model does; a logit bias toward them makes it
+    certain here); bimode's logits processor bans them, as the transformers engine does."""
+    probe = compared["vllm"]["media_probe"]
+    print("media placeholders sampled:", probe)
+    assert probe["banned_ids"] == compared["engine"].banned_ids
+    assert probe["without_ban"]["media"] > probe["without_ban"]["tokens"] // 10, probe
+    assert probe["with_ban"]["media"] == 0 and probe["with_ban"]["tokens"] == probe["without_ban"]["tokens"]
+
+
+def test_the_checkpoint_s_generation_limit_is_the_default(compared):
+    """eval and curation default to the model's own max_new_tokens (generation/defaults.py), through vLLM too."""
+    from bimode.generation.defaults import default_max_new_tokens
+
+    assert compared["vllm"]["default_max_new_tokens"] == default_max_new_tokens(compared["engine"]) == 256
+
+
+def test_render_and_on_token_follow_the_generation_interface(compared):
+    """VLLMBackend renders prompts as the engine does and hands each completion's tokens to on_token."""
+    from bimode.modes import ThinkingMode
+
+    for mode in ThinkingMode:
+        assert compared["vllm"]["rendered"][mode.value] == compared["engine"].render(compared["prompts"][0], mode)
+    replay = compared["vllm"]["replay"]
+    assert replay["streamed"] == replay["token_ids"] and len(replay["token_ids"]) == 2 * 3

@@ -1,0 +1,249 @@
+"""Contract tests of bimode.compat: each library internal bimode relies on still behaves as bimode expects.
+
+`make test` runs this module in both environments: the main one (the newest transformers in range) and vLLM's
+(transformers 5.17, vLLM 0.31), the two ends of the supported range (docs/internals.md). The vLLM parts run
+where vLLM is installed; their behaviour in a real weight sync is tests/integration/test_bpo_vllm.py's.
+"""
+
+import importlib.util
+import inspect
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from bimode.compat import transformers_api as tf
+from bimode.models import load_model
+
+pytestmark = pytest.mark.internals  # runs at both ends of the transformers range (docs/internals.md)
+needs_vllm_here = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
+                                     reason="vLLM is not installed in this environment (it is in .venv-vllm)")
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir):
+    model, processor = load_model(tiny_dir, dtype=torch.float32)
+    return model.eval(), processor
+
+
+def token_ids(processor, n: int = 12) -> torch.Tensor:
+    ids = processor.tokenizer("count the red cells, then answer", return_tensors="pt")["input_ids"]
+    return ids[:, :n]
+
+
+# ---- transformers -------------------------------------------------------------------------------------
+def test_a_cache_passed_under_the_model_s_own_name_continues_the_sequence(tiny):
+    """The model reads the cache it is given: a prefix pass then one token gives the full pass's logits. Under
+    a name the model does not declare, transformers' **kwargs would swallow it and recompute from scratch."""
+    model, processor = tiny
+    ids = token_ids(processor)
+    assert tf.cache_argument(model) in ("cache", "past_key_values")
+    with torch.no_grad():
+        full = model(input_ids=ids).logits[0, -1]
+        cache = DynamicCache()
+        out = model(input_ids=ids[:, :-1], **tf.with_cache(model, cache), use_cache=True)
+        assert tf.returned_cache(out) is cache and cache.get_seq_length() == ids.size(1) - 1
+        step = model(input_ids=ids[:, -1:], **tf.with_cache(model, cache), use_cache=True).logits[0, -1]
+    assert torch.allclose(step, full, atol=1e-5)
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["with_grad", "no_grad"])
+def test_checkpointed_layers_keep_a_cache_only_when_told(tiny, grad):
+    """Training layers under checkpointing drop a cache passed to them (5.17 also without gradients: TRL's old
+    and reference log-probs); the switch keeps it, and is put back afterwards."""
+    model, processor = tiny
+    ids = token_ids(processor)
+    tf.enable_activation_checkpointing(model, {"use_reentrant": False})
+    model.train()
+    try:
+        layers = tf.checkpointing_layers(model)
+        assert layers and not any(tf.is_reentrant(m) for m in layers)
+        with torch.set_grad_enabled(grad):
+            kept = DynamicCache()
+            with tf.keep_cache_under_checkpointing(layers):
+                model(input_ids=ids, **tf.with_cache(model, kept), use_cache=True)
+            assert kept.get_seq_length() == ids.size(1)
+            if grad:  # without the switch the layers drop it (both ends)
+                dropped = DynamicCache()
+                model(input_ids=ids, **tf.with_cache(model, dropped), use_cache=True)
+                assert dropped.get_seq_length() == 0
+        assert not any("_can_checkpoint_with_cache" in vars(m) for m in layers)
+    finally:
+        tf.disable_activation_checkpointing(model)
+        model.eval()
+    assert tf.checkpointing_layers(model) == []
+
+
+def test_reentrant_checkpointing_is_recognised(tiny):
+    model, _ = tiny
+    tf.enable_activation_checkpointing(model, {"use_reentrant": True})
+    model.train()
+    try:
+        layers = tf.checkpointing_layers(model)
+        assert layers and all(tf.is_reentrant(m) for m in layers)
+    finally:
+        tf.disable_activation_checkpointing(model)
+        model.eval()
+
+
+def test_saving_renamings_rename_once_and_load_back(tmp_path, tiny_dir):
+    """What is added is written on save, once however often it is added; the tower layout bimode writes this way
+    (`vision_tower.vision_model.*`) loads back in plain transformers with the same weights."""
+    from safetensors import safe_open
+    from transformers import AutoModelForImageTextToText
+
+    model, _ = load_model(tiny_dir, dtype=torch.float32)  # load_model adds the tower renaming
+    before = len(model._weight_conversions)
+    tf.add_saving_renamings(model, {"model.vision_tower.": "model.vision_tower.vision_model."})
+    assert len(model._weight_conversions) == before
+    model.save_pretrained(tmp_path / "nested")
+    reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "nested", dtype=torch.float32)
+    theirs = dict(reloaded.named_parameters())
+    assert set(theirs) == {n for n, _ in model.named_parameters()}
+    assert all(torch.equal(p, theirs[n]) for n, p in model.named_parameters())
+
+    for _ in range(2):
+        tf.add_saving_renamings(model, {"model.language_model.norm.": "model.language_model.final_norm."})
+    assert len(model._weight_conversions) == before + 1
+    model.save_pretrained(tmp_path / "renamed")
+    with safe_open(tmp_path / "renamed" / "model.safetensors", "pt") as f:
+        keys = list(f.keys())
+    assert any(".final_norm." in k for k in keys) and not any(k.endswith("language_model.norm.weight") for k in keys)
+    assert all(k.startswith("vision_tower.vision_model.") for k in keys if k.startswith("vision_tower."))
+
+
+def test_a_processor_builds_without_its_video_part(tmp_path):
+    from transformers.processing_utils import ProcessorMixin
+
+    from bimode.models.loading import load_image_only_processor
+    from tests.helpers import hf_fixtures
+
+    original = ProcessorMixin.check_argument_for_proper_class
+    processor = load_image_only_processor(hf_fixtures.build_tiny_qwen25_vl(tmp_path / "qwen"))
+    assert processor.video_processor is None and processor.image_processor is not None
+    assert ProcessorMixin.check_argument_for_proper_class is original  # the check is put back
+
+
+# ---- overridden private methods (TRL, transformers' Trainer) -------------------------------------------
+def test_bimode_trainers_override_the_libraries_methods_with_their_signatures():
+    from trl import GRPOTrainer
+
+    from bimode.compat.overrides import check_overrides
+    from bimode.train.anneal import AnnealTrainer
+    from bimode.train.bpo import BPOTrainer
+
+    check_overrides(BPOTrainer)
+    check_overrides(AnnealTrainer)
+    for name in ("_generate_and_score_completions", "_get_per_token_logps_and_entropies"):
+        assert name in vars(BPOTrainer) and name in vars(GRPOTrainer), name
+
+    class Drifted(BPOTrainer):  # given a bimode module below: its override is checked like bimode's own
+        pass
+
+    Drifted.__module__ = "bimode.drifted"
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, chunk_size=None):
+        return None
+
+    Drifted._get_per_token_logps_and_entropies = _get_per_token_logps_and_entropies
+    with pytest.raises(RuntimeError, match=r"bimode's Drifted\._get_per_token_logps_and_entropies overrides it"):
+        check_overrides(Drifted)
+
+    class Library:  # a release that renamed the method bimode replaces
+        def _load_checkpoint(self, resume_from_checkpoint, model=None):
+            return None
+
+    class Ours(Library):
+        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+            return None
+
+        def _helper(self):  # bimode's own private method: nothing to compare it with
+            return None
+
+    Ours.__module__ = "bimode.ours"
+    with pytest.raises(RuntimeError, match=r"Ours\._load_from_checkpoint replaces a library method that no base"):
+        check_overrides(Ours)
+
+
+# ---- TRL -----------------------------------------------------------------------------------------------
+def test_logged_metrics_are_averaged_into_the_next_log(tmp_path, tiny_dir, trained_families_file):
+    from bimode.compat.trl_api import log_metric, logged_metric
+    from bimode.train.bpo import BPOConfig, build_trainer
+
+    trainer = build_trainer(BPOConfig(model_path=str(tiny_dir), train_files=[str(trained_families_file)],
+                                      output_dir=str(tmp_path), num_generations=2, per_device_train_batch_size=2,
+                                      max_steps=1, report_to=[], use_cpu=True, bf16=False, probe_steps=0))
+    trainer.model.train()  # TRL logs what was collected for the mode the model is in
+    log_metric(trainer, "compat/x", 2.0)
+    log_metric(trainer, "compat/x", 4.0)
+    assert logged_metric(trainer, "compat/x") == [2.0, 4.0]
+    trainer.log({"loss": 1.0})
+    assert trainer.state.log_history[-1]["compat/x"] == 3.0
+    assert logged_metric(trainer, "compat/x") == []  # cleared for the next step
+
+
+def test_vllm_parameter_names_go_through_trl_s_fix_then_ours():
+    from trl.generation.vllm_generation import VLLMGeneration
+
+    from bimode.compat.trl_api import map_vllm_param_names
+
+    assert list(inspect.signature(VLLMGeneration._fix_param_name_to_vllm).parameters) == [
+        "self", "name", "extra_prefixes"]
+    generation = object.__new__(VLLMGeneration)  # the name fix reads no instance state
+    map_vllm_param_names(generation, lambda name: name.replace("vision_tower.", "vision_tower.vision_model."))
+    name = "model.vision_tower._checkpoint_wrapped_module.embeddings.patch.weight"
+    assert generation._fix_param_name_to_vllm(name) == "model.vision_tower.vision_model.embeddings.patch.weight"
+
+
+@needs_vllm_here
+def test_colocated_engine_arguments_reach_trl_s_llm_and_are_put_back():
+    import trl.generation.vllm_generation as trl_vllm
+
+    from bimode.compat.trl_api import colocated_llm_arguments
+
+    original = trl_vllm.LLM
+    with colocated_llm_arguments(dtype="float32", enforce_eager=True):
+        assert trl_vllm.LLM.func is original and trl_vllm.LLM.keywords == {"dtype": "float32", "enforce_eager": True}
+    assert trl_vllm.LLM is original
+
+
+# ---- vLLM ----------------------------------------------------------------------------------------------
+@needs_vllm_here
+def test_vllm_s_reload_protocol_and_engine_methods_are_there():
+    """The calls `bimode.compat.vllm_api` makes (their effect in a real sync: tests/integration/test_bpo_vllm.py)."""
+    from vllm.model_executor.model_loader.reload import finalize_layerwise_reload, initialize_layerwise_reload
+    from vllm.v1.engine.llm_engine import LLMEngine
+
+    from bimode.compat.vllm_api import on_cpu
+
+    assert list(inspect.signature(initialize_layerwise_reload).parameters) == ["model"]
+    assert callable(finalize_layerwise_reload)  # (model, model_config), behind a decorator's (*args, **kwargs)
+    assert list(inspect.signature(LLMEngine.reset_encoder_cache).parameters) == ["self"]
+    assert on_cpu() == (not torch.cuda.is_available())
+
+
+# ---- PEFT ----------------------------------------------------------------------------------------------
+def test_peft_s_token_row_wrapper_exposes_the_output_bias():
+    from peft import LoraConfig, get_peft_model
+    from peft.utils.other import TrainableTokensWrapper
+
+    from bimode.compat.peft_api import expose_output_bias
+
+    class Toy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(16, 8)
+            self.body = torch.nn.Linear(8, 8)
+            self.lm_head = torch.nn.Linear(8, 16, bias=True)
+
+        def forward(self, ids):
+            return self.lm_head(self.body(self.embed(ids)))
+
+    toy = Toy()
+    bias = toy.lm_head.bias
+    model = get_peft_model(toy, LoraConfig(target_modules=["body"], trainable_token_indices={"lm_head": [1, 2]}))
+    wrappers = [m for m in model.modules() if isinstance(m, TrainableTokensWrapper)]
+    assert wrappers
+    expose_output_bias(model)
+    for wrapper in wrappers:
+        assert wrapper.bias is bias and wrapper.weight.shape == (16, 8)

@@ -1,0 +1,144 @@
+"""Every stage on other model families: R-4B's own layout (LLaVA-NeXT: AnyRes tiles, image_sizes, SigLIP + Qwen3)
+and LLaVA with a Llama-style tokenizer (no think tags, `\n\n` as two tokens). Qwen2.5-VL: test_anneal, test_bpo."""
+
+import pytest
+import torch
+from PIL import Image
+
+from bimode.data import synthetic
+from bimode.data.records import write_records
+from bimode.generation.engine import TransformersEngine
+from bimode.generation.types import Prompt, SamplingParams
+from bimode.models import load_model
+from bimode.train.components import component_of
+from tests.conftest import reference_greedy
+from tests.helpers.hf_fixtures import (
+    build_tiny_gemma3,
+    build_tiny_llava_llama_style,
+    build_tiny_llava_next,
+)
+
+pytestmark = pytest.mark.internals  # runs at both ends of the transformers range (docs/internals.md)
+
+USER = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Where is the ball?"}]}]
+
+
+@pytest.fixture(scope="module")
+def next_dir(tmp_path_factory):
+    return build_tiny_llava_next(tmp_path_factory.mktemp("llava_next") / "model")
+
+
+@pytest.fixture(scope="module", params=["llava_next", "llava_llama_style", "gemma3"])
+def family_dir(request, tmp_path_factory, next_dir):
+    if request.param == "llava_next":
+        return next_dir
+    builder = {"llava_llama_style": build_tiny_llava_llama_style, "gemma3": build_tiny_gemma3}[request.param]
+    return builder(tmp_path_factory.mktemp(request.param) / "model")
+
+
+@pytest.fixture(scope="module")
+def train_file(tmp_path_factory):
+    records = [s.to_record() for s in synthetic.generate(32, seed=5, families=["shell"], max_level=3)]
+    return write_records(records, tmp_path_factory.mktemp("llava_next_data") / "train.jsonl")
+
+
+@pytest.fixture(scope="module")
+def mixed_file(tmp_path_factory):
+    """Image and text-only records: batches that mix them."""
+    records = [s.to_record() for s in synthetic.generate(32, seed=5, families=["shell", "shell_text"], max_level=3)]
+    return write_records(records, tmp_path_factory.mktemp("mixed_data") / "train.jsonl")
+
+
+def test_shared_prefix_engine_equals_plain_generate_across_tile_counts(next_dir):
+    model, processor = load_model(next_dir, dtype=torch.float32)
+    engine = TransformersEngine(model, processor)
+    assert engine.shared_prefix
+    # a wide, a tall and a square image: different tile grids, so different prompt lengths in one batch
+    images = [Image.new("RGB", size, colour) for size, colour in (((64, 32), "red"), ((32, 64), "blue"),
+                                                                   ((32, 32), "green"))]
+    prompts = [Prompt(USER, images=[image], modes=["think", "no_think"]) for image in images]
+    assert len({len(engine.prompt_ids(p)) for p in prompts}) > 1
+    shared = engine.generate(prompts, SamplingParams(max_new_tokens=6))
+    for p, group in zip(prompts, shared):
+        for mode, completion in zip(("think", "no_think"), group):
+            assert completion.token_ids == reference_greedy(model, processor, p.messages, p.images, mode, 6,
+                                                            engine.banned_ids)
+
+
+def test_anneal_trains_every_component(tmp_path, family_dir, train_file):
+    from bimode.train.anneal import AnnealConfig, build_trainer
+
+    trainer = build_trainer(AnnealConfig(
+        model_path=str(family_dir), train_files=[str(train_file)], output_dir=str(tmp_path), target_modes="both",
+        max_steps=2, per_device_train_batch_size=8, learning_rate=1e-3, report_to=[], save_strategy="no",
+        use_cpu=True, bf16=False, gradient_checkpointing=False, lr_scheduler_type="constant"))
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    changed = {component_of(n) for n, p in trainer.model.named_parameters() if not torch.equal(before[n], p.detach())}
+    assert changed == {"vision", "projector", "llm"}
+
+
+def test_bpo_step_trains_every_component(tmp_path, family_dir, train_file):
+    from bimode.train.bpo import BPOConfig, build_trainer
+
+    trainer = build_trainer(BPOConfig(
+        model_path=str(family_dir), train_files=[str(train_file)], output_dir=str(tmp_path), num_generations=4,
+        # two steps: Gemma 3 initialises its projection to zeros, so the vision tower's first gradient is zero
+        per_device_train_batch_size=8, max_completion_length=6, max_steps=2, learning_rate=1e-3, report_to=[],
+        save_strategy="no", use_cpu=True, bf16=False, probe_steps=0, seed=0, gradient_checkpointing=False,
+        rewards=["tests.helpers.bpo_helpers:no_think_wins"]))
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    assert trainer.state.log_history[0]["bpo/no_think/advantage"] > 0
+    changed = {component_of(n) for n, p in trainer.model.named_parameters() if not torch.equal(before[n], p.detach())}
+    assert changed == {"vision", "projector", "llm"}
+
+
+@pytest.mark.parametrize("family", ["qwen25_vl", "qwen3_vl"])
+def test_plain_path_batches_prompts_and_equals_one_at_a_time_generate(tmp_path, family):
+    """Multi-axis rotary models take one batched `generate` per mode: left-padded prompts of different
+    lengths (image sizes, a text-only prompt) give what each prompt gives alone."""
+    from tests.helpers import hf_fixtures
+
+    model, processor = load_model(getattr(hf_fixtures, f"build_tiny_{family}")(tmp_path / family),
+                                  dtype=torch.float32)
+    engine = TransformersEngine(model, processor)
+    assert not engine.shared_prefix
+    text_only = [{"role": "user", "content": [{"type": "text", "text": "The ball is under cup 2. Where is it?"}]}]
+    prompts = [Prompt(USER, images=[Image.new("RGB", (64, 32), "red")], modes=["think", "no_think"]),
+               Prompt(text_only, images=[], modes=["think", "no_think"]),
+               Prompt(USER, images=[Image.new("RGB", (32, 32), "blue")], modes=["think", "no_think"])]
+    batched = engine.generate(prompts, SamplingParams(max_new_tokens=6))
+    for p, group in zip(prompts, batched):
+        for mode, completion in zip(("think", "no_think"), group):
+            assert completion.token_ids == reference_greedy(model, processor, p.messages, p.images, mode, 6,
+                                                            engine.banned_ids), (mode, p.messages)
+
+
+@pytest.mark.parametrize("family", ["gemma3", "llava_next", "qwen3_vl"])
+def test_engine_never_samples_media_tokens_and_mixes_image_and_text_prompts(tmp_path, family, mixed_file):
+    """Every image/video placeholder and marker is banned, even when the model prefers it (here: +100 on its
+    logits); a batch of image and text-only prompts encodes (Gemma 3 needs the images nested per prompt)."""
+    from bimode.data.records import read_records
+    from tests.helpers import hf_fixtures
+
+    model, processor = load_model(getattr(hf_fixtures, f"build_tiny_{family}")(tmp_path / family),
+                                  dtype=torch.float32)
+    engine = TransformersEngine(model, processor)
+    tok = processor.tokenizer
+    names = {"gemma3": ["<start_of_image>", "<end_of_image>", "<image_soft_token>"], "llava_next": ["<image>"],
+             "qwen3_vl": ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"]}[family]
+    media = tok.convert_tokens_to_ids(names)
+    assert set(media) <= set(engine.banned_ids)
+    boost = torch.zeros(model.config.get_text_config().vocab_size)
+    boost[media] = 100.0
+    handle = model.register_forward_hook(lambda m, a, out: out.__setitem__("logits", out.logits + boost))
+    try:
+        records = read_records(mixed_file)[:6]
+        assert {bool(r.images) for r in records} == {True, False}
+        groups = engine.generate([Prompt.bimode_group(r, 1) for r in records],
+                                 SamplingParams(max_new_tokens=5, temperature=1.0, seed=0))
+    finally:
+        handle.remove()
+    generated = [t for group in groups for c in group for t in c.token_ids]
+    assert generated and not set(generated) & set(media)

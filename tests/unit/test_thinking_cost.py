@@ -1,0 +1,155 @@
+"""A cost of thinking in BPO (docs/bpo.md, "A cost of thinking"): the decision objective and the cost in the
+reward, as pure functions and in the trainer."""
+
+import math
+
+import pytest
+import torch
+
+from bimode.train import bpo_core
+from bimode.train.bpo_core import decision_advantages, mode_group_means, mode_token_loss, thinking_cost
+from bimode.train.bpo_rewards import make_thinking_cost
+
+from tests.helpers.bpo_helpers import trained_p_think_drop
+from tests.unit.test_bpo import BATCH, make_trainer
+
+THINKS = torch.tensor([True, True, False, False] * 2)  # 2 groups of 2g = 4: thinking half first
+
+
+# ---- pure parts -------------------------------------------------------------------------------------
+def test_the_decision_advantage_is_direct_accuracy_plus_margin_minus_thinking_accuracy():
+    # group 1: both modes always right; group 2: thinking right, direct right half the time
+    rewards = torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 1.0])
+    signal = decision_advantages(rewards, THINKS, 4, margin=0.2)
+    d1, d2 = 0.2, 0.5 + 0.2 - 1.0
+    assert signal.forced_advantages.tolist() == pytest.approx([-d1, -d1, d1, d1, -d2, -d2, d2, d2])
+    assert signal.direct_wins.tolist() == [True, False]
+    # a margin as large as the gap makes the direct answer win the tie
+    assert decision_advantages(rewards, THINKS, 4, margin=0.5).direct_wins.tolist() == [True, True]
+    scaled = decision_advantages(rewards, THINKS, 4, margin=0.2, scale=4.0)
+    assert scaled.forced_advantages.tolist() == pytest.approx((4 * signal.forced_advantages).tolist())
+    assert scaled.direct_wins.tolist() == signal.direct_wins.tolist()
+
+
+def test_a_mode_with_no_scorable_rollout_gives_its_query_no_decision_signal():
+    rewards = torch.tensor([1.0, math.nan, 0.0, 1.0, 1.0, 1.0, math.nan, math.nan])
+    think, direct = mode_group_means(rewards, THINKS, 4)
+    assert think.tolist() == [1.0, 1.0] and direct[0].item() == 0.5 and math.isnan(direct[1].item())
+    signal = decision_advantages(rewards, THINKS, 4)
+    assert signal.forced_advantages[4:].tolist() == [0.0] * 4
+    assert signal.direct_wins.tolist() == [False, False]
+
+
+def test_the_paper_objective_leaves_the_forced_tokens_their_own_advantage():
+    assert bpo_core.MODE_OBJECTIVES["bpo"](torch.ones(8), THINKS, 4) is None
+
+
+def test_thinking_cost_charges_per_token_and_per_thinking_rollout():
+    cost = thinking_cost(torch.tensor([10, 0, 3]), torch.tensor([True, False, True]), per_token=0.01, per_think=0.2)
+    assert cost.tolist() == pytest.approx([-0.3, 0.0, -0.23])
+    reward = make_thinking_cost(0.01, 0.2)
+    assert reward(prompts=[None] * 2, completions=[None] * 2, completion_ids=[[1], [2]],
+                  thinking_tokens=[10, 0], taken_mode=["think", "no_think"]) == pytest.approx([-0.3, 0.0])
+
+
+def test_forced_tokens_carry_the_decision_advantage_and_the_rest_the_rollouts():
+    advantages, forced = torch.tensor([1.0, -1.0]), torch.tensor([0.3, -0.3])
+    mask = torch.ones(2, 5)
+    per_token, keep = mode_token_loss(advantages, mask, [1, 3], 1.0, forced)
+    assert keep is None
+    assert per_token.tolist() == pytest.approx(torch.tensor([[0.3, 1, 1, 1, 1], [-0.3, -0.3, -0.3, -1, -1]]))
+    per_token, _ = mode_token_loss(advantages, mask, [1, 3], 0.5, forced)
+    assert per_token[:, 0].tolist() == pytest.approx([0.15, -0.15]) and per_token[1, 3].item() == -1.0
+    # without a decision advantage the weighted form is what it was: A x weight on the forced tokens
+    per_token, _ = mode_token_loss(advantages, mask, [1, 3], 0.5)
+    assert per_token.tolist() == [[0.5, 1, 1, 1, 1], [-0.5, -0.5, -0.5, -1, -1]]  # exact: halves
+
+
+def test_a_mode_objective_registered_after_import_is_accepted(tmp_path):
+    from bimode.train.bpo import BPOConfig
+
+    name = "test_always_direct"
+    bpo_core.register_mode_objective(name)(
+        lambda rewards, thinks, g, margin=0.0, scale=1.0: bpo_core.DecisionSignal(1.0 - 2.0 * thinks.float(),
+                                                                    torch.ones(len(rewards) // g, dtype=torch.bool)))
+    try:
+        assert BPOConfig(output_dir=str(tmp_path), mode_objective=name).mode_objective == name
+    finally:
+        del bpo_core.MODE_OBJECTIVES[name]
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(mode_objective="router"), "mode_objective must be one of"),
+    (dict(mode_objective="decision", mode_token_loss="off"), "mode_token_loss above 0"),
+    (dict(mode_objective="decision", rollout="auto"), "rollout bimode"),
+    (dict(thinking_cost_per_token=-0.1), "thinking_cost_per_token must be a finite number >= 0"),
+    (dict(direct_margin=float("nan")), "direct_margin must be a finite number"),
+    (dict(decision_scale=-1.0), "decision_scale must be a finite number >= 0"),
+])
+def test_bad_cost_settings_fail_naming_the_field(tmp_path, settings, message):
+    from bimode.train.bpo import BPOConfig
+
+    with pytest.raises(ValueError, match=message):
+        BPOConfig(output_dir=str(tmp_path), **settings)
+
+
+# ---- the trainer ------------------------------------------------------------------------------------
+def scored_batch(trainer):
+    trainer.model.train()
+    output = trainer._generate_and_score_completions(BATCH)
+    logged = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+    return output, logged
+
+
+def test_decision_objective_puts_the_decision_advantage_on_the_forced_tokens_only(tmp_path, trained_tiny,
+                                                                                  trained_families_file):
+    trainer = make_trainer(trained_tiny, trained_families_file, tmp_path, mode_objective="decision",
+                           direct_margin=0.1, rewards=["tests.helpers.bpo_helpers:no_think_wins"])
+    output, logged = scored_batch(trainer)
+    a = 0.5 / (3 ** -0.5 + 1e-4)  # BPO's own advantage, group rewards [0, 0, 1, 1]
+    d = 1.0 + 0.1 - 0.0  # direct accuracy + margin - thinking accuracy
+    lengths = [1, 1, 3, 3] * 2  # `\n` for thinking, `\n\n</think>\n\n` for direct (the tiny tokenizer)
+    for row, (n, think) in enumerate(zip(lengths, THINKS.tolist())):
+        sign = -1 if think else 1
+        kept = output["completion_mask"][row].bool()
+        assert output["advantages"][row, :n].tolist() == pytest.approx([sign * d] * n)
+        assert output["advantages"][row, n:][kept[n:]].tolist() == pytest.approx([sign * a] * int(kept[n:].sum()),
+                                                                                  rel=1e-5)
+    assert logged["bpo/direct_wins"] == 1.0
+    assert logged["bpo/direct_decision_advantage"] == pytest.approx(d)
+
+
+def test_where_both_modes_are_right_only_a_cost_of_thinking_gives_a_signal(tmp_path, trained_tiny,
+                                                                           trained_families_file):
+    right = ["tests.helpers.bpo_helpers:always_right"]
+    plain, logged = scored_batch(make_trainer(trained_tiny, trained_families_file, tmp_path / "bpo", rewards=right))
+    assert plain["advantages"].abs().max().item() == 0.0  # R-4B's BPO: nothing to learn here
+    assert logged["bpo/direct_wins"] == 1.0 and logged["bpo/direct_decision_advantage"] == 0.0
+
+    decision, _ = scored_batch(make_trainer(trained_tiny, trained_families_file, tmp_path / "decision",
+                                            rewards=right, mode_objective="decision", direct_margin=0.25))
+    first = decision["advantages"][:, 0]
+    assert first.tolist() == pytest.approx([-0.25, -0.25, 0.25, 0.25] * 2)
+    assert decision["advantages"][:, 3:].abs().max().item() == 0.0  # responses: still no signal
+
+    costed, logged = scored_batch(make_trainer(trained_tiny, trained_families_file, tmp_path / "cost",
+                                               rewards=right, thinking_cost_per_think=0.5))
+    advantages = costed["advantages"]
+    assert torch.all(advantages[THINKS] < 0) and torch.all(advantages[~THINKS] > 0)
+    assert logged["rewards/thinking_cost/mean"] == pytest.approx(-0.25)  # half the rollouts think
+    assert logged["bpo/direct_wins"] == 1.0  # the decision is judged on the task reward, without the cost
+
+
+@pytest.mark.parametrize("settings", [dict(mode_objective="decision", direct_margin=0.25),
+                                      dict(thinking_cost_per_token=0.05), dict()],
+                         ids=["decision", "token_cost", "paper_bpo"])
+def test_a_cost_of_thinking_trains_the_decision_toward_answering_directly(tmp_path, trained_tiny,
+                                                                          trained_families_file, settings):
+    """Both modes always right: with a cost, six steps move p_think down; the paper's BPO does not move it."""
+    trainer = make_trainer(trained_tiny, trained_families_file, tmp_path, max_steps=6, learning_rate=3e-3,
+                           rewards=["tests.helpers.bpo_helpers:always_right"], probe_size=48, **settings)
+    drop, before, after = trained_p_think_drop(trainer)
+    if settings:
+        assert drop > 0.1, (before, after)
+    else:
+        assert abs(drop) < 0.01, (before, after)
