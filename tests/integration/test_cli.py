@@ -24,7 +24,7 @@ def run(*args, input=None, check=True):
 
 def test_help_lists_every_command():
     out = run("--help").stdout
-    for command in ("tiny", "data", "chat", "serve", "eval", "curate", "anneal", "bpo", "export", "demo"):
+    for command in ("tiny", "data", "chat", "serve", "eval", "curate", "anneal", "bpo", "export", "demo", "configs"):
         assert command in out
 
 

@@ -9,8 +9,8 @@ import torch
 from bimode.data import synthetic
 from bimode.data.records import write_records
 from bimode.modes import ThinkingMode
-from bimode.train.bpo_core import (ROLLOUT_LAYOUTS, mode_token_loss, mode_token_weights, parse_mode_token_loss,
-                                   per_mode_stats, register_rollout, rollout_modes)
+from bimode.train.bpo_core import (ROLLOUT_LAYOUTS, forced_env_mask, mode_token_loss, mode_token_weights,
+                                   parse_mode_token_loss, per_mode_stats, register_rollout, rollout_modes)
 from bimode.train.bpo_rewards import GuardedReward, import_reward, weighted_rewards
 
 from tests.helpers.bpo_helpers import trained_p_think_drop
@@ -46,16 +46,15 @@ def test_mode_token_loss_setting_and_weights():
     assert w.tolist() == [[0.25, 1, 1, 1, 1], [0.25, 0.25, 0.25, 1, 1], [1, 1, 1, 1, 1]]
 
 
-def test_mode_token_loss_gives_trl_the_weighted_advantages_or_a_mask():
+def test_mode_token_loss_gives_trl_the_weighted_advantages_or_an_env_mask():
     advantages = torch.tensor([2.0, -1.0])
     completion = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
-    same, keep = mode_token_loss(advantages, completion, [1, 3], 1.0)
-    assert same is advantages and keep is None  # on: the forced tokens are like any other
-    weighted, keep = mode_token_loss(advantages, completion, [1, 3], 0.25)
-    assert keep is None and weighted.tolist() == [[0.5, 2, 2, 2], [-0.25, -0.25, -0.25, -1]]
-    unchanged, keep = mode_token_loss(advantages, completion, [1, 3], 0.0)
-    assert unchanged is advantages and keep.dtype == completion.dtype
-    assert keep.tolist() == [[0, 1, 1, 1], [0, 0, 0, 1]]  # off: out of the loss and of its token count
+    assert mode_token_loss(advantages, completion, [1, 3], 1.0) is advantages  # on: like any other token
+    weighted = mode_token_loss(advantages, completion, [1, 3], 0.25)
+    assert weighted.tolist() == [[0.5, 2, 2, 2], [-0.25, -0.25, -0.25, -1]]
+    assert mode_token_loss(advantages, completion, [1, 3], 0.0) is advantages
+    # off: the rollout's env_mask takes them out of the loss and of its token count (TRL reads it)
+    assert forced_env_mask([1, 3], [4, 3]) == [[0, 1, 1, 1], [0, 0, 0]]
 
 
 def test_rollout_layouts_are_registered_by_name():
@@ -177,9 +176,14 @@ def decision_grads(trainer):
 
 
 def test_mode_token_loss_off_gives_the_decision_no_gradient(tmp_path, trained_tiny, bpo_file):
-    forced, rest = decision_grads(make_trainer(trained_tiny, bpo_file, tmp_path, mode_token_loss="off",
-                                               rewards=["tests.helpers.bpo_helpers:no_think_wins"]))
+    trainer = make_trainer(trained_tiny, bpo_file, tmp_path, mode_token_loss="off",
+                           rewards=["tests.helpers.bpo_helpers:no_think_wins"])
+    forced, rest = decision_grads(trainer)
     assert torch.all(forced == 0) and torch.all(rest > 0)
+    # and out of the token count the loss divides by: TRL builds both from the rollout's env_mask
+    inputs = trainer._generate_and_score_completions(BATCH)
+    forced_tokens = sum(len(trainer._engine.suffix_rest[m]) for m in trainer._rollout_info["modes"])
+    assert inputs["num_items_in_batch"].item() == inputs["completion_mask"].sum().item() - forced_tokens
     forced_on, _ = decision_grads(make_trainer(trained_tiny, bpo_file, tmp_path / "on", mode_token_loss="on",
                                                rewards=["tests.helpers.bpo_helpers:no_think_wins"]))
     assert torch.all(forced_on > 0)

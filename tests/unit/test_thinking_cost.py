@@ -55,13 +55,12 @@ def test_thinking_cost_charges_per_token_and_per_thinking_rollout():
 def test_forced_tokens_carry_the_decision_advantage_and_the_rest_the_rollouts():
     advantages, forced = torch.tensor([1.0, -1.0]), torch.tensor([0.3, -0.3])
     mask = torch.ones(2, 5)
-    per_token, keep = mode_token_loss(advantages, mask, [1, 3], 1.0, forced)
-    assert keep is None
+    per_token = mode_token_loss(advantages, mask, [1, 3], 1.0, forced)
     assert per_token.tolist() == pytest.approx(torch.tensor([[0.3, 1, 1, 1, 1], [-0.3, -0.3, -0.3, -1, -1]]))
-    per_token, _ = mode_token_loss(advantages, mask, [1, 3], 0.5, forced)
+    per_token = mode_token_loss(advantages, mask, [1, 3], 0.5, forced)
     assert per_token[:, 0].tolist() == pytest.approx([0.15, -0.15]) and per_token[1, 3].item() == -1.0
     # without a decision advantage the weighted form is what it was: A x weight on the forced tokens
-    per_token, _ = mode_token_loss(advantages, mask, [1, 3], 0.5)
+    per_token = mode_token_loss(advantages, mask, [1, 3], 0.5)
     assert per_token.tolist() == [[0.5, 1, 1, 1, 1], [-0.5, -0.5, -0.5, -1, -1]]  # exact: halves
 
 

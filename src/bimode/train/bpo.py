@@ -48,8 +48,9 @@ from bimode.generation.engine import TransformersEngine
 from bimode.generation.types import Prompt, SamplingParams, token_counts
 from bimode.modes import ThinkingMode
 from bimode.train.adapters import AdapterFields, build_peft_config
-from bimode.train.bpo_core import (MODE_OBJECTIVES, ROLLOUT_LAYOUTS, decision_advantages, mode_token_loss,
-                                   parse_mode_token_loss, per_mode_stats, response_mode, rollout_modes)
+from bimode.train.bpo_core import (MODE_OBJECTIVES, ROLLOUT_LAYOUTS, decision_advantages, forced_env_mask,
+                                   mode_token_loss, parse_mode_token_loss, per_mode_stats, response_mode,
+                                   rollout_modes)
 from bimode.train.bpo_rewards import GuardedReward, build_rewards, make_thinking_cost, weighted_rewards
 from bimode.train.checkpoint import StrictResumeMixin
 from bimode.train.run import train_and_save
@@ -228,6 +229,8 @@ class BPOTrainer(StrictResumeMixin, GRPOTrainer):
                 taken.append(response_mode(forced + generated, decision.think_ids, decision.no_think_ids))
         if any(lp is None for lp in out["logprobs"]):
             out["logprobs"] = None
+        if self.args.rollout == "bimode" and self.mode_weight == 0.0:  # TRL leaves env_mask 0 out of the loss
+            out["env_mask"] = forced_env_mask(suffix_lengths, [len(ids) for ids in out["completion_ids"]])
         self._rollout_info = {"modes": modes, "suffix_lengths": suffix_lengths,
                               "generated_lengths": generated_lengths, "thinking_tokens": thinking, "taken": taken}
         # columns for reward functions: the forced mode, the mode taken and its thinking tokens
@@ -332,12 +335,8 @@ class BPOTrainer(StrictResumeMixin, GRPOTrainer):
         advantages = output["advantages"].clone()  # each rollout's A, before any per-token weighting
         if self.args.rollout == "bimode":  # the algorithm is bpo_core's; here, TRL's fields
             forced = self._mode_decision()
-            output["advantages"], keep = mode_token_loss(output["advantages"], output["completion_mask"],
-                                                         suffix_lengths, self.mode_weight, forced)
-            if keep is not None:  # TRL 1.16's per-token loss mask and the token count it divides by
-                output["tool_mask"] = keep * output["tool_mask"] if "tool_mask" in output else keep
-                loss_mask = output["completion_mask"] * output["tool_mask"]
-                output["num_items_in_batch"] = self.accelerator.gather(loss_mask.sum()).sum()
+            output["advantages"] = mode_token_loss(output["advantages"], output["completion_mask"],
+                                                   suffix_lengths, self.mode_weight, forced)
         self._log_modes(advantages)
         self._maybe_probe()
         return output

@@ -84,29 +84,33 @@ def mode_token_weights(suffix_lengths: list[int], width: int, weight: float) -> 
     return weights
 
 
+def forced_env_mask(suffix_lengths: list[int], completion_lengths: list[int]) -> list[list[int]]:
+    """mode_token_loss off: per completion token, 0 on the forced mode tokens and 1 on the rest. A rollout
+    returns it as TRL's `env_mask` (tokens the model did not choose), and TRL then leaves them out of the loss
+    and of the token count it divides by."""
+    return [[0] * min(forced, n) + [1] * max(n - forced, 0) for forced, n in zip(suffix_lengths, completion_lengths)]
+
+
 def mode_token_loss(advantages: torch.Tensor, completion_mask: torch.Tensor, suffix_lengths: list[int],
-                    weight: float, forced_advantages: torch.Tensor | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """What the forced mode tokens contribute to the loss, as the two inputs TRL's loss takes.
+                    weight: float, forced_advantages: torch.Tensor | None = None) -> torch.Tensor:
+    """The advantages TRL's loss takes, with what the forced mode tokens contribute.
 
     advantages: (B,) one A per rollout; completion_mask: (B, T) 1 on the completion's tokens;
     suffix_lengths: B forced-suffix lengths (each completion starts with its forced suffix);
     forced_advantages: (B,) what the forced tokens carry instead of A (a mode objective's decision advantage,
     see `decision_advantages`; None: A itself).
-    Returns (advantages, keep): weight 1 -> (A (B,), None), unchanged; 0 < weight < 1 -> (A x per-token
-    weights (B, T), None); weight 0 -> (A (B,), keep (B, T)), a 0/1 mask that takes the forced tokens out of
-    the loss and out of its token count (their advantage times 0 would still count them in the mean).
+    Returns: weight 1 -> A (B,), unchanged; 0 < weight < 1 -> A x per-token weights (B, T); weight 0 -> A
+    unchanged: the forced tokens leave the loss through the rollout's env_mask (`forced_env_mask`), since an
+    advantage times 0 would still count them in the loss's token mean.
     With forced_advantages (and weight > 0), the forced tokens carry weight x F and the rest A, as (B, T).
     """
-    if weight >= 1.0 and forced_advantages is None:
-        return advantages, None
+    if weight == 0.0 or (weight >= 1.0 and forced_advantages is None):
+        return advantages
     device = completion_mask.device
     forced = (mode_token_weights(suffix_lengths, completion_mask.size(1), 0.0) == 0).to(device)
-    if weight == 0.0:
-        return advantages, (~forced).to(completion_mask.dtype)
     rest = advantages.reshape(-1, 1)
     carried = rest if forced_advantages is None else forced_advantages.reshape(-1, 1).to(rest)
-    return torch.where(forced, weight * carried, rest), None
+    return torch.where(forced, weight * carried, rest)
 
 
 # ---- what thinking costs (beyond R-4B's accuracy-only reward; docs/bpo.md, "A cost of thinking") ----------
