@@ -207,6 +207,8 @@ class Traffic:
     def dropped_stream(self, client):
         body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2000, "stream": True}
         with client.stream("POST", self.base + "/v1/chat/completions", json=body) as reply:
+            if reply.status_code != 200:  # refused before it started (a burst filled the queue): nothing to drop
+                return reply.status_code
             for line in reply.iter_lines():
                 if '"reasoning"' in line or '"content": "' in line and '"role"' not in line:
                     break
