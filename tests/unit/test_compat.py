@@ -121,7 +121,10 @@ def test_a_processor_builds_without_its_video_part(tmp_path):
     original = ProcessorMixin.check_argument_for_proper_class
     processor = load_image_only_processor(hf_fixtures.build_tiny_qwen25_vl(tmp_path / "qwen"))
     assert processor.video_processor is None and processor.image_processor is not None
-    assert ProcessorMixin.check_argument_for_proper_class is original  # the check is put back
+    # lifted on that instance only, and only while it was built: the class and the instance check again
+    assert ProcessorMixin.check_argument_for_proper_class is original
+    assert type(processor).check_argument_for_proper_class is original
+    assert "check_argument_for_proper_class" not in vars(processor)
 
 
 # ---- overridden private methods (TRL, transformers' Trainer) -------------------------------------------

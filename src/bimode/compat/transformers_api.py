@@ -132,18 +132,18 @@ def add_saving_renamings(model, renamings: dict[str, str]) -> None:
     model._weight_conversions = [c for c in conversions if repr(c) not in already] + added
 
 
-@contextmanager
-def processor_without_video():
-    """Let a processor be built with video_processor=None (transformers checks every part's class)."""
-    from transformers.processing_utils import ProcessorMixin
+def build_processor_without_video(processor_class, **parts):
+    """A `processor_class` built with video_processor=None (transformers checks every part's class). The check
+    is lifted on this one instance while it is built, never on the class: nothing else in the process sees it."""
+    processor = processor_class.__new__(processor_class)
+    check = processor.check_argument_for_proper_class  # the class's, bound to this instance
 
-    original = ProcessorMixin.check_argument_for_proper_class
+    def allow_no_video(name, argument):
+        return None if name == "video_processor" and argument is None else check(name, argument)
 
-    def check(self, name, argument):
-        return None if name == "video_processor" and argument is None else original(self, name, argument)
-
-    ProcessorMixin.check_argument_for_proper_class = check
+    processor.check_argument_for_proper_class = allow_no_video  # an instance attribute shadows the method
     try:
-        yield
+        processor.__init__(video_processor=None, **parts)
     finally:
-        ProcessorMixin.check_argument_for_proper_class = original
+        del processor.check_argument_for_proper_class
+    return processor

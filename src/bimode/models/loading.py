@@ -15,7 +15,7 @@ import json
 import logging
 from pathlib import Path
 
-from bimode.compat.transformers_api import processor_without_video
+from bimode.compat.transformers_api import build_processor_without_video
 from bimode.errors import MissingInputError, OutputExistsError, UsageError
 from bimode.models.layout import use_ecosystem_layout
 from bimode.modes import THINK_CLOSE, THINK_OPEN, MODE_SUFFIXES, ThinkingMode
@@ -123,9 +123,8 @@ def load_image_only_processor(path: str | Path, **kwargs):
     image_processor = AutoImageProcessor.from_pretrained(path, **kwargs)
     log.warning("%s: torchvision is missing; using %s without its video processor (images and text only)",
                 path, class_name)
-    with processor_without_video():
-        return processor_class(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
-                               chat_template=getattr(tokenizer, "chat_template", None))
+    return build_processor_without_video(processor_class, image_processor=image_processor, tokenizer=tokenizer,
+                                         chat_template=getattr(tokenizer, "chat_template", None))
 
 
 def adapter_base(path: str | Path) -> Path | None:
