@@ -32,3 +32,16 @@ def trained_p_think_drop(trainer) -> tuple[float, dict, dict]:
 def always_right(prompts, completions, completion_ids, rollout_mode, **kwargs):
     """Both modes answer every query correctly: R-4B's accuracy-only BPO has nothing to learn from it."""
     return [1.0] * len(rollout_mode)
+
+
+class LastLogged:
+    """logged[key]: the last value of a metric collected for the trainer's next logging step, read through
+    bimode's one adapter to TRL's metrics (compat/trl_api.py), not the trainer's private state."""
+
+    def __init__(self, trainer, mode: str = "train"):
+        self.trainer, self.mode = trainer, mode
+
+    def __getitem__(self, key: str) -> float:
+        from bimode.compat.trl_api import logged_metric
+
+        return logged_metric(self.trainer, key, self.mode)[-1]

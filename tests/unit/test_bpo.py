@@ -13,7 +13,7 @@ from bimode.train.bpo_core import (ROLLOUT_LAYOUTS, forced_env_mask, mode_token_
                                    parse_mode_token_loss, per_mode_stats, register_rollout, rollout_modes)
 from bimode.train.bpo_rewards import GuardedReward, import_reward, weighted_rewards
 
-from tests.helpers.bpo_helpers import trained_p_think_drop
+from tests.helpers.bpo_helpers import LastLogged, trained_p_think_drop
 from tests.conftest import TRAINED_MAX_LEVEL
 from tests.helpers.hf_fixtures import saved_vision_keys
 
@@ -198,7 +198,7 @@ def test_mode_token_weight_scales_the_forced_tokens_advantage_and_logs_what_its_
     adv = trainer._generate_and_score_completions(BATCH)["advantages"]
     for row, n in enumerate(trainer._rollout_info["suffix_lengths"]):
         assert adv[row, :n].tolist() == pytest.approx([0.25 * adv[row, -1].item()] * n)
-    logged = {k: v[-1] for k, v in trainer._metrics["train"].items() if k.startswith("bpo/")}
+    logged = LastLogged(trainer)
     expected = 0.5 / (3 ** -0.5 + 1e-4)  # the rollout's advantage A, not the forced tokens' 0.25 A
     assert logged["bpo/no_think/advantage"] == pytest.approx(expected, rel=1e-5)
     assert logged["bpo/think/advantage"] == pytest.approx(-expected, rel=1e-5)

@@ -6,6 +6,7 @@ entropies and the gradients of a weighted sum of both w.r.t. every parameter (vi
 LLM) must match the per-row computation in fp32.
 """
 
+import logging
 from contextlib import nullcontext
 from types import SimpleNamespace
 
@@ -258,10 +259,16 @@ def test_trainer_signature_is_trls():
     assert list(ours) == list(theirs)  # TRL passes these by keyword: a renamed one would fail silently
 
 
+def forward_paths(caplog) -> set[str]:
+    """The forward paths BPO said it scores rollouts with (its log), since caplog was last cleared."""
+    said = "BPO scores rollouts with "
+    return {r.getMessage()[len(said):] for r in caplog.records if r.getMessage().startswith(said)}
+
+
 @pytest.mark.parametrize("lora,checkpointing", [(False, False), (True, False), (False, True)],
                          ids=["full", "lora", "checkpointing"])
 def test_a_bpo_step_is_the_same_with_the_shared_forward_on_and_off(tmp_path, tiny_dir, trained_families_file, lora,
-                                                                    checkpointing):
+                                                                    checkpointing, caplog):
     """One step (beta > 0: reference log-probs, from the adapter-less model under LoRA; num_iterations 2: old
     log-probs; TRL shuffles the rollouts; TRL's default gradient checkpointing or none) with the shared forward
     and without: same loss, same weights."""
@@ -269,7 +276,9 @@ def test_a_bpo_step_is_the_same_with_the_shared_forward_on_and_off(tmp_path, tin
 
     model_args = ModelConfig(use_peft=True, lora_r=4, lora_dropout=0.0) if lora else None
     runs = {}
+    caplog.set_level(logging.INFO, logger="bimode.train.bpo")
     for shared in (True, False):
+        caplog.clear()
         trainer = make_trainer(tiny_dir, trained_families_file, tmp_path / str(shared), model_args,
                                shared_prefix_forward=shared, beta=0.05, num_iterations=2,
                                gradient_checkpointing=checkpointing)
@@ -278,7 +287,7 @@ def test_a_bpo_step_is_the_same_with_the_shared_forward_on_and_off(tmp_path, tin
         # the Trainer turns checkpointing on inside train()
         assert any(getattr(m, "gradient_checkpointing", False) for m in trainer.model.modules()) == checkpointing
         after = dict(trainer.model.named_parameters())
-        runs[shared] = (trainer.state.log_history[0], before, after, trainer._forward_paths_logged)
+        runs[shared] = (trainer.state.log_history[0], before, after, forward_paths(caplog))
     (log_on, before_on, after_on, paths_on), (log_off, before_off, _, paths_off) = runs[True], runs[False]
     assert paths_on == {"shared-prefix forward"}, paths_on
     assert paths_off == {"TRL's per-row forward (shared_prefix_forward is off)"}, paths_off
@@ -294,9 +303,10 @@ def test_a_bpo_step_is_the_same_with_the_shared_forward_on_and_off(tmp_path, tin
     assert moved > 1e-3  # the step did something
 
 
-def test_a_qwen_vl_model_takes_trls_path_with_trls_numbers(tmp_path, trained_families_file):
+def test_a_qwen_vl_model_takes_trls_path_with_trls_numbers(tmp_path, trained_families_file, caplog):
     from trl import GRPOTrainer
 
+    caplog.set_level(logging.INFO, logger="bimode.train.bpo")
     model_dir = hf_fixtures.build_tiny_qwen25_vl(tmp_path / "qwen25_vl")
     trainer = make_trainer(model_dir, trained_families_file, tmp_path / "run", max_completion_length=4)
     trainer.model.train()
@@ -308,5 +318,5 @@ def test_a_qwen_vl_model_takes_trls_path_with_trls_numbers(tmp_path, trained_fam
         ours = trainer._get_per_token_logps_and_entropies(*args, compute_entropy=True, **kwargs)
         theirs = GRPOTrainer._get_per_token_logps_and_entropies(trainer, *args, compute_entropy=True, **kwargs)
     assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1])
-    (path,) = trainer._forward_paths_logged
+    (path,) = forward_paths(caplog)
     assert path.startswith("TRL's per-row forward (model type 'qwen2_5_vl' is not on the shared-prefix allow-list")

@@ -10,7 +10,7 @@ from bimode.train import bpo_core
 from bimode.train.bpo_core import decision_advantages, mode_group_means, mode_token_loss, thinking_cost
 from bimode.train.bpo_rewards import make_thinking_cost
 
-from tests.helpers.bpo_helpers import trained_p_think_drop
+from tests.helpers.bpo_helpers import LastLogged, trained_p_think_drop
 from tests.unit.test_bpo import BATCH, make_trainer
 
 THINKS = torch.tensor([True, True, False, False] * 2)  # 2 groups of 2g = 4: thinking half first
@@ -96,7 +96,7 @@ def test_bad_cost_settings_fail_naming_the_field(tmp_path, settings, message):
 def scored_batch(trainer):
     trainer.model.train()
     output = trainer._generate_and_score_completions(BATCH)
-    logged = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+    logged = LastLogged(trainer)
     return output, logged
 
 
