@@ -9,9 +9,7 @@ from trl import TrlParser
 
 from bimode.train.bpo import BPOConfig, build_trainer
 from bimode.train.processes import end_processes
-
-SAID = "BPO scores rollouts with "
-
+from tests.helpers.bpo_helpers import forward_path
 
 class ForwardPaths(logging.Handler):
     """The forward paths BPO says it scores rollouts with (its log)."""
@@ -21,8 +19,8 @@ class ForwardPaths(logging.Handler):
         self.paths: set[str] = set()
 
     def emit(self, record):
-        if record.getMessage().startswith(SAID):
-            self.paths.add(record.getMessage()[len(SAID):])
+        if (path := forward_path(record.getMessage())) is not None:
+            self.paths.add(path)
 
 
 paths = ForwardPaths()

@@ -45,3 +45,11 @@ class LastLogged:
         from bimode.compat.trl_api import logged_metric
 
         return logged_metric(self.trainer, key, self.mode)[-1]
+
+
+FORWARD_PATH_SAID = "BPO scores rollouts with "  # what the trainer logs once per forward path it takes
+
+
+def forward_path(message: str) -> str | None:
+    """The forward path a log message of BPO's names, or None for any other message."""
+    return message[len(FORWARD_PATH_SAID):] if message.startswith(FORWARD_PATH_SAID) else None

@@ -20,6 +20,7 @@ from bimode.train.shared_prefix_forward import (architecture_unsupported, call_u
                                                 grouped_completion_logps)
 
 from tests.helpers import hf_fixtures
+from tests.helpers.bpo_helpers import forward_path
 
 pytestmark = pytest.mark.internals  # runs at both ends of the transformers range (docs/internals.md)
 
@@ -261,8 +262,7 @@ def test_trainer_signature_is_trls():
 
 def forward_paths(caplog) -> set[str]:
     """The forward paths BPO said it scores rollouts with (its log), since caplog was last cleared."""
-    said = "BPO scores rollouts with "
-    return {r.getMessage()[len(said):] for r in caplog.records if r.getMessage().startswith(said)}
+    return {path for r in caplog.records if (path := forward_path(r.getMessage())) is not None}
 
 
 @pytest.mark.parametrize("lora,checkpointing", [(False, False), (True, False), (False, True)],

@@ -112,8 +112,9 @@ class Drain:
 SHUTTING_DOWN = "the server is shutting down; retry on another replica or later"
 
 
-def generation_failed(request_id: str) -> str:
-    return f"generation failed (request {request_id}; the server's log has the details)"
+def server_failure(what: str, request_id: str) -> str:
+    """A 500's message: what failed and the request id the server's log names, nothing of the internals."""
+    return f"{what} (request {request_id}; the server's log has the details)"
 
 
 def create_app(engine, model_name: str, limits: ServerLimits = ServerLimits(), api_key: str | None = None,
@@ -129,7 +130,6 @@ def create_app(engine, model_name: str, limits: ServerLimits = ServerLimits(), a
     # failed" under concurrent traffic) when request threads counted prompt tokens meanwhile.
     tokenizer = copy.deepcopy(engine.tokenizer)
     batcher = Batcher(engine, max_batch=limits.max_batch, max_queued=limits.max_queued_requests)
-    request_timeout_s = limits.request_timeout
     if api_key:
         app.add_middleware(RequireKey, key=api_key, metrics=metrics)
 
@@ -197,12 +197,12 @@ def create_app(engine, model_name: str, limits: ServerLimits = ServerLimits(), a
         except Exception:  # a bug, not the client's error: logged with its traceback, a generic answer
             ticket.release()
             log.exception("request %s failed before generation", request_id)
-            return error(500, f"internal error (request {request_id}; the server's log has the details)")
+            return error(500, server_failure("internal error", request_id))
         except BaseException:
             ticket.release()
             raise
         loop = asyncio.get_running_loop()
-        job = Job(prompt, params, loop, loop.create_future(), deadline=arrived + request_timeout_s,
+        job = Job(prompt, params, loop, loop.create_future(), deadline=arrived + limits.request_timeout,
                   tokens=asyncio.Queue() if stream else None, ticket=ticket, request_id=request_id)
         batcher.submit(job)
         created = int(time.time())
@@ -220,7 +220,7 @@ def create_app(engine, model_name: str, limits: ServerLimits = ServerLimits(), a
                     return Response(status_code=499)
                 if job.expired:
                     job.cancel()
-                    return error(504, f"the request took longer than {request_timeout_s:g} s (--request_timeout)")
+                    return error(504, f"the request took longer than {limits.request_timeout:g} s (--request_timeout)")
                 if drain.over:
                     job.cancel()
                     return error(503, SHUTTING_DOWN, headers={"Retry-After": str(RETRY_AFTER_S)})
@@ -228,11 +228,11 @@ def create_app(engine, model_name: str, limits: ServerLimits = ServerLimits(), a
             job.cancel()
             raise
         if job.future.cancelled() or job.expired:
-            return error(504, f"the request took longer than {request_timeout_s:g} s (--request_timeout)")
+            return error(504, f"the request took longer than {limits.request_timeout:g} s (--request_timeout)")
         try:
             completions = job.future.result()
         except Exception:  # the batcher logged it with its traceback; the client learns no internals
-            return error(500, generation_failed(request_id))
+            return error(500, server_failure("generation failed", request_id))
         metrics.served(prompt_tokens, completions, time.monotonic() - job.submitted)
         metrics.queue_time.observe((job.started or job.submitted) - job.submitted)
 
@@ -300,7 +300,7 @@ def create_app(engine, model_name: str, limits: ServerLimits = ServerLimits(), a
             try:
                 completions = job.future.result()
             except Exception:
-                yield failure(500, generation_failed(request_id))
+                yield failure(500, server_failure("generation failed", request_id))
                 return
             for i, c in enumerate(completions):  # what is left: held-back text, a cut-off character
                 yield chunk(i, responses.delta(streams[i].finish(c.prompt_suffix, c.text)), responses.finish_reason(c))
