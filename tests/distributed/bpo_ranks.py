@@ -11,17 +11,18 @@ from bimode.train.processes import end_processes
 (cfg,) = TrlParser(BPOConfig).parse_args_and_config(args=sys.argv[1:])
 trainer = build_trainer(cfg)
 seen = []
-score = trainer._generate_and_score_completions
+score = trainer.generate_and_score  # what every training step's generation goes through
 
 
-def spy(inputs):
-    output = score(inputs)
-    seen.append({"rows": trainer._rows, "modes": [m.value for m in trainer._rollout_info["modes"]],
-                 "rewards": trainer.guarded_rewards[0].last, "advantages": output["advantages"].tolist()})
-    return output
+def spy(rows):
+    output, rollouts = score(rows)
+    (rewards,) = rollouts.rewards.values()
+    seen.append({"rows": rows, "modes": [m.value for m in rollouts.modes], "rewards": rewards,
+                 "advantages": output["advantages"].tolist()})
+    return output, rollouts
 
 
-trainer._generate_and_score_completions = spy
+trainer.generate_and_score = spy
 trainer.train()
 with open(f"{cfg.output_dir}/rank-{trainer.accelerator.process_index}.json", "w") as fh:
     json.dump(seen, fh)

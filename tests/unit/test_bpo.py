@@ -1,5 +1,6 @@
 """BPO: bi-mode rollouts on TRL's GRPOTrainer (mixed-group advantages, mode-token loss, rewards, 2 ranks)."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from bimode.modes import ThinkingMode
 from bimode.train.bpo_core import (ROLLOUT_LAYOUTS, forced_env_mask, mode_token_loss, mode_token_weights,
                                    parse_mode_token_loss, per_mode_stats, register_rollout, rollout_modes)
 from bimode.train.bpo_rewards import GuardedReward, import_reward, weighted_rewards
+from bimode.train.bpo_rollouts import ROLLOUT_FIELD, RolloutBatch, batches_in, group_prompts
 
 from tests.helpers.bpo_helpers import LastLogged, trained_p_think_drop
 from tests.conftest import TRAINED_MAX_LEVEL
@@ -20,7 +22,7 @@ from tests.helpers.hf_fixtures import saved_vision_keys
 pytestmark = pytest.mark.internals  # runs at both ends of the transformers range (docs/internals.md)
 
 ROOT = Path(__file__).resolve().parents[2]
-BATCH = [{"row": i // 4} for i in range(8)]  # a generation batch as TRL samples it: 2 prompts x 4 rollouts
+ROWS = [i // 4 for i in range(8)]  # a generation batch as TRL samples it: 2 prompts x 4 rollouts
 T, N = ThinkingMode.THINK, ThinkingMode.NO_THINK
 
 
@@ -74,6 +76,8 @@ def test_rollout_layouts_are_registered_by_name():
         del ROLLOUT_LAYOUTS["think_only_for_test"]
     with pytest.raises(ValueError, match="bimode"):
         rollout_modes(0, 2, 2, "think_only_for_test")
+    with pytest.raises(ValueError, match=r"rewards lists \['accuracy'\] more than once"):
+        BPOConfig(output_dir="o", rewards=["accuracy", "format", "accuracy"], use_cpu=True, bf16=False)
 
 
 def test_per_mode_stats():
@@ -107,6 +111,47 @@ def test_guarded_reward_passes_none_on_as_unscorable_like_trl():
     assert total[:2].tolist() == [2.0, 2.0] and torch.isnan(total[2])
 
 
+def test_the_rollout_batch_carries_each_rewards_values_back_by_name():
+    batch = RolloutBatch([T, N], [1, 3], [5, 1], [4, 0], ["think", "no_think"])
+    columns = batch.reward_columns()
+    assert columns["rollout_mode"] == ["think", "no_think"] and columns[ROLLOUT_FIELD] is batch
+    # TRL hands every reward the field once per rollout; the guard records its values there
+    guard = GuardedReward(lambda prompts, completions, completion_ids, **kw: [1.0, None], "right")
+    guard([None] * 2, ["a", "b"], [[1], [2]], **{ROLLOUT_FIELD: [batch, batch]})
+    assert batch.rewards == {"right": [1.0, None]} and batches_in({ROLLOUT_FIELD: [batch, batch]}) == [batch]
+    assert batch.rewards_of(["right"]) == [[1.0, None]]
+    with pytest.raises(RuntimeError, match="'format'.*did not score"):
+        batch.rewards_of(["right", "format"])
+    with pytest.raises(ValueError, match="3 values for 2 rollouts"):
+        batch.record_rewards("right", [1.0, 0.0, 1.0])
+
+
+def test_rollout_prompts_come_from_the_messages_trl_passes_with_the_records_tokens(tiny_dir, tiny_processor):
+    """TRL gives the rollout each record's messages with the images placed in their blocks (and string
+    contents made lists); the engine must see exactly the tokens and images the record itself gives."""
+    from trl.data_utils import prepare_multimodal_messages
+
+    from bimode.generation.engine import TransformersEngine
+    from bimode.generation.types import Prompt
+    from bimode.models import load_model
+
+    model, processor = load_model(tiny_dir, dtype=torch.float32)
+    engine = TransformersEngine(model, processor)
+    sample = synthetic.generate(2, seed=3, families=["shell"], max_level=2)
+    records = [s.to_record() for s in sample]
+    records[1] = dataclasses.replace(records[1], system="Answer with one digit.")  # a string content
+    trl_prompts = [prepare_multimodal_messages(r.messages(), r.load_images()) for r in records for _ in range(2)]
+    grouped = group_prompts(trl_prompts, [T, N, T, N])
+    assert [p.modes for p in grouped] == [[T, N], [T, N]]  # one prompt per record, its rollouts' modes
+    for prompt, record in zip(grouped, records):
+        expected = Prompt.from_record(record)
+        assert prompt.messages == [{**m, "content": m["content"] if isinstance(m["content"], list)
+                                    else [{"type": "text", "text": m["content"]}]} for m in expected.messages]
+        assert len(prompt.images) == len(expected.images) > 0
+        assert all(a.tobytes() == b.tobytes() for a, b in zip(prompt.images, expected.images))
+        assert engine.prompt_ids(prompt) == engine.prompt_ids(expected)
+
+
 # ---- the trainer ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def bpo_file(trained_families_file):
@@ -127,24 +172,27 @@ def make_trainer(model_dir, train_file, out, **overrides):
 def test_advantages_are_normalized_over_the_mixed_group(tmp_path, trained_tiny, bpo_file):
     trainer = make_trainer(trained_tiny, bpo_file, tmp_path, rewards=["tests.helpers.bpo_helpers:no_think_wins"])
     trainer.model.train()
-    output = trainer._generate_and_score_completions(BATCH)
-    rewards = torch.tensor(trainer.guarded_rewards[0].last)
-    assert rewards.tolist() == [0.0, 0.0, 1.0, 1.0] * 2  # think rollouts first, then non-thinking
+    output, rollouts = trainer.generate_and_score(ROWS)
+    # think rollouts first, then non-thinking; a reward imported by path is named by it
+    assert rollouts.rewards["tests.helpers.bpo_helpers.no_think_wins"] == [0.0, 0.0, 1.0, 1.0] * 2
     # by hand, group of 2g = 4 with rewards [0, 0, 1, 1]: mean 0.5, sample std sqrt(1/3)
     expected = (0.5 / (3 ** -0.5 + 1e-4))
     assert output["advantages"].tolist() == pytest.approx([-expected, -expected, expected, expected] * 2, rel=1e-5)
     # completions open with the forced suffix; the prompt ends at `<think>` for every rollout
-    suffix = trainer._engine.suffix_rest
-    for ids, mode in zip(output["completion_ids"].tolist(), trainer._rollout_info["modes"]):
+    with trainer.generation_engine() as engine:
+        suffix = engine.suffix_rest
+    assert rollouts.modes == [T, T, N, N] * 2
+    for ids, mode in zip(output["completion_ids"].tolist(), rollouts.modes):
         assert ids[:len(suffix[mode])] == suffix[mode]
 
 
 def test_rollout_auto_is_plain_grpo_without_forced_tokens(tmp_path, trained_tiny, bpo_file):
     trainer = make_trainer(trained_tiny, bpo_file, tmp_path, rollout="auto")
     trainer.model.train()
-    output = trainer._generate_and_score_completions(BATCH)
-    assert trainer._rollout_info["suffix_lengths"] == [0] * 8
-    decision = trainer._engine.decision
+    output, rollouts = trainer.generate_and_score(ROWS)
+    assert rollouts.suffix_lengths == [0] * 8 and rollouts.modes == [ThinkingMode.AUTO] * 8
+    with trainer.generation_engine() as engine:
+        decision = engine.decision
     first = output["completion_ids"][:, 0].tolist()
     assert all(t in decision.think_ids | decision.no_think_ids for t in first)
 
@@ -153,7 +201,7 @@ def decision_grads(trainer):
     """Gradient of the loss at the positions that predict each rollout's forced mode tokens."""
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = 1  # set by the training loop, which this test skips
-    inputs = trainer._generate_and_score_completions(BATCH)
+    inputs, rollouts = trainer.generate_and_score(ROWS)
     captured = {}
     norm = trainer.model.model.language_model.norm
 
@@ -169,7 +217,7 @@ def decision_grads(trainer):
     # (rows, 1 + completion, hidden): the prompt ran once, and only its last token runs again per row
     grad = captured["g"]
     start = grad.size(1) - inputs["completion_ids"].size(1) - 1  # this position predicts the first completion token
-    lengths = trainer._rollout_info["suffix_lengths"]
+    lengths = rollouts.suffix_lengths
     forced = torch.stack([grad[r, start:start + n].abs().sum() for r, n in enumerate(lengths)])
     rest = torch.stack([grad[r, start + n:].abs().sum() for r, n in enumerate(lengths)])
     return forced, rest
@@ -181,8 +229,8 @@ def test_mode_token_loss_off_gives_the_decision_no_gradient(tmp_path, trained_ti
     forced, rest = decision_grads(trainer)
     assert torch.all(forced == 0) and torch.all(rest > 0)
     # and out of the token count the loss divides by: TRL builds both from the rollout's env_mask
-    inputs = trainer._generate_and_score_completions(BATCH)
-    forced_tokens = sum(len(trainer._engine.suffix_rest[m]) for m in trainer._rollout_info["modes"])
+    inputs, rollouts = trainer.generate_and_score(ROWS)
+    forced_tokens = sum(rollouts.suffix_lengths)
     assert inputs["num_items_in_batch"].item() == inputs["completion_mask"].sum().item() - forced_tokens
     forced_on, _ = decision_grads(make_trainer(trained_tiny, bpo_file, tmp_path / "on", mode_token_loss="on",
                                                rewards=["tests.helpers.bpo_helpers:no_think_wins"]))
@@ -195,8 +243,9 @@ def test_mode_token_weight_scales_the_forced_tokens_advantage_and_logs_what_its_
     trainer = make_trainer(trained_tiny, bpo_file, tmp_path, mode_token_loss="0.25", max_completion_length=4,
                            mask_truncated_completions=True, rewards=["tests.helpers.bpo_helpers:no_think_wins"])
     trainer.model.train()
-    adv = trainer._generate_and_score_completions(BATCH)["advantages"]
-    for row, n in enumerate(trainer._rollout_info["suffix_lengths"]):
+    output, rollouts = trainer.generate_and_score(ROWS)
+    adv = output["advantages"]
+    for row, n in enumerate(rollouts.suffix_lengths):
         assert adv[row, :n].tolist() == pytest.approx([0.25 * adv[row, -1].item()] * n)
     logged = LastLogged(trainer)
     expected = 0.5 / (3 ** -0.5 + 1e-4)  # the rollout's advantage A, not the forced tokens' 0.25 A
@@ -211,7 +260,8 @@ def test_mode_token_weight_scales_the_forced_tokens_advantage_and_logs_what_its_
 def test_unscorable_rollouts_are_left_out_of_the_group(tmp_path, trained_tiny, bpo_file):
     trainer = make_trainer(trained_tiny, bpo_file, tmp_path, rewards=["tests.helpers.bpo_helpers:none_on_thinking"])
     trainer.model.train()
-    output = trainer._generate_and_score_completions(BATCH)
+    output, rollouts = trainer.generate_and_score(ROWS)
+    assert rollouts.rewards["tests.helpers.bpo_helpers.none_on_thinking"] == [None, None, 1.0, 1.0] * 2
     assert trainer.guarded_rewards[0].unscorable == 4 and trainer.guarded_rewards[0].failures == 0
     # scored: the non-thinking rollouts, all 1.0 -> no advantage; scoring thinking 0 would have made it +0.87
     assert output["advantages"].tolist() == [0.0] * 8
@@ -233,9 +283,9 @@ def test_a_stopped_rollout_ends_with_the_token_that_stopped_it(tmp_path, trained
     config.save_pretrained(model_dir)
     trainer = make_trainer(model_dir, bpo_file, tmp_path / "run", rewards=["tests.helpers.bpo_helpers:no_think_wins"])
     trainer.model.train()
-    output = trainer._generate_and_score_completions(BATCH)
+    output, rollouts = trainer.generate_and_score(ROWS)
     ends = [ids[mask.bool()].tolist()[-1] for ids, mask in zip(output["completion_ids"], output["completion_mask"])]
-    no_think = [end for end, mode in zip(ends, trainer._rollout_info["modes"]) if mode is N]
+    no_think = [end for end, mode in zip(ends, rollouts.modes) if mode is N]
     assert no_think and all(end in digits for end in no_think), (no_think, tokenizer.eos_token_id)
 
 
@@ -246,13 +296,14 @@ def test_auto_rollouts_sample_the_decision_from_the_policy_that_scores_it(tmp_pa
 
     trainer = make_trainer(tiny_dir, bpo_file, tmp_path, rollout="auto", temperature=1.0, max_completion_length=4)
     trainer.model.train()
-    output = trainer._generate_and_score_completions(BATCH)
-    mass = [m for _, m in trainer._engine.decision_stats([Prompt.from_record(trainer.records[r]) for r in (0, 1)])]
+    output, _ = trainer.generate_and_score(ROWS)
+    with trainer.generation_engine() as engine:
+        mass = [m for _, m in engine.decision_stats([Prompt.from_record(trainer.records[r]) for r in (0, 1)])]
+        decision = engine.decision
     assert max(mass) < 0.5  # so 8 draws from the full policy all landing on a decision token is unlikely
-    decision = trainer._engine.decision
     first = output["completion_ids"][:, 0].tolist()
     assert not all(t in decision.think_ids | decision.no_think_ids for t in first)
-    assert trainer._sampling_params().constrain_decision is False
+    assert trainer.sampling_params().constrain_decision is False
 
 
 def test_mode_token_loss_on_moves_the_decision_toward_the_rewarded_mode(tmp_path, trained_tiny, bpo_file):
@@ -347,11 +398,12 @@ def test_qwen_vl_rollouts_are_scored_as_the_forced_mode_prompt_would_be(tmp_path
     trainer = make_trainer(model_dir, train, tmp_path / "run", max_completion_length=6, num_iterations=2,
                            rewards=["tests.helpers.bpo_helpers:no_think_wins"], temperature=1.0)
     trainer.model.train()
-    output = trainer._generate_and_score_completions(BATCH)
-    assert trainer._engine.shared_prefix is False
+    output, rollouts = trainer.generate_and_score(ROWS)
+    with trainer.generation_engine() as engine:
+        assert engine.shared_prefix is False
+        suffix = engine.suffix_rest
     model, processor = load_model(model_dir, dtype=torch.float32)
-    suffix = trainer._engine.suffix_rest
-    for r, (row, mode) in enumerate(zip(trainer._rows, trainer._rollout_info["modes"])):
+    for r, (row, mode) in enumerate(zip(ROWS, rollouts.modes)):
         completion = output["completion_ids"][r][output["completion_mask"][r].bool()].tolist()
         n = len(suffix[mode])
         assert completion[:n] == suffix[mode]

@@ -185,6 +185,23 @@ def test_logged_metrics_are_averaged_into_the_next_log(tmp_path, tiny_dir, train
     assert logged_metric(trainer, "compat/x") == []  # cleared for the next step
 
 
+def test_trl_merges_the_rollouts_extra_fields_into_the_batch_it_was_given(tmp_path, tiny_dir, trained_families_file):
+    from bimode.compat.trl_api import rollout_extra_field
+    from bimode.train.bpo import BPOConfig, build_trainer
+    from bimode.train.bpo_rollouts import ROLLOUT_FIELD, RolloutBatch
+
+    with pytest.raises(RuntimeError, match="'bimode_rollouts' into the generation batch"):
+        rollout_extra_field([{"prompt": []}], ROLLOUT_FIELD)
+    trainer = build_trainer(BPOConfig(model_path=str(tiny_dir), train_files=[str(trained_families_file)],
+                                      output_dir=str(tmp_path), num_generations=2, per_device_train_batch_size=2,
+                                      max_completion_length=2, max_steps=1, report_to=[], use_cpu=True, bf16=False,
+                                      probe_steps=0))
+    trainer.model.train()
+    _, rollouts = trainer.generate_and_score([0, 0])  # reads the field back through the adapter
+    assert isinstance(rollouts, RolloutBatch) and len(rollouts) == 2
+    assert list(rollouts.rewards) == ["accuracy"]  # the rewards TRL called saw the same batch
+
+
 def test_vllm_parameter_names_go_through_trl_s_fix_then_ours():
     from trl.generation.vllm_generation import VLLMGeneration
 

@@ -234,7 +234,7 @@ def test_non_reentrant_gradient_checkpointing_keeps_the_prompt_cache_and_its_gra
 
 
 # ---- in the trainer -------------------------------------------------------------------------------------
-BATCH = [{"row": i // 4} for i in range(8)]  # a generation batch as TRL samples it: 2 prompts x 4 rollouts
+ROWS = [i // 4 for i in range(8)]  # a generation batch as TRL samples it: 2 prompts x 4 rollouts
 
 
 def make_trainer(model_dir, train_file, out, model_args=None, **overrides):
@@ -310,7 +310,7 @@ def test_a_qwen_vl_model_takes_trls_path_with_trls_numbers(tmp_path, trained_fam
     model_dir = hf_fixtures.build_tiny_qwen25_vl(tmp_path / "qwen25_vl")
     trainer = make_trainer(model_dir, trained_families_file, tmp_path / "run", max_completion_length=4)
     trainer.model.train()
-    inputs = trainer._generate_and_score_completions(BATCH)
+    inputs, _ = trainer.generate_and_score(ROWS)
     args = (trainer.model, torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1),
             torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1), inputs["completion_ids"].size(1))
     kwargs = {k: inputs.get(k) for k in ("pixel_values", "image_grid_thw", "num_images")}

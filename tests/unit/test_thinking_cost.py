@@ -11,7 +11,7 @@ from bimode.train.bpo_core import decision_advantages, mode_group_means, mode_to
 from bimode.train.bpo_rewards import make_thinking_cost
 
 from tests.helpers.bpo_helpers import LastLogged, trained_p_think_drop
-from tests.unit.test_bpo import BATCH, make_trainer
+from tests.unit.test_bpo import ROWS, make_trainer
 
 THINKS = torch.tensor([True, True, False, False] * 2)  # 2 groups of 2g = 4: thinking half first
 
@@ -95,7 +95,7 @@ def test_bad_cost_settings_fail_naming_the_field(tmp_path, settings, message):
 # ---- the trainer ------------------------------------------------------------------------------------
 def scored_batch(trainer):
     trainer.model.train()
-    output = trainer._generate_and_score_completions(BATCH)
+    output, _ = trainer.generate_and_score(ROWS)
     logged = LastLogged(trainer)
     return output, logged
 

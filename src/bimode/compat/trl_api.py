@@ -3,6 +3,8 @@
 - Private methods BPOTrainer overrides (`GRPOTrainer._generate_and_score_completions`,
   `_get_per_token_logps_and_entropies`): checked against TRL's by `bimode.compat.overrides.check_overrides`.
 - `GRPOTrainer._metrics[mode][key]`, the lists TRL averages into each logged step.
+- the generation batch's examples, into which `_generate_and_score_completions` merges a `rollout_func`'s extra
+  fields (its documented use of them is to pass them to the reward functions).
 - `VLLMGeneration._fix_param_name_to_vllm(name, extra_prefixes)`, which names each parameter for the weight sync.
 - `trl.generation.vllm_generation.LLM`, the class TRL's colocated mode builds its engine with.
 - `trl.trainer.utils.selective_log_softmax` and `entropy_from_logits` (not exported by `trl`), so a forward of
@@ -37,6 +39,16 @@ def log_metric(trainer, key: str, value: float, mode: str = "train") -> None:
 def logged_metric(trainer, key: str, mode: str = "train") -> list[float]:
     """The values collected for `key` since the last logging step."""
     return trainer._metrics[mode][key]
+
+
+def rollout_extra_field(inputs: list[dict], key: str):
+    """A `rollout_func`'s extra field `key`, read back from the examples TRL's `_generate_and_score_completions`
+    was given: TRL 1.16 merges the rollout's extra fields into them to hand them to the reward functions."""
+    if not inputs or key not in inputs[0]:
+        raise RuntimeError(f"TRL did not merge the rollout's field {key!r} into the generation batch's examples: "
+                           "this TRL release changed an internal bimode relies on (docs/internals.md); install the "
+                           "versions pyproject.toml names")
+    return inputs[0][key]
 
 
 def map_vllm_param_names(generation, mapper) -> None:

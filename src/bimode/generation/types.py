@@ -89,6 +89,25 @@ class Prompt:
         return cls(messages=record.messages(), images=record.load_images(), modes=list(modes), id=record.id)
 
     @classmethod
+    def from_chat(cls, messages: list[dict], modes=("auto",), id: str | None = None) -> "Prompt":
+        """A prompt from chat messages whose image blocks carry their image (`{"type": "image", "image": img}`,
+        as TRL hands a rollout function its prompts): each image moves to `images`, in order, and its block
+        becomes the bare placeholder a record's messages hold."""
+        images, out = [], []
+        for message in messages:
+            content = message.get("content")
+            if isinstance(content, list):
+                blocks = []
+                for block in content:
+                    if block.get("type") == "image" and "image" in block:
+                        images.append(block["image"])
+                        block = {k: v for k, v in block.items() if k != "image"}
+                    blocks.append(block)
+                message = {**message, "content": blocks}
+            out.append(message)
+        return cls(messages=out, images=images, modes=list(modes), id=id)
+
+    @classmethod
     def bimode_group(cls, record, g: int) -> "Prompt":
         """The BPO rollout shape: g samples forced into thinking, then g into non-thinking."""
         return cls.from_record(record, [ThinkingMode.THINK] * g + [ThinkingMode.NO_THINK] * g)

@@ -41,7 +41,7 @@ from trl.models import unwrap_model_for_generation
 
 from bimode.compat.overrides import check_overrides
 from bimode.compat.peft_api import expose_output_bias
-from bimode.compat.trl_api import log_metric
+from bimode.compat.trl_api import log_metric, rollout_extra_field
 from bimode.data.records import Record, RecordError, read_records
 from bimode.errors import UsageError
 from bimode.generation.engine import TransformersEngine
@@ -52,6 +52,7 @@ from bimode.train.bpo_core import (MODE_OBJECTIVES, ROLLOUT_LAYOUTS, decision_ad
                                    mode_token_loss, parse_mode_token_loss, per_mode_stats, response_mode,
                                    rollout_modes)
 from bimode.train.bpo_rewards import GuardedReward, build_rewards, make_thinking_cost, weighted_rewards
+from bimode.train.bpo_rollouts import ROLLOUT_FIELD, RolloutBatch, group_prompts
 from bimode.train.checkpoint import StrictResumeMixin
 from bimode.train.run import train_and_save
 from bimode.train.start import StartFields, load_start
@@ -116,6 +117,9 @@ class BPOConfig(StartFields, AdapterFields, GRPOConfig):
             raise UsageError(f"rollout must be one of {tuple(ROLLOUT_LAYOUTS)}, not {self.rollout!r}")
         if self.rollout == "bimode" and self.num_generations % 2:
             raise UsageError(f"rollout bimode needs an even num_generations (2g), got {self.num_generations}")
+        repeated = sorted({r for r in self.rewards if self.rewards.count(r) > 1})
+        if repeated:  # each reward's values travel under its name (RolloutBatch.rewards); weight it instead
+            raise UsageError(f"rewards lists {repeated} more than once: give one reward a larger reward_weights entry")
         weight = parse_mode_token_loss(self.mode_token_loss)
         if self.mode_objective not in MODE_OBJECTIVES:  # read now, so an objective registered by a user counts
             raise UsageError(f"mode_objective must be one of {tuple(MODE_OBJECTIVES)}, not {self.mode_objective!r}")
@@ -150,11 +154,8 @@ class BPOTrainer(StrictResumeMixin, GRPOTrainer):
             self.guarded_rewards.append(GuardedReward(cost, "thinking_cost"))
             if args.reward_weights is not None and len(args.reward_weights) == len(self.task_rewards):
                 args.reward_weights = [*args.reward_weights, 1.0]  # the cost's size is in its own settings
-        self._engine: TransformersEngine | None = None
-        self._rows: list[int] = []
-        self._images: dict[int, list] = {}  # row -> its decoded images, for the current generation batch
+        self._engine: TransformersEngine | None = None  # built on first use, on the training model
         self._probe_prompts: list[Prompt] | None = None
-        self._rollout_info: dict = {}
         self._last_probe = -1
         self._forward_paths_logged: set[str] = set()
         with colocated_llm_settings(args):
@@ -166,16 +167,17 @@ class BPOTrainer(StrictResumeMixin, GRPOTrainer):
             fit_vllm_generation(self.vllm_generation, self.accelerator.unwrap_model(self.model), processor)
 
     # ---- rollouts -----------------------------------------------------------------------------------
-    def _example(self, row: int) -> dict:
+    def _example(self, row: int, images: list) -> dict:
         r = self.records[row]
-        return {"prompt": r.messages(), "images": self._images[row], "answer": r.answer,
+        return {"prompt": r.messages(), "images": images, "answer": r.answer,
                 "answer_type": r.answer_type, "choices": r.choices, "level": r.level, "family": r.family,
                 "record_id": r.id, "row": row}
 
     @contextmanager
-    def _generation_engine(self, gather: bool = True):
-        """The shared-prefix engine on the current weights (gathered under ZeRO-3 unless `gather` is False:
-        with vLLM generating, the engine only renders and tokenizes), in eval mode."""
+    def generation_engine(self, gather: bool = True):
+        """The shared-prefix engine (bimode.generation.engine) on the current weights (gathered under ZeRO-3
+        unless `gather` is False: with vLLM generating, the engine only renders and tokenizes), in eval mode;
+        what rollouts and the probe generate with."""
         with unwrap_model_for_generation(self.model_wrapped, self.accelerator,
                                          gather_deepspeed3_params=gather and self.args.ds3_gather_for_generation
                                          ) as model:
@@ -191,24 +193,18 @@ class BPOTrainer(StrictResumeMixin, GRPOTrainer):
                 model.train(was_training)
 
     def _rollout(self, prompts: list, trainer) -> dict:
-        """TRL's rollout_func: gets each prompt repeated once per rollout (local slice of the batch)."""
+        """TRL's rollout_func: gets each prompt's messages (images in their blocks) once per rollout, the local
+        slice of the generation batch; returns TRL's fields and the RolloutBatch (bpo_rollouts.py)."""
         n = len(prompts)
         modes = rollout_modes(self.accelerator.process_index * n, n, self.num_generations, self.args.rollout)
-        groups: list[tuple[int, list[ThinkingMode]]] = []  # (row, modes) of consecutive rollouts of one record
-        for row, mode in zip(self._rows, modes):
-            if groups and groups[-1][0] == row:
-                groups[-1][1].append(mode)
-            else:
-                groups.append((row, [mode]))
-        batch = [Prompt(self.records[row].messages(), self._images[row], group_modes, self.records[row].id)
-                 for row, group_modes in groups]
-        with self._generation_engine(gather=not self.use_vllm) as engine:
+        batch = group_prompts(prompts, modes)
+        with self.generation_engine(gather=not self.use_vllm) as engine:
             suffix = engine.suffix_rest
             if self.use_vllm:
                 prompt_ids = [engine.prompt_ids(p) for p in batch]
                 completions = self._vllm_completions(engine, batch, prompt_ids)
             else:
-                groups_out = engine.generate(batch, self._sampling_params())
+                groups_out = engine.generate(batch, self.sampling_params())
                 # the shared-prefix path returns the prompt ids it fed; the plain path renders per mode
                 prompt_ids = [group[0].prompt_token_ids or engine.prompt_ids(p) for p, group in zip(batch, groups_out)]
                 # a stopped rollout ends with the token that stopped it: training must see what was sampled
@@ -231,15 +227,11 @@ class BPOTrainer(StrictResumeMixin, GRPOTrainer):
             out["logprobs"] = None
         if self.args.rollout == "bimode" and self.mode_weight == 0.0:  # TRL leaves env_mask 0 out of the loss
             out["env_mask"] = forced_env_mask(suffix_lengths, [len(ids) for ids in out["completion_ids"]])
-        self._rollout_info = {"modes": modes, "suffix_lengths": suffix_lengths,
-                              "generated_lengths": generated_lengths, "thinking_tokens": thinking, "taken": taken}
-        # columns for reward functions: the forced mode, the mode taken and its thinking tokens
-        out["rollout_mode"] = [m.value for m in modes]
-        out["taken_mode"] = taken
-        out["thinking_tokens"] = thinking
+        # columns for reward functions (the forced mode, the mode taken, its thinking tokens) and the batch
+        out.update(RolloutBatch(modes, suffix_lengths, generated_lengths, thinking, taken).reward_columns())
         return out
 
-    def _sampling_params(self) -> SamplingParams:
+    def sampling_params(self) -> SamplingParams:
         """The transformers engine's sampling for rollouts. An auto rollout's decision token is drawn from the
         full policy (not the engine's decision-restricted default), the distribution TRL scores it under:
         restricting it would make plain GRPO, the baseline, off-policy at exactly the token that matters."""
@@ -326,29 +318,36 @@ class BPOTrainer(StrictResumeMixin, GRPOTrainer):
 
     # ---- scoring, loss weights, logging ---------------------------------------------------------------
     def _generate_and_score_completions(self, inputs):
-        self._rows = [x["row"] for x in inputs]
-        # each record comes once per rollout: read its images once for TRL's inputs and the rollouts
-        self._images = {row: self.records[row].load_images() for row in dict.fromkeys(self._rows)}
-        inputs = [self._example(row) for row in self._rows]
-        output = super()._generate_and_score_completions(inputs)
-        suffix_lengths = self._rollout_info["suffix_lengths"]
-        advantages = output["advantages"].clone()  # each rollout's A, before any per-token weighting
-        if self.args.rollout == "bimode":  # the algorithm is bpo_core's; here, TRL's fields
-            forced = self._mode_decision()
-            output["advantages"] = mode_token_loss(output["advantages"], output["completion_mask"],
-                                                   suffix_lengths, self.mode_weight, forced)
-        self._log_modes(advantages)
-        self._maybe_probe()
+        output, _ = self.generate_and_score([x["row"] for x in inputs])
         return output
 
-    def _mode_decision(self) -> torch.Tensor | None:
+    def generate_and_score(self, rows: list[int]) -> tuple[dict, RolloutBatch]:
+        """One generation step on this process's slice of the batch: `rows` are record indices, each repeated
+        once per rollout as TRL's sampler lays them out. Returns TRL's batch for the loss (the forced mode
+        tokens' advantages weighted by `mode_token_loss` and the mode objective) and the step's RolloutBatch
+        (modes, forced-suffix lengths, lengths, rewards)."""
+        # each record comes once per rollout: read its images once
+        images = {row: self.records[row].load_images() for row in dict.fromkeys(rows)}
+        inputs = [self._example(row, images[row]) for row in rows]
+        output = super()._generate_and_score_completions(inputs)
+        rollouts: RolloutBatch = rollout_extra_field(inputs, ROLLOUT_FIELD)
+        advantages = output["advantages"].clone()  # each rollout's A, before any per-token weighting
+        if self.args.rollout == "bimode":  # the algorithm is bpo_core's; here, TRL's fields
+            forced = self._mode_decision(rollouts)
+            output["advantages"] = mode_token_loss(output["advantages"], output["completion_mask"],
+                                                   rollouts.suffix_lengths, self.mode_weight, forced)
+        self._log_modes(rollouts, advantages)
+        self._maybe_probe()
+        return output, rollouts
+
+    def _mode_decision(self, rollouts: RolloutBatch) -> torch.Tensor | None:
         """The mode objective's advantage for this process's forced mode tokens (None: the rollouts' own A),
         from the task rewards (the thinking cost left out) gathered over processes, since a group of 2g may
         be split across them; logs the share of queries whose direct answer wins and the decision advantage."""
         device = self.accelerator.device
-        local = weighted_rewards([func.last for func in self.task_rewards],
+        local = weighted_rewards(rollouts.rewards_of([func.__name__ for func in self.task_rewards]),
                                  self.reward_weights[:len(self.task_rewards)].tolist())
-        thinks = torch.tensor([m == ThinkingMode.THINK for m in self._rollout_info["modes"]], dtype=torch.float32)
+        thinks = torch.tensor([m == ThinkingMode.THINK for m in rollouts.modes], dtype=torch.float32)
         rewards, thinks = (self.accelerator.gather(t.to(device)).cpu() for t in (local, thinks))
         margin = self.args.direct_margin
         stats = decision_advantages(rewards, thinks.bool(), self.num_generations, margin)
@@ -363,15 +362,15 @@ class BPOTrainer(StrictResumeMixin, GRPOTrainer):
         start = self.accelerator.process_index * n
         return signal.forced_advantages[start:start + n]
 
-    def _log_modes(self, advantages: torch.Tensor) -> None:
+    def _log_modes(self, rollouts: RolloutBatch, advantages: torch.Tensor) -> None:
         """Per taken mode: reward (as TRL sums it, unscorable rollouts left out), advantage A and generated
         length (forced suffix and end token not counted), gathered over processes."""
-        taken = self._rollout_info["taken"]
-        rewards = weighted_rewards([func.last for func in self.guarded_rewards], self.reward_weights.tolist())
-        lengths = torch.tensor(self._rollout_info["generated_lengths"])
-        thinking = torch.tensor(self._rollout_info["thinking_tokens"])
+        rewards = weighted_rewards(rollouts.rewards_of([func.__name__ for func in self.guarded_rewards]),
+                                   self.reward_weights.tolist())
+        lengths = torch.tensor(rollouts.generated_lengths)
+        thinking = torch.tensor(rollouts.thinking_tokens)
         device = self.accelerator.device
-        codes = torch.tensor([MODE_CODES[m] for m in taken], device=device)
+        codes = torch.tensor([MODE_CODES[m] for m in rollouts.taken], device=device)
         gathered = [self.accelerator.gather(t.to(device).float())
                     for t in (codes, rewards, advantages, lengths, thinking)]
         names = {v: k for k, v in MODE_CODES.items()}
@@ -397,7 +396,7 @@ class BPOTrainer(StrictResumeMixin, GRPOTrainer):
         (probability on any decision token after `<think>`); one forward pass, no generation."""
         if self._probe_prompts is None:  # fixed set: decode its images once
             self._probe_prompts = [Prompt.from_record(r) for r in self.probe_records]
-        with self._generation_engine() as engine:
+        with self.generation_engine() as engine:
             stats = engine.decision_stats(self._probe_prompts)
         by_level = defaultdict(list)
         for record, value in zip(self.probe_records, stats):

@@ -19,6 +19,7 @@ from bimode.errors import UsageError
 from bimode.modes import THINK_OPEN, ThinkingMode, parse_response
 from bimode.scoring import accuracy_reward
 from bimode.train import bpo_core
+from bimode.train.bpo_rollouts import batches_in
 
 logger = logging.getLogger(__name__)
 
@@ -100,8 +101,8 @@ class GuardedReward:
     `None` (or NaN) is TRL's "cannot score this rollout": it is passed on as None, so TRL leaves the rollout
     out of this reward (and out of the group statistics when no reward scores it), and counted apart.
     A batch that raises is retried one rollout at a time, so one bad rollout does not zero its neighbours.
-    `failures` counts the rollouts scored 0 this way over the run, `unscorable` the None ones; `last` holds
-    the latest batch's rewards.
+    `failures` counts the rollouts scored 0 this way over the run, `unscorable` the None ones. The values go
+    back with the rollouts: into the RolloutBatch that BPO's rollout hands every reward (bpo_rollouts.py).
     """
 
     def __init__(self, func: Callable, name: str | None = None):
@@ -109,7 +110,6 @@ class GuardedReward:
         self.__name__ = name or getattr(func, "__name__", type(func).__name__)
         self.failures = 0
         self.unscorable = 0
-        self.last: list[float | None] = []
 
     def __call__(self, prompts, completions, completion_ids, **kwargs) -> list[float | None]:
         n = len(completion_ids)
@@ -125,7 +125,8 @@ class GuardedReward:
         if log_metric is not None:
             log_metric(f"rewards/{self.__name__}/failures", float(self.failures))
             log_metric(f"rewards/{self.__name__}/unscorable", float(self.unscorable))
-        self.last = values
+        for batch in batches_in(kwargs):
+            batch.record_rewards(self.__name__, values)
         return values
 
     def _clean(self, values, n: int) -> list[float | None]:

@@ -76,6 +76,7 @@ def main(spec_path: str, out_path: str) -> None:
     from bimode.generation.types import Prompt
     from bimode.models import load_model
     from bimode.modes import ThinkingMode
+    from bimode.train.bpo_rollouts import ROLLOUT_FIELD
 
     StepOneWeights = step_one_weights_callback()
     spec = json.loads(Path(spec_path).read_text())
@@ -84,13 +85,13 @@ def main(spec_path: str, out_path: str) -> None:
 
     def spy_build(cfg, **kwargs):  # what `bimode bpo` builds, with the spies this script reads
         trainer = build_trainer(cfg, **kwargs)
-        rollout = trainer._rollout
+        rollout = trainer.rollout_func  # TRL calls it with each step's prompts
 
         def spy(prompts, t):
             out = rollout(prompts, t)
             if not rollouts:
                 rollouts.extend({"forced": n, "logprobs": lp, "completion_ids": ids} for n, lp, ids in
-                                zip(t._rollout_info["suffix_lengths"], out["logprobs"], out["completion_ids"]))
+                                zip(out[ROLLOUT_FIELD].suffix_lengths, out["logprobs"], out["completion_ids"]))
             return out
 
         trainer.rollout_func = spy
@@ -112,8 +113,8 @@ def main(spec_path: str, out_path: str) -> None:
     records = [s.to_record() for s in synthetic.generate(spec["probe_prompts"], seed=9, split="eval",
                                                          families=["count", "shell"], max_level=3)]
     prompts = [Prompt(r.messages(), r.load_images(), [ThinkingMode.THINK], r.id) for r in records]
-    engine = trainer._engine
-    ids = [engine.prompt_ids(p) + list(engine.suffix_rest[ThinkingMode.THINK]) for p in prompts]
+    with trainer.generation_engine(gather=False) as engine:
+        ids = [engine.prompt_ids(p) + list(engine.suffix_rest[ThinkingMode.THINK]) for p in prompts]
     image_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
     llm, models = trainer.vllm_generation.llm, [trained, start.eval()]
     # vLLM sees these images before the sync too: a stale cache of image features would survive it
