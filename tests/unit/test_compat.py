@@ -205,14 +205,22 @@ def test_trl_merges_the_rollouts_extra_fields_into_the_batch_it_was_given(tmp_pa
 def test_vllm_parameter_names_go_through_trl_s_fix_then_ours():
     from trl.generation.vllm_generation import VLLMGeneration
 
-    from bimode.compat.trl_api import map_vllm_param_names
+    from bimode.compat.overrides import check_overrides
+    from bimode.compat.trl_api import adopt_vllm_generation
+    from bimode.train.vllm_fit import BimodeVLLMGeneration
 
     assert list(inspect.signature(VLLMGeneration._fix_param_name_to_vllm).parameters) == [
         "self", "name", "extra_prefixes"]
-    generation = object.__new__(VLLMGeneration)  # the name fix reads no instance state
-    map_vllm_param_names(generation, lambda name: name.replace("vision_tower.", "vision_tower.vision_model."))
+    check_overrides(BimodeVLLMGeneration)
+    generation = object.__new__(VLLMGeneration)  # the name fix reads no instance state TRL's constructor sets
+    adopt_vllm_generation(generation, BimodeVLLMGeneration)
+    assert isinstance(generation, BimodeVLLMGeneration) and VLLMGeneration.sync_weights is not \
+        BimodeVLLMGeneration.sync_weights  # TRL's class itself is untouched
+    generation.checkpoint_name = lambda name: name.replace("vision_tower.", "vision_tower.vision_model.")
     name = "model.vision_tower._checkpoint_wrapped_module.embeddings.patch.weight"
     assert generation._fix_param_name_to_vllm(name) == "model.vision_tower.vision_model.embeddings.patch.weight"
+    with pytest.raises(RuntimeError, match="expected TRL's VLLMGeneration"):
+        adopt_vllm_generation(generation, BimodeVLLMGeneration)  # adopted once, and only TRL's own class
 
 
 @needs_vllm_here

@@ -1,7 +1,8 @@
-"""Private methods of library classes that bimode's trainers override.
+"""Private methods of library classes that bimode's classes override.
 
 BPOTrainer overrides TRL's `GRPOTrainer._generate_and_score_completions` and `_get_per_token_logps_and_entropies`,
-both trainers transformers' `Trainer._load_from_checkpoint` (StrictResumeMixin). The libraries call them by
+both trainers transformers' `Trainer._load_from_checkpoint` (StrictResumeMixin), and bimode's vLLM generation TRL's
+`VLLMGeneration._fix_param_name_to_vllm`. The libraries call them by
 keyword, so a parameter renamed in a release would be dropped without an error; `check_overrides` compares
 every private override with the method it replaces and refuses to build the trainer when they differ, or when the
 library no longer has one of the methods bimode replaces (the override would then never be called).
@@ -12,7 +13,8 @@ from __future__ import annotations
 import inspect
 
 # library methods bimode's trainers replace: each must still exist (a bimode-only private helper need not)
-REPLACED = ("_generate_and_score_completions", "_get_per_token_logps_and_entropies", "_load_from_checkpoint")
+REPLACED = ("_generate_and_score_completions", "_get_per_token_logps_and_entropies", "_load_from_checkpoint",
+            "_fix_param_name_to_vllm")
 
 
 def _ours(klass: type) -> bool:

@@ -5,7 +5,9 @@
 - `GRPOTrainer._metrics[mode][key]`, the lists TRL averages into each logged step.
 - the generation batch's examples, into which `_generate_and_score_completions` merges a `rollout_func`'s extra
   fields (its documented use of them is to pass them to the reward functions).
-- `VLLMGeneration._fix_param_name_to_vllm(name, extra_prefixes)`, which names each parameter for the weight sync.
+- `VLLMGeneration._fix_param_name_to_vllm(name, extra_prefixes)`, which names each parameter for the weight sync
+  (overridden by bimode's subclass, checked by `check_overrides`), and the VLLMGeneration GRPOTrainer builds
+  inline, which takes bimode's subclass by `adopt_vllm_generation`.
 - `trl.generation.vllm_generation.LLM`, the class TRL's colocated mode builds its engine with.
 - `trl.trainer.utils.selective_log_softmax` and `entropy_from_logits` (not exported by `trl`), so a forward of
   bimode's scores tokens exactly as TRL's does.
@@ -51,10 +53,17 @@ def rollout_extra_field(inputs: list[dict], key: str):
     return inputs[0][key]
 
 
-def map_vllm_param_names(generation, mapper) -> None:
-    """Make TRL's weight sync send each parameter under `mapper(TRL's name)`."""
-    trl_name = generation._fix_param_name_to_vllm
-    generation._fix_param_name_to_vllm = lambda name, extra_prefixes=None: mapper(trl_name(name, extra_prefixes))
+def adopt_vllm_generation(generation, subclass: type) -> None:
+    """Make the `VLLMGeneration` GRPOTrainer built (inline in its `__init__`: TRL 1.16 takes no class to build)
+    an instance of bimode's `subclass` of it, so bimode's fixes are overrides rather than patched methods. Only a
+    plain VLLMGeneration is adopted, by a subclass that adds behaviour, not state TRL's constructor sets."""
+    from trl.generation.vllm_generation import VLLMGeneration
+
+    if type(generation) is not VLLMGeneration or not issubclass(subclass, VLLMGeneration):
+        raise RuntimeError(f"expected TRL's VLLMGeneration and a subclass of it, got {type(generation).__name__} and "
+                           f"{subclass.__name__}: this TRL release changed an internal bimode relies on "
+                           "(docs/internals.md)")
+    generation.__class__ = subclass
 
 
 @contextmanager

