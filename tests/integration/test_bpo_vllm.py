@@ -47,13 +47,26 @@ def colocate_run(tmp_path_factory, trained_tiny):
 
 
 @pytest.fixture(scope="module")
+def lora_colocate_run(tmp_path_factory, trained_tiny):
+    """LoRA (adapters on the LLM, projector in full, trainable mode-token rows): TRL merges the adapter into the
+    weights it syncs; dropout off, so the training forward and vLLM score the same policy."""
+    return colocated_bpo(tmp_path_factory.mktemp("bpo_vllm_lora"), trained_tiny, "--use_peft", "true",
+                         "--lora_r", "8", "--lora_alpha", "16", "--lora_dropout", "0", probe_prompts=6)
+
+
+@pytest.fixture(params=["full", "lora"])
+def either_run(request):
+    return request.getfixturevalue({"full": "colocate_run", "lora": "lora_colocate_run"}[request.param])
+
+
+@pytest.fixture(scope="module")
 def one_step_without_the_shared_forward(tmp_path_factory, trained_tiny):
     return colocated_bpo(tmp_path_factory.mktemp("bpo_vllm_off"), trained_tiny, "--shared_prefix_forward", "false",
                          "--max_steps", "1", probe_prompts=0)
 
 
-def test_forced_mode_tokens_carry_no_sampling_logprob(colocate_run):
-    rollouts = colocate_run["rollouts"]
+def test_forced_mode_tokens_carry_no_sampling_logprob(either_run):
+    rollouts = either_run["rollouts"]
     assert len(rollouts) == 16 and {r["forced"] for r in rollouts} == {1, 3}  # `\n` vs `\n\n</think>\n\n`
     for r in rollouts:
         forced, sampled = r["logprobs"][:r["forced"]], r["logprobs"][r["forced"]:]
@@ -61,8 +74,8 @@ def test_forced_mode_tokens_carry_no_sampling_logprob(colocate_run):
         assert sampled and all(math.isfinite(x) and x <= 0 for x in sampled)
 
 
-def test_trl_and_vllm_logprobs_agree_at_every_step(colocate_run):
-    steps = [log for log in colocate_run["logged"] if "sampling/sampling_logp_difference/mean" in log]
+def test_trl_and_vllm_logprobs_agree_at_every_step(either_run):
+    steps = [log for log in either_run["logged"] if "sampling/sampling_logp_difference/mean" in log]
     assert len(steps) == 3
     for log in steps:
         # vLLM samples with media tokens banned, TRL scores the unbanned policy: their mass (about 1e-3 on
@@ -71,8 +84,8 @@ def test_trl_and_vllm_logprobs_agree_at_every_step(colocate_run):
         assert 0.95 < log["sampling/importance_sampling_ratio/mean"] < 1.05, log
 
 
-def test_weights_reach_vllm_after_an_update(colocate_run):
-    before, after = colocate_run["before_sync"], colocate_run["after_sync"]
+def test_weights_reach_vllm_after_an_update(either_run):
+    before, after = either_run["before_sync"], either_run["after_sync"]
     assert before["vllm_vs_trained"] > 1e-2  # the last update changed the model (vLLM held the older weights)
     # after the sync vLLM scores like the trained model, also on images it encoded before the sync
     assert after["vllm_vs_trained"] < 1e-4, after
@@ -83,6 +96,15 @@ def test_the_saved_model_is_whole_and_in_vllm_s_layout(colocate_run):
     final = Path(colocate_run["saved"])
     assert (final / "model.safetensors").exists() and (final / "chat_template.jinja").exists()
     assert all(k.startswith("vision_tower.vision_model.") for k in saved_vision_keys(final))
+
+
+def test_lora_keeps_the_base_as_kl_reference_and_saves_an_adapter(lora_colocate_run):
+    kl = [log["kl"] for log in lora_colocate_run["logged"] if "kl" in log]
+    # the adapter starts as the identity (LoRA's B = 0, token rows as the base's): no divergence at step 1, then
+    # the trained adapter moves away from the reference, which is the base with the adapter switched off
+    assert len(kl) == 3 and kl[0] == pytest.approx(0.0, abs=1e-7) and kl[-1] > 1e-6, kl
+    final = Path(lora_colocate_run["saved"])
+    assert (final / "adapter_config.json").exists() and (final / "chat_template.jinja").exists()
 
 
 def test_the_shared_forward_is_on_with_vllm_and_gives_trl_s_step(colocate_run, one_step_without_the_shared_forward):

@@ -251,6 +251,31 @@ def test_vllm_s_reload_protocol_and_engine_methods_are_there():
 
 
 # ---- PEFT ----------------------------------------------------------------------------------------------
+def test_a_lora_models_parameters_map_back_to_its_base_checkpoints_names(tiny_dir):
+    """What a LoRA weight sync to vLLM sends: after TRL's clean-up of PEFT names (restated here; the sync itself
+    runs in tests/integration/test_bpo_vllm.py), every base parameter once under its own name, nothing else."""
+    from peft import get_peft_model
+    from trl import ModelConfig
+
+    from bimode.compat.peft_api import base_param_name
+    from bimode.train.adapters import AdapterFields, build_peft_config
+
+    model, processor = load_model(tiny_dir, dtype=torch.float32)
+    base_names = {name for name, _ in model.named_parameters()}
+    config = build_peft_config(ModelConfig(use_peft=True, lora_r=4), model, processor.tokenizer, AdapterFields())
+    assert config.trainable_token_indices and config.modules_to_save  # token rows and the projector in full
+    peft_model = get_peft_model(model, config)
+    sent = []
+    for name, _ in peft_model.named_parameters():
+        name = name.removeprefix("base_model.model.").replace(".base_layer", "")
+        if peft_model.prefix in name or "original_module" in name:
+            continue
+        base = base_param_name(name.replace("modules_to_save.default.", ""))
+        if base is not None:
+            sent.append(base)
+    assert sorted(sent) == sorted(base_names)
+
+
 def test_peft_s_token_row_wrapper_exposes_the_output_bias():
     from peft import LoraConfig, get_peft_model
     from peft.utils.other import TrainableTokensWrapper

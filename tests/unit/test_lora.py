@@ -223,10 +223,19 @@ def test_an_adapter_start_trains_merged_and_lora_on_it_asks_for_a_merge_first(ti
     _, _, adapter = tiny_adapter
     with pytest.raises(ValueError, match="bimode export --merge"):
         build_trainer(bpo_config(adapter, train_file, tmp_path), model_args=ModelConfig(**LORA))
-    with pytest.raises(ValueError, match="use_vllm with use_peft"):
-        build_trainer(bpo_config(tiny_dir, train_file, tmp_path, use_vllm=True), model_args=ModelConfig(**LORA))
     # full training starts from the adapter merged into its base
     assert not isinstance(build_trainer(bpo_config(adapter, train_file, tmp_path)).model, PeftModel)
+
+
+def test_vllm_rollouts_need_a_checkpoint_that_has_the_rows_loading_added(tmp_path, train_file):
+    """vLLM builds its engine from the checkpoint on disk: rows load_model added (think tags a tokenizer lacked)
+    would not be there to sync into, so BPO with vLLM (LoRA or not) refuses such a start, saying what to do."""
+    from bimode.train.bpo import build_trainer
+
+    model_dir = build_tiny_llava_llama_style(tmp_path / "model")  # its tokenizer has no think tags
+    for model_args in (ModelConfig(**LORA), None):
+        with pytest.raises(ValueError, match=r"gained \d+ token rows when loaded.*what `bimode anneal` saves"):
+            build_trainer(bpo_config(model_dir, train_file, tmp_path / "bpo", use_vllm=True), model_args=model_args)
 
 
 @pytest.mark.parametrize("family", ["llava_llama_style", "qwen25_vl", "qwen3_vl"])

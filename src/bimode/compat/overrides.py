@@ -2,7 +2,7 @@
 
 BPOTrainer overrides TRL's `GRPOTrainer._generate_and_score_completions` and `_get_per_token_logps_and_entropies`,
 both trainers transformers' `Trainer._load_from_checkpoint` (StrictResumeMixin), and bimode's vLLM generation TRL's
-`VLLMGeneration._fix_param_name_to_vllm`. The libraries call them by
+`VLLMGeneration._fix_param_name_to_vllm` and `_iter_named_params`. The libraries call them by
 keyword, so a parameter renamed in a release would be dropped without an error; `check_overrides` compares
 every private override with the method it replaces and refuses to build the trainer when they differ, or when the
 library no longer has one of the methods bimode replaces (the override would then never be called).
@@ -14,7 +14,7 @@ import inspect
 
 # library methods bimode's trainers replace: each must still exist (a bimode-only private helper need not)
 REPLACED = ("_generate_and_score_completions", "_get_per_token_logps_and_entropies", "_load_from_checkpoint",
-            "_fix_param_name_to_vllm")
+            "_fix_param_name_to_vllm", "_iter_named_params")
 
 
 def _ours(klass: type) -> bool:

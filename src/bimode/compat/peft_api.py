@@ -2,6 +2,9 @@
 
 - `peft.utils.other.TrainableTokensWrapper` (the wrapper of `trainable_token_indices`) forwards attributes of
   the wrapped layer through `_hasattr_wrapped` / `_getattr_wrapped`; 0.21 forwards `weight` but not `bias`.
+- Its parameter names: the wrapped embedding is `<layer>.token_adapter.base_layer.weight`, the trained rows
+  `<layer>.token_adapter.trainable_tokens_delta.<adapter>` (and `trainable_tokens_original`);
+  `merge_adapter()` writes the rows into the embedding.
 """
 
 from __future__ import annotations
@@ -21,6 +24,19 @@ def expose_output_bias(model) -> None:
     for module in model.modules():
         if type(module) is TrainableTokensWrapper:
             module.__class__ = _token_rows_with_bias()
+
+
+TOKEN_ADAPTER = ".token_adapter."
+TOKEN_ROWS = "trainable_tokens_"  # the delta and original rows of a token-row adapter
+
+
+def base_param_name(name: str) -> str | None:
+    """A merged PEFT model's parameter under the name its base checkpoint has, given the name after TRL's own
+    PEFT clean-up (prefix, `.base_layer`, `modules_to_save.default.` removed); None for a parameter only PEFT has
+    (the token rows, which `merge_adapter` has written into the embedding)."""
+    if TOKEN_ROWS in name:
+        return None
+    return name.replace(TOKEN_ADAPTER, ".")
 
 
 @functools.cache

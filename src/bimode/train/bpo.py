@@ -47,7 +47,7 @@ from bimode.errors import UsageError
 from bimode.generation.engine import TransformersEngine
 from bimode.generation.types import Prompt, SamplingParams, token_counts
 from bimode.modes import ThinkingMode
-from bimode.train.adapters import AdapterFields, build_peft_config
+from bimode.train.adapters import AdapterFields, added_rows, build_peft_config
 from bimode.train.bpo_core import (MODE_OBJECTIVES, ROLLOUT_LAYOUTS, decision_advantages, forced_env_mask,
                                    mode_token_loss, parse_mode_token_loss, per_mode_stats, response_mode,
                                    rollout_modes)
@@ -440,9 +440,11 @@ def build_trainer(cfg: BPOConfig, model=None, processor=None, model_args=None) -
     frozen = {"vision"} if cfg.freeze_vision else set()
     tokenizer = getattr(processor, "tokenizer", processor)
     peft_config = build_peft_config(model_args, model, tokenizer, cfg, frozen) if model_args is not None else None
-    if peft_config is not None and cfg.use_vllm:  # vllm_fit maps full-model names; adapters are not proven there
-        raise UsageError("use_vllm with use_peft is not supported yet: BPO with LoRA rolls out with bimode's "
-                         "shared-prefix engine (drop use_vllm)")
+    grown = added_rows(model)
+    if cfg.use_vllm and grown:  # vLLM builds its engine from the checkpoint on disk, which lacks these rows
+        raise UsageError(f"use_vllm: {cfg.model_path} gained {len(grown)} token rows when loaded (the think tags "
+                         "its tokenizer lacked), and vLLM loads the checkpoint as saved: start BPO from a checkpoint "
+                         "that has them (what `bimode anneal` saves), or drop use_vllm")
     if peft_config is None:
         freeze(model, frozen)
     cfg.remove_unused_columns = False

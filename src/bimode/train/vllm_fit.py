@@ -40,6 +40,7 @@ from typing import Callable
 from trl.generation.vllm_generation import VLLMGeneration
 
 from bimode.compat.overrides import check_overrides
+from bimode.compat.peft_api import base_param_name
 from bimode.compat.trl_api import adopt_vllm_generation, colocated_llm_arguments
 from bimode.compat.vllm_api import layerwise_reload, on_cpu, reset_encoder_cache
 from bimode.errors import UsageError
@@ -57,7 +58,14 @@ class BimodeVLLMGeneration(VLLMGeneration):
     reload_layerwise: bool  # colocated on CPU: syncs run inside vLLM's layer-wise reload
 
     def _fix_param_name_to_vllm(self, name, extra_prefixes=None):
-        return self.checkpoint_name(super()._fix_param_name_to_vllm(name, extra_prefixes))
+        name = super()._fix_param_name_to_vllm(name, extra_prefixes)
+        base = base_param_name(name)  # LoRA: TRL merged the adapter; PEFT's token-row wrapper has its own level
+        return self.checkpoint_name(base) if base is not None else name
+
+    def _iter_named_params(self):
+        for name, param in super()._iter_named_params():  # LoRA: PEFT's own parameters have no place in vLLM
+            if base_param_name(name) is not None:
+                yield name, param
 
     def sync_weights(self):
         if self.mode != "colocate":
@@ -72,7 +80,8 @@ def fit_vllm_generation(generation: VLLMGeneration, model, processor) -> BimodeV
     banned from sampling, syncs that reach the engine's weights and drop its cached image features."""
     check_overrides(BimodeVLLMGeneration)  # a TRL release that changed the overridden name fix fails here
     adopt_vllm_generation(generation, BimodeVLLMGeneration)
-    towers = flat_vision_towers(model)
+    # with LoRA, the base model's paths: TRL strips PEFT's prefix from the names it syncs
+    towers = flat_vision_towers(model.get_base_model() if hasattr(model, "get_base_model") else model)
     generation.checkpoint_name = lambda name: checkpoint_param_name(name, towers)
     generation.reload_layerwise = generation.mode == "colocate" and on_cpu()
     banned = media_token_ids(processor, getattr(processor, "tokenizer", processor), getattr(model, "config", None))
