@@ -137,6 +137,22 @@ def test_qlora_flags_are_refused_on_cpu_with_the_reason(tiny_dir, train_file, tm
         check_quantization(ModelConfig(load_in_4bit=True))
 
 
+@pytest.mark.internals  # transformers' skip-pattern matching changed between 5.17 and 5.25
+def test_qlora_leaves_the_projector_and_the_output_layer_unquantized():
+    """The projector trains in full (PEFT refuses gradients on 4-bit weights: found running QLoRA with
+    bitsandbytes' CPU backend) and the output layer keeps trainable mode-token rows."""
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    from bimode.train.adapters import QUANTIZATION_SKIPS
+
+    kept = ["model.multi_modal_projector.linear_1", "model.visual.merger.linear_fc1",
+            "model.visual.deepstack_merger_list.0.linear_fc2", "model.mm_projector.0", "lm_head"]
+    quantized = ["model.language_model.layers.0.self_attn.q_proj", "model.vision_tower.encoder.layers.0.mlp.fc1",
+                 "model.visual.blocks.0.attn.qkv"]
+    assert not any(should_convert_module(name, QUANTIZATION_SKIPS) for name in kept)
+    assert all(should_convert_module(name, QUANTIZATION_SKIPS) for name in quantized)
+
+
 # ---- training ------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_adapter(tiny_dir, train_file, tmp_path_factory):

@@ -21,9 +21,14 @@ from dataclasses import dataclass, field
 
 from bimode.errors import UsageError
 from bimode.modes import MODE_SUFFIXES, THINK_CLOSE, THINK_OPEN, ThinkingMode
-from bimode.train.components import component_of
+from bimode.train.components import PROJECTOR_KEYS, component_of
 
 QLORA_FLAGS = ("load_in_4bit", "load_in_8bit", "use_bnb_nested_quant")
+# Modules QLoRA leaves unquantized (transformers' skip patterns: a regex from the name's start). The projector
+# trains in full (lora_train_projector: PEFT refuses gradients on 4-bit weights) and is small; the output layer
+# keeps its trainable mode-token rows. Naming any skip replaces transformers' default (the output layer), so it
+# is named again here.
+QUANTIZATION_SKIPS = [r"(?:.*\.)?(?:" + "|".join(PROJECTOR_KEYS) + ")", "lm_head"]
 
 
 @dataclass
@@ -135,6 +140,7 @@ def model_load_kwargs(model_args) -> dict:
         kwargs["attn_implementation"] = model_args.attn_implementation
     quantization = get_quantization_config(model_args)
     if quantization is not None:
+        quantization.llm_int8_skip_modules = QUANTIZATION_SKIPS
         # bitsandbytes quantizes while loading onto the GPU: each process loads onto its own device
         kwargs.update(quantization_config=quantization, device_map={"": PartialState().local_process_index})
     return kwargs
