@@ -22,6 +22,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("export",): ("export", "merge a LoRA adapter folder into its base: a plain checkpoint"),
     ("demo",): ("demo", "run the recipe on the embedded default"),
     ("configs",): ("configs", "list the recipes and launch configs bimode ships, or print one's path"),
+    ("plan",): ("plan", "per-GPU memory of an anneal or BPO run, and whether it fits, before it starts"),
 }
 
 

@@ -1,0 +1,127 @@
+"""`bimode plan`'s training figures against the peak memory of real steps on this CPU (issue 28).
+
+Each case runs in a fresh process: imports, then the resident memory is read (the baseline), then the model is
+loaded and trained for a few steps (annealing) or one BPO step; the peak resident memory (`ru_maxrss`) minus the
+baseline is what the step needed. The plan for the same settings (fp32, one device, no sharding) counts
+weights, gradients, Adam's moments, activations and, for BPO, the rollouts' key/value cache.
+
+    .venv/bin/python bench/realistic_model.py --out runs/realistic
+    .venv/bin/python bench/plan_vs_measured.py runs/realistic          # all cases, a table at the end
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+CASES = [(stage, lora, ckpt) for stage in ("anneal", "bpo") for lora in (False, True) for ckpt in (False, True)]
+ROWS = {"anneal": 4, "bpo": 8}  # BPO: 2 prompts x 4 rollouts
+STEPS = {"anneal": 3, "bpo": 1}
+
+
+def rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def settings(stage: str, lora: bool, ckpt: bool, model: str, data: str, out: str) -> dict:
+    common = dict(model_path=model, train_files=[data], output_dir=out, per_device_train_batch_size=ROWS[stage],
+                  max_steps=STEPS[stage], report_to=[], save_strategy="no", use_cpu=True, bf16=False,
+                  gradient_checkpointing=ckpt, logging_steps=1000, disable_tqdm=True, learning_rate=1e-4)
+    if stage == "bpo":
+        return {**common, "num_generations": 4, "max_completion_length": 24, "probe_steps": 0, "beta": 0.0}
+    return {**common, "target_modes": "both"}
+
+
+def measure(stage: str, lora: bool, ckpt: bool, model: str) -> dict:
+    from bimode.data import synthetic
+    from bimode.data.records import write_records
+
+    work = Path(tempfile.mkdtemp())
+    data = work / "train.jsonl"
+    write_records([s.to_record() for s in synthetic.generate(64, seed=2, families=["count", "shell"], max_level=3)],
+                  str(data))
+    from trl import ModelConfig
+
+    if stage == "bpo":
+        from bimode.train.bpo import BPOConfig as Config, build_trainer
+    else:
+        from bimode.train.anneal import AnnealConfig as Config, build_trainer
+    base = rss()
+    cfg = Config(**settings(stage, lora, ckpt, model, str(data), str(work / "out")))
+    trainer = build_trainer(cfg, model_args=ModelConfig(use_peft=True, lora_r=16, lora_alpha=32) if lora else None)
+    longest = 0
+    if stage == "anneal":  # the plan counts every row at the longest length (padding's worst case)
+        from bimode.train.tokenization import tokenize_example
+
+        longest = max(len(tokenize_example(trainer.processing_class, r, mode).input_ids)
+                      for r, mode in trainer.data_collator.pairs)
+    trainer.train()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"measured": peak - base, "longest": longest}
+
+
+def planned(stage: str, lora: bool, ckpt: bool, model: str, longest: int, prompt_tokens: int) -> dict:
+    from transformers import AutoTokenizer
+
+    from bimode.plan.build import Launch, build_plans
+    from bimode.plan.model_shape import read_shape
+
+    recipe = {k: v for k, v in settings(stage, lora, ckpt, model, "", "").items()
+              if k not in ("model_path", "train_files", "output_dir")}
+    recipe.update(use_peft=lora, lora_r=16, lora_alpha=32)
+    if stage == "anneal":
+        recipe["max_length"] = longest
+    result, _ = build_plans(recipe, stage, read_shape(model), Launch(), 1000.0, prompt_tokens,
+                            AutoTokenizer.from_pretrained(model))
+    return {"planned": result.total, "rows": {r.what: r.bytes for r in result.rows}}
+
+
+def prompt_length(model: str) -> int:
+    """The longest BPO prompt of the bench's records, as the engine renders it."""
+    from bimode.data import synthetic
+    from bimode.generation.types import Prompt
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(model)
+    prompts = [Prompt.from_record(s.to_record()) for s in synthetic.generate(64, seed=2, families=["count", "shell"],
+                                                                             max_level=3)]
+    texts = [processor.apply_chat_template(p.messages, add_generation_prompt=True, tokenize=False) for p in prompts]
+    return max(len(processor(images=p.images, text=[t], return_tensors="pt")["input_ids"][0])
+               for p, t in zip(prompts, texts))
+
+
+def main() -> None:
+    model = sys.argv[1]
+    if len(sys.argv) > 2:  # one case, in this fresh process
+        stage, lora, ckpt = sys.argv[2], sys.argv[3] == "lora", sys.argv[4] == "ckpt"
+        print(json.dumps(measure(stage, lora, ckpt, model)))
+        return
+    measured = {}
+    for case in CASES:  # every measurement first, each in a fresh process, before this process plans anything
+        stage, lora, ckpt = case
+        # glibc keeps freed heap memory for reuse, so a process's peak resident memory is its heap's high-water
+        # mark, not the peak of live tensors; served by mmap, large blocks go back to the system when freed
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+        run = subprocess.run([sys.executable, __file__, model, stage, "lora" if lora else "full",
+                              "ckpt" if ckpt else "nockpt"], capture_output=True, text=True, check=True, env=env)
+        measured[case] = json.loads(run.stdout.strip().splitlines()[-1])
+    prompt = prompt_length(model)
+    results = []
+    for (stage, lora, ckpt), m in measured.items():
+        plan = planned(stage, lora, ckpt, model, m["longest"], prompt)
+        results.append({"stage": stage, "lora": lora, "checkpointing": ckpt, **m, **plan})
+        r = results[-1]
+        print(f"{stage:6} {'lora' if lora else 'full':4} ckpt {'on ' if ckpt else 'off'}  measured "
+              f"{r['measured'] / 2**20:7.0f} MiB  planned {r['planned'] / 2**20:7.0f} MiB  "
+              f"({r['planned'] / r['measured'] - 1:+.0%})", flush=True)
+    Path("bench/plan_vs_measured.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
