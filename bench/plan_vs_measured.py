@@ -7,6 +7,7 @@ weights, gradients, Adam's moments, activations and, for BPO, the rollouts' key/
 
     .venv/bin/python bench/realistic_model.py --out runs/realistic
     .venv/bin/python bench/plan_vs_measured.py runs/realistic          # all cases, a table at the end
+    PLAN_BENCH_ROWS_SCALE=2 .venv/bin/python bench/plan_vs_measured.py runs/realistic   # twice the rows
 """
 
 from __future__ import annotations
@@ -20,7 +21,10 @@ import tempfile
 from pathlib import Path
 
 CASES = [(stage, lora, ckpt) for stage in ("anneal", "bpo") for lora in (False, True) for ckpt in (False, True)]
-ROWS = {"anneal": 4, "bpo": 8}  # BPO: 2 prompts x 4 rollouts
+# BPO: 2 prompts x 4 rollouts; PLAN_BENCH_ROWS_SCALE=2 doubles both (a second set of shapes, not the one the
+# plan's terms were worked out on)
+SCALE = int(os.environ.get("PLAN_BENCH_ROWS_SCALE", "1"))
+ROWS = {"anneal": 4 * SCALE, "bpo": 8 * SCALE}
 STEPS = {"anneal": 3, "bpo": 1}
 
 
@@ -120,7 +124,7 @@ def main() -> None:
         print(f"{stage:6} {'lora' if lora else 'full':4} ckpt {'on ' if ckpt else 'off'}  measured "
               f"{r['measured'] / 2**20:7.0f} MiB  planned {r['planned'] / 2**20:7.0f} MiB  "
               f"({r['planned'] / r['measured'] - 1:+.0%})", flush=True)
-    Path("bench/plan_vs_measured.json").write_text(json.dumps(results, indent=1))
+    Path(f"bench/plan_vs_measured{'' if SCALE == 1 else f'_x{SCALE}'}.json").write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

@@ -9,8 +9,8 @@ eager kernel keeps; 0 with SDPA / flash). The vocabulary's share is added back b
 compute dtype and the fp32 log-softmax the loss keeps, per token scored. The vision tower is measured the same
 way, per image, when it trains.
 
-With gradient checkpointing a layer keeps only its input (one hidden state per token) and recomputes the rest
-during backward, so the step holds all layers' inputs plus one layer's activations.
+With gradient checkpointing a layer (of the language model or the vision tower) keeps only its input and
+recomputes the rest during backward, so the step holds all layers' inputs plus one layer's activations.
 
 Measured on this machine's kernels (CPU SDPA keeps O(s) per layer, as flash-attention on GPUs); on a GPU the
 figures hold for the same attention implementation. Slices are random-initialised in the compute dtype: a
@@ -132,8 +132,21 @@ def measure_text(text_config, dtype: torch.dtype, lora: dict | None = None) -> T
                            text_config.hidden_size, text_config.vocab_size, torch.finfo(dtype).bits // 8)
 
 
-def measure_vision(vision_config, dtype: torch.dtype) -> int:
-    """Bytes kept per image by the whole vision tower when it trains (two slices, as the language model)."""
+@dataclass
+class VisionActivations:
+    layer: int  # one encoder layer, per image
+    outside: int  # patch embedding, final norm, pooling, per image
+    layers: int
+    layer_input: int  # one layer's input, per image: what a checkpointed layer keeps
+
+    def per_image(self, checkpointing: bool) -> int:
+        if checkpointing:
+            return self.outside + self.layers * self.layer_input + self.layer
+        return self.outside + self.layers * self.layer
+
+
+def measure_vision(vision_config, dtype: torch.dtype) -> VisionActivations:
+    """What the vision tower keeps per image when it trains (two slices, as the language model)."""
     from transformers import AutoModel
 
     sizes = []
@@ -143,4 +156,6 @@ def measure_vision(vision_config, dtype: torch.dtype) -> int:
         pixels = torch.randn(1, getattr(vision_config, "num_channels", 3), side, side, dtype=dtype)
         sizes.append(saved_bytes(model, lambda: model(pixel_values=pixels).last_hidden_state.float().sum()))
     per_layer = sizes[1] - sizes[0]
-    return int(sizes[0] - per_layer + vision_config.num_hidden_layers * per_layer)
+    patches = (vision_config.image_size // vision_config.patch_size) ** 2
+    return VisionActivations(per_layer, sizes[0] - per_layer, vision_config.num_hidden_layers,
+                             patches * vision_config.hidden_size * (torch.finfo(dtype).bits // 8))

@@ -112,15 +112,18 @@ def build_plans(recipe: dict, stage: str, shape: ModelShape, launch: Launch, gpu
         adapters = {"r": int(f["lora_r"]), "lora_alpha": int(f["lora_alpha"]), "lora_dropout": float(f["lora_dropout"])}
     text = measure_text(shape.text_config, dtype, adapters)
     vision_trains = "vision" not in frozen and not (lora and "vision" not in f.get("lora_components", ["llm"]))
-    per_image = measure_vision(shape.vision_config, dtype) if vision_trains and shape.vision_config else 0
+    vision = measure_vision(shape.vision_config, dtype) if vision_trains and shape.vision_config else None
+    per_image = {ck: vision.per_image(ck) if vision else 0 for ck in (False, True)}
     if stage == "bpo" and f.get("shared_prefix_forward") and architecture_unsupported(shape.model) is None:
         # each prompt (and its images) runs once per group; its rollouts add their completions on its cache
         groups = -(-rows // int(f["num_generations"]))
-        activations = {ck: groups * (text.per_sequence(prompt, 0, ck) + per_image)
+        activations = {ck: groups * (text.per_sequence(prompt, 0, ck) + per_image[ck])
                        + rows * (text.per_sequence(tokens, scored, ck) - text.per_sequence(prompt, 0, ck))
                        for ck in (False, True)}
+        one_layer = groups * text.layer(prompt) + rows * (text.layer(tokens) - text.layer(prompt))
     else:
-        activations = {ck: rows * (text.per_sequence(tokens, scored, ck) + per_image) for ck in (False, True)}
+        activations = {ck: rows * (text.per_sequence(tokens, scored, ck) + per_image[ck]) for ck in (False, True)}
+        one_layer = rows * text.layer(tokens)
     checkpointing = bool(f.get("gradient_checkpointing"))
     use_vllm = stage == "bpo" and bool(f.get("use_vllm"))
     kv_needed = 0
@@ -134,7 +137,8 @@ def build_plans(recipe: dict, stage: str, shape: ModelShape, launch: Launch, gpu
                   largest_layer_params=shape.largest_layer_params, num_gpus=launch.num_gpus,
                   sharding=launch.sharding, compute_bytes=dtype_bytes, lora=lora,
                   reference_model=stage == "bpo" and float(f.get("beta") or 0) > 0 and not lora,
-                  activation_bytes=activations[checkpointing], gpu_bytes=int(gpu_gib * GIB),
+                  activation_bytes=activations[checkpointing], backward_bytes=int(one_layer),
+                  gpu_bytes=int(gpu_gib * GIB),
                   vllm_share=float(f["vllm_gpu_memory_utilization"]) if use_vllm else 0.0,
                   vllm_weight_bytes=shape.total * dtype_bytes if use_vllm else 0,
                   kv_bytes_needed=kv_needed, generation_on_vllm=use_vllm)

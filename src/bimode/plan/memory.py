@@ -13,7 +13,8 @@ Figures per GPU, in bytes, each with where it comes from:
 - activations for the longest sequence of a step, measured on slices of the model (plan/activations.py);
 - for BPO with vLLM colocated, vLLM's share of the GPU and the key/value cache one step's rollouts need.
 The backward pass frees each layer's activations as it produces that layer's gradients, so the peak holds the
-larger of the two, not their sum (a row takes the smaller back off).
+larger of the two, not their sum (a row takes the smaller back off); while it works through a layer it also holds
+the gradients of that layer's activations, about one layer's activations more.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class Setup:
     lora: bool = False
     reference_model: bool = False
     activation_bytes: int = 0  # per GPU, for the step's longest batch, as the checkpointing setting has it
+    backward_bytes: int = 0  # the backward's working set: the gradients of one layer's activations
     gpu_bytes: int = 80 * GIB
     vllm_share: float = 0.0  # vllm_gpu_memory_utilization when vLLM is colocated, else 0
     vllm_weight_bytes: int = 0  # the engine's copy of the weights (compute dtype)
@@ -98,6 +100,8 @@ def plan(s: Setup, checkpointing: bool) -> Plan:
     gradients = rows[1].bytes
     rows.append(Row("less: backward frees activations as gradients fill", -min(gradients, s.activation_bytes),
                     "the peak holds the larger of the two, not both"))
+    rows.append(Row("backward working set", s.backward_bytes,
+                    "gradients of one layer's activations (the slices' layer)"))
     if s.generation_on_vllm:
         rows.append(Row(f"vLLM (gpu_memory_utilization {s.vllm_share:g})", int(s.vllm_share * s.gpu_bytes),
                         "vLLM reserves this share of the GPU"))
