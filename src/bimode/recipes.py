@@ -86,7 +86,9 @@ class RecipeParser(TrlParser):
 
 def load_recipe(config_class, recipe: str | Path, **overrides):
     """`config_class` from a YAML recipe with some fields overridden, read exactly as `--config RECIPE` is:
-    the demo and scripts run the committed recipes this way instead of restating their values."""
-    parser = RecipeParser((config_class,), overrides=overrides)
-    (config,) = parser.parse_args_and_config(["--config", str(recipe_path(recipe))])
-    return config
+    the demo and scripts run the committed recipes this way instead of restating their values. A tuple of
+    classes (a training command's config and TRL's ModelConfig) gives a tuple of instances."""
+    classes = tuple(config_class) if isinstance(config_class, (tuple, list)) else (config_class,)
+    parser = RecipeParser(classes, overrides=overrides)
+    configs = parser.parse_args_and_config(["--config", str(recipe_path(recipe))])
+    return tuple(configs[:len(classes)]) if isinstance(config_class, (tuple, list)) else configs[0]

@@ -1,5 +1,7 @@
 """`bimode plan`: per-GPU memory of a run from counts (pure), slices (measured) and a recipe (the command)."""
 
+import os
+
 import pytest
 import torch
 
@@ -87,3 +89,27 @@ def test_the_command_prints_the_table_and_exits_1_when_it_does_not_fit(tiny_dir,
     assert "turn on gradient_checkpointing" in out
     assert cli.main(["plan", "--model", str(tiny_dir)]) == 2
     assert "--recipe is required" in capsys.readouterr().err
+
+
+def test_the_plan_reads_a_recipe_as_the_training_command_does(tmp_path, monkeypatch):
+    """One recipe reader (recipes.load_recipe): its validation, defaults and `env` block; an unset bf16 plans
+    as TRL resolves it on a GPU."""
+    from bimode.errors import UsageError
+    from bimode.plan.build import read_recipe, stage_of
+
+    recipe = tmp_path / "mine.yaml"
+    recipe.write_text("env: {BIMODE_PLAN_TEST: 'yes'}\nnum_generations: 4\nmax_completion_length: 96\n"
+                      "use_peft: true\nlora_r: 4\n")
+    monkeypatch.setenv("BIMODE_PLAN_TEST", "no")  # restored after the test
+    assert stage_of(str(recipe), "") == "bpo"
+    cfg, model_args = read_recipe(str(recipe), "bpo", per_device_train_batch_size=8)
+    assert (cfg.num_generations, cfg.max_completion_length, cfg.per_device_train_batch_size) == (4, 96, 8)
+    assert cfg.bf16 is True and model_args.use_peft and model_args.lora_r == 4
+    assert cfg.frozen() == set() and cfg.rollout == "bimode"  # BPOConfig's own default
+    assert os.environ["BIMODE_PLAN_TEST"] == "yes"  # the recipe's env block, as training applies it
+    recipe.write_text("max_length: 512\nnum_generation: 4\n")
+    with pytest.raises(UsageError, match="has no field num_generation"):
+        read_recipe(str(recipe), "anneal")
+    recipe.write_text("rollout: bimode\nnum_generations: 3\n")  # BPOConfig's own check
+    with pytest.raises(UsageError, match="even num_generations"):
+        read_recipe(str(recipe), stage_of(str(recipe), ""))

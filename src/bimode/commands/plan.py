@@ -39,19 +39,19 @@ def make_parser(prog: str = "bimode plan") -> CommandParser:
 
 
 def main(cfg: PlanConfig) -> int:
-    from bimode.plan.build import build_plans, load_plan_inputs, stage_of
+    from bimode.plan.build import build_plans, load_plan_inputs
     from bimode.plan.memory import GIB, table
 
-    recipe, shape, launch, model = load_plan_inputs(cfg.recipe, cfg.model, cfg.launch)
-    if cfg.use_peft:
-        recipe = {**recipe, "use_peft": cfg.use_peft == "true"}
-    stage = stage_of(recipe, cfg.stage)
+    overrides = {"use_peft": cfg.use_peft == "true"} if cfg.use_peft else {}
+    stage, train_cfg, model_args, shape, launch, model = load_plan_inputs(cfg.recipe, cfg.model, cfg.launch,
+                                                                          cfg.stage, **overrides)
     tokenizer = None
-    if recipe.get("use_peft"):
+    if model_args.use_peft:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(model)
-    result, activations = build_plans(recipe, stage, shape, launch, cfg.gpu_gib, cfg.prompt_tokens, tokenizer)
+    result, activations = build_plans(train_cfg, model_args, stage, shape, launch, cfg.gpu_gib, cfg.prompt_tokens,
+                                      tokenizer)
     print(f"bimode {stage}, {model} ({shape.total / 1e9:.2f}B parameters), {launch.num_gpus} GPU(s), "
           f"sharding {launch.sharding}")
     print(table(result))

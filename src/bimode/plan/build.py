@@ -1,7 +1,7 @@
 """From a recipe, a model directory and a launch config to the per-GPU plan (`bimode plan`).
 
-A recipe's fields are read as the training command would (its YAML over the defaults of AnnealConfig / BPOConfig);
-the launch config gives the number of processes and the sharding. Lengths: annealing's longest padded row is
+A recipe is read as the training command reads it (`recipes.load_recipe` into AnnealConfig / BPOConfig and TRL's
+ModelConfig: the same defaults, validation and `env` block); the launch config gives the number of processes and the sharding. Lengths: annealing's longest padded row is
 `max_length`; a BPO row is the prompt (`prompt_tokens`: by default the model's image tokens plus 64 text tokens)
 plus `max_completion_length`, and with the shared-prefix forward (BPO's default where the model allows it) each
 prompt runs once per group of `num_generations` rollouts.
@@ -9,7 +9,7 @@ prompt runs once per group of `num_generations` rollouts.
 
 from __future__ import annotations
 
-import dataclasses
+import tempfile
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +19,7 @@ from bimode.errors import UsageError
 from bimode.plan.activations import measure_text, measure_vision
 from bimode.plan.memory import GIB, Plan, Setup, plan
 from bimode.plan.model_shape import ModelShape, lora_trainable, read_shape
+from bimode.recipes import launch_config_path, load_recipe, recipe_values
 from bimode.train.shared_prefix_forward import architecture_unsupported
 
 BPO_KEYS = {"num_generations", "rewards", "rollout", "mode_token_loss", "beta", "use_vllm"}
@@ -46,77 +47,67 @@ class Launch:
         return cls(max(gpus, 1), sharding, str(raw.get("mixed_precision", "no")))
 
 
-def recipe_fields(recipe: dict, stage: str) -> dict:
-    """The recipe's settings over the command's defaults."""
-    if stage == "bpo":
-        from bimode.train.bpo import BPOConfig as config_class
-    else:
-        from bimode.train.anneal import AnnealConfig as config_class
-    from trl import ModelConfig
-
-    defaults = {}
-    for klass in (config_class, ModelConfig):
-        for f in dataclasses.fields(klass):
-            if f.default is not dataclasses.MISSING:
-                defaults.setdefault(f.name, f.default)
-            elif f.default_factory is not dataclasses.MISSING:
-                defaults.setdefault(f.name, f.default_factory())
-    unknown = sorted(set(recipe) - set(defaults) - {"env"})
-    if unknown:
-        raise UsageError(f"the recipe has fields `bimode {stage}` does not take: {unknown}")
-    return {**defaults, **recipe}
-
-
-def stage_of(recipe: dict, stage: str) -> str:
+def stage_of(recipe: str, stage: str) -> str:
+    """anneal or bpo: as given, else told by the recipe's fields (only BPO has these)."""
     if stage:
         if stage not in ("anneal", "bpo"):
             raise UsageError(f"stage must be anneal or bpo, not {stage!r}")
         return stage
-    return "bpo" if BPO_KEYS & set(recipe) else "anneal"
+    return "bpo" if BPO_KEYS & set(recipe_values(recipe)) else "anneal"
 
 
-def frozen_components(fields: dict, stage: str) -> set[str]:
-    names = ("vision",) if stage == "bpo" else ("vision", "projector", "llm")
-    return {c for c in names if fields.get(f"freeze_{c}")}
+def read_recipe(recipe: str, stage: str, **overrides):
+    """(config, TRL's ModelConfig) of the training command, read as `bimode anneal|bpo --config RECIPE` reads it.
+
+    The plan is for a GPU, maybe planned on a laptop: a recipe that leaves `bf16` unset gets TRL's resolution on
+    a GPU (bf16), and where this machine has none, transformers is told `use_cpu` so that it accepts bf16 (the
+    flag changes nothing else the plan reads). The output folder is a placeholder: nothing is written."""
+    from trl import ModelConfig
+
+    from bimode.train.precision import accelerator_available
+
+    if stage == "bpo":
+        from bimode.train.bpo import BPOConfig as config_class
+    else:
+        from bimode.train.anneal import AnnealConfig as config_class
+    values = recipe_values(recipe)
+    if values.get("bf16") is None and not values.get("fp16"):
+        overrides.setdefault("bf16", True)
+    if not accelerator_available():
+        overrides.setdefault("use_cpu", True)
+    return load_recipe((config_class, ModelConfig), recipe, output_dir=tempfile.gettempdir(), **overrides)
 
 
-def build_plans(recipe: dict, stage: str, shape: ModelShape, launch: Launch, gpu_gib: float,
+def build_plans(cfg, model_args, stage: str, shape: ModelShape, launch: Launch, gpu_gib: float,
                 prompt_tokens: int = 0, tokenizer=None) -> tuple[Plan, dict[bool, int]]:
-    """The plan for the recipe's own checkpointing setting, and the activations with it on and off."""
-    f = recipe_fields(recipe, stage)
-    half = bool(f.get("bf16") or f.get("fp16")) or launch.mixed_precision in ("bf16", "fp16")
+    """The plan for the recipe's own checkpointing setting, and the activations with it on and off.
+    cfg, model_args: the training command's AnnealConfig / BPOConfig and TRL's ModelConfig (`read_recipe`)."""
+    half = bool(cfg.bf16 or cfg.fp16) or launch.mixed_precision in ("bf16", "fp16")
     dtype = torch.bfloat16 if half else torch.float32
     dtype_bytes = 2 if half else 4
-    frozen = frozen_components(f, stage)
-    lora = bool(f.get("use_peft"))
+    frozen = cfg.frozen()
+    lora = bool(model_args.use_peft)
     if lora:
-        from trl import ModelConfig
-
-        from bimode.train.adapters import AdapterFields
-
-        model_args = ModelConfig(**{k.name: f[k.name] for k in dataclasses.fields(ModelConfig) if k.name in f})
-        settings = AdapterFields(**{k.name: f[k.name] for k in dataclasses.fields(AdapterFields)})
-        trainable = lora_trainable(shape, model_args, settings, tokenizer, frozen)
+        trainable = lora_trainable(shape, model_args, cfg, tokenizer, frozen)
     else:
         trainable = sum(n for c, n in shape.params.items() if c not in frozen)
-    rows = int(f["per_device_train_batch_size"])
+    rows = int(cfg.per_device_train_batch_size)
     if stage == "bpo":
         prompt = prompt_tokens or shape.image_tokens + 64
-        completion = int(f["max_completion_length"])
         # TRL scores completions with its fused LM head (chunks of log-probs, no full logits kept): no vocab term
-        tokens, scored = prompt + completion, 0
+        tokens, scored = prompt + int(cfg.max_completion_length), 0
     else:
-        tokens = scored = int(f["max_length"] or 1024)
+        tokens = scored = int(cfg.max_length or 1024)
     adapters = None
-    if lora and "llm" in f.get("lora_components", ["llm"]):
-        adapters = {"r": int(f["lora_r"]), "lora_alpha": int(f["lora_alpha"]), "lora_dropout": float(f["lora_dropout"])}
+    if lora and "llm" in cfg.lora_components:
+        adapters = {"r": model_args.lora_r, "lora_alpha": model_args.lora_alpha, "lora_dropout": model_args.lora_dropout}
     text = measure_text(shape.text_config, dtype, adapters)
-    vision_trains = "vision" not in frozen and not (lora and "vision" not in f.get("lora_components", ["llm"]))
+    vision_trains = "vision" not in frozen and not (lora and "vision" not in cfg.lora_components)
     vision = measure_vision(shape.vision_config, dtype) if vision_trains and shape.vision_config else None
     per_image = {ck: vision.per_image(ck) if vision else 0 for ck in (False, True)}
-    if stage == "bpo" and f.get("shared_prefix_forward") and architecture_unsupported(shape.model) is None:
+    if stage == "bpo" and cfg.shared_prefix_forward and architecture_unsupported(shape.model) is None:
         # each prompt (and its images) runs once per group; its rollouts add their completions on its cache
-        groups = -(-rows // int(f["num_generations"]))
+        groups = -(-rows // int(cfg.num_generations))
         activations = {ck: groups * (text.per_sequence(prompt, 0, ck) + per_image[ck])
                        + rows * (text.per_sequence(tokens, scored, ck) - text.per_sequence(prompt, 0, ck))
                        for ck in (False, True)}
@@ -124,33 +115,33 @@ def build_plans(recipe: dict, stage: str, shape: ModelShape, launch: Launch, gpu
     else:
         activations = {ck: rows * (text.per_sequence(tokens, scored, ck) + per_image[ck]) for ck in (False, True)}
         one_layer = rows * text.layer(tokens)
-    checkpointing = bool(f.get("gradient_checkpointing"))
-    use_vllm = stage == "bpo" and bool(f.get("use_vllm"))
+    checkpointing = bool(cfg.gradient_checkpointing)
+    use_vllm = stage == "bpo" and bool(cfg.use_vllm)
     kv_needed = 0
     if stage == "bpo":
-        per_step = rows * int(f.get("steps_per_generation") or f.get("gradient_accumulation_steps") or 1)
+        per_step = rows * int(cfg.steps_per_generation or cfg.gradient_accumulation_steps or 1)
         if not use_vllm:
-            per_step = min(per_step, int(f["rollout_batch_rows"]))
+            per_step = min(per_step, int(cfg.rollout_batch_rows))
         kv_needed = per_step * tokens * shape.kv_bytes_per_token(dtype_bytes)
-    weight_bytes = 2 if str(f.get("dtype") or "").replace("torch.", "") in ("bfloat16", "float16") else 4
+    weight_bytes = 2 if str(model_args.dtype or "").replace("torch.", "") in ("bfloat16", "float16") else 4
     setup = Setup(total_params=shape.total, weight_bytes=weight_bytes, trainable_params=trainable,
                   largest_layer_params=shape.largest_layer_params, num_gpus=launch.num_gpus,
                   sharding=launch.sharding, compute_bytes=dtype_bytes, lora=lora,
-                  reference_model=stage == "bpo" and float(f.get("beta") or 0) > 0 and not lora,
+                  reference_model=stage == "bpo" and float(cfg.beta or 0) > 0 and not lora,
                   activation_bytes=activations[checkpointing], backward_bytes=int(one_layer),
                   gpu_bytes=int(gpu_gib * GIB),
-                  vllm_share=float(f["vllm_gpu_memory_utilization"]) if use_vllm else 0.0,
+                  vllm_share=float(cfg.vllm_gpu_memory_utilization) if use_vllm else 0.0,
                   vllm_weight_bytes=shape.total * dtype_bytes if use_vllm else 0,
                   kv_bytes_needed=kv_needed, generation_on_vllm=use_vllm)
     return plan(setup, checkpointing), activations
 
 
-def load_plan_inputs(recipe_name: str, model_dir: str, launch_name: str):
-    from bimode.recipes import launch_config_path, recipe_path
-
-    recipe = yaml.safe_load(recipe_path(recipe_name).read_text()) or {}
-    model = model_dir or recipe.get("model_path")
+def load_plan_inputs(recipe: str, model_dir: str, launch_name: str, stage: str = "", **overrides):
+    """(stage, config, model_args, model shape, launch, model dir) for `bimode plan`."""
+    stage = stage_of(recipe, stage)
+    cfg, model_args = read_recipe(recipe, stage, **overrides)
+    model = model_dir or cfg.model_path
     if not model:
         raise UsageError("no model: give --model DIR (the recipe names no model_path)")
     launch = Launch.read(launch_config_path(launch_name)) if launch_name else Launch()
-    return recipe, read_shape(model), launch, model
+    return stage, cfg, model_args, read_shape(model), launch, model

@@ -135,6 +135,10 @@ class BPOConfig(StartFields, AdapterFields, GRPOConfig):
         fp32_unless_asked_on_cpu(self)
         super().__post_init__()
 
+    def frozen(self) -> set[str]:
+        """Components BPO keeps fixed (the projector and language model always train)."""
+        return {"vision"} if self.freeze_vision else set()
+
 
 class BPOTrainer(StrictResumeMixin, GRPOTrainer):
     """GRPOTrainer with bi-mode rollouts, mode-token loss weights, guarded rewards and per-mode logging."""
@@ -437,7 +441,7 @@ def build_trainer(cfg: BPOConfig, model=None, processor=None, model_args=None) -
                               field_name="answer", path=path)
     records = [r for file_records in by_file.values() for r in file_records]
     probe_source = [r for path in cfg.probe_files for r in read_records(path)] if cfg.probe_files else records
-    frozen = {"vision"} if cfg.freeze_vision else set()
+    frozen = cfg.frozen()
     tokenizer = getattr(processor, "tokenizer", processor)
     peft_config = build_peft_config(model_args, model, tokenizer, cfg, frozen) if model_args is not None else None
     grown = added_rows(model)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 
-def _accelerator_available() -> bool:
+def accelerator_available() -> bool:
     accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
     if accelerator is not None:
         return accelerator.is_available()
@@ -17,5 +17,5 @@ def fp32_unless_asked_on_cpu(cfg) -> None:
     or AMX emulate many times slower than fp32 (measured: a test that took 22 s on one 2-core machine took
     418 s on another), and which the small models trained on CPUs do not need: there, unset means fp32.
     An explicit `bf16: true` is kept."""
-    if cfg.bf16 is None and not cfg.fp16 and (cfg.use_cpu or not _accelerator_available()):
+    if cfg.bf16 is None and not cfg.fp16 and (cfg.use_cpu or not accelerator_available()):
         cfg.bf16 = False
