@@ -6,11 +6,13 @@ targets masked, the paper's non-thinking loss masking). The vision tower, projec
 get their own learning rate or are frozen (docs/r4b.md, section 5). With TRL's `use_peft` (and `lora_*`)
 flags they train LoRA adapters instead (train/adapters.py); the per-component learning rates apply to them.
 With `train_sampling_strategy: group_by_length` (transformers') batches hold rows of about the same length,
-from lengths estimated without opening images (TRL does not pack vision datasets).
+from lengths estimated without decoding images; with `pack_rows` rows are packed into padding-free sequences of
+up to `max_length` tokens (train/packing.py; TRL does not pack vision datasets).
 """
 
 from __future__ import annotations
 
+import logging
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,8 +31,12 @@ from bimode.train.checkpoint import StrictResumeMixin
 from bimode.train.run import train_and_save
 from bimode.train.start import StartFields, load_start
 from bimode.train.components import COMPONENTS, freeze, optimizer_groups
+from bimode.train.packing import collate_packed, plan_packs, use_varlen_attention
+from bimode.train.positions import flat_positions_unsupported
 from bimode.train.precision import fp32_unless_asked_on_cpu
 from bimode.train.tokenization import collate, estimated_lengths, tokenize_example
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -46,12 +52,24 @@ class AnnealConfig(StartFields, AdapterFields, SFTConfig):
     freeze_llm: bool = field(default=False, metadata={"help": "keep the language model fixed"})
     nonthinking_loss_mask: bool = field(default=False, metadata={
         "help": "no loss on the empty think block of non-thinking targets (the paper's pre-training trick)"})
+    pack_rows: bool = field(default=False, metadata={
+        "help": "packed annealing: rows concatenated into sequences of up to max_length tokens, no padding, "
+                "attention kept within each row (models with 1-D positions: LLaVA, LLaVA-NeXT; others train "
+                "padded, the reason logged). per_device_train_batch_size then counts packs"})
     trust_remote_code: bool = field(default=False, metadata={"help": "allow the checkpoint's own code"})
     report_to: None | str | list[str] = field(default="tensorboard", metadata={
         "help": "where to log (tensorboard by default; 'none' to turn off, 'wandb', ...)"})
 
     def __post_init__(self):
         fp32_unless_asked_on_cpu(self)
+        if self.packing or self.padding_free:  # TRL's own: they take text datasets only
+            raise UsageError("packing / padding_free are TRL's text-only options; set pack_rows: true for "
+                             "bimode's packed annealing of image-text rows")
+        if self.pack_rows and not self.max_length:
+            raise UsageError("pack_rows packs rows up to max_length: set max_length (R-4B: 16384)")
+        if self.pack_rows and self.train_sampling_strategy in ("group_by_length", "batch_rebalance"):
+            raise UsageError(f"pack_rows with train_sampling_strategy {self.train_sampling_strategy}: packs "
+                             "already hold rows of mixed lengths without padding; use one or the other")
         super().__post_init__()
 
     def component_lrs(self) -> dict[str, float]:
@@ -79,7 +97,8 @@ def expand_targets(records: list[Record], target_modes: str) -> list[tuple[Recor
 
 
 class BimodeCollator:
-    """Turns dataset rows ({"row": index into the (record, mode) pairs}) into a padded batch.
+    """Turns dataset rows ({"row": index into the (record, mode) pairs}) into a padded batch, or packs
+    ({"pack": [indices]}, train/packing.py) into one padding-free sequence.
 
     TRL wants a `datasets.Dataset`; holding only indices there and tokenizing here keeps images decoded
     only when a batch needs them.
@@ -91,8 +110,10 @@ class BimodeCollator:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     def __call__(self, rows):
-        examples = [tokenize_example(self.processor, *self.pairs[row["row"]], self.mask) for row in rows]
-        return collate(examples, self.processor, self.pad_id)
+        packed = "pack" in rows[0]
+        indices = [i for row in rows for i in row["pack"]] if packed else [row["row"] for row in rows]
+        examples = [tokenize_example(self.processor, *self.pairs[i], self.mask) for i in indices]
+        return collate_packed(examples, self.processor) if packed else collate(examples, self.processor, self.pad_id)
 
 
 class AnnealTrainer(StrictResumeMixin, SFTTrainer):
@@ -127,19 +148,31 @@ def build_trainer(cfg: AnnealConfig, model=None, processor=None, model_args=None
         raise UsageError("every component is frozen: nothing to train")
     cfg.dataset_kwargs = {"skip_prepare_dataset": True}
     cfg.remove_unused_columns = False
-    rows = {"row": list(range(len(pairs)))}
-    if cfg.train_sampling_strategy in ("group_by_length", "batch_rebalance"):  # transformers' samplers read it
-        image_tokens = getattr(model.config, "image_seq_length", 0) or 1
-        rows[cfg.length_column_name] = estimated_lengths(processor, pairs, image_tokens)
     return AnnealTrainer(
         model=model,
         args=cfg,
-        train_dataset=datasets.Dataset.from_dict(rows),
+        train_dataset=training_rows(cfg, model, processor, pairs),
         data_collator=BimodeCollator(pairs, processor, cfg.nonthinking_loss_mask),
         processing_class=processor,
         component_lrs=cfg.component_lrs(),
         peft_config=peft_config,
     )
+
+
+def training_rows(cfg: AnnealConfig, model, processor, pairs) -> datasets.Dataset:
+    """What the sampler draws from: indices of (record, mode) pairs, or packs of them with `pack_rows`."""
+    if cfg.pack_rows:
+        reason = flat_positions_unsupported(model, "packed annealing")
+        if reason is None:
+            packs = plan_packs(estimated_lengths(processor, pairs), cfg.max_length)
+            logger.info("pack_rows: %d rows in %d packs of up to %d tokens", len(pairs), len(packs), cfg.max_length)
+            use_varlen_attention(model)
+            return datasets.Dataset.from_dict({"pack": packs})
+        logger.warning("pack_rows: this model trains padded: %s", reason)
+    rows = {"row": list(range(len(pairs)))}
+    if cfg.train_sampling_strategy in ("group_by_length", "batch_rebalance"):  # transformers' samplers read it
+        rows[cfg.length_column_name] = estimated_lengths(processor, pairs)
+    return datasets.Dataset.from_dict(rows)
 
 
 def run_anneal(cfg: AnnealConfig) -> Path:

@@ -52,11 +52,8 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from bimode.compat.transformers_api import (base_model, checkpointing_layers, is_reentrant,
                                             keep_cache_under_checkpointing, with_cache)
+from bimode.train.positions import flat_positions_unsupported
 
-# Top-level model types whose language model takes 1-D positions and whose images only replace placeholder
-# embeddings (the vision tower sees pixels, never text): the prompt's cache then continues like text.
-SHARED_MODEL_TYPES = frozenset({"llava", "llava_next"})
-SHARED_TEXT_TYPES = frozenset({"qwen3", "qwen2", "llama"})
 # TRL's multimodal arguments this path handles; any other one that is set means fallback.
 HANDLED_IMAGE_ARGS = ("pixel_values", "image_sizes", "num_images")
 OTHER_IMAGE_ARGS = ("image_grid_thw", "pixel_attention_mask", "spatial_shapes", "num_tiles", "token_type_ids",
@@ -90,24 +87,7 @@ class ReadOnlyPrefixLayer(DynamicLayer):
 
 def architecture_unsupported(model) -> str | None:
     """Why this model's architecture cannot share the prompt's cache (None: it can). Static per model."""
-    inner = base_model(model)
-    config = getattr(inner, "config", None)
-    if config is None:
-        return f"{type(inner).__name__} has no transformers config"
-    model_type = getattr(config, "model_type", None)
-    text = config.get_text_config()
-    if model_type not in SHARED_MODEL_TYPES | SHARED_TEXT_TYPES:
-        return f"model type {model_type!r} is not on the shared-prefix allow-list ({', '.join(sorted(SHARED_MODEL_TYPES | SHARED_TEXT_TYPES))})"
-    if text.model_type not in SHARED_TEXT_TYPES:
-        return f"language model type {text.model_type!r} is not on the shared-prefix allow-list"
-    if hasattr(getattr(inner, "model", inner), "get_rope_index"):  # multi-axis rotary positions (Qwen-VL)
-        return "multi-axis rotary positions (get_rope_index)"
-    layer_types = getattr(text, "layer_types", None) or []
-    if any(t != "full_attention" for t in layer_types):
-        return f"layers other than full attention ({sorted(set(layer_types))})"
-    if getattr(text, "final_logit_softcapping", None) is not None:
-        return "final logit softcapping"
-    return None
+    return flat_positions_unsupported(model, "shared-prefix")
 
 
 def call_unsupported(model, input_ids: torch.Tensor, logits_to_keep: int, compute_aux_loss: bool = False,

@@ -31,14 +31,67 @@ def response_text(record: Record, mode: str, eos: str = "<|im_end|>") -> str:
     return format_target(message["content"], message["reasoning_content"]) + eos
 
 
-def estimated_lengths(processor, pairs: list[tuple[Record, str]], image_tokens: int) -> list[int]:
-    """About how many tokens `tokenize_example` gives each (record, mode), for grouping batches by length, fast
-    enough for millions of rows: no image is opened and no template rendered per row. The rows' own texts go
-    through the tokenizer in one batched call; what the chat template adds is measured once per shape (mode,
-    images, system prompt) on the first row of that shape. Each image counts `image_tokens` (LLaVA's
-    `image_seq_length`; pass 1 where it is unknown, as for dynamic-resolution models: their images are then
-    not counted)."""
+class ImageTokens:
+    """Prompt tokens the processor expands one image into, from its size alone: measured once per size with a
+    blank image of that size, and where two very different sizes give the same count (LLaVA: a fixed number)
+    no image is opened at all; otherwise (LLaVA-NeXT's tiles, Qwen-VL's grid) only each image's header is read
+    for its size. 1 where the processor names no image token or cannot expand the placeholder alone (the
+    placeholder then counts as one token, as before images were counted)."""
+
+    PROBES = ((64, 64), (896, 448))
+
+    def __init__(self, processor):
+        self.processor = processor
+        tokenizer = getattr(processor, "tokenizer", processor)
+        token = getattr(processor, "image_token", None)
+        self.token_id = tokenizer.convert_tokens_to_ids(token) if token else None
+        self.by_size: dict[tuple[int, int], int] = {}
+        counts = {self.count(size) for size in self.PROBES}
+        self.fixed = counts.pop() if len(counts) == 1 else None
+
+    def count(self, size: tuple[int, int]) -> int:
+        if self.token_id is None:
+            return 1
+        if size not in self.by_size:
+            from PIL import Image
+
+            from bimode.models.loading import image_placeholder
+
+            try:  # the placeholder as bimode's template writes it, which the processor expands
+                ids = self.processor(images=[Image.new("RGB", size)], text=[image_placeholder(self.processor)])
+                self.by_size[size] = max(sum(1 for i in ids["input_ids"][0] if i == self.token_id), 1)
+            except (ValueError, TypeError):
+                self.by_size[size] = 1
+        return self.by_size[size]
+
+    def __call__(self, image) -> int:
+        return self.fixed if self.fixed is not None else self.count(image_size(image))
+
+
+def image_size(image) -> tuple[int, int]:
+    """(width, height) from the image's header: nothing decoded."""
+    import io
+
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        return image.size
+    source = io.BytesIO(image) if isinstance(image, (bytes, bytearray)) else image
+    try:
+        with Image.open(source) as opened:
+            return opened.size
+    except FileNotFoundError as exc:
+        raise UsageError(f"image file not found: {image}") from exc
+
+
+def estimated_lengths(processor, pairs: list[tuple[Record, str]]) -> list[int]:
+    """About how many tokens `tokenize_example` gives each (record, mode), for grouping batches by length and
+    packing rows, fast enough for millions of rows: no image is decoded and no template rendered per row. The
+    rows' own texts go through the tokenizer in one batched call; what the chat template adds is measured once
+    per shape (mode, images, system prompt) on the first row of that shape; each image adds what the processor
+    expands it into (`ImageTokens`)."""
     tokenizer = getattr(processor, "tokenizer", processor)
+    image_tokens = ImageTokens(processor)
 
     def own_text(messages: list[dict]) -> str:
         parts = []
@@ -50,14 +103,14 @@ def estimated_lengths(processor, pairs: list[tuple[Record, str]], image_tokens: 
 
     conversations = [r.messages(with_target=mode) for r, mode in pairs]
     own = [len(ids) for ids in tokenizer([own_text(c) for c in conversations], add_special_tokens=False)["input_ids"]]
-    added: dict[tuple, int] = {}  # template tokens and placeholders per shape
+    added: dict[tuple, int] = {}  # template tokens and one placeholder per image, per shape
     lengths = []
     for (record, mode), conversation, n in zip(pairs, conversations, own):
         shape = (str(mode), len(record.images), bool(record.system))
         if shape not in added:
             text = processor.apply_chat_template(conversation, tokenize=False)
             added[shape] = len(tokenizer(text, add_special_tokens=False)["input_ids"]) - n
-        lengths.append(n + added[shape] + len(record.images) * max(image_tokens - 1, 0))
+        lengths.append(n + added[shape] + sum(image_tokens(img) - 1 for img in record.images))
     return lengths
 
 
