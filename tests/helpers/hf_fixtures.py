@@ -175,3 +175,51 @@ def saved_vision_keys(checkpoint: Path) -> list[str]:
         with safe_open(str(file), "pt") as f:
             keys += [k for k in f.keys() if k.startswith("vision_tower.")]
     return sorted(keys)
+
+
+# Parts for `bimode compose`: encoders and language models saved separately, as their hub repos are.
+CHATML_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # no image token, no think tags
+
+
+def build_tiny_encoder(out: Path, kind: str) -> Path:
+    """A random vision encoder with its image processor: siglip (vision model alone), siglip_two_tower,
+    clip, or siglip2_naflex (which compose refuses)."""
+    import transformers
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    size = 32
+    common = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    if kind == "siglip":
+        model = transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**common, image_size=size, patch_size=8))
+    elif kind == "siglip_two_tower":
+        text = dict(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+        model = transformers.SiglipModel(transformers.SiglipConfig(
+            text_config=text, vision_config={**common, "image_size": size, "patch_size": 8}))
+    elif kind == "clip":
+        model = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**common, image_size=size, patch_size=8))
+    elif kind == "siglip2_naflex":
+        model = transformers.Siglip2VisionModel(transformers.Siglip2VisionConfig(**common, patch_size=8,
+                                                                                 num_patches=16))
+    else:
+        raise ValueError(kind)
+    model.save_pretrained(out)
+    SiglipImageProcessorPil(size={"height": size, "width": size}).save_pretrained(out)
+    return out
+
+
+def build_tiny_llm(out: Path, kind: str) -> Path:
+    """A random causal language model (qwen3, qwen2, llama) with a ChatML tokenizer lacking image and think tokens."""
+    import transformers
+
+    tok = build_tokenizer(300, special_tokens=CHATML_SPECIALS, image_token=None, template=QWEN_TEMPLATE)
+    common = dict(vocab_size=len(tok), hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, intermediate_size=96, pad_token_id=tok.pad_token_id,
+                  eos_token_id=tok.eos_token_id, bos_token_id=None)
+    config_class, model_class = {"qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+                                 "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+                                 "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM)}[kind]
+    extra = {"head_dim": 12} if kind == "qwen3" else {}
+    model = model_class(config_class(**common, **extra, tie_word_embeddings=kind != "llama"))
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out

@@ -9,6 +9,7 @@ from __future__ import annotations
 # command words -> (module under bimode.commands, one-line help); "eval compare" runs before "eval"
 COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("tiny",): ("tiny", "build the embedded tiny VLM (SigLIP + Qwen3, LLaVA layout) offline"),
+    ("compose",): ("compose", "a LLaVA-style VLM from a vision encoder and a language model (R-4B's architecture)"),
     ("data", "synth"): ("data_synth", "generate the synthetic multimodal reasoning world"),
     ("data", "convert"): ("data_convert", "convert LLaVA / ShareGPT / QA files into records"),
     ("chat",): ("chat", "chat with a model: streamed, reasoning shown apart from the answer"),

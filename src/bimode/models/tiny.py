@@ -104,10 +104,10 @@ def build_processor(tokenizer, cfg: TinyConfig = TinyConfig()):
     )
 
 
-def build_model(tokenizer, cfg: TinyConfig = TinyConfig()):
-    from transformers import LlavaConfig, LlavaForConditionalGeneration, Qwen3Config, SiglipVisionConfig
+def text_config(tokenizer, cfg: TinyConfig = TinyConfig()):
+    from transformers import Qwen3Config
 
-    text = Qwen3Config(
+    return Qwen3Config(
         vocab_size=len(tokenizer),
         hidden_size=cfg.text_hidden,
         num_hidden_layers=cfg.text_layers,
@@ -121,7 +121,12 @@ def build_model(tokenizer, cfg: TinyConfig = TinyConfig()):
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None,
     )
-    vision = SiglipVisionConfig(
+
+
+def vision_config(cfg: TinyConfig = TinyConfig()):
+    from transformers import SiglipVisionConfig
+
+    return SiglipVisionConfig(
         hidden_size=cfg.vision_hidden,
         num_hidden_layers=cfg.vision_layers,
         num_attention_heads=cfg.vision_heads,
@@ -129,6 +134,12 @@ def build_model(tokenizer, cfg: TinyConfig = TinyConfig()):
         image_size=cfg.image_size,
         patch_size=cfg.patch_size,
     )
+
+
+def build_model(tokenizer, cfg: TinyConfig = TinyConfig()):
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    text, vision = text_config(tokenizer, cfg), vision_config(cfg)
     config = LlavaConfig(
         vision_config=vision,
         text_config=text,
@@ -151,28 +162,13 @@ def build_model(tokenizer, cfg: TinyConfig = TinyConfig()):
     return use_ecosystem_layout(model)
 
 
-@torch.no_grad()
 def scale_projector_to_text(model, tokenizer, cfg: TinyConfig = TinyConfig()) -> float:
-    """Rescale the projector's last layer so image tokens start at the norm of text embeddings (trap 1).
+    """Rescale the projector's last layer so image tokens start at the norm of text embeddings (trap 1),
+    measured on the synthetic world's images. Returns the factor applied."""
+    from bimode.models.compose import scale_projector_to_text as scale
 
-    With default initialisation projected image tokens are ~60x larger than text embeddings and the
-    model learns to ignore the image. The fix lives in the weights, so it survives save_pretrained.
-    Returns the factor applied.
-    """
     images = [s.render() for s in synthetic.generate(16, seed=cfg.seed, families=["shell"], levels=[6])]
-    pixel_values = build_processor(tokenizer, cfg).image_processor(images, return_tensors="pt")["pixel_values"]
-    features = model.get_image_features(pixel_values=pixel_values)
-    features = torch.cat(list(features)) if isinstance(features, (list, tuple)) else features
-    if hasattr(features, "pooler_output"):
-        features = features.pooler_output
-    image_norm = torch.cat([f.reshape(-1, f.shape[-1]) for f in features]).norm(dim=-1).mean()
-    text_norm = model.get_input_embeddings().weight.norm(dim=-1).mean()
-    factor = float(text_norm / image_norm)
-    projector = model.model.multi_modal_projector
-    projector.linear_2.weight.mul_(factor)
-    if projector.linear_2.bias is not None:
-        projector.linear_2.bias.mul_(factor)
-    return factor
+    return scale(model, build_processor(tokenizer, cfg).image_processor(images, return_tensors="pt")["pixel_values"])
 
 
 def build_tiny(out_dir: str | Path, cfg: TinyConfig = TinyConfig()) -> Path:
@@ -185,3 +181,21 @@ def build_tiny(out_dir: str | Path, cfg: TinyConfig = TinyConfig()) -> Path:
     model.save_pretrained(out_dir, safe_serialization=True)
     processor.save_pretrained(out_dir)
     return out_dir
+
+
+def build_tiny_parts(out_dir: str | Path, cfg: TinyConfig = TinyConfig()) -> tuple[Path, Path]:
+    """The tiny model's two parts saved apart, as a vision encoder's and a language model's repos are (for
+    `bimode compose`): a SigLIP vision model with its image processor in out_dir/vision, and a Qwen3 causal LM with
+    a ChatML tokenizer that has no image placeholder and no think tags in out_dir/llm. Both random."""
+    from transformers import Qwen3ForCausalLM, SiglipVisionModel
+
+    out_dir = Path(out_dir)
+    torch.manual_seed(cfg.seed)
+    vision_dir = out_dir / "vision"
+    SiglipVisionModel(vision_config(cfg)).save_pretrained(vision_dir)
+    build_processor(build_tokenizer(cfg.vocab_size), cfg).image_processor.save_pretrained(vision_dir)
+    tokenizer = build_tokenizer(cfg.vocab_size, special_tokens=SPECIAL_TOKENS[:3], image_token=None)
+    llm_dir = out_dir / "llm"
+    Qwen3ForCausalLM(text_config(tokenizer, cfg)).save_pretrained(llm_dir)
+    tokenizer.save_pretrained(llm_dir)
+    return vision_dir, llm_dir
