@@ -1,0 +1,109 @@
+"""Packed annealing against padded batches at realistic shapes, on a bi-mode length mix (issue 26, item 4).
+
+    .venv/bin/python bench/packed_anneal.py runs/realistic --rows 30 --batch 4 --max-length 6144
+
+The model of bench/realistic_model.py (576 image tokens a row). The rows: synthetic-world images and questions
+with targets of a bi-mode length mix, drawn with a fixed seed: 2/3 direct answers of 10-200 tokens, 1/3 thinking
+targets of 500-4,000 tokens (trace plus answer). Three sides, one after the other in this process, each one whole
+epoch of the same rows (fp32, no checkpointing): padded random batches of `--batch` rows, padded batches grouped by
+length (transformers' LengthGroupedSampler), `pack_rows` with packs of up to `--max-length` tokens, one pack a
+step (attention row by row, `bimode_varlen_sdpa`), and the same packs with transformers' block-diagonal mask over
+the whole pack (what SDPA does with a pack by itself). Reported: real (non-pad) tokens per second, computed tokens per second, the padding share, the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import tempfile
+import time
+from pathlib import Path
+
+from bimode.data import synthetic
+from bimode.data.records import write_records
+from bimode.recipes import load_recipe
+from bimode.train.anneal import AnnealConfig, build_trainer
+
+
+class Counting:
+    """Wraps the collator: counts real and computed tokens of the batches it builds."""
+
+    def __init__(self, collator):
+        self.collator, self.real, self.computed = collator, 0, 0
+
+    def __call__(self, rows):
+        batch = self.collator(rows)
+        mask = batch.get("attention_mask")
+        self.real += int(mask.sum()) if mask is not None else batch["input_ids"].numel()  # packed: no pads
+        self.computed += batch["input_ids"].numel()
+        return batch
+
+
+def text_of(tokens: int, tokenizer, rng: random.Random) -> str:
+    """About `tokens` tokens of words (scaled from this tokenizer's tokens per character)."""
+    words = ["count", "the", "shapes", "left", "of", "red", "circle", "so", "we", "have", "three", "plus", "two"]
+    sample = " ".join(rng.choice(words) for _ in range(200))
+    per_char = len(tokenizer(sample, add_special_tokens=False)["input_ids"]) / len(sample)
+    out = []
+    while len(" ".join(out)) * per_char < tokens:
+        out.append(rng.choice(words))
+    return " ".join(out)
+
+
+def bimode_rows(n: int, tokenizer, seed: int = 0) -> list:
+    rng = random.Random(seed)
+    records = [s.to_record() for s in synthetic.generate(n, seed=2, families=["count", "shell", "tally"])]
+    for r in records:
+        if rng.random() < 1 / 3:
+            r.mode, r.reasoning = "think", text_of(rng.randint(500, 4000), tokenizer, rng)
+        else:
+            r.mode, r.reasoning = "no_think", None
+            r.answer = r.direct_answer = text_of(rng.randint(10, 200), tokenizer, rng)
+    return records
+
+
+def side(model: str, data: Path, out: Path, name: str, batch: int, max_length: int) -> dict:
+    settings = {"padded random": dict(per_device_train_batch_size=batch),
+                "padded grouped": dict(per_device_train_batch_size=batch, train_sampling_strategy="group_by_length"),
+                "packed": dict(per_device_train_batch_size=1, pack_rows=True, max_length=max_length),
+                "packed, block mask": dict(per_device_train_batch_size=1, pack_rows=True, max_length=max_length),
+                }[name]
+    cfg = load_recipe(AnnealConfig, "tiny_anneal", model_path=model, train_files=[str(data)], output_dir=str(out),
+                      target_modes="labelled", max_steps=-1, num_train_epochs=1, report_to=[], save_strategy="no",
+                      use_cpu=True, logging_steps=10_000, disable_tqdm=True, **settings)
+    trainer = build_trainer(cfg)
+    if name == "packed, block mask":  # transformers' own reading of a pack on SDPA: one mask over the whole pack
+        trainer.model.set_attn_implementation({"text_config": "sdpa"})
+    counter = Counting(trainer.data_collator)
+    trainer.data_collator = counter
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    return {"s": seconds, "steps": trainer.state.global_step, "real_tok_s": counter.real / seconds,
+            "computed_tok_s": counter.computed / seconds, "padding": 1 - counter.real / counter.computed}
+
+
+def main() -> None:
+    from transformers import AutoTokenizer
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", help="model directory (bench/realistic_model.py builds runs/realistic)")
+    parser.add_argument("--rows", type=int, default=30)
+    parser.add_argument("--batch", type=int, default=4, help="rows per padded batch")
+    parser.add_argument("--max-length", type=int, default=6144, help="tokens per pack")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp())
+    records = bimode_rows(args.rows, AutoTokenizer.from_pretrained(args.model))
+    write_records(records, work / "train.jsonl")
+    results = {s: side(args.model, work / "train.jsonl", work / s.replace(" ", "_"), s, args.batch, args.max_length)
+               for s in ("padded random", "padded grouped", "packed", "packed, block mask")}
+    print("| batches | steps | s | real tok/s | computed tok/s | padding | ratio (real tok/s) |\n"
+          "|---|---|---|---|---|---|---|")
+    for name, r in results.items():
+        ratio = r["real_tok_s"] / results["padded random"]["real_tok_s"]
+        print(f"| {name} | {r['steps']} | {r['s']:.1f} | {r['real_tok_s']:.0f} | {r['computed_tok_s']:.0f} | "
+              f"{100 * r['padding']:.1f}% | {ratio:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
