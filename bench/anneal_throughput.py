@@ -25,15 +25,17 @@ from bimode.train.anneal import AnnealConfig, build_trainer
 
 
 class Counting:
-    """Wraps the collator: counts real and padded tokens of the batches it builds."""
+    """Wraps the collator: counts real and computed (padded) tokens of the batches it builds; a packed batch
+    (no attention mask, bench/packed_anneal.py) has no padding."""
 
     def __init__(self, collator):
         self.collator, self.real, self.padded = collator, 0, 0
 
     def __call__(self, rows):
         batch = self.collator(rows)
-        self.real += int(batch["attention_mask"].sum())
-        self.padded += batch["attention_mask"].numel()
+        mask = batch.get("attention_mask")
+        self.real += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+        self.padded += batch["input_ids"].numel()
         return batch
 
 

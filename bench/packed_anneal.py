@@ -15,28 +15,18 @@ from __future__ import annotations
 
 import argparse
 import random
+import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from anneal_throughput import Counting
 
 from bimode.data import synthetic
 from bimode.data.records import write_records
 from bimode.recipes import load_recipe
 from bimode.train.anneal import AnnealConfig, build_trainer
-
-
-class Counting:
-    """Wraps the collator: counts real and computed tokens of the batches it builds."""
-
-    def __init__(self, collator):
-        self.collator, self.real, self.computed = collator, 0, 0
-
-    def __call__(self, rows):
-        batch = self.collator(rows)
-        mask = batch.get("attention_mask")
-        self.real += int(mask.sum()) if mask is not None else batch["input_ids"].numel()  # packed: no pads
-        self.computed += batch["input_ids"].numel()
-        return batch
 
 
 def text_of(tokens: int, tokenizer, rng: random.Random) -> str:
@@ -80,7 +70,7 @@ def side(model: str, data: Path, out: Path, name: str, batch: int, max_length: i
     trainer.train()
     seconds = time.perf_counter() - start
     return {"s": seconds, "steps": trainer.state.global_step, "real_tok_s": counter.real / seconds,
-            "computed_tok_s": counter.computed / seconds, "padding": 1 - counter.real / counter.computed}
+            "computed_tok_s": counter.padded / seconds, "padding": 1 - counter.real / counter.padded}
 
 
 def main() -> None:
