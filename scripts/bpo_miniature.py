@@ -44,9 +44,12 @@ def rl(start: Path, train: Path, probe: Path, out: Path, steps: int, seed: int, 
     return train_to_final(cfg, out)
 
 
-def train_to_final(cfg: BPOConfig, out: Path) -> Path:
-    """Train, save the model and processor to out/final and the log history beside it."""
-    trainer = build_trainer(cfg)
+def train_to_final(cfg, out: Path) -> Path:
+    """Train (BPO, or annealing for an AnnealConfig), save the model and processor to out/final and the log
+    history beside it."""
+    from bimode.train import anneal
+
+    trainer = (anneal.build_trainer if isinstance(cfg, anneal.AnnealConfig) else build_trainer)(cfg)
     trainer.train()
     final = out / "final"
     trainer.save_model(str(final))

@@ -46,3 +46,15 @@ def test_lora_comparison_runs_and_reports(tmp_path):
     for name, m in runs.items():
         assert f"| {name} | {m['trainable']:,} " in stdout and m["steps"] > 0
     assert (out / "bpo_lora" / "final" / "adapter_config.json").exists()
+
+
+def test_r4b_pipeline_runs_from_parts_to_bpo(tmp_path):
+    out = tmp_path / "pipeline"
+    stdout = run_script("scripts/r4b_pipeline.py", "--out", str(out), "--n-train", "48", "--n-eval", "8",
+                        "--steps", "2", "--bpo-steps", "1")
+    results = json.loads((out / "results.json").read_text())
+    assert list(results) == ["composed", "r4b_stage1_projector", "r4b_stage2_alignment", "r4b_stage3_joint",
+                             "tiny_anneal", "tiny_bpo"]
+    for name, m in results.items():
+        assert f"| {name} | " in stdout and 0 <= m["modes"]["think"]["accuracy"] <= 1
+    assert (out / "composed" / "config.json").exists() and (out / "bpo" / "final" / "config.json").exists()
