@@ -44,7 +44,11 @@ def side(model: str, data: Path, out: Path, strategy: str, batch: int) -> dict:
                       target_modes="both", max_steps=-1, num_train_epochs=1, per_device_train_batch_size=batch,
                       report_to=[], save_strategy="no", use_cpu=True, logging_steps=10_000, disable_tqdm=True,
                       train_sampling_strategy=strategy)
-    trainer = build_trainer(cfg)
+    return timed_epoch(build_trainer(cfg))
+
+
+def timed_epoch(trainer) -> dict:
+    """Train (one epoch, as configured) with the batches' tokens counted: seconds, steps, token rates, padding."""
     counter = Counting(trainer.data_collator)
     trainer.data_collator = counter
     start = time.perf_counter()
