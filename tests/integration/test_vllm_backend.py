@@ -64,6 +64,12 @@ RUNS = {  # name -> (SamplingParams fields, which prompts: None = all)
 }
 
 
+SEEDED = {  # sampled, each prompt with its own seed: alone, among others, or in another order, the same samples
+    "seeded_all": ({"max_new_tokens": 12, "temperature": 1.0}, [0, 1, 2, 3, 4, 5]),
+    "seeded_some": ({"max_new_tokens": 12, "temperature": 1.0}, [4, 1]),
+}
+
+
 @pytest.fixture(scope="module")
 def compared(trained_tiny, tmp_path_factory):
     return compare_backends(trained_tiny, tmp_path_factory.mktemp("vllm_backend"))
@@ -88,8 +94,10 @@ def compare_backends(model_dir: Path, tmp: Path) -> dict:
     for name, (params, chosen) in runs.items():
         subset = prompts if chosen is None else [prompts[i] for i in chosen]
         hf[name] = engine.generate(subset, SamplingParams(**params))
+    seeded = {name: {"params": params, "prompts": chosen, "seeded": True} for name, (params, chosen) in SEEDED.items()}
     spec = {"model": str(model_dir), "llm": CPU_LLM, "prompts": specs,
-            "runs": {name: {"params": params, "prompts": chosen} for name, (params, chosen) in runs.items()},
+            "runs": {**{name: {"params": params, "prompts": chosen} for name, (params, chosen) in runs.items()},
+                     **seeded},
             "media_probe": {"prompts": [0, 1], "n": 8, "max_tokens": 64, "temperature": 1.0, "bias": 30.0}}
     start = time.time()
     out = run_vllm_script("run_backend.py", spec, tmp)
@@ -198,3 +206,11 @@ def test_render_and_on_token_follow_the_generation_interface(compared):
         assert compared["vllm"]["rendered"][mode.value] == compared["engine"].render(compared["prompts"][0], mode)
     replay = compared["vllm"]["replay"]
     assert replay["streamed"] == replay["token_ids"] and len(replay["token_ids"]) == 2 * 3
+
+
+def test_prompts_with_their_own_seeds_sample_the_same_in_any_batch(compared):
+    """Curation's per-query seeds on vLLM: a prompt's samples do not depend on the prompts beside it."""
+    runs = compared["vllm"]["runs"]
+    ids = lambda group: [c["token_ids"] for c in group]  # noqa: E731
+    everything, some = runs["seeded_all"], runs["seeded_some"]
+    assert [ids(g) for g in some] == [ids(everything[4]), ids(everything[1])]

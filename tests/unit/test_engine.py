@@ -77,6 +77,40 @@ def test_sampling_is_reproducible_by_seed(setup):
     assert ids(a) == ids(b) and ids(a) != ids(c)
 
 
+def test_prompts_with_their_own_seeds_sample_the_same_in_any_batch(setup):
+    """A prompt's own seed decides its samples: alone, or among other prompts in another order, the same tokens."""
+    _, _, engine, records = setup
+    params = SamplingParams(max_new_tokens=16, temperature=1.5, seed=99)  # the batch seed is not used
+    prompts = [Prompt.from_record(r, ["think", "no_think", "auto"], seed=100 + i) for i, r in enumerate(records[:5])]
+    ids = lambda out: [[s.token_ids for s in g] for g in out]
+    together = ids(engine.generate(prompts, params))
+    alone = [ids(engine.generate([p], params))[0] for p in prompts]
+    reordered = ids(engine.generate(prompts[::-1], SamplingParams(max_new_tokens=16, temperature=1.5, seed=5)))[::-1]
+    assert together == alone == reordered
+    assert len({tuple(map(tuple, g)) for g in together}) == len(prompts)  # different seeds, different samples
+    reseeded = Prompt.from_record(records[0], ["think", "no_think", "auto"], seed=7)
+    assert ids(engine.generate([reseeded], params))[0] != together[0]
+    with pytest.raises(ValueError, match="every prompt"):
+        engine.generate([prompts[0], Prompt.from_record(records[1])], params)
+
+
+def test_the_plain_path_samples_a_seeded_prompt_the_same_in_any_batch(tmp_path):
+    """Models with multi-axis positions generate through `model.generate`: seeded prompts go one at a time."""
+    from tests.helpers.hf_fixtures import build_tiny_qwen25_vl
+
+    model, processor = load_model(build_tiny_qwen25_vl(tmp_path / "qwen"), dtype=torch.float32)
+    engine = TransformersEngine(model, processor)
+    assert not engine.shared_prefix
+    texts = ["What is two plus two?", "Name a colour.", "Count to three."]
+    prompts = [Prompt(messages=[{"role": "user", "content": t}], modes=["think", "think"], seed=i)
+               for i, t in enumerate(texts)]
+    params = SamplingParams(max_new_tokens=8, temperature=1.0, constrain_decision=False)
+    ids = lambda out: [[s.token_ids for s in g] for g in out]
+    together = ids(engine.generate(prompts, params))
+    assert together == [ids(engine.generate([p], params))[0] for p in prompts]
+    assert together[1] == ids(engine.generate(prompts[1:2] + prompts[:1], params))[0]
+
+
 @pytest.mark.parametrize("budget", [0, 2, 4])
 def test_budget_ends_thinking_at_its_length_and_an_answer_follows(setup, budget):
     _, _, engine, records = setup

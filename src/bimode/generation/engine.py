@@ -11,6 +11,7 @@ transformers path repeats the prompt n times). The prefill's last logits are the
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -20,6 +21,7 @@ from bimode.compat.transformers_api import returned_cache, with_cache
 from bimode.generation.types import (Completion, Prompt, SamplingParams, TokenCallback, TokenLogprob,
                                      completion_from_ids)
 from bimode.modes import MODE_SUFFIXES, THINK_CLOSE, ThinkingMode, mode_decision
+from bimode.seeds import derive_seed, sample_seed
 
 
 
@@ -287,6 +289,7 @@ class TransformersEngine:
         active = list(range(len(rows)))  # rows still running, in cache order
 
         decision_ids = torch.tensor(self.think_ids + self.no_think_ids, device=self.device)
+        own = self._row_generators(prompts, [(row.prompt_index, row.sample_index) for row in rows], params)
         first = True
         while active:
             if first and params.constrain_decision:  # the auto rows' first token is their mode decision
@@ -294,7 +297,7 @@ class TransformersEngine:
                 allowed = torch.zeros_like(logits, dtype=torch.bool).index_fill(-1, decision_ids, True)
                 logits = logits.masked_fill(free.unsqueeze(1) & ~allowed, float("-inf"))
             first = False
-            sampled = self._sample(logits, params, generator).tolist()  # one call for all rows
+            sampled = self._sample(logits, params, [own[r] for r in active] if own else generator).tolist()
             logprobs = torch.log_softmax(logits, dim=-1) if params.logprobs else None
             top = _top_logprobs(logprobs, params.top_logprobs)
             tokens = []
@@ -328,13 +331,31 @@ class TransformersEngine:
         prompt_ids = [ids[keep].tolist() for ids, keep in zip(inputs["input_ids"], inputs["attention_mask"].bool())]
         return self._collect(prompts, rows, p_think, prompt_ids)
 
+    def _row_generators(self, prompts: list[Prompt], rows: list[tuple[int, int]], params: SamplingParams) -> list | None:
+        """One generator per (prompt, sample) row where the prompts carry their own seeds and the engine samples:
+        a row's draws then depend on its seed alone, not on the batch it runs in. None: the batch's generator."""
+        if params.temperature == 0 or all(p.seed is None for p in prompts):
+            return None
+        if any(p.seed is None for p in prompts):
+            raise ValueError("either every prompt of a batch carries its own seed or none does")
+        generators = []
+        for pi, si in rows:
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(sample_seed(prompts[pi].seed, si))
+            generators.append(generator)
+        return generators
+
     def _sample(self, logits: torch.Tensor, params: SamplingParams, generator) -> torch.Tensor:
-        """Next token of every row: argmax when greedy, else temperature / top-k / top-p sampling."""
+        """Next token of every row: argmax when greedy, else temperature / top-k / top-p sampling, from one
+        generator for the batch or (a list) one per row."""
         if self.banned_ids:
             logits = logits.index_fill(-1, torch.tensor(self.banned_ids, device=logits.device), float("-inf"))
         if params.temperature == 0:
             return torch.argmax(logits, dim=-1)
         probs = torch.softmax(_filter_logits(logits, params), dim=-1)
+        if isinstance(generator, list):
+            return torch.cat([torch.multinomial(probs[i:i + 1], 1, generator=g) for i, g in enumerate(generator)]
+                             ).squeeze(-1)
         return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
     def _apply_budget(self, row: _Row, params: SamplingParams) -> None:
@@ -404,8 +425,13 @@ class TransformersEngine:
                     used = ThinkingMode.THINK if p_think[pi] >= params.think_threshold else ThinkingMode.NO_THINK
                 rows.append((pi, si, mode, used))
         out: list[list[Completion]] = [[None] * len(p.modes) for p in prompts]  # type: ignore[list-item]
+        seeded = params.temperature > 0 and self._row_generators(prompts, [(0, 0)], params) is not None
+        groups = []  # one `generate` call each: a mode's rows, or with prompts' own seeds one prompt's rows in a mode
         for used in dict.fromkeys(row[3] for row in rows):
             group = [row for row in rows if row[3] is used]
+            groups += [[r for r in group if r[0] == pi] for pi in dict.fromkeys(r[0] for r in group)] if seeded else [group]
+        for group in groups:
+            used = group[0][3]
             inputs = self._encode([self.render(prompts[pi], used) for pi, *_ in group],
                                   [prompts[pi].images for pi, *_ in group])
             width = inputs["input_ids"].shape[1]
@@ -420,7 +446,10 @@ class TransformersEngine:
                               top_k=params.top_k or None)
             else:
                 kwargs.update(do_sample=False)
-            sequences = self.model.generate(**inputs, **kwargs)[:, width:].tolist()
+            with torch.random.fork_rng(devices=[]) if seeded else contextlib.nullcontext():
+                if seeded:  # `generate` samples from the global generator: seeded here for this prompt alone
+                    torch.manual_seed(derive_seed(prompts[group[0][0]].seed, used.value))
+                sequences = self.model.generate(**inputs, **kwargs)[:, width:].tolist()
             for (pi, si, mode, _), seq in zip(group, sequences):
                 # a row that stopped early is padded after its end-of-turn token
                 stop = next((i for i, t in enumerate(seq) if t in self.eos_ids), None)

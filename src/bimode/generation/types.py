@@ -78,6 +78,9 @@ class Prompt:
     images: list[Any] = field(default_factory=list)  # PIL images in placeholder order
     modes: list[ThinkingMode] = field(default_factory=lambda: [ThinkingMode.AUTO])
     id: str | None = None
+    # This prompt's own seed (bimode.seeds): its samples are drawn from it alone, whatever batch the prompt is in;
+    # None: from the batch's SamplingParams.seed.
+    seed: int | None = None
 
     def __post_init__(self):
         self.modes = [ThinkingMode.parse(m) for m in self.modes]
@@ -85,8 +88,9 @@ class Prompt:
             raise ValueError("a prompt needs at least one sample mode")
 
     @classmethod
-    def from_record(cls, record, modes=("auto",)) -> "Prompt":
-        return cls(messages=record.messages(), images=record.load_images(), modes=list(modes), id=record.id)
+    def from_record(cls, record, modes=("auto",), seed: int | None = None) -> "Prompt":
+        return cls(messages=record.messages(), images=record.load_images(), modes=list(modes), id=record.id,
+                   seed=seed)
 
     @classmethod
     def from_chat(cls, messages: list[dict], modes=("auto",), id: str | None = None) -> "Prompt":
@@ -235,6 +239,16 @@ def token_logprob(completion: Completion, k: int) -> TokenLogprob | None:
         return None
     top = completion.top_logprobs[k] if completion.top_logprobs and k < len(completion.top_logprobs) else []
     return TokenLogprob(completion.logprobs[k], top)
+
+
+def request_seed(prompt: Prompt, mode: ThinkingMode, params: SamplingParams) -> int | None:
+    """The seed of one request (a prompt's samples in one mode) for backends that send a request per mode (vLLM,
+    an endpoint): derived from the prompt's own seed where it has one, else the batch's."""
+    if prompt.seed is None:
+        return params.seed
+    from bimode.seeds import derive_seed
+
+    return derive_seed(prompt.seed, mode.value)
 
 
 def mode_slots(modes: list[list[ThinkingMode]]) -> list[tuple[int, ThinkingMode, list[int]]]:

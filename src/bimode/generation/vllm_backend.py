@@ -23,7 +23,7 @@ import math
 
 from bimode.generation.openai_backend import to_openai_messages
 from bimode.generation.types import (Completion, Prompt, SamplingParams, TokenCallback, completion_from_ids,
-                                    mode_slots, replay_tokens)
+                                    mode_slots, replay_tokens, request_seed)
 from bimode.modes import MODE_SUFFIXES, R4B_NAMES, THINK_CLOSE, ThinkingMode, mode_decision
 
 MAX_LOGPROB_TOKEN_IDS = 128  # vLLM's cap on `logprob_token_ids` per request
@@ -133,9 +133,10 @@ class VLLMBackend:
                     controls.update(bimode_max_thinking_tokens=budget, bimode_budget_closing=params.budget_closing)
             sampling = [VLLMSampling(n=len(slots), max_tokens=params.max_new_tokens + extra,
                                      temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
-                                     seed=params.seed, logprobs=0 if params.logprobs else None,
+                                     seed=request_seed(prompts[pi], mode, params),
+                                     logprobs=0 if params.logprobs else None,
                                      skip_special_tokens=False, extra_args=controls or None)
-                        for _, slots in jobs]
+                        for pi, slots in jobs]
             conversations = [to_openai_messages(prompts[pi].messages, prompts[pi].images) for pi, _ in jobs]
             outputs = self.llm.chat(conversations, sampling, use_tqdm=progress,
                                     chat_template_kwargs={"thinking_mode": R4B_NAMES[mode]})

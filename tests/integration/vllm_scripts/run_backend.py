@@ -3,7 +3,7 @@
     python run_backend.py SPEC.json OUT.json
 
 SPEC: {"model": DIR, "llm": {LLM kwargs}, "prompts": [{"messages", "images": [PNG paths], "modes"}],
-       "runs": {NAME: {"params": {SamplingParams fields}, "prompts": [indices] | null}},
+       "runs": {NAME: {"params": {SamplingParams fields}, "prompts": [indices] | null, "seeded": bool}},
        "media_probe": {"prompts": [indices], "n", "max_tokens", "temperature", "bias"} | null}
 OUT: {"startup_s", "runs": {NAME: [[completion fields]]}, "decision_stats": [[p_think, mass]],
       "rendered": {mode: prompt 0's text}, "replay": {"streamed", "token_ids": {"pi,si": ids}},
@@ -44,6 +44,11 @@ def main(spec_path: str, out_path: str) -> None:
            "default_max_new_tokens": default_max_new_tokens(backend)}
     for name, run in spec["runs"].items():
         chosen = prompts if run.get("prompts") is None else [prompts[i] for i in run["prompts"]]
+        if run.get("seeded"):  # each prompt with its own seed (1000 + its index), as curation sends them
+            import dataclasses
+
+            indices = range(len(prompts)) if run.get("prompts") is None else run["prompts"]
+            chosen = [dataclasses.replace(p, seed=1000 + i) for i, p in zip(indices, chosen)]
         start = time.time()
         results = backend.generate(chosen, SamplingParams(**run["params"]))
         out["run_s"][name] = time.time() - start
