@@ -12,7 +12,7 @@ import torch
 from bimode.data import synthetic
 from bimode.data.records import write_records
 from bimode.train.components import component_of
-from tests.conftest import launch_two_cpu_processes
+from tests.conftest import launch_two_cpu_processes, launch_two_machines
 from tests.helpers.hf_fixtures import saved_vision_keys
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -105,3 +105,17 @@ def test_sharded_bpo_matches_ddp(config, tmp_path, tiny_dir, records_file, bpo_r
                              config=config)
     _assert_whole_checkpoint(out / "final")
     _assert_same_training(_weights(out / "final"), bpo_reference, _weights(tiny_dir))
+
+
+@pytest.mark.parametrize("command", ["anneal", "bpo"])
+def test_two_machines_train_as_one_machine_with_zero2(command, request, tmp_path, tiny_dir, records_file):
+    """Two `accelerate launch` commands, one per machine (rank 0 and 1, rendezvous at 127.0.0.1), ZeRO-2: the
+    weights of the single-machine run's reference, within the same tolerance (docs/cluster.md)."""
+    out = tmp_path / "two_machines"
+    args = ANNEAL + ["--per_device_train_batch_size", "4"] if command == "anneal" else BPO + ["--probe_files",
+                                                                                             str(records_file)]
+    launch_two_machines("-m bimode.cli", command, *args, "--model_path", str(tiny_dir), "--train_files",
+                        str(records_file), "--output_dir", str(out), config="cpu2_zero2")
+    _assert_whole_checkpoint(out / "final")
+    reference = request.getfixturevalue(f"{command}_reference")
+    _assert_same_training(_weights(out / "final"), reference, _weights(tiny_dir))
