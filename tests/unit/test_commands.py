@@ -42,7 +42,7 @@ def test_the_longest_command_wins_and_a_group_alone_is_refused(capsys):
 def test_a_recipe_sets_fields_and_flags_beside_it_win():
     from bimode.commands import curate
 
-    cmd, cfg = curate.make_parser().parse_args_and_config([
+    cmd, cfg, _ = curate.make_parser().parse_args_and_config([
         "--config", str(RECIPES / "tiny_curate.yaml"), "--input", "a.jsonl", "--out", "o", "--annotator", "m",
         "--n_samples", "6"])
     assert (cfg.n_samples, cfg.max_correct, cfg.temperature) == (6, 3, 0.5)  # flag, then the recipe's values
@@ -148,9 +148,9 @@ def test_a_recipe_reads_the_same_by_name_by_path_and_through_load_recipe(tmp_pat
     from bimode.commands import eval as eval_command
     from bimode.eval.runner import EvalConfig
 
-    _, by_name = eval_command.make_parser().parse_args_and_config(["m", "--config", "tiny_eval", "--bench", "b.jsonl",
+    _, by_name, _ = eval_command.make_parser().parse_args_and_config(["m", "--config", "tiny_eval", "--bench", "b.jsonl",
                                                                  "--out", "o", "--batch_size", "3"])
-    _, by_path = eval_command.make_parser().parse_args_and_config(["m", "--config", str(RECIPES / "tiny_eval.yaml"),
+    _, by_path, _ = eval_command.make_parser().parse_args_and_config(["m", "--config", str(RECIPES / "tiny_eval.yaml"),
                                                                  "--bench", "b.jsonl", "--out", "o", "--batch_size", "3"])
     loaded = load_recipe(EvalConfig, "tiny_eval", batch_size=3)
     assert by_name == by_path == loaded and loaded.max_new_tokens == 48

@@ -121,13 +121,13 @@ def test_curation_samples_answers_and_traces_with_each_models_own_limit():
 
     record = Record(id="q", question="How many?", answer="3", answer_type="numeric")
     annotator, reasoner = Recorder("5", limit=300), Recorder("1, 2, 3\n</think>\n\n3", limit=2000)
-    kept, rejects = curate_batch(annotator, [record], CurateConfig(n_samples=2), 0, reasoner=reasoner)
+    kept, rejects = curate_batch(annotator, [record], CurateConfig(n_samples=2), reasoner=reasoner)
     assert [r.mode for r in kept] == ["think"] and not rejects  # all answers wrong: a thinking label, traced
     assert [p.max_new_tokens for p in annotator.params] == [300]
     assert [p.max_new_tokens for p in reasoner.params] == [2000]
     annotator, reasoner = Recorder("5"), Recorder("1, 2, 3\n</think>\n\n3")
-    curate_batch(annotator, [record], CurateConfig(n_samples=2), 0, reasoner=reasoner)
+    curate_batch(annotator, [record], CurateConfig(n_samples=2), reasoner=reasoner)
     assert annotator.params[0].max_new_tokens == reasoner.params[0].max_new_tokens == PAPER_MAX_NEW_TOKENS
-    curate_batch(annotator, [record], CurateConfig(n_samples=2, max_new_tokens=8, trace_max_new_tokens=16), 0,
+    curate_batch(annotator, [record], CurateConfig(n_samples=2, max_new_tokens=8, trace_max_new_tokens=16),
                  reasoner=reasoner)
     assert (annotator.params[-1].max_new_tokens, reasoner.params[-1].max_new_tokens) == (8, 16)

@@ -11,10 +11,13 @@ from pathlib import Path
 from bimode.commands.parsing import CommandParser
 from bimode.errors import UsageError
 from bimode.eval.runner import EvalConfig
+from bimode.parallel.options import ClusterConfig, make_pool
 
 DESCRIPTION = ("Evaluate a local model directory, or a model behind an OpenAI-compatible server (--endpoint), in "
                "each mode. `bimode eval compare A B` compares two runs; `bimode eval calibrate RUN` picks auto "
-               "mode's think threshold from a run. Recipe: --config tiny_eval (bimode configs lists the shipped ones).")
+               "mode's think threshold from a run. Recipe: --config tiny_eval (bimode configs lists the shipped ones). On a Ray "
+               "cluster: --ray_address local|auto|ADDRESS --num_workers N; as K shards started apart: --num_shards K "
+               "--shard_index i, then `bimode eval merge` (docs/cluster.md).")
 
 
 @dataclass
@@ -55,37 +58,48 @@ class EvalCommandConfig:
 
 
 def make_parser(prog: str = "bimode eval") -> CommandParser:
-    return CommandParser((EvalCommandConfig, EvalConfig), prog=prog, description=DESCRIPTION,
+    return CommandParser((EvalCommandConfig, EvalConfig, ClusterConfig), prog=prog, description=DESCRIPTION,
                          positional={"model": "?"})
 
 
-def main(cmd: EvalCommandConfig, cfg: EvalConfig) -> int:
+def main(cmd: EvalCommandConfig, cfg: EvalConfig, cluster: ClusterConfig) -> int:
     from bimode.eval.report import write_report
-    from bimode.eval.runner import read_samples, run_eval
-    from bimode.generation.backends import build_backend
+    from bimode.eval.runner import EvalWorker, read_samples, run_eval
     from bimode.generation.openai_backend import EndpointError
+    from bimode.parallel.pool import LocalPool, WorkerFailed
+    from bimode.parallel.shards import Shard
 
     out = Path(cmd.out)
     if cmd.overwrite and out.exists():
         shutil.rmtree(out)
+    if cmd.endpoint:
+        # the modes travel as chat_template_kwargs.thinking_mode, one request per (question, mode)
+        api_key = cmd.api_key or os.environ.get("BIMODE_API_KEY") or os.environ.get("OPENAI_API_KEY")
+        model, options = cmd.endpoint, {"model_name": cmd.endpoint_model, "api_key": api_key,
+                                        "concurrency": cmd.concurrency, "timeout_s": cmd.request_timeout}
+    else:
+        model, options = cmd.model, {"trust_remote_code": cmd.trust_remote_code, "max_batch_rows": cfg.batch_size * 3}
+    worker = EvalWorker(cfg, model, options, judge=cmd.judge, judge_options={"model_name": cmd.judge_model})
+    shard = Shard(cluster.shard_index, cluster.num_shards)
     try:
-        judge = build_backend(cmd.judge, model_name=cmd.judge_model) if cmd.judge else None
-        if cmd.endpoint:
-            # the modes travel as chat_template_kwargs.thinking_mode, one request per (question, mode)
-            api_key = cmd.api_key or os.environ.get("BIMODE_API_KEY") or os.environ.get("OPENAI_API_KEY")
-            engine = build_backend(cmd.endpoint, model_name=cmd.endpoint_model, api_key=api_key,
-                                   concurrency=cmd.concurrency, timeout_s=cmd.request_timeout)
-            title = f"bimode eval of {engine.model} at {cmd.endpoint}"
+        if cluster.ray_address:  # each actor builds its own model and judge, this process none
+            pool, served = make_pool(worker, cluster), cmd.endpoint_model
         else:
-            engine = build_backend(cmd.model, trust_remote_code=cmd.trust_remote_code,
-                                   max_batch_rows=cfg.batch_size * 3)
-            title = f"bimode eval of {cmd.model}"
-        samples = run_eval(engine, cmd.bench, out, cfg, judge=judge)
-    except EndpointError as exc:  # what is scored is kept: the same command resumes
+            engine, judge = worker.build()
+            pool, served = LocalPool(worker.bind(engine, judge)), getattr(engine, "model", None)
+        title = f"bimode eval of {served or 'the model'} at {cmd.endpoint}" if cmd.endpoint else \
+            f"bimode eval of {cmd.model}"
+        samples = run_eval(None, cmd.bench, out, cfg, pool=pool, shard=shard,
+                           identity={"model": model, "judge": cmd.judge, "title": title})
+    except (EndpointError, WorkerFailed) as exc:  # what is scored is kept: the same command resumes
         again = "the same command without --overwrite" if cmd.overwrite else "the same command"
         print(f"error: {exc}" + (f"; run {again} to resume" if (out / "samples.jsonl").exists() else ""),
               file=sys.stderr)
         return 2
+    if not shard.whole:
+        print(f"shard {shard.index} of {shard.count} finished in {out}; when every shard has, combine them: "
+              "bimode eval merge SHARD_DIR ... --out DIR")
+        return 0
     metrics = write_report(read_samples(samples), out, title=title)
     rejected = metrics["rejected"]["total"]
     if rejected:

@@ -1,10 +1,11 @@
 """`bimode curate`: label each sample thinking or non-thinking and give it the matching target.
 
 Batches of records go through the annotator (a local model through the engine, or an OpenAI-compatible
-endpoint). Each finished batch is appended to `batches.jsonl` as one line (all or nothing), and a batch is
-sampled with a seed derived from its index, so a killed run, re-run with the same command, skips the
-finished batches and ends with the same output as an uninterrupted one. `curated.jsonl`, `rejects.jsonl`
-and the summaries are written at the end, atomically. Rejects (unreadable rows, images that do not open,
+endpoint), in this process or on Ray actors (bimode.parallel). Each finished batch is appended to `batches.jsonl`
+as one line (all or nothing), and each query samples with a seed derived from the run seed and its id, so a killed
+run, re-run with the same command, skips the finished batches and ends with the same output as an uninterrupted
+one, and a Ray run or a sharded run merged (`merge_curation`) with the same output as one process. `curated.jsonl`,
+`rejects.jsonl` and the summaries are written at the end, atomically. Rejects (unreadable rows, images that do not open,
 duplicates, unclear verdicts, unverified traces) have the shape eval's have (`bimode.data.rejects`).
 
 Generation lengths: sampled answers and reasoning traces default (None) to the `max_new_tokens` of the
@@ -15,24 +16,30 @@ which would label the query thinking; a cut trace fails verification and loses t
 
 from __future__ import annotations
 
+import functools
 import json
+import shutil
 import time
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from bimode.curate.heuristics import (
     DEFAULT_BLOCKED_KEYWORDS, UNCLEAR, blocked_keyword, find_duplicates, is_verifiable, parse_verdict,
     performance_label,
 )
-from bimode.data.records import Record, RecordError, record_to_dict
+from bimode.data.records import Record, record_to_dict
 from bimode.data.rejects import REJECTS_FILE, from_error, image_error, reject, write_rejects
 from bimode.errors import MissingInputError, OutputExistsError, UsageError
 from bimode.generation.defaults import DEFAULT_LIMIT_HELP, PAPER_MAX_NEW_TOKENS, default_max_new_tokens
 from bimode.generation.types import Prompt, SamplingParams
 from bimode.io import append_log, read_log, write_jsonl
 from bimode.modes import ThinkingMode
+from bimode.parallel.pool import LocalPool
+from bimode.parallel.shards import (MANIFEST, Shard, check_resumable, check_shards, fingerprint, read_manifest,
+                                    write_manifest)
 from bimode.scoring import accuracy_reward
+from bimode.seeds import row_seed
 
 OUTPUT_FILES = ("curated.jsonl", REJECTS_FILE, "summary.json", "summary.md")
 JUDGE_MAX_NEW_TOKENS = 32  # one word is asked for; room for a short sentence, which is parsed too
@@ -55,7 +62,8 @@ class CurateConfig:
                 "fails verification"})
     trace_tries: int = field(default=2, metadata={"help": "reasoning traces tried per query before rejecting"})
     batch_size: int = field(default=16, metadata={"help": "queries per batch (the resume unit)"})
-    seed: int = field(default=0, metadata={"help": "base seed; batch i samples with seed + i"})
+    seed: int = field(default=0, metadata={
+        "help": "run seed: each query samples from a seed derived from it and the query's id, in any batch or worker"})
     judge_prompt: str | None = field(default=None, metadata={
         "help": "prompt file for the difficulty judge ({question}; default: bimode's)"})
     blocked_keywords: list[str] = field(default_factory=lambda: list(DEFAULT_BLOCKED_KEYWORDS), metadata={
@@ -104,9 +112,10 @@ def check_record(record: Record, cfg: CurateConfig) -> dict | None:
     return None
 
 
-def curate_batch(backend, records: list[Record], cfg: CurateConfig, batch_index: int, reasoner=None,
+def curate_batch(backend, records: list[Record], cfg: CurateConfig, reasoner=None,
                  judge_template: str | None = None) -> tuple[list[Record], list[dict]]:
-    """Label and complete one batch; returns (curated records, rejects)."""
+    """Label and complete one batch; returns (curated records, rejects). Each query samples from its own seed
+    (bimode.seeds.row_seed of the run seed and its id), so its label does not depend on the batch it is in."""
     kept, rejects = [], []
     good = []
     for record in records:
@@ -115,14 +124,14 @@ def curate_batch(backend, records: list[Record], cfg: CurateConfig, batch_index:
             rejects.append(problem)
         else:
             good.append(record)
-    seed = cfg.seed + batch_index
     verifiable = [r for r in good if is_verifiable(r)]
     open_ended = [r for r in good if not is_verifiable(r)]
     labels: dict[str, dict] = {}
     if verifiable:
         params = SamplingParams(max_new_tokens=default_max_new_tokens(backend, cfg.max_new_tokens),
-                                temperature=cfg.temperature, seed=seed)
-        prompts = [Prompt.from_record(r, [ThinkingMode.NO_THINK] * cfg.n_samples) for r in verifiable]
+                                temperature=cfg.temperature)
+        prompts = [Prompt.from_record(r, [ThinkingMode.NO_THINK] * cfg.n_samples, seed=row_seed(cfg.seed, r.id))
+                   for r in verifiable]
         for record, samples in zip(verifiable, backend.generate(prompts, params)):
             passes = sum(accuracy_reward(s.response, record.answer, record.answer_type, record.choices) for s in samples)
             labels[record.id] = {"heuristic": "performance", "pass_count": int(passes), "n": cfg.n_samples,
@@ -131,13 +140,13 @@ def curate_batch(backend, records: list[Record], cfg: CurateConfig, batch_index:
         template = judge_template or default_judge_prompt()
         prompts = [Prompt(messages=_judge_messages(r, template), images=r.load_images(),
                           modes=[ThinkingMode.NO_THINK], id=r.id) for r in open_ended]
-        replies = backend.generate(prompts, SamplingParams(max_new_tokens=JUDGE_MAX_NEW_TOKENS, seed=seed))
+        replies = backend.generate(prompts, SamplingParams(max_new_tokens=JUDGE_MAX_NEW_TOKENS))  # greedy
         for record, reply in zip(open_ended, replies):
             verdict = parse_verdict(reply[0].response)
             labels[record.id] = {"heuristic": "difficulty", "verdict": verdict,
                                  "mode": verdict if verdict != UNCLEAR else None}
     need_trace = [r for r in good if labels[r.id]["mode"] == ThinkingMode.THINK and not r.reasoning]
-    traces = _generate_traces(reasoner, need_trace, cfg, seed) if reasoner is not None and need_trace else {}
+    traces = _generate_traces(reasoner, need_trace, cfg) if reasoner is not None and need_trace else {}
     for record in good:
         label = labels[record.id]
         meta = {**record.meta, "curation": {**label, "annotator": cfg.annotator_name}}
@@ -170,12 +179,13 @@ def _judge_messages(record: Record, template: str) -> list[dict]:
     return [{"role": "user", "content": content}]
 
 
-def _generate_traces(reasoner, records: list[Record], cfg: CurateConfig, seed: int) -> dict:
+def _generate_traces(reasoner, records: list[Record], cfg: CurateConfig) -> dict:
     """Thinking-mode traces whose answer verifies against the gold (the consistency filter)."""
     traces = {}
-    prompts = [Prompt.from_record(r, [ThinkingMode.THINK] * cfg.trace_tries) for r in records]
+    prompts = [Prompt.from_record(r, [ThinkingMode.THINK] * cfg.trace_tries, seed=row_seed(cfg.seed, r.id, "trace"))
+               for r in records]
     params = SamplingParams(max_new_tokens=default_max_new_tokens(reasoner, cfg.trace_max_new_tokens),
-                            temperature=cfg.temperature, seed=seed)
+                            temperature=cfg.temperature)
     for record, samples in zip(records, reasoner.generate(prompts, params)):
         for s in samples:
             parsed = s.parsed
@@ -193,65 +203,143 @@ def _finished_batches(progress: Path) -> dict[int, dict]:
     return {entry["batch"]: entry for entry in read_log(progress)}
 
 
-def run_curation(backend, inputs: list, out: Path, cfg: CurateConfig | None = None, reasoner=None,
-                 overwrite: bool = False, progress: bool = True, input_format: str = "auto") -> dict:
-    """Curate every input file into out/; resumes when out/ holds a partial run of the same command."""
+@dataclass
+class CurateWorker:
+    """What one worker needs to curate batches, picklable: built into a batch function on each Ray actor (one
+    annotator and reasoner per actor), or in this process around backends already built."""
+
+    cfg: CurateConfig
+    annotator: str | None = None  # backend specs (bimode.generation.backends.build_backend)
+    reasoner: str | None = None
+    options: dict = field(default_factory=dict)
+    judge_template: str | None = None
+
+    def __call__(self):
+        from bimode.generation.backends import build_backend
+
+        annotator = build_backend(self.annotator, **self.options)
+        reasoner = None
+        if self.reasoner:  # the annotator's model id names nothing at the reasoner's endpoint
+            options = {k: v for k, v in self.options.items() if k != "model_name"}
+            reasoner = annotator if self.reasoner == self.annotator else build_backend(self.reasoner, **options)
+        return self.bind(annotator, reasoner)
+
+    def bind(self, annotator, reasoner=None):
+        """The batch function around built backends: records -> (curated records, rejects)."""
+        return functools.partial(curate_batch, annotator, cfg=self.cfg, reasoner=reasoner,
+                                 judge_template=self.judge_template)
+
+
+def read_inputs(inputs: list, input_format: str = "auto") -> tuple[list[Record], list[dict], dict[str, str]]:
+    """Every record of the input files, the rows that could not be read (as rejects), and each id's file."""
     from bimode.data.convert import iter_converted
 
+    read_rejects: list[dict] = []
+    records, source = [], {}
+    for path in inputs:
+        for record in iter_converted(path, input_format, on_error=lambda exc: read_rejects.append(from_error(exc))):
+            records.append(record)
+            source.setdefault(record.id, str(path))
+    return records, read_rejects, source
+
+
+def run_curation(backend, inputs: list, out: Path, cfg: CurateConfig | None = None, reasoner=None,
+                 overwrite: bool = False, progress: bool = True, input_format: str = "auto", pool=None,
+                 shard: Shard = Shard(), identity: dict | None = None) -> dict:
+    """Curate every input file into out/; resumes when out/ holds a partial run of the same command.
+
+    The unique records are cut into batches of `cfg.batch_size`, in input order; each batch runs through `pool`
+    (default: this process, on `backend` and `reasoner`; a `bimode.parallel.pool.RayPool` of `CurateWorker`s on a
+    cluster) and is logged as it finishes. With `shard` of K, only the batches numbered shard.index mod K run and
+    out/ is a shard folder for `merge_curation`; `identity` (JSON-able: the models' specs) joins the fingerprint
+    that tells shards of one run from another's. Returns the summary (a shard's: its manifest)."""
     cfg = cfg or CurateConfig()
     start = time.time()
     out = Path(out)
-    if (out / "summary.json").exists() or (out / PROGRESS_FILE).exists():
+    if (out / "summary.json").exists() or (out / PROGRESS_FILE).exists() or (out / MANIFEST).exists():
         if overwrite:
-            for name in OUTPUT_FILES + (PROGRESS_FILE,):
+            for name in OUTPUT_FILES + (PROGRESS_FILE, MANIFEST):
                 (out / name).unlink(missing_ok=True)
         elif (out / "summary.json").exists():
             raise OutputExistsError(f"{out} holds a finished curation; pass --overwrite to redo it")
     out.mkdir(parents=True, exist_ok=True)
-    read_rejects: list[dict] = []
-
-    def on_error(exc: RecordError) -> None:
-        read_rejects.append(from_error(exc))
-
-    records, source = [], {}
-    for path in inputs:
-        for record in iter_converted(path, input_format, on_error=on_error):
-            records.append(record)
-            source.setdefault(record.id, str(path))
+    records, read_rejects, source = read_inputs(inputs, input_format)
+    duplicates = find_duplicates(records, cfg.near_duplicate_threshold)
+    unique = [r for r in records if r.id not in duplicates]
+    batches = [unique[i:i + cfg.batch_size] for i in range(0, len(unique), cfg.batch_size)]
+    run_id = None
+    if not shard.whole:
+        run_id = fingerprint({"cfg": asdict(cfg), "input_format": input_format, **(identity or {})}, inputs)
+        check_resumable(out, shard, run_id, PROGRESS_FILE)
+        write_manifest(out, "curate", shard, run_id, len(batches), finished=False, identity=identity or {})
 
     def with_file(rows: list[dict]) -> list[dict]:  # a record's rejects name the file it came from
         return [{**r, "file": r.get("file") or source.get(r.get("id"))} for r in rows]
 
-    duplicates = find_duplicates(records, cfg.near_duplicate_threshold)
-    unique = [r for r in records if r.id not in duplicates]
-    judge_template = Path(cfg.judge_prompt).read_text(encoding="utf-8") if cfg.judge_prompt else None
     progress_path = out / PROGRESS_FILE
     done = _finished_batches(progress_path)
-    batches = [unique[i:i + cfg.batch_size] for i in range(0, len(unique), cfg.batch_size)]
+    mine = [i for i in range(len(batches)) if shard.owns(i)]
+    if pool is None:
+        judge_template = Path(cfg.judge_prompt).read_text(encoding="utf-8") if cfg.judge_prompt else None
+        pool = LocalPool(CurateWorker(cfg, judge_template=judge_template).bind(backend, reasoner))
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(unique), desc="curate", unit="query")
-    for index, batch in enumerate(batches):
-        if index not in done:
-            kept, rejects = curate_batch(backend, batch, cfg, index, reasoner, judge_template)
-            rejects = with_file(rejects)
-            rows = [record_to_dict(r, image_dir=out / "curated_images", base_dir=out) for r in kept]
-            entry = {"batch": index, "ids": [r.id for r in batch], "curated": rows, "rejects": rejects}
-            append_log(progress_path, [entry])  # one line per batch: all or nothing
-            done[index] = entry
+        bar = tqdm(total=sum(len(batches[i]) for i in mine), desc="curate", unit="query")
+        bar.update(sum(len(batches[i]) for i in mine if i in done))
+    for index, (kept, rejects) in pool.imap((i, batches[i]) for i in mine if i not in done):
+        rows = [record_to_dict(r, image_dir=out / "curated_images", base_dir=out) for r in kept]
+        entry = {"batch": index, "ids": [r.id for r in batches[index]], "curated": rows,
+                 "rejects": with_file(rejects)}
+        append_log(progress_path, [entry])  # one line per batch: all or nothing
+        done[index] = entry
         if bar:
-            bar.update(len(batch))
+            bar.update(len(batches[index]))
     if bar:
         bar.close()
-    curated = [row for i in sorted(done) for row in done[i]["curated"]]
-    rejects = read_rejects + with_file([reject(f"duplicate of {first}", field="question", id=rid)
-                                        for rid, first in duplicates.items()])
-    rejects += [row for i in sorted(done) for row in done[i]["rejects"]]
+    input_rejects = read_rejects + with_file([reject(f"duplicate of {first}", field="question", id=rid)
+                                              for rid, first in duplicates.items()])
+    if not shard.whole:
+        write_manifest(out, "curate", shard, run_id, len(batches), finished=True, identity=identity or {},
+                       input_rejects=input_rejects,
+                       seconds=round(time.time() - start, 1))
+        return read_manifest(out)
+    return finish_curation(out, [done[i] for i in sorted(done)], input_rejects, time.time() - start)
+
+
+def finish_curation(out: Path, entries: list[dict], input_rejects: list[dict], seconds: float) -> dict:
+    """curated.jsonl, rejects.jsonl and the summaries from the finished batches' log entries, in batch order."""
+    curated = [row for entry in entries for row in entry["curated"]]
+    rejects = input_rejects + [row for entry in entries for row in entry["rejects"]]
     write_jsonl(out / "curated.jsonl", curated)
     rejects = write_rejects(out / REJECTS_FILE, rejects)
-    return summarize(out, curated, rejects, time.time() - start)
+    return summarize(out, curated, rejects, seconds)
+
+
+def merge_curation(folders: list, out: Path, overwrite: bool = False) -> dict:
+    """The shard folders of one `--num_shards` run combined into the single-run layout in out/ (the same files an
+    unsharded run writes, rows in the same order); refused, naming them, when shards are missing, repeated, of
+    another run or unfinished (bimode.parallel.shards.check_shards)."""
+    out = Path(out)
+    shards = check_shards(folders, "curate")
+    if (out / "summary.json").exists() and not overwrite:
+        raise OutputExistsError(f"{out} holds a finished curation; pass --overwrite to replace it")
+    entries: dict[int, dict] = {}
+    for folder, manifest in shards:
+        for index, entry in _finished_batches(folder / PROGRESS_FILE).items():
+            if not Shard(manifest["shard_index"], manifest["num_shards"]).owns(index):
+                raise UsageError(f"{folder}: batch {index} is not shard {manifest['shard_index']}'s")
+            entries[index] = entry
+    missing = [i for i in range(shards[0][1]["num_batches"]) if i not in entries]
+    if missing:
+        raise UsageError(f"cannot merge: batches {missing[:10]} are in no shard's {PROGRESS_FILE}")
+    out.mkdir(parents=True, exist_ok=True)
+    for folder, _ in shards:  # images the curated rows point to, relative to the shard folder, then to out/
+        if (folder / "curated_images").is_dir() and folder.resolve() != out.resolve():
+            shutil.copytree(folder / "curated_images", out / "curated_images", dirs_exist_ok=True)
+    seconds = sum(m.get("seconds", 0.0) for _, m in shards)
+    return finish_curation(out, [entries[i] for i in sorted(entries)], shards[0][1].get("input_rejects", []), seconds)
 
 
 def summarize(out: Path, curated: list[dict], rejects: list[dict], seconds: float) -> dict:

@@ -22,11 +22,13 @@ MODES = ("no_think", "auto", "think")
 
 
 def bootstrap_ci(values: list[float], n_boot: int = 1000, seed: int = 0, alpha: float = 0.05) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean."""
+    """Percentile bootstrap interval of the mean; the values' order does not matter (a Ray or merged sharded run
+    lists its samples in another order than one process does)."""
     if not values:
         return (math.nan, math.nan)
     if len(values) == 1:
         return (values[0], values[0])
+    values = sorted(values)
     rng = random.Random(seed)
     n = len(values)
     means = sorted(sum(rng.choices(values, k=n)) / n for _ in range(n_boot))

@@ -12,18 +12,21 @@ paper's 8,192 (`bimode.generation.defaults`).
 
 from __future__ import annotations
 
+import functools
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from bimode.data.records import Record, RecordError, iter_numbered_records
 from bimode.data.rejects import REJECTS_FILE, from_error, image_error, read_rejects, write_rejects
-from bimode.errors import UsageError
+from bimode.errors import OutputExistsError, UsageError
 from bimode.generation.defaults import DEFAULT_LIMIT_HELP, PAPER_MAX_NEW_TOKENS, default_max_new_tokens
 from bimode.generation.types import Prompt, SamplingParams, check_think_threshold
-from bimode.io import append_log, read_log
+from bimode.io import append_log, read_log, write_jsonl
 from bimode.modes import ThinkingMode, parse_mode_field
+from bimode.parallel.pool import LocalPool
+from bimode.parallel.shards import Shard, check_resumable, check_shards, fingerprint, write_manifest
 from bimode.scoring import accuracy_reward
 
 
@@ -108,60 +111,133 @@ def _done_keys(samples_path: Path) -> set:
     return {(row["bench"], row["id"], row["mode"]) for row in read_log(samples_path)}
 
 
+def eval_batch(engine, chunk: list[tuple[str, Record, list[ThinkingMode]]], params: SamplingParams,
+               judge=None) -> list[dict]:
+    """Generate and score one batch of (benchmark, record, modes to run): its samples.jsonl rows."""
+    results = engine.generate([Prompt.from_record(record, todo) for _, record, todo in chunk], params)
+    rows = []
+    for (name, record, todo), completions in zip(chunk, results):
+        for mode, c in zip(todo, completions):
+            parsed = c.parsed
+            rows.append({
+                "bench": name, "id": record.id, "mode": mode.value, "family": record.family,
+                "level": record.level, "domain": record.domain, "answer_type": record.answer_type,
+                "gold": record.answer, "response": c.response, "answer": parsed.answer,
+                "parsed_mode": parsed.mode, "thought": parsed.mode in ("think", "malformed"),
+                "score": score(record, c.response, judge), "tokens": c.num_tokens,
+                "thinking_tokens": c.thinking_tokens, "answer_tokens": c.answer_tokens,
+                "finish_reason": c.finish_reason, "p_think": c.p_think,
+            })
+    return rows
+
+
+def sampling_params(engine, cfg: EvalConfig) -> SamplingParams:
+    return SamplingParams(max_new_tokens=default_max_new_tokens(engine, cfg.max_new_tokens),
+                          max_thinking_tokens=cfg.max_thinking_tokens, think_threshold=cfg.think_threshold)
+
+
+@dataclass
+class EvalWorker:
+    """What one Ray actor needs to evaluate batches, picklable: the model (or endpoint) and judge specs and their
+    options (bimode.generation.backends.build_backend), built once per actor."""
+
+    cfg: EvalConfig
+    model: str
+    options: dict = field(default_factory=dict)
+    judge: str | None = None
+    judge_options: dict = field(default_factory=dict)
+
+    def __call__(self):
+        return self.bind(*self.build())
+
+    def build(self) -> tuple:
+        """(engine, judge) as the specs name them."""
+        from bimode.generation.backends import build_backend
+
+        judge = build_backend(self.judge, **self.judge_options) if self.judge else None
+        return build_backend(self.model, **self.options), judge
+
+    def bind(self, engine, judge=None):
+        """The batch function around built backends: [(benchmark, record, modes)] -> samples.jsonl rows."""
+        return functools.partial(eval_batch, engine, params=sampling_params(engine, self.cfg), judge=judge)
+
+
 def run_eval(engine, bench_paths: list, out_dir: Path, cfg: EvalConfig | None = None, progress: bool = True,
-             judge=None) -> Path:
+             judge=None, pool=None, shard: Shard = Shard(), identity: dict | None = None) -> Path:
     """Generate and score every (record, mode); returns the samples file. `judge`: a backend (an LLM judge)
     for open-ended answers (answer_type "text"), else they are matched. Rows that cannot be evaluated are
-    written to out_dir/rejects.jsonl before generation starts (see the module docstring)."""
+    written to out_dir/rejects.jsonl before generation starts (see the module docstring).
+
+    The usable records of all benchmarks, in order, are cut into batches of `cfg.batch_size`; each batch runs the
+    modes it still lacks through `pool` (default: this process, on `engine`; a `bimode.parallel.pool.RayPool` of
+    `EvalWorker`s on a cluster), its rows appended as it finishes. With `shard` of K only the batches numbered
+    shard.index mod K run, and out_dir is a shard folder for `merge_eval` (`identity`, the model's spec, joins the
+    fingerprint that tells shards of one run from another's)."""
     cfg = cfg or EvalConfig()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     samples_path = out_dir / "samples.jsonl"
     done = _done_keys(samples_path)
     rejects: list = []
-    params = SamplingParams(max_new_tokens=default_max_new_tokens(engine, cfg.max_new_tokens),
-                            max_thinking_tokens=cfg.max_thinking_tokens, think_threshold=cfg.think_threshold)
     modes = [ThinkingMode.parse(m) for m in cfg.modes]
-    work = []
-    for path in bench_paths:
-        name = bench_name(path)
-        for record in load_bench(path, cfg.limit, rejects):
-            todo = [m for m in modes if (name, record.id, m.value) not in done]
-            if todo:
-                work.append((name, record, todo))
+    records = [(bench_name(path), record) for path in bench_paths for record in load_bench(path, cfg.limit, rejects)]
+    batches = [records[i:i + cfg.batch_size] for i in range(0, len(records), cfg.batch_size)]
+    run_id = None
+    if not shard.whole:
+        run_id = fingerprint({"cfg": asdict(cfg), **(identity or {})}, bench_paths)
+        check_resumable(out_dir, shard, run_id, "samples.jsonl")
+        write_manifest(out_dir, "eval", shard, run_id, len(batches), finished=False, identity=identity or {})
     # this run's benchmarks were read afresh: their rejects replace the old ones, other benchmarks' stay
     names = {bench_name(p) for p in bench_paths}
     kept = [r for r in read_rejects(out_dir / REJECTS_FILE) if r.get("bench") not in names]
     if kept or rejects or (out_dir / REJECTS_FILE).exists():
         write_rejects(out_dir / REJECTS_FILE, kept + rejects)
+    work = {}
+    for index, batch in enumerate(batches):
+        chunk = [(name, record, [m for m in modes if (name, record.id, m.value) not in done]) for name, record in batch]
+        chunk = [item for item in chunk if item[2]]
+        if chunk and shard.owns(index):
+            work[index] = chunk
+    if pool is None:
+        pool = LocalPool(EvalWorker(cfg, "").bind(engine, judge))
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=sum(len(t) for _, _, t in work), desc="eval", unit="sample")
-    for start in range(0, len(work), cfg.batch_size):
-        chunk = work[start:start + cfg.batch_size]
-        prompts = [Prompt.from_record(record, todo) for _, record, todo in chunk]
-        results = engine.generate(prompts, params)
-        rows = []
-        for (name, record, todo), completions in zip(chunk, results):
-            for mode, c in zip(todo, completions):
-                parsed = c.parsed
-                rows.append({
-                    "bench": name, "id": record.id, "mode": mode.value, "family": record.family,
-                    "level": record.level, "domain": record.domain, "answer_type": record.answer_type,
-                    "gold": record.answer, "response": c.response, "answer": parsed.answer,
-                    "parsed_mode": parsed.mode, "thought": parsed.mode in ("think", "malformed"),
-                    "score": score(record, c.response, judge), "tokens": c.num_tokens,
-                    "thinking_tokens": c.thinking_tokens, "answer_tokens": c.answer_tokens,
-                    "finish_reason": c.finish_reason, "p_think": c.p_think,
-                })
-        append_log(samples_path, rows)  # one write per batch: a kill loses at most the batch in flight
+        bar = tqdm(total=sum(len(todo) for chunk in work.values() for _, _, todo in chunk), desc="eval", unit="sample")
+    for index, rows in pool.imap(work.items()):
+        append_log(samples_path, rows)  # one write per batch: a kill loses at most the batches in flight
         if bar:
-            bar.update(sum(len(t) for _, _, t in chunk))
+            bar.update(len(rows))
     if bar:
         bar.close()
+    if not shard.whole:
+        write_manifest(out_dir, "eval", shard, run_id, len(batches), finished=True, identity=identity or {})
     return samples_path
+
+
+def merge_eval(folders: list, out_dir: Path) -> Path:
+    """The shard folders of one `--num_shards` eval combined into one run folder (samples.jsonl and rejects.jsonl
+    as an unsharded run writes them, shard by shard); refused, naming them, when shards are missing, repeated, of
+    another run or unfinished, or when two shards hold the same sample."""
+    shards = check_shards(folders, "eval")
+    out_dir = Path(out_dir)
+    if (out_dir / "samples.jsonl").exists():
+        raise OutputExistsError(f"{out_dir} already holds samples.jsonl; merge into a new folder")
+    rows, owner = [], {}
+    for folder, _ in shards:
+        for row in read_samples(folder / "samples.jsonl"):
+            key = (row["bench"], row["id"], row["mode"])
+            if key in owner:
+                raise UsageError(f"cannot merge: {key} is in both {owner[key]} and {folder} (duplicate shards)")
+            owner[key] = folder
+            rows.append(row)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_jsonl(out_dir / "samples.jsonl", rows)
+    rejects = read_rejects(shards[0][0] / REJECTS_FILE)  # every shard reads every benchmark: the same rejects
+    if rejects:
+        write_rejects(out_dir / REJECTS_FILE, rejects)
+    return out_dir / "samples.jsonl"
 
 
 def read_samples(path: Path) -> list[dict]:

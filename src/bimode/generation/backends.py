@@ -44,11 +44,18 @@ def local_engine(spec: str, **options):
     return build_backend(spec, **options)
 
 
-def build_backend(spec: str, *, trust_remote_code: bool = False, model_name: str | None = None,
+def build_backend(spec: str | list[str], *, trust_remote_code: bool = False, model_name: str | None = None,
                   api_key: str | None = None, concurrency: int = 8, timeout_s: float = 120,
                   max_batch_rows: int | None = None, **vllm_kwargs) -> GenerationBackend:
-    """The backend a spec names (module docstring). Endpoint options go to the endpoint client, `max_batch_rows`
-    to the transformers engine, the rest to vLLM's `LLM`."""
+    """The backend a spec names (module docstring); several URLs (a list) are one backend that shares requests
+    among them and fails over (generation/endpoint_pool.py). Endpoint options go to the endpoint client,
+    `max_batch_rows` to the transformers engine, the rest to vLLM's `LLM`."""
+    if not isinstance(spec, str):
+        if len(spec) == 1:
+            spec = spec[0]
+        else:
+            return _endpoint_pool(list(spec), model_name=model_name, api_key=api_key, concurrency=concurrency,
+                                  timeout_s=timeout_s)
     if spec.startswith(("http://", "https://")):
         from bimode.generation.openai_backend import OpenAIEndpointBackend
 
@@ -63,3 +70,25 @@ def build_backend(spec: str, *, trust_remote_code: bool = False, model_name: str
 
     model, processor = load_model(spec, trust_remote_code=trust_remote_code)
     return TransformersEngine(model, processor, **({"max_batch_rows": max_batch_rows} if max_batch_rows else {}))
+
+
+def _endpoint_pool(urls: list[str], model_name: str | None, **options):
+    from bimode.generation.endpoint_pool import EndpointPool
+    from bimode.generation.openai_backend import EndpointError, OpenAIEndpointBackend
+
+    local = [u for u in urls if not u.startswith(("http://", "https://"))]
+    if local:
+        raise UsageError(f"several models share requests only as OpenAI-compatible URLs; not URLs: {', '.join(local)}")
+    if len(set(urls)) < len(urls):
+        raise UsageError(f"a URL is given twice: {' '.join(urls)}")
+    options = {k: v for k, v in options.items() if v is not None}
+    failures = []
+    for url in urls if model_name is None else []:  # the model id from the first endpoint that answers
+        try:
+            model_name = OpenAIEndpointBackend(url, **options).model
+            break
+        except EndpointError as exc:
+            failures.append(str(exc))
+    if model_name is None:
+        raise EndpointError("no endpoint answered: " + "; ".join(failures))
+    return EndpointPool([OpenAIEndpointBackend(url, model=model_name, **options) for url in urls])

@@ -18,7 +18,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from bimode.generation.types import (Completion, Prompt, SamplingParams, TokenCallback, mode_slots, replay_tokens,
-                                    token_counts)
+                                    request_seed, token_counts)
 from bimode.modes import R4B_NAMES, THINK_CLOSE, THINK_OPEN, ThinkingMode
 
 
@@ -51,6 +51,11 @@ def to_openai_messages(messages: list[dict], images: list) -> list[dict]:
 
 class EndpointError(RuntimeError):
     pass
+
+
+class EndpointUnavailable(EndpointError):
+    """The endpoint did not answer (connection refused or cut, timeouts, 5xx or 429 after every retry): another
+    endpoint of the same model may (bimode.generation.endpoint_pool); a 4xx answer is an EndpointError only."""
 
 
 class OpenAIEndpointBackend:
@@ -87,9 +92,10 @@ class OpenAIEndpointBackend:
                     if response.status_code >= 400:
                         raise EndpointError(f"{method} {path}: HTTP {response.status_code}: {response.text[:500]}")
                     return response.json()
-                last = EndpointError(f"{method} {path}: HTTP {response.status_code}: {response.text[:200]}")
+                last = EndpointUnavailable(f"{self.base_url}: {method} {path}: HTTP {response.status_code}: "
+                                           f"{response.text[:200]}")
             except (httpx.TransportError, httpx.TimeoutException) as exc:
-                last = EndpointError(f"{method} {path}: {type(exc).__name__}: {exc}")
+                last = EndpointUnavailable(f"{self.base_url}: {method} {path}: {type(exc).__name__}: {exc}")
             if attempt < self.retries:
                 time.sleep(self.backoff_s * 2 ** attempt)
         raise last  # type: ignore[misc]
@@ -108,8 +114,9 @@ class OpenAIEndpointBackend:
         }
         if params.top_k:
             body["top_k"] = params.top_k
-        if params.seed is not None:
-            body["seed"] = params.seed
+        seed = request_seed(prompt, mode, params)
+        if seed is not None:
+            body["seed"] = seed
         if params.max_thinking_tokens is not None:
             body["max_thinking_tokens"] = params.max_thinking_tokens
         if params.think_threshold is not None:
@@ -173,26 +180,34 @@ class OpenAIEndpointBackend:
                  on_token: TokenCallback | None = None, progress: bool = False) -> list[list[Completion]]:
         """Completions for every sample of every prompt, in order, one request per (prompt, mode); `on_token`
         gets each completion's tokens once it is finished (needs `tokenizer=`)."""
-        if on_token is not None and self.tokenizer is None:
-            raise ValueError("on_token needs the served model's tokenizer (tokenizer=) to turn text into tokens")
-        if params.logprobs:
-            raise NotImplementedError("log-probs through an endpoint are not requested by this client yet")
-        jobs = mode_slots([p.modes for p in prompts])  # one request per (prompt, mode), n = its samples
-        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-            futures = [pool.submit(self._request, prompts[pi], mode, len(slots), params) for pi, mode, slots in jobs]
-            iterator = futures
-            if progress:
-                from tqdm import tqdm
+        return generate_by_requests(self._request, self.concurrency, self.tokenizer, prompts, params, on_token, progress)
 
-                iterator = tqdm(futures, desc="endpoint", unit="request")
-            answers = [f.result() for f in iterator]
-        results: list[list[Completion]] = [[None] * len(p.modes) for p in prompts]  # type: ignore[list-item]
-        for (pi, _, slots), answer in zip(jobs, answers):
-            for si, completion in zip(slots, answer, strict=True):
-                results[pi][si] = completion
-        if on_token is not None:
-            replay_tokens(results, on_token, self.tokenizer)
-        return results
+
+def generate_by_requests(send, concurrency: int, tokenizer, prompts: list[Prompt], params: SamplingParams,
+                         on_token: TokenCallback | None = None, progress: bool = False) -> list[list[Completion]]:
+    """Completions for every sample of every prompt, in order, from one request per (prompt, mode) sent by
+    `send(prompt, mode, n, params)`, `concurrency` at a time; `on_token` replays each finished completion's tokens
+    (needs the served model's `tokenizer`)."""
+    if on_token is not None and tokenizer is None:
+        raise ValueError("on_token needs the served model's tokenizer (tokenizer=) to turn text into tokens")
+    if params.logprobs:
+        raise NotImplementedError("log-probs through an endpoint are not requested by this client yet")
+    jobs = mode_slots([p.modes for p in prompts])  # one request per (prompt, mode), n = its samples
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        futures = [pool.submit(send, prompts[pi], mode, len(slots), params) for pi, mode, slots in jobs]
+        iterator = futures
+        if progress:
+            from tqdm import tqdm
+
+            iterator = tqdm(futures, desc="endpoint", unit="request")
+        answers = [f.result() for f in iterator]
+    results: list[list[Completion]] = [[None] * len(p.modes) for p in prompts]  # type: ignore[list-item]
+    for (pi, _, slots), answer in zip(jobs, answers):
+        for si, completion in zip(slots, answer, strict=True):
+            results[pi][si] = completion
+    if on_token is not None:
+        replay_tokens(results, on_token, tokenizer)
+    return results
 
 
 def _share(total: int, weights: list[int]) -> list[int]:

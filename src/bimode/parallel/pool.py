@@ -1,0 +1,91 @@
+"""Where numbered batches run: in this process, or on a pool of Ray actors through Ray Data.
+
+A pool takes (batch index, payload) items and yields (batch index, result) as batches finish, in any order; the
+caller logs each result at once, so a run cut off midway keeps every finished batch. The function that turns a
+payload into a result is the same in both pools: the Ray pool builds it on each actor from a picklable factory
+(`make_worker()`), so each actor holds its own model or endpoint client, built once.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from typing import Any, Callable, Iterable, Iterator
+
+Item = tuple[int, Any]
+
+
+class WorkerFailed(RuntimeError):
+    """A batch failed on a Ray actor; the actor's traceback is in the message."""
+
+
+class LocalPool:
+    """Every batch in this process, in order."""
+
+    def __init__(self, run_batch: Callable[[Any], Any]):
+        self.run_batch = run_batch
+
+    def imap(self, items: Iterable[Item]) -> Iterator[tuple[int, Any]]:
+        for index, payload in items:
+            yield index, self.run_batch(payload)
+
+
+class _Actor:
+    """A Ray Data map_batches actor: builds the worker once, then runs one batch per call. A batch's exception
+    comes back as a value, so the driver stops with it (and a resumed run redoes that batch) instead of Ray retrying
+    a batch that fails the same way each time."""
+
+    def __init__(self, make_worker: Callable[[], Callable[[Any], Any]]):
+        self.run_batch = make_worker()
+
+    def __call__(self, batch: dict) -> dict:
+        import traceback
+
+        results = []
+        for payload in batch["payload"]:
+            try:
+                results.append(pickle.dumps(("ok", self.run_batch(pickle.loads(payload)))))
+            except Exception as exc:  # noqa: BLE001 - any failure goes back to the driver, named
+                results.append(pickle.dumps(("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}",
+                                             os.getpid())))
+        return {"index": batch["index"], "result": results}
+
+
+class RayPool:
+    """Batches on `num_workers` Ray actors (one Ray Data actor pool), each holding what `make_worker` builds."""
+
+    def __init__(self, make_worker: Callable[[], Callable[[Any], Any]], address: str, num_workers: int = 1,
+                 cpus_per_worker: float = 1.0, gpus_per_worker: float = 0.0):
+        self.make_worker, self.address, self.num_workers = make_worker, address, num_workers
+        self.cpus_per_worker, self.gpus_per_worker = cpus_per_worker, gpus_per_worker
+
+    def imap(self, items: Iterable[Item]) -> Iterator[tuple[int, Any]]:
+        from bimode.compat.ray_api import start_or_join
+
+        items = [{"index": index, "payload": pickle.dumps(payload)} for index, payload in items]
+        if not items:
+            return
+        needed = int(-(-self.num_workers * self.cpus_per_worker // 1))
+        started = start_or_join(self.address, num_cpus=max(os.cpu_count() or 1, needed))
+        try:
+            yield from self._run(items)
+        finally:
+            if started:
+                import ray
+
+                ray.shutdown()
+
+    def _run(self, items: list[dict]) -> Iterator[tuple[int, Any]]:
+        import ray.data
+
+        ray.data.DataContext.get_current().enable_progress_bars = False  # the command shows its own
+        dataset = ray.data.from_items(items, override_num_blocks=len(items))  # a block per batch: spread evenly
+        results = dataset.map_batches(
+            _Actor, fn_constructor_args=(self.make_worker,), batch_size=1, batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=self.num_workers), num_cpus=self.cpus_per_worker,
+            num_gpus=self.gpus_per_worker or None)
+        for row in results.iter_rows():
+            status, value, *where = pickle.loads(row["result"])
+            if status == "error":
+                raise WorkerFailed(f"batch {int(row['index'])} failed on a Ray worker (pid {where[0]}): {value}")
+            yield int(row["index"]), value

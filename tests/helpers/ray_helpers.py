@@ -1,0 +1,48 @@
+"""Workers for the Ray tests, importable on Ray's actors (tests/integration/test_ray.py puts the repository on
+their PYTHONPATH)."""
+
+from dataclasses import dataclass
+
+
+@dataclass
+class FailingOn:
+    """A curation worker whose batch fails when it holds `record_id`: a run cut off midway, as a kill leaves it."""
+
+    worker: object  # bimode.curate.pipeline.CurateWorker
+    record_id: str
+
+    def __call__(self):
+        run_batch = self.worker()
+
+        def run(records):
+            if any(r.id == self.record_id for r in records):
+                raise RuntimeError(f"cut off at {self.record_id}")
+            return run_batch(records)
+
+        return run
+
+
+def listening_sockets() -> set[tuple[str, int]]:
+    """(address, port) of every listening TCP socket of this machine's network namespace, from /proc/net."""
+    import ipaddress
+
+    found = set()
+    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
+        try:
+            lines = open(table).read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            local, state = fields[1], fields[3]
+            if state != "0A":  # LISTEN
+                continue
+            address, port = local.split(":")
+            raw = bytes.fromhex(address)
+            # the kernel prints each 32-bit word in host (little-endian) order
+            raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+            ip = ipaddress.ip_address(raw)
+            if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+                ip = ip.ipv4_mapped
+            found.add((str(ip), int(port, 16)))
+    return found
