@@ -238,16 +238,17 @@ def launch_two_machines(script: str, *args: str, timeout: int = 300, config: str
             "--main_process_ip", "127.0.0.1", "--deepspeed_multinode_launcher", "standard")
         procs.append(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                                       cwd=root))
-    outputs = []
+    import time
+
+    outputs, deadline = [], time.monotonic() + timeout
     for proc in procs:
         try:
-            out, err = proc.communicate(timeout=timeout)
+            out, err = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
             outputs.append((proc.returncode, out, err))
         except subprocess.TimeoutExpired:
-            for p in procs:
-                p.kill()
+            proc.kill()
             out, err = proc.communicate()
-            outputs.append((None, out, err))
+            outputs.append((None, out, err))  # reported as still running, not as killed
     for rank, (code, out, err) in enumerate(outputs):
         _check_launch(f"{script} (machine {rank})", code, out, err, timeout)
 

@@ -29,3 +29,24 @@ def write_pool_with_bad_images(folder: Path, n: int = 25) -> tuple[Path, list[st
         rows[row_number - 1]["images"] = ["nope.png" if kind == "missing" else f"{kind}.png"]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path, [r["id"] for r in rows]
+
+
+def write_curation_pool(path: Path, n: int, without_trace: int, unreadable_row: bool = False) -> Path:
+    """n records of the trained families (a few repeat: duplicates), the first `without_trace` with no trace of
+    their own (a thinking label then needs the reasoner's), and optionally a last row that cannot be read."""
+    records = [s.to_record() for s in synthetic.generate(n, seed=31, families=TRAINED_FAMILIES,
+                                                         max_level=TRAINED_MAX_LEVEL)]
+    for r in records[:without_trace]:
+        r.reasoning = None
+    write_records(records, path)
+    if unreadable_row:
+        with open(path, "a") as fh:
+            fh.write('{"id": "bad", "question": 3}\n')
+    return path
+
+
+def curation_outputs(folder: Path) -> tuple:
+    """What two curations that label alike share: curated.jsonl, rejects.jsonl, and the summary but for its time."""
+    summary = json.loads((folder / "summary.json").read_text())
+    summary.pop("seconds")
+    return (folder / "curated.jsonl").read_text(), (folder / "rejects.jsonl").read_text(), summary

@@ -22,6 +22,14 @@ class FailingOn:
         return run
 
 
+class SocketProbe:
+    """A pool worker that answers each batch with the listening sockets it sees while its actor is alive (the
+    actor's own servers included)."""
+
+    def __call__(self):
+        return lambda _: listening_sockets()
+
+
 def listening_sockets() -> set[tuple[str, int]]:
     """(address, port) of every listening TCP socket of this machine's network namespace, from /proc/net."""
     import ipaddress

@@ -12,13 +12,11 @@ import pytest
 
 from bimode.curate import CurateConfig, run_curation
 from bimode.curate.pipeline import CurateWorker
-from bimode.data import synthetic
-from bimode.data.records import write_records
 from bimode.eval.runner import EvalConfig, read_samples, run_eval
 from bimode.io import read_log
 from bimode.parallel.pool import RayPool, WorkerFailed
-from tests.conftest import TRAINED_FAMILIES, TRAINED_MAX_LEVEL
-from tests.helpers.ray_helpers import FailingOn, listening_sockets
+from tests.helpers.eval_helpers import curation_outputs, write_curation_pool
+from tests.helpers.ray_helpers import FailingOn, SocketProbe, listening_sockets
 
 pytest.importorskip("ray.data", reason="the Ray tests need bimode[ray] (make setup installs it)")
 ROOT = Path(__file__).resolve().parents[2]
@@ -27,42 +25,42 @@ CFG = CurateConfig(n_samples=3, batch_size=3, max_new_tokens=8, temperature=1.0,
 
 @pytest.fixture(scope="module")
 def cluster():
-    """One local Ray cluster for the module (started as `--ray_address local` starts it), and the sockets it opened."""
-    from bimode.compat.ray_api import start_or_join
+    """One local Ray cluster for the module (started as `--ray_address local` starts it); yields the listening
+    sockets there were before it started."""
+    from bimode.compat.ray_api import SINGLE_MACHINE_ENV, start_or_join
 
     import ray
 
+    saved = {name: os.environ.get(name) for name in ("PYTHONPATH", SINGLE_MACHINE_ENV)}
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     before = listening_sockets()
     started = start_or_join("local", num_cpus=2)
-    opened = listening_sockets() - before
-    yield opened
+    yield before
     if started:
         ray.shutdown()
+    for name, value in saved.items():  # the next modules see the environment they would have
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    path = tmp_path_factory.mktemp("inputs") / "train.jsonl"
-    records = [s.to_record() for s in synthetic.generate(15, seed=31, families=TRAINED_FAMILIES,
-                                                         max_level=TRAINED_MAX_LEVEL)]
-    for r in records[:5]:
-        r.reasoning = None
-    write_records(records, path)
-    return path
+    return write_curation_pool(tmp_path_factory.mktemp("inputs") / "train.jsonl", 15, 5)
 
 
-def _outputs(folder):
-    summary = json.loads((folder / "summary.json").read_text())
-    summary.pop("seconds")
-    return (folder / "curated.jsonl").read_text(), (folder / "rejects.jsonl").read_text(), summary
+_outputs = curation_outputs
 
 
 def test_a_local_cluster_listens_on_loopback_only(cluster):
+    """Every socket Ray opened, its actors' servers included (seen from inside two running actors), is on 127.0.0.1."""
     from bimode.compat.ray_api import node_addresses
 
-    assert cluster, "starting Ray opened no listening socket: nothing was checked"
-    assert {address for address, _ in cluster} == {"127.0.0.1"}, sorted(cluster)
+    seen = [sockets for _, sockets in RayPool(SocketProbe(), "local", num_workers=2).imap([(0, None), (1, None)])]
+    opened = set().union(*seen) - cluster
+    assert len(opened) > 4, f"Ray opened {sorted(opened)}: too few for its servers and two actors"
+    assert {address for address, _ in opened} == {"127.0.0.1"}, sorted(opened)
     assert node_addresses() == ["127.0.0.1"]
 
 
@@ -103,4 +101,7 @@ def test_the_eval_command_on_a_local_ray_cluster_equals_one_process(engine, trai
     ray = read_samples(tmp_path / "ray" / "samples.jsonl")
     key = lambda r: (r["bench"], r["id"], r["mode"])  # noqa: E731
     assert sorted(ray, key=key) == sorted(single, key=key) and len(single) == 45
-    assert json.loads((tmp_path / "ray" / "metrics.json").read_text())["overall"]
+    from bimode.eval.report import write_report
+
+    ray_metrics = json.loads((tmp_path / "ray" / "metrics.json").read_text())
+    assert ray_metrics == json.loads(json.dumps(write_report(single, tmp_path / "single")))

@@ -106,9 +106,14 @@ def test_the_plain_path_samples_a_seeded_prompt_the_same_in_any_batch(tmp_path):
                for i, t in enumerate(texts)]
     params = SamplingParams(max_new_tokens=8, temperature=1.0, constrain_decision=False)
     ids = lambda out: [[s.token_ids for s in g] for g in out]
+    state = torch.get_rng_state()
     together = ids(engine.generate(prompts, params))
+    assert torch.equal(torch.get_rng_state(), state)  # the global generator is left as it was
     assert together == [ids(engine.generate([p], params))[0] for p in prompts]
     assert together[1] == ids(engine.generate(prompts[1:2] + prompts[:1], params))[0]
+    assert all(a != b for a, b in together)  # a prompt's two samples differ: it samples
+    reseeded = Prompt(messages=prompts[0].messages, modes=["think", "think"], seed=99)
+    assert ids(engine.generate([reseeded], params))[0] != together[0]
 
 
 @pytest.mark.parametrize("budget", [0, 2, 4])

@@ -7,14 +7,13 @@ import pytest
 
 from bimode.curate import CurateConfig, run_curation
 from bimode.curate.pipeline import merge_curation
-from bimode.data import synthetic
-from bimode.data.records import write_records
 from bimode.errors import OutputExistsError, UsageError
 from bimode.eval.report import write_report
 from bimode.eval.runner import EvalConfig, merge_eval, read_samples, run_eval
 from bimode.parallel.shards import Shard
 from bimode.serve.app import create_app
-from tests.conftest import TRAINED_FAMILIES, TRAINED_MAX_LEVEL, free_port, serve_in_thread
+from tests.conftest import free_port, serve_in_thread
+from tests.helpers.eval_helpers import curation_outputs, write_curation_pool
 
 CFG = CurateConfig(n_samples=3, batch_size=4, max_new_tokens=8, temperature=1.0, annotator_name="tiny")
 
@@ -22,21 +21,10 @@ CFG = CurateConfig(n_samples=3, batch_size=4, max_new_tokens=8, temperature=1.0,
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     """18 records (some repeat: duplicates), 6 without a trace of their own, and a row that cannot be read."""
-    path = tmp_path_factory.mktemp("inputs") / "train.jsonl"
-    records = [s.to_record() for s in synthetic.generate(18, seed=31, families=TRAINED_FAMILIES,
-                                                         max_level=TRAINED_MAX_LEVEL)]
-    for r in records[:6]:
-        r.reasoning = None
-    write_records(records, path)
-    with open(path, "a") as fh:
-        fh.write('{"id": "bad", "question": 3}\n')
-    return path
+    return write_curation_pool(tmp_path_factory.mktemp("inputs") / "train.jsonl", 18, 6, unreadable_row=True)
 
 
-def _files(folder):
-    summary = json.loads((folder / "summary.json").read_text())
-    summary.pop("seconds")
-    return (folder / "curated.jsonl").read_text(), (folder / "rejects.jsonl").read_text(), summary
+_files = curation_outputs
 
 
 def _shards(engine, inputs, root, count, cfg=CFG):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -51,6 +52,8 @@ def make_parser(prog: str = "bimode curate") -> CommandParser:
 
 def main(cmd: CurateCommandConfig, cfg: CurateConfig, cluster: ClusterConfig) -> int:
     from bimode.curate.pipeline import CurateWorker, run_curation
+    from bimode.generation.openai_backend import EndpointError
+    from bimode.parallel.pool import WorkerFailed
     from bimode.parallel.shards import Shard
 
     options = {"trust_remote_code": cmd.trust_remote_code, "concurrency": cmd.concurrency,
@@ -63,8 +66,12 @@ def main(cmd: CurateCommandConfig, cfg: CurateConfig, cluster: ClusterConfig) ->
     shard = Shard(cluster.shard_index, cluster.num_shards)
     run = dict(overwrite=cmd.overwrite, input_format=cmd.input_format, shard=shard,
                identity={"annotator": cmd.annotator, "reasoner": cmd.reasoner})
-    # on Ray each actor builds its own annotator, and this process none
-    summary = run_curation(None, cmd.input, Path(cmd.out), cfg, pool=make_pool(worker, cluster), **run)
+    try:  # on Ray each actor builds its own annotator, and this process none
+        summary = run_curation(None, cmd.input, Path(cmd.out), cfg, pool=make_pool(worker, cluster), **run)
+    except (EndpointError, WorkerFailed) as exc:  # finished batches are logged: the same command resumes
+        logged = (Path(cmd.out) / "batches.jsonl").exists()
+        print(f"error: {exc}" + ("; run the same command to resume" if logged else ""), file=sys.stderr)
+        return 2
     if not shard.whole:
         print(f"shard {shard.index} of {shard.count} finished in {cmd.out}; when every shard has, combine them: "
               f"bimode curate merge SHARD_DIR ... --out DIR")

@@ -90,7 +90,7 @@ def main(cmd: EvalCommandConfig, cfg: EvalConfig, cluster: ClusterConfig) -> int
         title = f"bimode eval of {served or 'the model'} at {cmd.endpoint}" if cmd.endpoint else \
             f"bimode eval of {cmd.model}"
         samples = run_eval(None, cmd.bench, out, cfg, pool=pool, shard=shard,
-                           identity={"model": model, "judge": cmd.judge, "title": title})
+                           identity={"model": model, "judge": cmd.judge})
     except (EndpointError, WorkerFailed) as exc:  # what is scored is kept: the same command resumes
         again = "the same command without --overwrite" if cmd.overwrite else "the same command"
         print(f"error: {exc}" + (f"; run {again} to resume" if (out / "samples.jsonl").exists() else ""),

@@ -18,7 +18,8 @@ class EvalMergeConfig:
         "help": "the --out folders of every shard of one `bimode eval --num_shards K` run"})
     out: str = field(default="", metadata={
         "help": "run directory to write (samples.jsonl, rejects.jsonl, metrics.json, report.md, PNGs)"})
-    title: str = field(default="", metadata={"help": "report title (default: bimode eval of the shards' run)"})
+    title: str = field(default="", metadata={"help": "report title (default: bimode eval of the shards' model)"})
+    overwrite: bool = field(default=False, metadata={"help": "replace samples.jsonl and the report in --out"})
 
     def __post_init__(self):
         if not self.shards or not self.out:
@@ -37,8 +38,9 @@ def main(cfg: EvalMergeConfig) -> int:
     from bimode.eval.runner import merge_eval, read_samples
     from bimode.parallel.shards import read_manifest
 
-    samples = merge_eval(cfg.shards, Path(cfg.out))
-    title = cfg.title or read_manifest(Path(cfg.shards[0])).get("identity", {}).get("title") or "bimode eval"
+    samples = merge_eval(cfg.shards, Path(cfg.out), overwrite=cfg.overwrite)
+    model = read_manifest(Path(cfg.shards[0])).get("identity", {}).get("model")
+    title = cfg.title or (f"bimode eval of {model}" if model else "bimode eval")
     write_report(read_samples(samples), Path(cfg.out), title=title)
     print(f"merged {len(cfg.shards)} shards; report: {Path(cfg.out) / 'report.md'}; samples: {samples}")
     return 0

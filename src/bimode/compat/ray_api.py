@@ -4,7 +4,7 @@ One non-public switch: a private cluster on this machine (`--ray_address local`)
 Ray takes its node address from the machine's network interface even when told `_node_ip_address="127.0.0.1"`,
 and its servers then listen on every interface. Ray's single-machine switch (`RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`,
 read into `ray._private.ray_constants.ENABLE_RAY_CLUSTER`, what Ray itself sets on laptops) makes the node address
-the loopback one, and every Ray server then listens there. Checked on Ray 2.60 (tests/unit/test_parallel_ray.py
+the loopback one, and every Ray server then listens there. Checked on Ray 2.60 (tests/integration/test_ray.py
 lists the listening sockets).
 """
 

@@ -61,7 +61,8 @@ class CurateConfig:
         "help": f"tokens per reasoning trace the reasoner writes (default: {DEFAULT_LIMIT_HELP}): a cut trace "
                 "fails verification"})
     trace_tries: int = field(default=2, metadata={"help": "reasoning traces tried per query before rejecting"})
-    batch_size: int = field(default=16, metadata={"help": "queries per batch (the resume unit)"})
+    batch_size: int = field(default=16, metadata={
+        "help": "queries per batch: the unit of resume, of a Ray actor's work and of sharding"})
     seed: int = field(default=0, metadata={
         "help": "run seed: each query samples from a seed derived from it and the query's id, in any batch or worker"})
     judge_prompt: str | None = field(default=None, metadata={
@@ -270,7 +271,8 @@ def run_curation(backend, inputs: list, out: Path, cfg: CurateConfig | None = No
     run_id = None
     if not shard.whole:
         run_id = fingerprint({"cfg": asdict(cfg), "input_format": input_format, **(identity or {})}, inputs)
-        check_resumable(out, shard, run_id, PROGRESS_FILE)
+    check_resumable(out, shard, run_id, PROGRESS_FILE)
+    if not shard.whole:
         write_manifest(out, "curate", shard, run_id, len(batches), finished=False, identity=identity or {})
 
     def with_file(rows: list[dict]) -> list[dict]:  # a record's rejects name the file it came from
@@ -278,6 +280,10 @@ def run_curation(backend, inputs: list, out: Path, cfg: CurateConfig | None = No
 
     progress_path = out / PROGRESS_FILE
     done = _finished_batches(progress_path)
+    for index, entry in done.items():  # a resumed batch must be the batch this command cuts, row for row
+        if index >= len(batches) or entry["ids"] != [r.id for r in batches[index]]:
+            raise OutputExistsError(f"{progress_path}: batch {index} was cut from other inputs or another batch_size "
+                                    "than this command's; run the command that started it, or pass --overwrite")
     mine = [i for i in range(len(batches)) if shard.owns(i)]
     if pool is None:
         judge_template = Path(cfg.judge_prompt).read_text(encoding="utf-8") if cfg.judge_prompt else None
@@ -338,7 +344,7 @@ def merge_curation(folders: list, out: Path, overwrite: bool = False) -> dict:
     for folder, _ in shards:  # images the curated rows point to, relative to the shard folder, then to out/
         if (folder / "curated_images").is_dir() and folder.resolve() != out.resolve():
             shutil.copytree(folder / "curated_images", out / "curated_images", dirs_exist_ok=True)
-    seconds = sum(m.get("seconds", 0.0) for _, m in shards)
+    seconds = max(m.get("seconds", 0.0) for _, m in shards)  # the shards ran side by side: the longest
     return finish_curation(out, [entries[i] for i in sorted(entries)], shards[0][1].get("input_rejects", []), seconds)
 
 

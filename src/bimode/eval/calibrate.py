@@ -83,8 +83,9 @@ def _point(rows: list[dict], threshold: float) -> dict:
 def paired_differences(queries: dict, thresholds: list[float], token_share: float | None = None) -> np.ndarray:
     """(thresholds x questions): per question, auto-at-threshold's score minus think's, or with `token_share`
     auto's tokens minus token_share x think's: the paired differences whose mean the goal bounds."""
-    think = [m["think"] for m in queries.values()]
-    direct = [m["no_think"] for m in queries.values()]
+    ordered = [queries[key] for key in sorted(queries, key=str)]  # the bootstrap's columns: not the file's order
+    think = [m["think"] for m in ordered]
+    direct = [m["no_think"] for m in ordered]
     p_think = np.array([r["p_think"] for r in think], dtype=float)[None, :]
     chooses_think = p_think >= np.asarray(thresholds, dtype=float)[:, None]
     field = "score" if token_share is None else "tokens"

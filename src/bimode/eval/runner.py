@@ -42,7 +42,8 @@ class EvalConfig:
     max_thinking_tokens: int | None = field(default=None, metadata={"help": "thinking budget in tokens"})
     think_threshold: float | None = field(default=None, metadata={
         "help": "auto mode thinks iff p_think >= this (pick it with `bimode eval calibrate`)"})
-    batch_size: int = field(default=32, metadata={"help": "questions per generation batch"})
+    batch_size: int = field(default=32, metadata={
+        "help": "questions per generation batch: the unit of a Ray actor's work and of sharding"})
     limit: int | None = field(default=None, metadata={"help": "first N records of each benchmark"})
 
     def __post_init__(self):
@@ -61,8 +62,8 @@ def bench_name(path: str | os.PathLike) -> str:
 
 
 def load_bench(path, limit=None, rejects: list | None = None, check_images: bool = True) -> list[Record]:
-    """Records of a benchmark file. Bad rows, rows without a gold answer and (with check_images) rows whose
-    images do not open go to `rejects` (without it, the first raises); `limit` counts usable records."""
+    """Records of a benchmark file. Bad rows, rows without a gold answer, rows that repeat an earlier row's id and
+    (with check_images) rows whose images do not open go to `rejects` (without it, the first raises); `limit` counts usable records."""
     name = bench_name(path)
 
     def reject(exc: RecordError, record_id: str | None = None) -> None:
@@ -70,8 +71,12 @@ def load_bench(path, limit=None, rejects: list | None = None, check_images: bool
             raise exc
         rejects.append(from_error(exc, id=record_id, bench=name))
 
-    records = []
+    records, first_row = [], {}
     for row, record in iter_numbered_records(path, on_error=reject):
+        if record.id in first_row:  # samples are keyed by id: a second row with it would overwrite the first's
+            reject(RecordError(f"id {record.id} repeats row {first_row[record.id]}'s", path, row, "id"), record.id)
+            continue
+        first_row[record.id] = row
         if not record.answer:
             reject(RecordError(f"record {record.id} has no gold answer", path, row, "answer"), record.id)
             continue
@@ -185,7 +190,8 @@ def run_eval(engine, bench_paths: list, out_dir: Path, cfg: EvalConfig | None = 
     run_id = None
     if not shard.whole:
         run_id = fingerprint({"cfg": asdict(cfg), **(identity or {})}, bench_paths)
-        check_resumable(out_dir, shard, run_id, "samples.jsonl")
+    check_resumable(out_dir, shard, run_id, "samples.jsonl")
+    if not shard.whole:
         write_manifest(out_dir, "eval", shard, run_id, len(batches), finished=False, identity=identity or {})
     # this run's benchmarks were read afresh: their rejects replace the old ones, other benchmarks' stay
     names = {bench_name(p) for p in bench_paths}
@@ -216,24 +222,26 @@ def run_eval(engine, bench_paths: list, out_dir: Path, cfg: EvalConfig | None = 
     return samples_path
 
 
-def merge_eval(folders: list, out_dir: Path) -> Path:
-    """The shard folders of one `--num_shards` eval combined into one run folder (samples.jsonl and rejects.jsonl
-    as an unsharded run writes them, shard by shard); refused, naming them, when shards are missing, repeated, of
-    another run or unfinished, or when two shards hold the same sample."""
+def merge_eval(folders: list, out_dir: Path, overwrite: bool = False) -> Path:
+    """The shard folders of one `--num_shards` eval combined into one run folder: samples.jsonl (every shard's
+    samples, sorted by benchmark, id and mode; an unsharded run lists them batch by batch, and nothing computed
+    from them depends on the order) and rejects.jsonl as an unsharded run writes them; refused, naming them, when
+    shards are missing, repeated, of another run or unfinished, or when two shards hold the same sample."""
     shards = check_shards(folders, "eval")
     out_dir = Path(out_dir)
-    if (out_dir / "samples.jsonl").exists():
-        raise OutputExistsError(f"{out_dir} already holds samples.jsonl; merge into a new folder")
+    if (out_dir / "samples.jsonl").exists() and not overwrite:
+        raise OutputExistsError(f"{out_dir} already holds samples.jsonl; pass --overwrite to replace it")
     rows, owner = [], {}
     for folder, _ in shards:
         for row in read_samples(folder / "samples.jsonl"):
             key = (row["bench"], row["id"], row["mode"])
             if key in owner:
-                raise UsageError(f"cannot merge: {key} is in both {owner[key]} and {folder} (duplicate shards)")
+                raise UsageError(f"cannot merge: sample {key} is in both {owner[key]} and {folder} (the same shard "
+                                 "copied twice?)")
             owner[key] = folder
             rows.append(row)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_jsonl(out_dir / "samples.jsonl", rows)
+    write_jsonl(out_dir / "samples.jsonl", sorted(rows, key=lambda r: (r["bench"], str(r["id"]), r["mode"])))
     rejects = read_rejects(shards[0][0] / REJECTS_FILE)  # every shard reads every benchmark: the same rejects
     if rejects:
         write_rejects(out_dir / REJECTS_FILE, rejects)

@@ -85,10 +85,11 @@ def _endpoint_pool(urls: list[str], model_name: str | None, **options):
     failures = []
     for url in urls if model_name is None else []:  # the model id from the first endpoint that answers
         try:
-            model_name = OpenAIEndpointBackend(url, **options).model
+            model_name = OpenAIEndpointBackend(url, retries=1, **options).model
             break
         except EndpointError as exc:
             failures.append(str(exc))
     if model_name is None:
         raise EndpointError("no endpoint answered: " + "; ".join(failures))
-    return EndpointPool([OpenAIEndpointBackend(url, model=model_name, **options) for url in urls])
+    # one retry each: the pool's failover is the rest of the retrying, and a dead endpoint costs two timeouts
+    return EndpointPool([OpenAIEndpointBackend(url, model=model_name, retries=1, **options) for url in urls])

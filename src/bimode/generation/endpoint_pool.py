@@ -2,7 +2,8 @@
 
 Requests (one per prompt and mode) go to the endpoints in turn. An endpoint that stops answering (connection
 refused, timeouts, 5xx after its own retries: `EndpointUnavailable`) is set aside for `rest_s` seconds and its
-request goes to the next one; a request fails only when no endpoint is left. A 4xx answer is the request's fault,
+request goes to the next one; a request fails only when it has tried every endpoint (resting ones last). Pooled
+endpoints retry once themselves (`build_backend` sets it), so a dead one costs a request two timeouts at most. A 4xx answer is the request's fault,
 not the server's, and fails at once. Each request carries its prompt's seed (bimode.seeds), so with servers of
 the same model and version the answer does not depend on which server gave it.
 """
@@ -47,14 +48,18 @@ class EndpointPool:
         return generate_by_requests(self._send, self.concurrency, self.tokenizer, prompts, params, on_token, progress)
 
     def _pick(self, tried: set[int]) -> int | None:
+        """The next endpoint this request has not tried: in turn among those not resting, else the one whose rest
+        ends first (a request fails only once it has tried them all)."""
         with self._lock:
             now = time.monotonic()
-            for step in range(len(self.endpoints)):
-                i = (self._next + step) % len(self.endpoints)
-                if i not in tried and self._resting_until[i] <= now:
-                    self._next = i + 1
-                    return i
-        return None
+            untried = [(self._next + step) % len(self.endpoints) for step in range(len(self.endpoints))]
+            untried = [i for i in untried if i not in tried]
+            if not untried:
+                return None
+            awake = [i for i in untried if self._resting_until[i] <= now]
+            i = awake[0] if awake else min(untried, key=lambda j: self._resting_until[j])
+            self._next = i + 1
+            return i
 
     def _send(self, prompt: Prompt, mode: ThinkingMode, n: int, params: SamplingParams) -> list[Completion]:
         tried: set[int] = set()

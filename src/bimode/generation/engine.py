@@ -12,6 +12,7 @@ transformers path repeats the prompt n times). The prefill's last logits are the
 from __future__ import annotations
 
 import contextlib
+import secrets
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -227,7 +228,8 @@ class TransformersEngine:
         decoding step while a prompt's samples run: True ends them there, with finish reason "cancelled" (a
         server's client went away or ran out of time), without stopping the rest of the batch."""
         generator = torch.Generator(device=self.device)
-        generator.manual_seed(params.seed if params.seed is not None else torch.seed() % 2**63)
+        # unseeded: fresh entropy, not torch.seed(), which would reseed the caller's global generator too
+        generator.manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
         results: list[list[Completion]] = []
         batches, current, rows = [], [], 0
         for p in prompts:  # chunk so that no batch exceeds max_batch_rows samples
@@ -446,7 +448,8 @@ class TransformersEngine:
                               top_k=params.top_k or None)
             else:
                 kwargs.update(do_sample=False)
-            with torch.random.fork_rng(devices=[]) if seeded else contextlib.nullcontext():
+            devices = [self.device] if self.device.type == "cuda" else []  # the global generators are left as found
+            with torch.random.fork_rng(devices=devices) if seeded else contextlib.nullcontext():
                 if seeded:  # `generate` samples from the global generator: seeded here for this prompt alone
                     torch.manual_seed(derive_seed(prompts[group[0][0]].seed, used.value))
                 sequences = self.model.generate(**inputs, **kwargs)[:, width:].tolist()

@@ -13,6 +13,7 @@ import pickle
 from typing import Any, Callable, Iterable, Iterator
 
 Item = tuple[int, Any]
+RESTARTS = 2
 
 
 class WorkerFailed(RuntimeError):
@@ -83,8 +84,18 @@ class RayPool:
         results = dataset.map_batches(
             _Actor, fn_constructor_args=(self.make_worker,), batch_size=1, batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=self.num_workers), num_cpus=self.cpus_per_worker,
-            num_gpus=self.gpus_per_worker or None)
-        for row in results.iter_rows():
+            num_gpus=self.gpus_per_worker or None,
+            # an actor that dies (a lost node, out of memory) is restarted and its batch retried, a few times:
+            # Ray Data's default is forever, and a batch that kills its actor each time would never end the run
+            max_restarts=RESTARTS, max_task_retries=RESTARTS)
+        rows = iter(results.iter_rows())
+        while True:
+            try:
+                row = next(rows)
+            except StopIteration:
+                return
+            except Exception as exc:  # noqa: BLE001 - Ray's own failures (an actor that cannot start, a lost node)
+                raise WorkerFailed(f"the Ray run failed: {type(exc).__name__}: {str(exc)[-3000:]}") from exc
             status, value, *where = pickle.loads(row["result"])
             if status == "error":
                 raise WorkerFailed(f"batch {int(row['index'])} failed on a Ray worker (pid {where[0]}): {value}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,10 +60,16 @@ def write_manifest(out: Path, kind: str, shard: Shard, run_fingerprint: str, num
     atomic_write_text(Path(out) / MANIFEST, json.dumps(manifest, indent=2) + "\n")
 
 
-def check_resumable(out: Path, shard: Shard, run_fingerprint: str, log_name: str) -> None:
-    """A shard folder that another run's command would resume (another fingerprint or shard), or a plain run's
-    folder, is refused: resuming it would mix two runs."""
+def check_resumable(out: Path, shard: Shard, run_fingerprint: str | None, log_name: str) -> None:
+    """A shard folder that another run's command would resume (another fingerprint or shard, or no shard: a plain
+    run, `run_fingerprint` None), or a plain run's folder resumed as a shard, is refused: it would mix two runs."""
     out = Path(out)
+    if (out / MANIFEST).exists() and shard.whole:
+        old = read_manifest(out)
+        raise OutputExistsError(f"{out} holds shard {old.get('shard_index')} of {old.get('num_shards')} of a sharded "
+                                "run: merge it with the others, or pass --overwrite to start a plain run there")
+    if shard.whole:
+        return
     if (out / MANIFEST).exists():
         old = read_manifest(out)
         if (old.get("fingerprint"), old.get("shard_index"), old.get("num_shards")) != (
@@ -91,15 +98,16 @@ def check_shards(folders: list, kind: str) -> list[tuple[Path, dict]]:
     shards = [(Path(f), read_manifest(Path(f))) for f in folders]
     problems = [f"{f}: a `bimode {m.get('kind')}` shard, not a `bimode {kind}` one" for f, m in shards
                 if m.get("kind") != kind]
-    first_folder, first = shards[0]
-    for folder, m in shards[1:]:
-        for key in ("fingerprint", "num_shards", "num_batches"):
-            if m.get(key) != first.get(key):
-                problems.append(f"{folder}: {key} {m.get(key)} differs from {first_folder}'s {first.get(key)} "
-                                "(a shard of another run)")
-                break
+    run_of = lambda m: (m.get("fingerprint"), m.get("num_shards"), m.get("num_batches"))  # noqa: E731
+    # the run most folders belong to (on a tie, the first given's): the others are named as foreign
+    reference = Counter(run_of(m) for _, m in shards).most_common(1)[0][0]
+    first = next(m for _, m in shards if run_of(m) == reference)
+    problems += [f"{folder}: a shard of another run (fingerprint {m.get('fingerprint')}, {m.get('num_shards')} "
+                 f"shards; most given are {reference[0]}, {reference[1]} shards)" for folder, m in shards
+                 if run_of(m) != reference]
+    shards_of_run = [(f, m) for f, m in shards if run_of(m) == reference]
     by_index: dict[int, list[Path]] = {}
-    for folder, m in shards:
+    for folder, m in shards_of_run:
         by_index.setdefault(m.get("shard_index"), []).append(folder)
     count = first.get("num_shards")
     for index, where in sorted(by_index.items(), key=lambda kv: str(kv[0])):
