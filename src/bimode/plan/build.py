@@ -1,9 +1,10 @@
 """From a recipe, a model directory and a launch config to the per-GPU plan (`bimode plan`).
 
 A recipe is read as the training command reads it (`recipes.load_recipe` into AnnealConfig / BPOConfig and TRL's
-ModelConfig: the same defaults, validation and `env` block); the launch config gives the number of processes and the sharding. Lengths: annealing's longest padded row is
-`max_length`; a BPO row is the prompt (`prompt_tokens`: by default the model's image tokens plus 64 text tokens)
-plus `max_completion_length`, and with the shared-prefix forward (BPO's default where the model allows it) each
+ModelConfig: the same defaults, validation and `env` block); the launch config gives the number of processes and
+the sharding. Lengths: annealing's longest padded row is `max_length`, and with `pack_rows` a row is a pack of
+`max_length` tokens (per_device_train_batch_size then counts packs): the same arithmetic; a BPO row is the
+prompt (`prompt_tokens`: by default the model's image tokens plus 64 text tokens) plus `max_completion_length`, and with the shared-prefix forward (BPO's default where the model allows it) each
 prompt runs once per group of `num_generations` rollouts.
 """
 
@@ -33,7 +34,8 @@ class Launch:
 
     @classmethod
     def read(cls, path) -> "Launch":
-        raw = yaml.safe_load(open(path)) or {}
+        with open(path, encoding="utf-8") as fh:
+            raw = yaml.safe_load(fh) or {}
         kind = str(raw.get("distributed_type", "NO")).upper()
         sharding = "none"
         if kind == "DEEPSPEED":
