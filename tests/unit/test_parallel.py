@@ -98,18 +98,18 @@ def test_several_endpoints_share_requests_and_fail_over(engine, inputs, tmp_path
     try:
         one = build_backend(servers[0][0], concurrency=1)
         run_curation(one, [inputs], tmp_path / "one", CFG, progress=False)
-        shared = build_backend([dead, servers[0][0], servers[1][0]], concurrency=1, timeout_s=5)
-        for endpoint in shared.endpoints:
+        pooled = build_backend([dead, servers[0][0], servers[1][0]], concurrency=1, timeout_s=5)
+        for endpoint in pooled.endpoints:
             endpoint.retries, endpoint.backoff_s = 1, 0.01
-        run_curation(shared, [inputs], tmp_path / "shared", CFG, progress=False)
-        assert _files(tmp_path / "shared") == _files(tmp_path / "one")
+        run_curation(pooled, [inputs], tmp_path / "pooled", CFG, progress=False)
+        assert _files(tmp_path / "pooled") == _files(tmp_path / "one")
         servers[0][1]()  # the first server stops
-        run_curation(shared, [inputs], tmp_path / "after", CFG, progress=False, overwrite=True)
+        run_curation(pooled, [inputs], tmp_path / "after", CFG, progress=False, overwrite=True)
         assert _files(tmp_path / "after") == _files(tmp_path / "one")
         servers[1][1]()
-        shared._resting_until = [0.0] * 3  # rest over: every endpoint is tried again, and none answers
+        pooled._resting_until = [0.0] * 3  # rest over: every endpoint is tried again, and none answers
         with pytest.raises(EndpointError, match="no endpoint answered") as error:
-            run_curation(shared, [inputs], tmp_path / "none", CFG, progress=False)
+            run_curation(pooled, [inputs], tmp_path / "none", CFG, progress=False)
         assert all(url in str(error.value) for url in (dead, servers[0][0], servers[1][0]))
     finally:
         for _, stop in servers:

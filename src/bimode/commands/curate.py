@@ -60,9 +60,7 @@ def main(cmd: CurateCommandConfig, cfg: CurateConfig, cluster: ClusterConfig) ->
                "timeout_s": cmd.request_timeout, "model_name": cmd.annotator_model}
     annotator = cmd.annotator if len(cmd.annotator) > 1 else cmd.annotator[0]
     cfg = replace(cfg, annotator_name=cfg.annotator_name or " ".join(cmd.annotator))
-    judge_template = Path(cfg.judge_prompt).read_text(encoding="utf-8") if cfg.judge_prompt else None
-    worker = CurateWorker(cfg, annotator=annotator, reasoner=cmd.reasoner, options=options,
-                          judge_template=judge_template)
+    worker = CurateWorker(cfg, annotator=annotator, reasoner=cmd.reasoner, options=options)
     shard = Shard(cluster.shard_index, cluster.num_shards)
     run = dict(overwrite=cmd.overwrite, input_format=cmd.input_format, shard=shard,
                identity={"annotator": cmd.annotator, "reasoner": cmd.reasoner})

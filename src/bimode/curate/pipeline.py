@@ -213,7 +213,11 @@ class CurateWorker:
     annotator: str | None = None  # backend specs (bimode.generation.backends.build_backend)
     reasoner: str | None = None
     options: dict = field(default_factory=dict)
-    judge_template: str | None = None
+    judge_template: str | None = None  # read here from cfg.judge_prompt: the file need not exist where actors run
+
+    def __post_init__(self):
+        if self.judge_template is None and self.cfg.judge_prompt:
+            self.judge_template = Path(self.cfg.judge_prompt).read_text(encoding="utf-8")
 
     def __call__(self):
         from bimode.generation.backends import build_backend
@@ -286,8 +290,7 @@ def run_curation(backend, inputs: list, out: Path, cfg: CurateConfig | None = No
                                     "than this command's; run the command that started it, or pass --overwrite")
     mine = [i for i in range(len(batches)) if shard.owns(i)]
     if pool is None:
-        judge_template = Path(cfg.judge_prompt).read_text(encoding="utf-8") if cfg.judge_prompt else None
-        pool = LocalPool(CurateWorker(cfg, judge_template=judge_template).bind(backend, reasoner))
+        pool = LocalPool(CurateWorker(cfg).bind(backend, reasoner))
     bar = None
     if progress:
         from tqdm import tqdm

@@ -333,13 +333,20 @@ class TransformersEngine:
         prompt_ids = [ids[keep].tolist() for ids, keep in zip(inputs["input_ids"], inputs["attention_mask"].bool())]
         return self._collect(prompts, rows, p_think, prompt_ids)
 
+    @staticmethod
+    def _own_seeds(prompts: list[Prompt], params: SamplingParams) -> bool:
+        """Whether the engine samples each prompt from its own seed: it samples, and the prompts carry seeds."""
+        if params.temperature == 0 or all(p.seed is None for p in prompts):
+            return False
+        if any(p.seed is None for p in prompts):
+            raise ValueError("either every prompt of a batch carries its own seed or none does")
+        return True
+
     def _row_generators(self, prompts: list[Prompt], rows: list[tuple[int, int]], params: SamplingParams) -> list | None:
         """One generator per (prompt, sample) row where the prompts carry their own seeds and the engine samples:
         a row's draws then depend on its seed alone, not on the batch it runs in. None: the batch's generator."""
-        if params.temperature == 0 or all(p.seed is None for p in prompts):
+        if not self._own_seeds(prompts, params):
             return None
-        if any(p.seed is None for p in prompts):
-            raise ValueError("either every prompt of a batch carries its own seed or none does")
         generators = []
         for pi, si in rows:
             generator = torch.Generator(device=self.device)
@@ -427,7 +434,7 @@ class TransformersEngine:
                     used = ThinkingMode.THINK if p_think[pi] >= params.think_threshold else ThinkingMode.NO_THINK
                 rows.append((pi, si, mode, used))
         out: list[list[Completion]] = [[None] * len(p.modes) for p in prompts]  # type: ignore[list-item]
-        seeded = params.temperature > 0 and self._row_generators(prompts, [(0, 0)], params) is not None
+        seeded = self._own_seeds(prompts, params)
         groups = []  # one `generate` call each: a mode's rows, or with prompts' own seeds one prompt's rows in a mode
         for used in dict.fromkeys(row[3] for row in rows):
             group = [row for row in rows if row[3] is used]
