@@ -25,8 +25,8 @@ from trl import GRPOConfig, GRPOTrainer
 
 from bimode.data.records import read_records
 from bimode.models import load_model
-from bimode.train.bpo import BPOConfig, BPOTrainer
-from bimode.train.bpo_rewards import build_rewards
+from bimode.train.bpo.trainer import BPOConfig, BPOTrainer
+from bimode.train.bpo.rewards import build_rewards
 
 COMMON = dict(num_generations=8, per_device_train_batch_size=64, max_completion_length=40, learning_rate=1e-4,
               report_to=[], save_strategy="no", logging_steps=1, use_cpu=True, bf16=False,

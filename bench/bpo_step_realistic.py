@@ -90,8 +90,8 @@ def common_args(args, side: str) -> dict:
 
 def vllm_prompts_collapsed(generation, image_token_id: int) -> None:
     """TRL 1.16 hands vLLM prompt ids with each image's placeholder already expanded (the processor's output),
-    and vLLM expands each placeholder again; give it one per image, as BPO's rollouts do (train/vllm_fit.py)."""
-    from bimode.train.vllm_fit import collapse_image_runs
+    and vLLM expands each placeholder again; give it one per image, as BPO's rollouts do (train/bpo/vllm_fit.py)."""
+    from bimode.train.bpo.vllm_fit import collapse_image_runs
 
     generate = generation.generate
 
@@ -105,7 +105,7 @@ def vllm_prompts_collapsed(generation, image_token_id: int) -> None:
 
 def build(side: str, args, out: str):
     from bimode.models import load_model
-    from bimode.train.bpo_rewards import build_rewards
+    from bimode.train.bpo.rewards import build_rewards
 
     model, processor = load_model(args.model, dtype=torch.float32)
     records = bench_records(args.queries * 64)
@@ -113,7 +113,7 @@ def build(side: str, args, out: str):
         import datasets
         from trl import GRPOConfig, GRPOTrainer
 
-        from bimode.train.vllm_fit import colocated_llm_settings, fit_vllm_generation
+        from bimode.train.bpo.vllm_fit import colocated_llm_settings, fit_vllm_generation
 
         rows = [{"prompt": r.messages(), "images": r.load_images(), "answer": r.answer, "answer_type": r.answer_type,
                  "choices": r.choices} for r in records]
@@ -130,7 +130,7 @@ def build(side: str, args, out: str):
         return trainer
     from bimode.generation.engine import TransformersEngine
     from bimode.modes import ThinkingMode
-    from bimode.train.bpo import BPOConfig, BPOTrainer
+    from bimode.train.bpo.trainer import BPOConfig, BPOTrainer
 
     engine = TransformersEngine(model, processor, max_batch_rows=1024)
     engine.eos_ids = set()  # never stop early: every rollout samples its whole budget, like stock's

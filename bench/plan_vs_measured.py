@@ -53,7 +53,7 @@ def measure(stage: str, lora: bool, ckpt: bool, model: str) -> dict:
     write_records([s.to_record() for s in synthetic.generate(64, seed=2, families=["count", "shell"], max_level=3)],
                   str(data))
     if stage == "bpo":
-        from bimode.train.bpo import build_trainer
+        from bimode.train.bpo.trainer import build_trainer
     else:
         from bimode.train.anneal import build_trainer
     base = rss()
@@ -75,7 +75,7 @@ def configs(stage: str, lora: bool, ckpt: bool, model: str, data: str, out: str,
     from trl import ModelConfig
 
     if stage == "bpo":
-        from bimode.train.bpo import BPOConfig as Config
+        from bimode.train.bpo.trainer import BPOConfig as Config
     else:
         from bimode.train.anneal import AnnealConfig as Config
     model_args = ModelConfig(use_peft=True, lora_r=16, lora_alpha=32) if lora else ModelConfig()

@@ -27,7 +27,7 @@ from bimode.data import synthetic
 from bimode.data.records import write_records
 from bimode.models.tiny import build_tiny
 from bimode.recipes import load_recipe
-from bimode.train.bpo import BPOConfig, build_trainer
+from bimode.train.bpo.trainer import BPOConfig, build_trainer
 
 RUNS = {
     "BPO, mode tokens on": dict(rollout="bimode", mode_token_loss="on"),

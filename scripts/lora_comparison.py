@@ -37,8 +37,8 @@ from bimode.models import load_model
 from bimode.models.tiny import build_tiny
 from bimode.train.anneal import AnnealConfig
 from bimode.train.anneal import build_trainer as build_anneal
-from bimode.train.bpo import BPOConfig
-from bimode.train.bpo import build_trainer as build_bpo
+from bimode.train.bpo.trainer import BPOConfig
+from bimode.train.bpo.trainer import build_trainer as build_bpo
 
 MODES = ("auto", "think", "no_think")
 ADDED_BY_PEFT = (".lora_A.", ".lora_B.", ".modules_to_save.", ".trainable_tokens_delta.")

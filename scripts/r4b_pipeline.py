@@ -35,7 +35,7 @@ from bimode.models.compose import compose
 from bimode.models.tiny import build_tiny_parts
 from bimode.recipes import load_recipe
 from bimode.train.anneal import AnnealConfig
-from bimode.train.bpo import BPOConfig
+from bimode.train.bpo.trainer import BPOConfig
 
 LR = 3e-3  # tiny_anneal's
 STAGES = {  # recipe -> learning rates at this size (the recipes' ratios)

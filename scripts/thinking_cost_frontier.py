@@ -39,7 +39,7 @@ from bimode.eval.metrics import group_metrics, oracle_summary
 from bimode.eval.runner import EvalConfig, read_samples, run_eval
 from bimode.generation.engine import TransformersEngine
 from bimode.models import load_model
-from bimode.train.bpo import BPOConfig
+from bimode.train.bpo.trainer import BPOConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bpo_miniature import train_to_final  # noqa: E402

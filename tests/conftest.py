@@ -82,10 +82,17 @@ def trained_tiny(tmp_path_factory, request):
     dependence, the engine against plain generation. Kept in pytest's cache under a digest of bimode's files and
     the torch and transformers versions that trained it. `make test`'s second run (the internals tests at the
     lower end of the transformers range) sets BIMODE_TESTS_ANY_TRAINED_VERSION=1 and takes the model the first
-    run trained with the same code instead of training it again.
+    run trained with the same code instead of training it again. BIMODE_TESTS_TRAINED_TINY=DIR takes DIR
+    instead (a model this fixture trained before): for an inner loop that edits bimode's code, never for CI.
     """
     import shutil
+    from pathlib import Path
 
+    given = os.environ.get("BIMODE_TESTS_TRAINED_TINY")  # a model trained before, for an inner loop that edits code
+    if given:
+        if not (Path(given) / "config.json").exists():
+            raise FileNotFoundError(f"BIMODE_TESTS_TRAINED_TINY={given}: no config.json there")
+        return Path(given)
     cache = getattr(request.config, "cache", None)  # absent under -p no:cacheprovider
     if cache is None:
         return _train_tiny(tmp_path_factory.mktemp("trained"))

@@ -92,8 +92,8 @@ def run_demo(cfg: DemoConfig) -> int:
     from bimode.recipes import load_recipe, recipe_values
     from bimode.train.anneal import AnnealConfig
     from bimode.train.anneal import build_trainer as anneal_trainer
-    from bimode.train.bpo import BPOConfig
-    from bimode.train.bpo import build_trainer as bpo_trainer
+    from bimode.train.bpo.trainer import BPOConfig
+    from bimode.train.bpo.trainer import build_trainer as bpo_trainer
     from bimode.train.sft_warmup import SimpleSFTConfig, train_sft
 
     out, seed = Path(cfg.out), cfg.seed

@@ -5,7 +5,7 @@ import sys
 
 from trl import TrlParser
 
-from bimode.train.bpo import BPOConfig, build_trainer
+from bimode.train.bpo.trainer import BPOConfig, build_trainer
 from bimode.train.processes import end_processes
 
 (cfg,) = TrlParser(BPOConfig).parse_args_and_config(args=sys.argv[1:])

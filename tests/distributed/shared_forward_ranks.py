@@ -7,7 +7,7 @@ import sys
 import torch
 from trl import TrlParser
 
-from bimode.train.bpo import BPOConfig, build_trainer
+from bimode.train.bpo.trainer import BPOConfig, build_trainer
 from bimode.train.processes import end_processes
 from tests.helpers.bpo_helpers import forward_path
 
@@ -24,7 +24,7 @@ class ForwardPaths(logging.Handler):
 
 
 paths = ForwardPaths()
-bpo_log = logging.getLogger("bimode.train.bpo")
+bpo_log = logging.getLogger("bimode.train.bpo.trainer")
 bpo_log.addHandler(paths)
 bpo_log.setLevel(logging.INFO)
 (cfg,) = TrlParser(BPOConfig).parse_args_and_config(args=sys.argv[1:])

@@ -206,7 +206,7 @@ def test_tensorboard_logging_by_default(tmp_path):
 
 def test_cpu_training_is_fp32_unless_bf16_is_asked_for(tmp_path):
     """TRL turns bf16 on when unset: on a CPU without bf16 instructions that is emulated and many times slower."""
-    from bimode.train.bpo import BPOConfig
+    from bimode.train.bpo.trainer import BPOConfig
 
     for config in (AnnealConfig, BPOConfig):
         assert config(output_dir=str(tmp_path), use_cpu=True).bf16 is False

@@ -10,10 +10,10 @@ import torch
 from bimode.data import synthetic
 from bimode.data.records import write_records
 from bimode.modes import ThinkingMode
-from bimode.train.bpo_core import (ROLLOUT_LAYOUTS, forced_env_mask, mode_token_loss, mode_token_weights,
+from bimode.train.bpo.core import (ROLLOUT_LAYOUTS, forced_env_mask, mode_token_loss, mode_token_weights,
                                    parse_mode_token_loss, per_mode_stats, register_rollout, rollout_modes)
-from bimode.train.bpo_rewards import GuardedReward, import_reward, weighted_rewards
-from bimode.train.bpo_rollouts import ROLLOUT_FIELD, RolloutBatch, batches_in, group_prompts
+from bimode.train.bpo.rewards import GuardedReward, import_reward, weighted_rewards
+from bimode.train.bpo.rollouts import ROLLOUT_FIELD, RolloutBatch, batches_in, group_prompts
 
 from tests.helpers.bpo_helpers import LastLogged, trained_p_think_drop
 from tests.conftest import TRAINED_MAX_LEVEL
@@ -68,7 +68,7 @@ def test_rollout_layouts_are_registered_by_name():
 
     try:
         assert rollout_modes(0, 3, 4, "think_only_for_test") == [T, T, T]
-        from bimode.train.bpo import BPOConfig  # the config accepts a layout registered after import
+        from bimode.train.bpo.trainer import BPOConfig  # the config accepts a layout registered after import
 
         assert BPOConfig(output_dir="o", rollout="think_only_for_test", use_cpu=True, bf16=False).rollout == \
             "think_only_for_test"
@@ -159,7 +159,7 @@ def bpo_file(trained_families_file):
 
 
 def make_trainer(model_dir, train_file, out, **overrides):
-    from bimode.train.bpo import BPOConfig, build_trainer
+    from bimode.train.bpo.trainer import BPOConfig, build_trainer
 
     args = dict(model_path=str(model_dir), train_files=[str(train_file)], output_dir=str(out),
                 num_generations=4, per_device_train_batch_size=8, max_completion_length=24, max_steps=2,
@@ -338,7 +338,7 @@ def test_probe_logs_p_think_by_level(tmp_path, trained_tiny, bpo_file):
 def test_recipes_parse_into_the_config():
     from trl import TrlParser
 
-    from bimode.train.bpo import BPOConfig
+    from bimode.train.bpo.trainer import BPOConfig
 
     (tiny,) = TrlParser(BPOConfig).parse_args_and_config(
         args=["--config", str(ROOT / "configs/recipes/tiny_bpo.yaml"), "--use_cpu", "true"])
@@ -366,7 +366,7 @@ def test_cli_bpo_trains_and_saves(tmp_path, trained_tiny, bpo_file):
 
 
 def test_bad_settings_fail_clearly(tmp_path, trained_tiny, bpo_file):
-    from bimode.train.bpo import BPOConfig
+    from bimode.train.bpo.trainer import BPOConfig
 
     with pytest.raises(ValueError, match="even num_generations"):
         BPOConfig(output_dir=str(tmp_path), num_generations=3, per_device_train_batch_size=3)

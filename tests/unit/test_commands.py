@@ -109,7 +109,7 @@ RECIPE_CONFIGS = {"tiny_curate": "bimode.curate.pipeline:CurateConfig", "tiny_ev
                   "demo": "bimode.demo:DemoConfig", "demo_quick": "bimode.demo:DemoConfig",
                   "tiny_anneal": "bimode.train.anneal:AnnealConfig", "r4b_anneal": "bimode.train.anneal:AnnealConfig",
                   **{f"r4b_stage{s}": "bimode.train.anneal:AnnealConfig" for s in ("1_projector", "2_alignment", "3_joint")},
-                  "tiny_bpo": "bimode.train.bpo:BPOConfig", "r4b_bpo": "bimode.train.bpo:BPOConfig"}
+                  "tiny_bpo": "bimode.train.bpo.trainer:BPOConfig", "r4b_bpo": "bimode.train.bpo.trainer:BPOConfig"}
 
 
 def test_every_recipe_loads_into_its_config():

@@ -133,7 +133,7 @@ def test_bimode_trainers_override_the_libraries_methods_with_their_signatures():
 
     from bimode.compat.overrides import check_overrides
     from bimode.train.anneal import AnnealTrainer
-    from bimode.train.bpo import BPOTrainer
+    from bimode.train.bpo.trainer import BPOTrainer
 
     check_overrides(BPOTrainer)
     check_overrides(AnnealTrainer)
@@ -171,7 +171,7 @@ def test_bimode_trainers_override_the_libraries_methods_with_their_signatures():
 # ---- TRL -----------------------------------------------------------------------------------------------
 def test_logged_metrics_are_averaged_into_the_next_log(tmp_path, tiny_dir, trained_families_file):
     from bimode.compat.trl_api import log_metric, logged_metric
-    from bimode.train.bpo import BPOConfig, build_trainer
+    from bimode.train.bpo.trainer import BPOConfig, build_trainer
 
     trainer = build_trainer(BPOConfig(model_path=str(tiny_dir), train_files=[str(trained_families_file)],
                                       output_dir=str(tmp_path), num_generations=2, per_device_train_batch_size=2,
@@ -187,8 +187,8 @@ def test_logged_metrics_are_averaged_into_the_next_log(tmp_path, tiny_dir, train
 
 def test_trl_merges_the_rollouts_extra_fields_into_the_batch_it_was_given(tmp_path, tiny_dir, trained_families_file):
     from bimode.compat.trl_api import rollout_extra_field
-    from bimode.train.bpo import BPOConfig, build_trainer
-    from bimode.train.bpo_rollouts import ROLLOUT_FIELD, RolloutBatch
+    from bimode.train.bpo.trainer import BPOConfig, build_trainer
+    from bimode.train.bpo.rollouts import ROLLOUT_FIELD, RolloutBatch
 
     with pytest.raises(RuntimeError, match="'bimode_rollouts' into the generation batch"):
         rollout_extra_field([{"prompt": []}], ROLLOUT_FIELD)
@@ -207,7 +207,7 @@ def test_vllm_parameter_names_go_through_trl_s_fix_then_ours():
 
     from bimode.compat.overrides import check_overrides
     from bimode.compat.trl_api import adopt_vllm_generation
-    from bimode.train.vllm_fit import BimodeVLLMGeneration
+    from bimode.train.bpo.vllm_fit import BimodeVLLMGeneration
 
     assert list(inspect.signature(VLLMGeneration._fix_param_name_to_vllm).parameters) == [
         "self", "name", "extra_prefixes"]

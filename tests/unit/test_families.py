@@ -79,7 +79,7 @@ def test_anneal_trains_every_component(tmp_path, family_dir, train_file):
 
 
 def test_bpo_step_trains_every_component(tmp_path, family_dir, train_file):
-    from bimode.train.bpo import BPOConfig, build_trainer
+    from bimode.train.bpo.trainer import BPOConfig, build_trainer
 
     trainer = build_trainer(BPOConfig(
         model_path=str(family_dir), train_files=[str(train_file)], output_dir=str(tmp_path), num_generations=4,

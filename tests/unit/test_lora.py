@@ -48,7 +48,7 @@ def anneal_config(model_dir, train_file, out, **overrides):
 
 
 def bpo_config(model_dir, train_file, out, **overrides):
-    from bimode.train.bpo import BPOConfig
+    from bimode.train.bpo.trainer import BPOConfig
 
     args = dict(model_path=str(model_dir), train_files=[str(train_file)], output_dir=str(out), num_generations=4,
                 per_device_train_batch_size=8, max_completion_length=6, max_steps=1, learning_rate=1e-2,
@@ -232,7 +232,7 @@ def test_lora_resume_continues_exactly(tiny_dir, train_file, tmp_path):
 
 def test_an_adapter_start_trains_merged_and_lora_on_it_asks_for_a_merge_first(tiny_adapter, tiny_dir, train_file,
                                                                              tmp_path):
-    from bimode.train.bpo import build_trainer
+    from bimode.train.bpo.trainer import build_trainer
 
     from peft import PeftModel
 
@@ -246,7 +246,7 @@ def test_an_adapter_start_trains_merged_and_lora_on_it_asks_for_a_merge_first(ti
 def test_vllm_rollouts_need_a_checkpoint_that_has_the_rows_loading_added(tmp_path, train_file):
     """vLLM builds its engine from the checkpoint on disk: rows load_model added (think tags a tokenizer lacked)
     would not be there to sync into, so BPO with vLLM (LoRA or not) refuses such a start, saying what to do."""
-    from bimode.train.bpo import build_trainer
+    from bimode.train.bpo.trainer import build_trainer
 
     model_dir = build_tiny_llava_llama_style(tmp_path / "model")  # its tokenizer has no think tags
     for model_args in (ModelConfig(**LORA), None):
@@ -260,7 +260,7 @@ def test_lora_anneal_and_bpo_on_other_families(family, train_file, tmp_path):
     projector sits inside the vision tower (Qwen3-VL adds a list of deepstack mergers) and the output layer is
     not tied, so its rows train too."""
     from bimode.train.anneal import build_trainer as build_anneal
-    from bimode.train.bpo import build_trainer as build_bpo
+    from bimode.train.bpo.trainer import build_trainer as build_bpo
 
     build = {"llava_llama_style": build_tiny_llava_llama_style, "qwen25_vl": build_tiny_qwen25_vl,
              "qwen3_vl": build_tiny_qwen3_vl}[family]
@@ -277,7 +277,7 @@ def test_lora_anneal_and_bpo_on_other_families(family, train_file, tmp_path):
 def test_bpo_with_lora_moves_p_think_against_the_base_as_kl_reference(tmp_path, trained_tiny, train_file):
     """As the full-weight test_mode_token_loss_on_moves_the_decision_toward_the_rewarded_mode, with LoRA; the
     KL reference is the model with its adapter off: no second model, KL 0 at the first step, then not."""
-    from bimode.train.bpo import build_trainer
+    from bimode.train.bpo.trainer import build_trainer
 
     trainer = build_trainer(bpo_config(trained_tiny, train_file, tmp_path, max_completion_length=24, max_steps=6,
                                        learning_rate=1e-2, beta=0.04, probe_size=48),

@@ -1,4 +1,4 @@
-"""The shared-prefix training forward (train/shared_prefix_forward.py) against TRL's per-row forward.
+"""The shared-prefix training forward (train/bpo/shared_forward.py) against TRL's per-row forward.
 
 Batches as TRL builds them: left-padded prompts of different lengths with images, rollouts of two or more
 prompts interleaved (TRL shuffles them), right-padded completions of different lengths. Log-probs,
@@ -16,7 +16,7 @@ import torch
 from bimode.compat.transformers_api import disable_activation_checkpointing, enable_activation_checkpointing
 from bimode.data import synthetic
 from bimode.models import load_model
-from bimode.train.shared_prefix_forward import (architecture_unsupported, call_unsupported, find_prefix_groups,
+from bimode.train.bpo.shared_forward import (architecture_unsupported, call_unsupported, find_prefix_groups,
                                                 grouped_completion_logps)
 
 from tests.helpers import hf_fixtures
@@ -238,7 +238,7 @@ ROWS = [i // 4 for i in range(8)]  # a generation batch as TRL samples it: 2 pro
 
 
 def make_trainer(model_dir, train_file, out, model_args=None, **overrides):
-    from bimode.train.bpo import BPOConfig, build_trainer
+    from bimode.train.bpo.trainer import BPOConfig, build_trainer
 
     args = dict(model_path=str(model_dir), train_files=[str(train_file)], output_dir=str(out), num_generations=4,
                 per_device_train_batch_size=8, max_completion_length=8, max_steps=1, learning_rate=0.5, optim="sgd",
@@ -253,7 +253,7 @@ def test_trainer_signature_is_trls():
 
     from trl import GRPOTrainer
 
-    from bimode.train.bpo import BPOTrainer
+    from bimode.train.bpo.trainer import BPOTrainer
 
     ours = inspect.signature(BPOTrainer._get_per_token_logps_and_entropies).parameters
     theirs = inspect.signature(GRPOTrainer._get_per_token_logps_and_entropies).parameters
@@ -276,7 +276,7 @@ def test_a_bpo_step_is_the_same_with_the_shared_forward_on_and_off(tmp_path, tin
 
     model_args = ModelConfig(use_peft=True, lora_r=4, lora_dropout=0.0) if lora else None
     runs = {}
-    caplog.set_level(logging.INFO, logger="bimode.train.bpo")
+    caplog.set_level(logging.INFO, logger="bimode.train.bpo.trainer")
     for shared in (True, False):
         caplog.clear()
         trainer = make_trainer(tiny_dir, trained_families_file, tmp_path / str(shared), model_args,
@@ -306,7 +306,7 @@ def test_a_bpo_step_is_the_same_with_the_shared_forward_on_and_off(tmp_path, tin
 def test_a_qwen_vl_model_takes_trls_path_with_trls_numbers(tmp_path, trained_families_file, caplog):
     from trl import GRPOTrainer
 
-    caplog.set_level(logging.INFO, logger="bimode.train.bpo")
+    caplog.set_level(logging.INFO, logger="bimode.train.bpo.trainer")
     model_dir = hf_fixtures.build_tiny_qwen25_vl(tmp_path / "qwen25_vl")
     trainer = make_trainer(model_dir, trained_families_file, tmp_path / "run", max_completion_length=4)
     trainer.model.train()

@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from bimode.train import bpo_core
-from bimode.train.bpo_core import decision_advantages, mode_group_means, mode_token_loss, thinking_cost
-from bimode.train.bpo_rewards import make_thinking_cost
+from bimode.train.bpo import core as bpo_core
+from bimode.train.bpo.core import decision_advantages, mode_group_means, mode_token_loss, thinking_cost
+from bimode.train.bpo.rewards import make_thinking_cost
 
 from tests.helpers.bpo_helpers import LastLogged, trained_p_think_drop
 from tests.unit.test_bpo import ROWS, make_trainer
@@ -65,7 +65,7 @@ def test_forced_tokens_carry_the_decision_advantage_and_the_rest_the_rollouts():
 
 
 def test_a_mode_objective_registered_after_import_is_accepted(tmp_path):
-    from bimode.train.bpo import BPOConfig
+    from bimode.train.bpo.trainer import BPOConfig
 
     name = "test_always_direct"
     bpo_core.register_mode_objective(name)(
@@ -86,7 +86,7 @@ def test_a_mode_objective_registered_after_import_is_accepted(tmp_path):
     (dict(decision_scale=-1.0), "decision_scale must be a finite number >= 0"),
 ])
 def test_bad_cost_settings_fail_naming_the_field(tmp_path, settings, message):
-    from bimode.train.bpo import BPOConfig
+    from bimode.train.bpo.trainer import BPOConfig
 
     with pytest.raises(ValueError, match=message):
         BPOConfig(output_dir=str(tmp_path), **settings)

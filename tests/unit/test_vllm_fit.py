@@ -1,10 +1,10 @@
-"""The pure parts of bimode.train.vllm_fit (the vLLM-side runs are in tests/integration/test_bpo_vllm.py)."""
+"""The pure parts of bimode.train.bpo.vllm_fit (the vLLM-side runs are in tests/integration/test_bpo_vllm.py)."""
 
 from types import SimpleNamespace
 
 import pytest
 
-from bimode.train.vllm_fit import BAN_BIAS, collapse_image_runs, colocated_llm_kwargs, with_banned_tokens
+from bimode.train.bpo.vllm_fit import BAN_BIAS, collapse_image_runs, colocated_llm_kwargs, with_banned_tokens
 
 pytestmark = pytest.mark.internals  # runs at both ends of the transformers range (docs/internals.md)
 

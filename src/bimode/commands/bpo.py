@@ -2,5 +2,5 @@
 
 from bimode.commands.training import training_command
 
-make_parser, main = training_command("bpo", "bimode.train.bpo:BPOConfig", "BPO model",
+make_parser, main = training_command("bpo", "bimode.train.bpo.trainer:BPOConfig", "BPO model",
                                      "--config tiny_bpo or r4b_bpo; `bimode configs` lists them")

@@ -21,7 +21,7 @@ from bimode.plan.activations import measure_text, measure_vision
 from bimode.plan.memory import GIB, Plan, Setup, plan
 from bimode.plan.model_shape import ModelShape, lora_trainable, read_shape
 from bimode.recipes import launch_config_path, load_recipe, recipe_values
-from bimode.train.shared_prefix_forward import architecture_unsupported
+from bimode.train.bpo.shared_forward import architecture_unsupported
 
 BPO_KEYS = {"num_generations", "rewards", "rollout", "mode_token_loss", "beta", "use_vllm"}
 
@@ -69,7 +69,7 @@ def read_recipe(recipe: str, stage: str, **overrides):
     from bimode.train.precision import accelerator_available
 
     if stage == "bpo":
-        from bimode.train.bpo import BPOConfig as config_class
+        from bimode.train.bpo.trainer import BPOConfig as config_class
     else:
         from bimode.train.anneal import AnnealConfig as config_class
     values = recipe_values(recipe)

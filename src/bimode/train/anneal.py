@@ -32,7 +32,7 @@ from bimode.train.run import train_and_save
 from bimode.train.start import StartFields, load_start
 from bimode.train.components import COMPONENTS, freeze, optimizer_groups
 from bimode.train.packing import collate_packed, plan_packs, use_varlen_attention
-from bimode.train.positions import flat_positions_unsupported
+from bimode.models.positions import flat_positions_unsupported
 from bimode.train.precision import fp32_unless_asked_on_cpu
 from bimode.train.tokenization import collate, estimated_lengths, tokenize_example
 

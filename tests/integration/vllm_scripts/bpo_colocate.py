@@ -25,7 +25,7 @@ def logprob_gaps(llm, models, processor, prompts, vllm_ids, image_token_id) -> l
     import torch
     from vllm import SamplingParams
 
-    from bimode.train.vllm_fit import collapse_image_runs
+    from bimode.train.bpo.vllm_fit import collapse_image_runs
 
     inputs = [{"prompt_token_ids": collapse_image_runs(ids, image_token_id, len(p.images)),
                "multi_modal_data": {"image": p.images[0]}} for ids, p in zip(vllm_ids, prompts)]
@@ -70,18 +70,18 @@ def step_one_weights_callback():
 def main(spec_path: str, out_path: str) -> None:
     import torch
 
-    import bimode.train.bpo
+    import bimode.train.bpo.trainer
     from bimode import cli
     from bimode.data import synthetic
     from bimode.generation.types import Prompt
     from bimode.models import load_model
     from bimode.modes import ThinkingMode
-    from bimode.train.bpo_rollouts import ROLLOUT_FIELD
+    from bimode.train.bpo.rollouts import ROLLOUT_FIELD
 
     StepOneWeights = step_one_weights_callback()
     spec = json.loads(Path(spec_path).read_text())
     built, rollouts = [], []
-    build_trainer = bimode.train.bpo.build_trainer
+    build_trainer = bimode.train.bpo.trainer.build_trainer
 
     def spy_build(cfg, **kwargs):  # what `bimode bpo` builds, with the spies this script reads
         trainer = build_trainer(cfg, **kwargs)
@@ -99,7 +99,7 @@ def main(spec_path: str, out_path: str) -> None:
         built.append((trainer, cfg))
         return trainer
 
-    bimode.train.bpo.build_trainer = spy_build  # `bimode bpo` looks it up when it runs
+    bimode.train.bpo.trainer.build_trainer = spy_build  # `bimode bpo` looks it up when it runs
     assert cli.main(["bpo", *spec["args"]]) == 0
     (trainer, cfg), = built
     saved = Path(cfg.output_dir) / "final"

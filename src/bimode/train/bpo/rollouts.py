@@ -26,7 +26,7 @@ class RolloutBatch:
     suffix_lengths: list[int]  # forced mode tokens opening each completion
     generated_lengths: list[int]  # sampled tokens: the forced suffix and the end token not counted
     thinking_tokens: list[int]
-    taken: list[str]  # the mode the response took: think, no_think or malformed (bpo_core.response_mode)
+    taken: list[str]  # the mode the response took: think, no_think or malformed (core.response_mode)
     rewards: dict[str, list[float | None]] = field(default_factory=dict)  # reward name -> one value per rollout
 
     def __len__(self) -> int:
@@ -50,7 +50,7 @@ class RolloutBatch:
         missing = [n for n in names if n not in self.rewards]
         if missing:
             raise RuntimeError(f"rewards {missing} did not score this rollout batch (scored: {sorted(self.rewards)}); "
-                               "every BPO reward must be wrapped in bpo_rewards.GuardedReward")
+                               "every BPO reward must be wrapped in rewards.GuardedReward")
         return [self.rewards[n] for n in names]
 
 

@@ -18,8 +18,8 @@ import torch
 from bimode.errors import UsageError
 from bimode.modes import THINK_OPEN, ThinkingMode, parse_response
 from bimode.scoring import accuracy_reward
-from bimode.train import bpo_core
-from bimode.train.bpo_rollouts import batches_in
+from bimode.train.bpo import core as bpo_core
+from bimode.train.bpo.rollouts import batches_in
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ class GuardedReward:
     out of this reward (and out of the group statistics when no reward scores it), and counted apart.
     A batch that raises is retried one rollout at a time, so one bad rollout does not zero its neighbours.
     `failures` counts the rollouts scored 0 this way over the run, `unscorable` the None ones. The values go
-    back with the rollouts: into the RolloutBatch that BPO's rollout hands every reward (bpo_rollouts.py).
+    back with the rollouts: into the RolloutBatch that BPO's rollout hands every reward (rollouts.py).
     """
 
     def __init__(self, func: Callable, name: str | None = None):

@@ -13,7 +13,7 @@ KL reference (beta > 0) from the same model with the adapter switched off.
 
 Training forward: every rollout of a query has the same prompt, so `_get_per_token_logps_and_entropies`
 runs each distinct prompt (images included) once and lets its rollouts attend to its key/value cache,
-forward and backward (train/shared_prefix_forward.py; `shared_prefix_forward`, on by default, falls back to
+forward and backward (train/bpo/shared_forward.py; `shared_prefix_forward`, on by default, falls back to
 TRL's per-row forward where that is not proven equivalent, and logs which path it took).
 
 Pinned to TRL 1.16 (pyproject): this relies on `rollout_func`, `_generate_and_score_completions`, the
@@ -48,18 +48,18 @@ from bimode.generation.engine import TransformersEngine
 from bimode.generation.types import Prompt, SamplingParams, token_counts
 from bimode.modes import ThinkingMode
 from bimode.train.adapters import AdapterFields, added_rows, build_peft_config
-from bimode.train.bpo_core import (MODE_OBJECTIVES, ROLLOUT_LAYOUTS, decision_advantages, forced_env_mask,
+from bimode.train.bpo.core import (MODE_OBJECTIVES, ROLLOUT_LAYOUTS, decision_advantages, forced_env_mask,
                                    mode_token_loss, parse_mode_token_loss, per_mode_stats, response_mode,
                                    rollout_modes)
-from bimode.train.bpo_rewards import GuardedReward, build_rewards, make_thinking_cost, weighted_rewards
-from bimode.train.bpo_rollouts import ROLLOUT_FIELD, RolloutBatch, group_prompts
+from bimode.train.bpo.rewards import GuardedReward, build_rewards, make_thinking_cost, weighted_rewards
+from bimode.train.bpo.rollouts import ROLLOUT_FIELD, RolloutBatch, group_prompts
 from bimode.train.checkpoint import StrictResumeMixin
 from bimode.train.run import train_and_save
 from bimode.train.start import StartFields, load_start
 from bimode.train.components import freeze
 from bimode.train.precision import fp32_unless_asked_on_cpu
-from bimode.train.shared_prefix_forward import call_unsupported, find_prefix_groups, grouped_completion_logps
-from bimode.train.vllm_fit import collapse_image_runs, fit_vllm_generation, colocated_llm_settings
+from bimode.train.bpo.shared_forward import call_unsupported, find_prefix_groups, grouped_completion_logps
+from bimode.train.bpo.vllm_fit import collapse_image_runs, fit_vllm_generation, colocated_llm_settings
 
 MODE_CODES = {"think": 0, "no_think": 1, "malformed": 2}
 log = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ class BPOConfig(StartFields, AdapterFields, GRPOConfig):
         "help": "most rollouts decoded together by the shared-prefix engine (transformers path)"})
     shared_prefix_forward: bool = field(default=True, metadata={
         "help": "score rollouts with each prompt (images included) run once per group and its key/value cache "
-                "shared by the group's rows, forward and backward (train/shared_prefix_forward.py); falls back "
+                "shared by the group's rows, forward and backward (train/bpo/shared_forward.py); falls back "
                 "to TRL's per-row forward where the model or the call is not supported (logged once)"})
     freeze_vision: bool = field(default=False, metadata={"help": "keep the vision tower fixed"})
     trust_remote_code: bool = field(default=False, metadata={"help": "allow the checkpoint's own code"})
@@ -198,7 +198,7 @@ class BPOTrainer(StrictResumeMixin, GRPOTrainer):
 
     def _rollout(self, prompts: list, trainer) -> dict:
         """TRL's rollout_func: gets each prompt's messages (images in their blocks) once per rollout, the local
-        slice of the generation batch; returns TRL's fields and the RolloutBatch (bpo_rollouts.py)."""
+        slice of the generation batch; returns TRL's fields and the RolloutBatch (rollouts.py)."""
         n = len(prompts)
         modes = rollout_modes(self.accelerator.process_index * n, n, self.num_generations, self.args.rollout)
         batch = group_prompts(prompts, modes)
@@ -280,7 +280,7 @@ class BPOTrainer(StrictResumeMixin, GRPOTrainer):
                                            spatial_shapes=None, num_tiles=None, image_sizes=None,
                                            token_type_ids=None, mm_token_type_ids=None, image_position_ids=None):
         """TRL 1.16's method (same signature, same results), with each distinct prompt run once and its cache
-        shared by the rows that repeat it (train/shared_prefix_forward.py). Used for the loss, the old
+        shared by the rows that repeat it (train/bpo/shared_forward.py). Used for the loss, the old
         log-probs and the reference model alike; TRL's own per-row forward where sharing does not apply."""
         kwargs = dict(batch_size=batch_size, compute_entropy=compute_entropy, compute_aux_loss=compute_aux_loss,
                       pixel_values=pixel_values, image_grid_thw=image_grid_thw, num_images=num_images,
@@ -336,7 +336,7 @@ class BPOTrainer(StrictResumeMixin, GRPOTrainer):
         output = super()._generate_and_score_completions(inputs)
         rollouts: RolloutBatch = rollout_extra_field(inputs, ROLLOUT_FIELD)
         advantages = output["advantages"].clone()  # each rollout's A, before any per-token weighting
-        if self.args.rollout == "bimode":  # the algorithm is bpo_core's; here, TRL's fields
+        if self.args.rollout == "bimode":  # the algorithm is core.py's; here, TRL's fields
             forced = self._mode_decision(rollouts)
             output["advantages"] = mode_token_loss(output["advantages"], output["completion_mask"],
                                                    rollouts.suffix_lengths, self.mode_weight, forced)

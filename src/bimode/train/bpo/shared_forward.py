@@ -52,7 +52,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from bimode.compat.transformers_api import (base_model, checkpointing_layers, is_reentrant,
                                             keep_cache_under_checkpointing, with_cache)
-from bimode.train.positions import flat_positions_unsupported
+from bimode.models.positions import flat_positions_unsupported
 
 # TRL's multimodal arguments this path handles; any other one that is set means fallback.
 HANDLED_IMAGE_ARGS = ("pixel_values", "image_sizes", "num_images")
