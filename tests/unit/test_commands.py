@@ -1,6 +1,5 @@
 """Every command is configured one way: dataclass configs, a YAML recipe plus flags, `--help` from the fields."""
 
-import ast
 import dataclasses
 import importlib
 import os
@@ -174,10 +173,3 @@ def test_bimode_configs_lists_the_shipped_files_and_prints_ones_path(capsys):
     assert main(["configs", "nope"]) == 2
     assert "no recipe or launch config 'nope'" in capsys.readouterr().err
 
-
-def test_the_demo_does_not_reach_up_into_the_command_layer():
-    """commands depend on the library (demo.py among it), never the other way round."""
-    tree = ast.parse((ROOT / "src/bimode/demo.py").read_text())
-    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-    imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
-    assert not [name for name in imported if name and name.startswith("bimode.commands")], imported
