@@ -7,6 +7,7 @@ import torch
 
 from bimode.data import synthetic
 from bimode.data.records import write_records
+from bimode.errors import UsageError
 from bimode.modes import format_target
 from bimode.train.anneal import AnnealConfig, build_trainer, expand_targets
 from bimode.train.components import component_of
@@ -87,6 +88,48 @@ def test_component_learning_rates_and_freezing(tmp_path, train_file, tiny_dir):
     for name, param in model.named_parameters():
         changed = not torch.equal(before[name], param.detach())
         assert changed == (component_of(name) != "vision"), name
+
+
+def _one_step_updates(tmp_path, train_file, tiny_dir, optim: str, weight_decay: float):
+    """(optimizer, {name: (weight before, gradient the step used, weight after)}) of one training step."""
+    cfg = _cfg(tmp_path / optim, train_file, tiny_dir, optim=optim, max_steps=1, weight_decay=weight_decay,
+               max_grad_norm=0.0, llm_lr=1e-3, projector_lr=3e-3, vision_lr=2e-3)  # no clipping: g as computed
+    trainer = build_trainer(cfg)
+    optimizer = trainer.create_optimizer()
+    params = dict(trainer.model.named_parameters())
+    before = {n: p.detach().clone() for n, p in params.items()}
+    grads = {}
+    optimizer.register_step_pre_hook(
+        lambda *_: grads.update({n: p.grad.detach().clone() for n, p in params.items() if p.grad is not None}))
+    trainer.train()
+    return optimizer, {n: (before[n], g, params[n].detach()) for n, g in grads.items()}
+
+
+def test_optim_picks_the_optimizer_of_the_component_groups(tmp_path, train_file, tiny_dir):
+    """`optim` reaches the per-component groups: SGD moves each weight by -lr * (g + decay * w) at its
+    component's rate (biases and norms without decay), AdamW's first step by -lr * g / (|g| + eps)."""
+    from bimode.train.components import decays
+
+    lrs = {"llm": 1e-3, "projector": 3e-3, "vision": 2e-3}
+    sgd, updates = _one_step_updates(tmp_path, train_file, tiny_dir, "sgd", weight_decay=0.5)
+    assert type(sgd) is torch.optim.SGD and len(updates) > 10
+    for name, (w, g, after) in updates.items():
+        wd = 0.5 if decays(name, w) else 0.0
+        torch.testing.assert_close(after, w - lrs[component_of(name)] * (g + wd * w), rtol=0, atol=1e-7, msg=name)
+    adamw, updates = _one_step_updates(tmp_path, train_file, tiny_dir, "adamw_torch", weight_decay=0.0)
+    assert type(adamw) is torch.optim.AdamW
+    moved = 0
+    for name, (w, g, after) in updates.items():
+        expected = w - lrs[component_of(name)] * g / (g.abs() + 1e-8)
+        torch.testing.assert_close(after, expected, rtol=0, atol=1e-6, msg=name)
+        moved += int(not torch.allclose(after - w, -lrs[component_of(name)] * g, atol=1e-7))
+    assert moved  # the two updates differ: each optimizer did its own
+
+
+@pytest.mark.parametrize("optim", ["lomo", "galore_adamw_layerwise", "apollo_adamw"])
+def test_optim_that_picks_its_own_parameters_is_refused(tmp_path, optim):
+    with pytest.raises(UsageError, match=f"optim {optim}: this optimizer picks its own parameters"):
+        AnnealConfig(output_dir=str(tmp_path), use_cpu=True, optim=optim)
 
 
 def test_batches_grouped_by_length_get_estimated_lengths(tmp_path, train_file, tiny_dir):

@@ -3,7 +3,8 @@
 Runs as it is and under `accelerate launch`. Records are tokenized on the fly with the loss on the
 assistant response only (its whole think block included; optionally the empty block of non-thinking
 targets masked, the paper's non-thinking loss masking). The vision tower, projector and language model each
-get their own learning rate or are frozen (docs/r4b.md, section 5). With TRL's `use_peft` (and `lora_*`)
+get their own learning rate or are frozen (docs/r4b.md, section 5), in whichever optimizer `optim` names
+(GaLore, APOLLO and LOMO pick their own parameters: refused). With TRL's `use_peft` (and `lora_*`)
 flags they train LoRA adapters instead (train/adapters.py); the per-component learning rates apply to them.
 With `train_sampling_strategy: group_by_length` (transformers') batches hold rows of about the same length,
 from lengths estimated without decoding images; with `pack_rows` rows are packed into padding-free sequences of
@@ -37,6 +38,8 @@ from bimode.train.precision import fp32_unless_asked_on_cpu
 from bimode.train.tokenization import collate, estimated_lengths, tokenize_example
 
 logger = logging.getLogger(__name__)
+# transformers' optimizers that take the model or choose their parameter groups themselves (optim names contain these)
+OWN_PARAMETER_OPTIMIZERS = ("galore", "apollo", "lomo")
 
 
 @dataclass
@@ -62,6 +65,8 @@ class AnnealConfig(StartFields, AdapterFields, SFTConfig):
 
     def __post_init__(self):
         fp32_unless_asked_on_cpu(self)
+        if any(kind in str(self.optim) for kind in OWN_PARAMETER_OPTIMIZERS):
+            raise UsageError(own_parameters_refusal(self.optim))
         if self.packing or self.padding_free:  # TRL's own: they take text datasets only
             raise UsageError("packing / padding_free are TRL's text-only options; set pack_rows: true for "
                              "bimode's packed annealing of image-text rows")
@@ -117,7 +122,8 @@ class BimodeCollator:
 
 
 class AnnealTrainer(StrictResumeMixin, SFTTrainer):
-    """SFTTrainer with one AdamW parameter group per model component, each at its own learning rate."""
+    """SFTTrainer with parameter groups per model component, each at its own learning rate, for the optimizer
+    `optim` names (transformers' factory: adamw_torch, adamw_torch_fused, sgd, adafactor, adamw_8bit, ...)."""
 
     def __init__(self, *args, component_lrs: dict[str, float], **kwargs):
         check_overrides(type(self))  # a library release that changed an overridden private method fails here
@@ -130,9 +136,36 @@ class AnnealTrainer(StrictResumeMixin, SFTTrainer):
             groups = optimizer_groups(self.model, self.component_lrs, self.args.weight_decay)
             for g in groups:
                 g.pop("component")
-            self.optimizer = torch.optim.AdamW(groups, betas=(self.args.adam_beta1, self.args.adam_beta2),
-                                               eps=self.args.adam_epsilon)
+            self.optimizer = component_optimizer(self.args, self.model, groups)
         return self.optimizer
+
+
+def own_parameters_refusal(optim) -> str:
+    return (f"optim {optim}: this optimizer picks its own parameters, so bimode's per-component learning rates "
+            "(vision_lr, projector_lr, llm_lr) and frozen components cannot apply; choose another optim "
+            "(adamw_torch, adamw_torch_fused, adamw_8bit, sgd, adafactor, ...)")
+
+
+def component_optimizer(args, model, groups: list[dict]) -> torch.optim.Optimizer:
+    """The optimizer `args.optim` names, built by transformers' public factory
+    (`Trainer.get_optimizer_cls_and_kwargs`: betas, eps, `optim_args`), over bimode's per-component groups,
+    whose learning rate and weight decay win over the factory's defaults. Optimizers that choose their own
+    parameters (GaLore, APOLLO, LOMO, layer-wise, optimizer factories) would drop those groups: refused."""
+    from transformers import Trainer
+
+    optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+    if {"params", "model", "optimizer_dict"} & set(kwargs) or not (
+            isinstance(optimizer_cls, type) and issubclass(optimizer_cls, torch.optim.Optimizer)):
+        raise UsageError(own_parameters_refusal(args.optim))
+    optimizer = optimizer_cls(groups, **kwargs)
+    if kwargs.get("optim_bits") == 8:  # as transformers does for 8-bit bitsandbytes: embeddings stay 32-bit
+        import bitsandbytes
+
+        manager = bitsandbytes.optim.GlobalOptimManager.get_instance()
+        for module in model.modules():
+            if isinstance(module, torch.nn.Embedding):
+                manager.register_module_override(module, "weight", {"optim_bits": 32})
+    return optimizer
 
 
 def build_trainer(cfg: AnnealConfig, model=None, processor=None, model_args=None) -> AnnealTrainer:

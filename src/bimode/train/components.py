@@ -62,7 +62,7 @@ def freeze(model, frozen: set[str]) -> dict[str, int]:
 
 
 def optimizer_groups(model, lrs: dict[str, float], weight_decay: float) -> list[dict]:
-    """AdamW parameter groups: per component, with and without weight decay (biases and norms have none)."""
+    """Optimizer parameter groups: per component, with and without weight decay (biases and norms have none)."""
     groups = []
     for component, params in split_parameters(model).items():
         trainable = [(n, p) for n, p in params if p.requires_grad]
