@@ -24,12 +24,9 @@ tests/unit/test_shared_prefix_forward.py and tests/unit/test_compat.py guard eac
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
-import random
-from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,12 +42,13 @@ from bimode.compat.trl_api import log_metric, rollout_extra_field
 from bimode.data.records import Record, RecordError, read_records
 from bimode.errors import UsageError
 from bimode.generation.engine import TransformersEngine
-from bimode.generation.types import Prompt, SamplingParams, token_counts
+from bimode.generation.types import SamplingParams, token_counts
 from bimode.modes import ThinkingMode
 from bimode.train.adapters import AdapterFields, added_rows, build_peft_config
 from bimode.train.bpo.core import (MODE_OBJECTIVES, ROLLOUT_LAYOUTS, decision_advantages, forced_env_mask,
                                    mode_token_loss, parse_mode_token_loss, per_mode_stats, response_mode,
                                    rollout_modes)
+from bimode.train.bpo.probe import PThinkProbe, pick_probe
 from bimode.train.bpo.rewards import GuardedReward, build_rewards, make_thinking_cost, weighted_rewards
 from bimode.train.bpo.rollouts import ROLLOUT_FIELD, RolloutBatch, group_prompts
 from bimode.train.checkpoint import StrictResumeMixin
@@ -148,7 +146,7 @@ class BPOTrainer(StrictResumeMixin, GRPOTrainer):
         check_overrides(type(self))  # a TRL release that changed an overridden private method fails here
         os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func's warning: guarded by our tests
         self.records = records
-        self.probe_records = probe_records or []
+        self.p_think_probe = PThinkProbe(probe_records or [])
         self.mode_weight = parse_mode_token_loss(args.mode_token_loss)
         tokenizer = getattr(processor, "tokenizer", processor)
         self.task_rewards = build_rewards(args.rewards, tokenizer)  # what the mode decision compares
@@ -159,8 +157,6 @@ class BPOTrainer(StrictResumeMixin, GRPOTrainer):
             if args.reward_weights is not None and len(args.reward_weights) == len(self.task_rewards):
                 args.reward_weights = [*args.reward_weights, 1.0]  # the cost's size is in its own settings
         self._engine: TransformersEngine | None = None  # built on first use, on the training model
-        self._probe_prompts: list[Prompt] | None = None
-        self._last_probe = -1
         self._forward_paths_logged: set[str] = set()
         with colocated_llm_settings(args):
             super().__init__(model=model, reward_funcs=self.guarded_rewards, args=args,
@@ -341,7 +337,7 @@ class BPOTrainer(StrictResumeMixin, GRPOTrainer):
             output["advantages"] = mode_token_loss(output["advantages"], output["completion_mask"],
                                                    rollouts.suffix_lengths, self.mode_weight, forced)
         self._log_modes(rollouts, advantages)
-        self._maybe_probe()
+        self.p_think_probe.maybe_run(self)
         return output, rollouts
 
     def _mode_decision(self, rollouts: RolloutBatch) -> torch.Tensor | None:
@@ -382,52 +378,9 @@ class BPOTrainer(StrictResumeMixin, GRPOTrainer):
         for key, value in per_mode_stats(modes, *[t.cpu() for t in gathered[1:]]).items():
             log_metric(self, f"bpo/{key}", value)
 
-    def _maybe_probe(self) -> None:
-        step = self.state.global_step
-        if not self.probe_records or not self.args.probe_steps or step % self.args.probe_steps or step == self._last_probe:
-            return
-        self._last_probe = step
-        result = self.probe()
-        for key, value in result.items():
-            log_metric(self, f"probe/{key}", value)
-        if self.accelerator.is_main_process:
-            Path(self.args.output_dir).mkdir(parents=True, exist_ok=True)
-            with open(Path(self.args.output_dir) / "probe.jsonl", "a") as f:
-                f.write(json.dumps({"step": step, **result}) + "\n")
-
     def probe(self) -> dict[str, float]:
-        """Per level: mean auto-mode p_think, the greedy thinking rate (p_think >= 0.5) and the decision mass
-        (probability on any decision token after `<think>`); one forward pass, no generation."""
-        if self._probe_prompts is None:  # fixed set: decode its images once
-            self._probe_prompts = [Prompt.from_record(r) for r in self.probe_records]
-        with self.generation_engine() as engine:
-            stats = engine.decision_stats(self._probe_prompts)
-        by_level = defaultdict(list)
-        for record, value in zip(self.probe_records, stats):
-            by_level["all" if record.level is None else record.level].append(value)
-        out = {}
-        for level in sorted(by_level, key=str):
-            values = by_level[level]
-            out[f"p_think/level_{level}"] = sum(p for p, _ in values) / len(values)
-            out[f"think_rate/level_{level}"] = sum(p >= 0.5 for p, _ in values) / len(values)
-            # below 1, the decision's probability is leaking to other tokens (see SamplingParams.constrain_decision)
-            out[f"decision_mass/level_{level}"] = sum(m for _, m in values) / len(values)
-        return out
-
-
-def pick_probe(records: list[Record], size: int, seed: int) -> list[Record]:
-    """Up to `size` records, as many from each level as the levels allow."""
-    by_level = defaultdict(list)
-    for r in records:
-        by_level[r.level].append(r)
-    rng = random.Random(seed)
-    for group in by_level.values():
-        rng.shuffle(group)
-    out, i = [], 0
-    while len(out) < size and any(i < len(g) for g in by_level.values()):
-        out += [g[i] for g in by_level.values() if i < len(g)][: size - len(out)]
-        i += 1
-    return out
+        """The p_think probe now (train/bpo/probe.py): per level, p_think, thinking rate and decision mass."""
+        return self.p_think_probe.run(self)
 
 
 def build_trainer(cfg: BPOConfig, model=None, processor=None, model_args=None) -> BPOTrainer:
