@@ -8,7 +8,7 @@ import torch
 
 from bimode.data import synthetic
 from bimode.data.records import write_records
-from tests.conftest import launch_two_cpu_processes
+from tests.helpers.launch import launch_two_cpu_processes
 from tests.helpers.reference_generation import generate
 
 pytestmark = [pytest.mark.internals, pytest.mark.slow]  # internals: runs at both ends (docs/internals.md)

@@ -12,7 +12,7 @@ import torch
 from bimode.data import synthetic
 from bimode.data.records import write_records
 from bimode.train.components import component_of
-from tests.conftest import launch_two_cpu_processes, launch_two_machines
+from tests.helpers.launch import launch_two_cpu_processes, launch_two_machines
 from tests.helpers.hf_fixtures import saved_vision_keys
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from bimode.data import synthetic
 from bimode.data.records import write_records
-from tests.conftest import TRAINED_FAMILIES, TRAINED_MAX_LEVEL
+from tests.helpers.trained import TRAINED_FAMILIES, TRAINED_MAX_LEVEL
 
 # row number -> what is wrong with its image: a missing file, a PNG cut in half (the header reads, the pixels
 # do not), bytes that only start like a PNG

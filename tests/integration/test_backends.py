@@ -38,7 +38,8 @@ def test_every_backend_renders_and_streams_through_one_interface(engine):
     from bimode.modes import ThinkingMode
     from bimode.serve.app import create_app
     from bimode.serve.requests import ServerLimits
-    from tests.conftest import TRAINED_FAMILIES, serve_in_thread
+    from tests.helpers.servers import serve_in_thread
+    from tests.helpers.trained import TRAINED_FAMILIES
 
     record = synthetic.generate(1, seed=5, split="eval", families=TRAINED_FAMILIES, max_level=2)[0].to_record()
     prompt = Prompt.from_record(record, [ThinkingMode.THINK, ThinkingMode.NO_THINK])

@@ -9,7 +9,8 @@ from bimode.cli import main
 from bimode.data import synthetic
 from bimode.data.records import write_records
 from bimode.eval.runner import read_samples
-from tests.conftest import TRAINED_FAMILIES, TRAINED_MAX_LEVEL, serve_in_thread
+from tests.helpers.servers import serve_in_thread
+from tests.helpers.trained import TRAINED_FAMILIES, TRAINED_MAX_LEVEL
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,8 @@ import pytest
 from bimode.cli import main
 from bimode.eval.metrics import summarize
 from bimode.eval.runner import EvalConfig, read_samples, run_eval
-from tests.conftest import TRAINED_FAMILIES, TRAINED_MAX_LEVEL, serve_in_thread
+from tests.helpers.servers import serve_in_thread
+from tests.helpers.trained import TRAINED_FAMILIES, TRAINED_MAX_LEVEL
 
 ROOT = Path(__file__).resolve().parents[2]
 LMMS_EVAL = ROOT / ".venv-lmms-eval" / "bin" / "lmms-eval"

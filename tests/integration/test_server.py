@@ -15,7 +15,8 @@ from bimode.generation.types import Prompt, SamplingParams
 from bimode.models import load_model
 from bimode.serve.app import create_app
 from bimode.serve.requests import ServerLimits
-from tests.conftest import TRAINED_FAMILIES, TRAINED_MAX_LEVEL, serve_in_thread
+from tests.helpers.servers import serve_in_thread
+from tests.helpers.trained import TRAINED_FAMILIES, TRAINED_MAX_LEVEL
 
 
 @pytest.fixture(scope="module")

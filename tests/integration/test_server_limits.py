@@ -22,7 +22,7 @@ from bimode.generation.engine import TransformersEngine
 from bimode.models import load_model
 from bimode.serve.app import BODY_TIMEOUT_S, create_app
 from bimode.serve.requests import ServerLimits
-from tests.conftest import serve_in_thread
+from tests.helpers.servers import serve_in_thread
 
 LIMITS = ServerLimits(max_model_len=512, max_tokens=4096)
 HI = [{"role": "user", "content": "Where is the ball?"}]

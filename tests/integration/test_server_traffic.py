@@ -26,7 +26,7 @@ import httpx
 import pytest
 
 from bimode.data import synthetic
-from tests.conftest import free_port, wait_until_healthy
+from tests.helpers.servers import free_port, wait_until_healthy
 
 ROOT = Path(__file__).resolve().parents[2]
 DURATION_S = 40.0

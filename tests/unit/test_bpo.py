@@ -16,7 +16,7 @@ from bimode.train.bpo.rewards import GuardedReward, import_reward, weighted_rewa
 from bimode.train.bpo.rollouts import ROLLOUT_FIELD, RolloutBatch, batches_in, group_prompts
 
 from tests.helpers.bpo_helpers import LastLogged, trained_p_think_drop
-from tests.conftest import TRAINED_MAX_LEVEL
+from tests.helpers.trained import TRAINED_MAX_LEVEL
 from tests.helpers.hf_fixtures import saved_vision_keys
 
 pytestmark = pytest.mark.internals  # runs at both ends of the transformers range (docs/internals.md)

@@ -146,7 +146,7 @@ def test_cli_calibrates_a_small_eval_run_and_the_threshold_does_what_it_predicts
     from bimode.data import synthetic
     from bimode.data.records import write_records
     from bimode.eval.runner import EvalConfig, read_samples, run_eval
-    from tests.conftest import TRAINED_FAMILIES, TRAINED_MAX_LEVEL
+    from tests.helpers.trained import TRAINED_FAMILIES, TRAINED_MAX_LEVEL
 
     runs = {}
     for name, n, seed in (("pick", 24, 31), ("held", 12, 32)):

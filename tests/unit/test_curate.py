@@ -10,7 +10,8 @@ from bimode.curate.heuristics import performance_label
 from bimode.data.records import read_records, write_records
 from bimode.io import read_log
 from bimode.serve.app import create_app
-from tests.conftest import TRAINED_FAMILIES, TRAINED_MAX_LEVEL, serve_in_thread
+from tests.helpers.servers import serve_in_thread
+from tests.helpers.trained import TRAINED_FAMILIES, TRAINED_MAX_LEVEL
 
 CFG = CurateConfig(n_samples=4, batch_size=6, max_new_tokens=8, annotator_name="tiny")
 

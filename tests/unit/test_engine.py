@@ -9,7 +9,7 @@ from tests.helpers.reference_generation import generate
 from bimode.generation.types import Prompt, SamplingParams
 from bimode.models import load_model
 from bimode.modes import ThinkingMode
-from tests.conftest import TRAINED_FAMILIES, TRAINED_MAX_LEVEL
+from tests.helpers.trained import TRAINED_FAMILIES, TRAINED_MAX_LEVEL
 
 pytestmark = pytest.mark.internals  # runs at both ends of the transformers range (docs/internals.md)
 

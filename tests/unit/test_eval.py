@@ -9,7 +9,7 @@ from bimode.data import synthetic
 from bimode.data.records import write_records
 from bimode.eval.report import PLOTS, compare_runs, write_report
 from bimode.eval.runner import EvalConfig, read_samples, run_eval
-from tests.conftest import TRAINED_FAMILIES, TRAINED_MAX_LEVEL
+from tests.helpers.trained import TRAINED_FAMILIES, TRAINED_MAX_LEVEL
 from tests.helpers.eval_helpers import BAD_IMAGE_ROWS, write_pool_with_bad_images
 
 

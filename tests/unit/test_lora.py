@@ -17,7 +17,7 @@ from bimode.models import load_model
 from bimode.train.adapters import AdapterFields, build_peft_config, check_quantization, mode_token_ids
 from bimode.train.components import component_of
 from tests.helpers.bpo_helpers import trained_p_think_drop
-from tests.conftest import serve_in_thread
+from tests.helpers.servers import serve_in_thread
 from tests.helpers.hf_fixtures import (
     build_tiny_llava_llama_style,
     build_tiny_qwen3_vl,

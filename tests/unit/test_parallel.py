@@ -12,7 +12,7 @@ from bimode.eval.report import write_report
 from bimode.eval.runner import EvalConfig, merge_eval, read_samples, run_eval
 from bimode.parallel.shards import Shard
 from bimode.serve.app import create_app
-from tests.conftest import free_port, serve_in_thread
+from tests.helpers.servers import free_port, serve_in_thread
 from tests.helpers.eval_helpers import curation_outputs, write_curation_pool
 
 CFG = CurateConfig(n_samples=3, batch_size=4, max_new_tokens=8, temperature=1.0, annotator_name="tiny")

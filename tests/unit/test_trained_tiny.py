@@ -9,7 +9,7 @@ import torch
 from bimode.data import synthetic
 from tests.helpers.reference_generation import generate
 from bimode.models import load_model
-from tests.conftest import TRAINED_FAMILIES, TRAINED_MAX_LEVEL
+from tests.helpers.trained import TRAINED_FAMILIES, TRAINED_MAX_LEVEL
 
 
 @pytest.fixture(scope="module")
