@@ -1,5 +1,6 @@
 """The tests' reference generator: batched greedy/sampled generation with transformers' `generate`, in a
-forced or auto thinking mode. The plain path the engine and the trained-model tests are checked against.
+forced or auto thinking mode. The plain path the engine and the trained-model tests are checked against: kept
+independent of bimode's engine on purpose (batch_size=1 for one-prompt-at-a-time generation).
 """
 
 from __future__ import annotations
@@ -7,17 +8,25 @@ from __future__ import annotations
 import torch
 
 from bimode.data.records import Record
-from bimode.generation.types import Completion, completion_from_ids
+from bimode.generation.types import Completion, Prompt, completion_from_ids
 from bimode.modes import THINK_CLOSE, ThinkingMode
 
 
-def build_prompts(processor, records: list[Record], mode) -> dict:
+def _messages_and_images(item: Record | Prompt) -> tuple[list[dict], list]:
+    """A record's chat and images, or a prompt's (its own modes are not used: the mode is generate's)."""
+    if isinstance(item, Prompt):
+        return item.messages, list(item.images)
+    return item.messages(), item.load_images()
+
+
+def build_prompts(processor, records: list[Record | Prompt], mode) -> dict:
     """Left-padded prompt batch ending with the mode suffix."""
     mode = ThinkingMode.parse(mode)
     tokenizer = getattr(processor, "tokenizer", processor)
-    texts = [processor.apply_chat_template(r.messages(), add_generation_prompt=True,
-                                           thinking_mode=mode.value, tokenize=False) for r in records]
-    images = [img for r in records for img in r.load_images()]
+    chats = [_messages_and_images(r) for r in records]
+    texts = [processor.apply_chat_template(messages, add_generation_prompt=True,
+                                           thinking_mode=mode.value, tokenize=False) for messages, _ in chats]
+    images = [img for _, chat_images in chats for img in chat_images]
     tokenizer.padding_side = "left"
     if images:
         return processor(images=images, text=texts, return_tensors="pt", padding=True)
@@ -25,9 +34,11 @@ def build_prompts(processor, records: list[Record], mode) -> dict:
 
 
 @torch.no_grad()
-def generate(model, processor, records: list[Record], mode="auto", max_new_tokens: int = 64,
-             batch_size: int = 32, do_sample: bool = False, temperature: float = 1.0) -> list[Completion]:
-    """One Completion per record from `model.generate` on prompts ending with the mode suffix."""
+def generate(model, processor, records: list[Record | Prompt], mode="auto", max_new_tokens: int = 64,
+             batch_size: int = 32, do_sample: bool = False, temperature: float = 1.0,
+             suppress_tokens: list[int] | None = None) -> list[Completion]:
+    """One Completion per record (or bimode Prompt) from `model.generate` on prompts ending with the mode suffix; `suppress_tokens`
+    never generated (an engine's banned media tokens, to compare with that engine)."""
     tokenizer = getattr(processor, "tokenizer", processor)
     mode = ThinkingMode.parse(mode)
     close_id = tokenizer.convert_tokens_to_ids(THINK_CLOSE)
@@ -37,7 +48,8 @@ def generate(model, processor, records: list[Record], mode="auto", max_new_token
         inputs = build_prompts(processor, chunk, mode)
         sequences = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=do_sample,
                                    temperature=temperature if do_sample else None, top_p=None, top_k=None,
-                                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+                                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                   suppress_tokens=suppress_tokens)
         width = inputs["input_ids"].shape[1]
         for record, seq in zip(chunk, sequences[:, width:].tolist()):
             ids = _until_eos(seq, tokenizer.eos_token_id, tokenizer.pad_token_id)

@@ -11,16 +11,17 @@ from bimode.generation.engine import TransformersEngine
 from bimode.generation.types import Prompt, SamplingParams
 from bimode.models import load_model
 from bimode.train.components import component_of
-from tests.conftest import reference_greedy
 from tests.helpers.hf_fixtures import (
     build_tiny_gemma3,
     build_tiny_llava_llama_style,
     build_tiny_llava_next,
 )
+from tests.helpers.reference_generation import generate
 
 pytestmark = pytest.mark.internals  # runs at both ends of the transformers range (docs/internals.md)
 
 USER = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Where is the ball?"}]}]
+
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +62,8 @@ def test_shared_prefix_engine_equals_plain_generate_across_tile_counts(next_dir)
     shared = engine.generate(prompts, SamplingParams(max_new_tokens=6))
     for p, group in zip(prompts, shared):
         for mode, completion in zip(("think", "no_think"), group):
-            assert completion.token_ids == reference_greedy(model, processor, p.messages, p.images, mode, 6,
-                                                            engine.banned_ids)
+            [reference] = generate(model, processor, [p], mode, 6, batch_size=1, suppress_tokens=engine.banned_ids)
+            assert completion.token_ids == reference.token_ids
 
 
 def test_anneal_trains_every_component(tmp_path, family_dir, train_file):
@@ -111,8 +112,8 @@ def test_plain_path_batches_prompts_and_equals_one_at_a_time_generate(tmp_path, 
     batched = engine.generate(prompts, SamplingParams(max_new_tokens=6))
     for p, group in zip(prompts, batched):
         for mode, completion in zip(("think", "no_think"), group):
-            assert completion.token_ids == reference_greedy(model, processor, p.messages, p.images, mode, 6,
-                                                            engine.banned_ids), (mode, p.messages)
+            [reference] = generate(model, processor, [p], mode, 6, batch_size=1, suppress_tokens=engine.banned_ids)
+            assert completion.token_ids == reference.token_ids, (mode, p.messages)
 
 
 @pytest.mark.parametrize("family", ["gemma3", "llava_next", "qwen3_vl"])

@@ -6,8 +6,8 @@ from PIL import Image
 
 from bimode.models import load_model
 from bimode.modes import MODE_SUFFIXES, ThinkingMode, mode_decision
-from tests.conftest import reference_greedy
 from tests.helpers.hf_fixtures import build_tiny_llava_llama_style, build_tiny_qwen25_vl
+from tests.helpers.reference_generation import generate
 
 pytestmark = pytest.mark.internals  # runs at both ends of the transformers range (docs/internals.md)
 
@@ -92,4 +92,6 @@ def test_engine_runs_qwen_vl_through_the_plain_path(tmp_path):
     assert all(0 <= c.p_think <= 1 and c.num_tokens <= 4 for c in group)
     assert group[2].token_ids[0] in set(engine.think_ids) | set(engine.no_think_ids)  # auto decides first
     # the think sample is what plain transformers generates from the think-mode prompt
-    assert group[0].token_ids == reference_greedy(model, processor, USER, [image], "think", 4, engine.banned_ids)
+    [reference] = generate(model, processor, [Prompt(USER, images=[image])], "think", 4, batch_size=1,
+                           suppress_tokens=engine.banned_ids)
+    assert group[0].token_ids == reference.token_ids
