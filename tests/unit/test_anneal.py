@@ -132,6 +132,16 @@ def test_optim_that_picks_its_own_parameters_is_refused(tmp_path, optim):
         AnnealConfig(output_dir=str(tmp_path), use_cpu=True, optim=optim)
 
 
+@pytest.mark.parametrize("name, value", [("dataset_num_proc", 4), ("eos_token", "<|im_end|>"), ("pad_to_multiple_of", 8),
+                                         ("truncation_mode", "keep_end"), ("completion_only_loss", False),
+                                         ("model_init_kwargs", {"dtype": "bfloat16"})])
+def test_sft_fields_bimode_does_not_read_are_refused(tmp_path, name, value):
+    """TRL's SFT data fields that bimode's own tokenization bypasses fail naming the field, not train without."""
+    with pytest.raises(UsageError, match=f"{name} .*bimode anneal does not read it"):
+        AnnealConfig(output_dir=str(tmp_path), use_cpu=True, **{name: value})
+    assert AnnealConfig(output_dir=str(tmp_path), use_cpu=True, completion_only_loss=True).completion_only_loss
+
+
 def test_batches_grouped_by_length_get_estimated_lengths(tmp_path, train_file, tiny_dir):
     """train_sampling_strategy group_by_length: the dataset carries each (record, mode)'s estimated length
     (images not opened), within a token or two of the real one, so transformers' sampler groups by it."""

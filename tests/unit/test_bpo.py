@@ -382,6 +382,18 @@ def test_bad_settings_fail_clearly(tmp_path, trained_tiny, bpo_file):
         make_trainer(trained_tiny, no_answer, tmp_path)
 
 
+@pytest.mark.parametrize("name, value", [("min_p", 0.05), ("repetition_penalty", 1.1),
+                                         ("generation_kwargs", {"min_new_tokens": 4}), ("cache_implementation", "static")])
+def test_generation_settings_the_engine_cannot_honour_are_refused_without_vllm(tmp_path, name, value):
+    """bimode's engine samples with temperature, top_p, top_k and max_completion_length; TRL's vLLM path
+    reads the rest, so there they are kept."""
+    from bimode.train.bpo.trainer import BPOConfig
+
+    with pytest.raises(ValueError, match=f"{name} .*without use_vllm bimode's own engine rolls out"):
+        BPOConfig(output_dir=str(tmp_path), use_cpu=True, **{name: value})
+    assert getattr(BPOConfig(output_dir=str(tmp_path), use_cpu=True, use_vllm=True, **{name: value}), name) == value
+
+
 # ---- a model with multi-axis rotary positions (Qwen2.5-VL): the engine's plain path -----------------------
 @pytest.mark.parametrize("family", ["qwen25_vl", "qwen3_vl"])
 def test_qwen_vl_rollouts_are_scored_as_the_forced_mode_prompt_would_be(tmp_path, family):

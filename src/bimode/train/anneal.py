@@ -38,6 +38,23 @@ from bimode.train.precision import fp32_unless_asked_on_cpu
 from bimode.train.tokenization import collate, estimated_lengths, tokenize_example
 
 logger = logging.getLogger(__name__)
+_PREPARED = "rows are tokenized in bimode's collator as batches need them (no dataset is prepared up front)"
+# TRL's SFT fields that bimode's own data path never reads: {field: (values that hold anyway, why no other
+# can apply)}. Refused when set otherwise, rather than trained without.
+BYPASSED_SFT_FIELDS = {
+    "dataset_text_field": (("text",), "bimode reads record files (train_files), not a text column"),
+    "dataset_kwargs": ((None,), _PREPARED),
+    "dataset_num_proc": ((None,), _PREPARED),
+    "model_init_kwargs": ((None,), "bimode loads the model itself: dtype, attn_implementation and quantization are "
+                                "TRL's ModelConfig flags (--dtype, --attn_implementation, --load_in_4bit)"),
+    "chat_template_path": ((None,), "targets are rendered with the model's own chat template (bimode's think "
+                                 "template): change the template saved with the model instead"),
+    "eos_token": ((None,), "each target ends with the chat template's end-of-turn token"),
+    "pad_token": ((None,), "bimode's collator pads with the tokenizer's pad token (its eos token when it has none)"),
+    "pad_to_multiple_of": (("auto",), "bimode's collator pads each batch to its longest row"),
+    "truncation_mode": (("keep_start",), "rows are never truncated (max_length only sizes pack_rows' packs)"),
+    "completion_only_loss": ((None, True), "the loss is always on the assistant response only"),
+}
 # transformers' optimizers that take the model or choose their parameter groups themselves (optim names contain these)
 OWN_PARAMETER_OPTIMIZERS = ("galore", "apollo", "lomo")
 
@@ -59,12 +76,19 @@ class AnnealConfig(StartFields, AdapterFields, SFTConfig):
         "help": "packed annealing: rows concatenated into sequences of up to max_length tokens, no padding, "
                 "attention kept within each row (models with 1-D positions: LLaVA, LLaVA-NeXT; others train "
                 "padded, the reason logged). per_device_train_batch_size then counts packs"})
+    max_length: int | None = field(default=1024, metadata={
+        "help": "with pack_rows: the most tokens in a pack. Rows are never truncated (without pack_rows it is "
+                "not read)"})
     trust_remote_code: bool = field(default=False, metadata={"help": "allow the checkpoint's own code"})
     report_to: None | str | list[str] = field(default="tensorboard", metadata={
         "help": "where to log (tensorboard by default; 'none' to turn off, 'wandb', ...)"})
 
     def __post_init__(self):
         fp32_unless_asked_on_cpu(self)
+        for name, (holding, why) in BYPASSED_SFT_FIELDS.items():
+            if getattr(self, name) not in holding:
+                raise UsageError(f"{name} {getattr(self, name)!r}: bimode anneal does not read it ({why}); "
+                                 "leave it unset")
         if any(kind in str(self.optim) for kind in OWN_PARAMETER_OPTIMIZERS):
             raise UsageError(own_parameters_refusal(self.optim))
         if self.packing or self.padding_free:  # TRL's own: they take text datasets only

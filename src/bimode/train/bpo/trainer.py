@@ -60,6 +60,11 @@ from bimode.train.bpo.shared_forward import call_unsupported, find_prefix_groups
 from bimode.train.bpo.vllm_fit import collapse_image_runs, fit_vllm_generation, colocated_llm_settings
 
 MODE_CODES = {"think": 0, "no_think": 1, "malformed": 2}
+# GRPO's generation fields that only TRL's own generation reads: bimode's engine (rollouts without use_vllm)
+# samples with temperature, top_p, top_k and max_completion_length. {field: values that hold anyway}
+ENGINE_BYPASSED_FIELDS = {"min_p": (None, 0.0), "repetition_penalty": (1.0,), "generation_kwargs": (None, {}),
+                          "cache_implementation": (None,), "use_transformers_paged": (False,),
+                          "use_transformers_continuous_batching": (False,)}
 log = logging.getLogger(__name__)
 
 
@@ -130,6 +135,12 @@ class BPOConfig(StartFields, AdapterFields, GRPOConfig):
             if not math.isfinite(value) or (name != "direct_margin" and value < 0):
                 raise UsageError(f"{name} must be a finite number{'' if name == 'direct_margin' else ' >= 0'}, "
                                  f"got {value}")
+        if not self.use_vllm:
+            for name, holding in ENGINE_BYPASSED_FIELDS.items():
+                if getattr(self, name) not in holding:
+                    raise UsageError(f"{name} {getattr(self, name)!r}: without use_vllm bimode's own engine rolls "
+                                     "out, sampling with temperature, top_p, top_k and max_completion_length only; "
+                                     "leave it unset or set use_vllm (TRL's vLLM generation reads it)")
         fp32_unless_asked_on_cpu(self)
         super().__post_init__()
 
