@@ -9,7 +9,8 @@ from bimode.commands import help_text
 from bimode.commands.parsing import CommandParser
 from bimode.errors import UsageError
 from bimode.generation.types import check_think_threshold
-from bimode.serve.requests import DEFAULT_MAX_REQUEST_BYTES, TEMPLATE_KWARGS
+from bimode.serve.limits import DEFAULT_MAX_REQUEST_BYTES
+from bimode.serve.requests import TEMPLATE_KWARGS
 
 HELP = help_text("serve")
 

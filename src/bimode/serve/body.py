@@ -9,7 +9,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 
 from bimode.errors import UsageError
-from bimode.serve.requests import BadRequest
+from bimode.serve.errors import BadRequest
 
 # Past the cap the rest of a body is still read (and dropped), up to this much and this long, so that the client
 # finishes sending and reads the 413 instead of a reset connection; a larger or slower one is cut off.

@@ -4,189 +4,22 @@ Every field of a request is either honoured or refused with a 400 naming it: a c
 bimode does not implement (tools, response_format, penalties, stop strings, ...) must learn so instead of getting
 another contract than it asked for. Fields clients send by default with a value that asks for nothing (a zero
 penalty, `"tools": []`, `"response_format": {"type": "text"}`) are accepted. A model name the server does not
-serve is a 404 `model_not_found`, as vLLM and OpenAI answer.
+serve is a 404 `model_not_found`, as vLLM and OpenAI answer. Images are decoded by serve/images.py, within the
+limits of serve/limits.py.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import io
-import re
-import time
-from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from bimode.generation.defaults import PAPER_MAX_NEW_TOKENS
 from bimode.generation.types import MAX_TOP_LOGPROBS, Prompt, SamplingParams
 from bimode.modes import ThinkingMode
-
-
-class BadRequest(ValueError):
-    def __init__(self, message: str, param: str | None = None, status: int = 400, code: str | None = None):
-        super().__init__(message)
-        self.param, self.status, self.code = param, status, code
-
-
-# A request body's default cap: room for two images at ServerLimits' 10 MiB image limit, base64-encoded (4/3 as
-# large), and 4 MiB of text beside them.
-DEFAULT_MAX_REQUEST_BYTES = 2 * (10 * 1024 * 1024 * 4 // 3) + 4 * 1024 * 1024
-
-
-@dataclass
-class ServerLimits:
-    """What the server allows, built once from `bimode serve`'s config (`from_config`); the fields that are
-    flags have the flags' names."""
-
-    max_image_bytes: int = 10 * 1024 * 1024
-    max_image_pixels: int = 4096 * 4096
-    max_model_len: int | None = None  # most prompt tokens; None: the engine's context length, else 32,768
-    # the most characters one token of the tokenizer decodes to: a prompt of C characters has at least
-    # C / max_token_chars tokens, so one far over the limit is refused without tokenizing it (set by the app)
-    max_token_chars: int | None = None
-    image_tokens: int = 0  # prompt tokens one image takes (set by the app from the engine)
-    max_tokens: int = 32768  # the most new tokens a request may ask for (R-4B's own client example asks 16,384)
-    # what a request without max_tokens gets (harnesses often send none); None: the model's generation
-    # config, else 8,192, within max_tokens (resolve_limits, bimode.generation.defaults)
-    default_new_tokens: int | None = None
-    max_n: int = 16
-    allow_image_dir: Path | None = None  # local image paths are refused unless under this directory
-    # http(s) image URLs: refused unless allowed (fetching lets any client make the server open URLs)
-    allow_remote_images: bool = False
-    remote_image_max_bytes: int = 20 * 1024 * 1024
-    remote_image_timeout: float = 10.0  # seconds for the whole fetch, redirects and body included
-    remote_image_max_redirects: int = 3
-    # applied under every request's own chat_template_kwargs (vLLM's --default-chat-template-kwargs)
-    default_chat_template_kwargs: dict = field(default_factory=dict)
-    # auto mode thinks iff p_think >= this when a request sets no think_threshold (`bimode eval calibrate`)
-    think_threshold: float | None = None
-    # False for models the engine runs through `model.generate` (Qwen-VL's multi-axis positions): no thinking
-    # budget and no log-probs there, so requests for them are refused
-    shared_prefix: bool = True
-    max_batch: int = 32  # most samples generated together
-    request_timeout: float = 300.0  # seconds from a request's arrival until it fails (504)
-    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # larger bodies get 413 before they are parsed
-    max_queued_requests: int = 64  # more requests waiting for the engine get 503 with Retry-After
-
-    @classmethod
-    def from_config(cls, cfg) -> ServerLimits:
-        """The limits a `bimode serve` config (ServeConfig) sets: every field of both, by name."""
-        names = {f.name for f in fields(cls)} & {f.name for f in fields(cfg)}
-        values = {name: getattr(cfg, name) for name in names}
-        if values.get("allow_image_dir"):
-            values["allow_image_dir"] = Path(values["allow_image_dir"])
-        values["default_chat_template_kwargs"] = dict(values.get("default_chat_template_kwargs") or {})
-        return cls(**values)
-
-
-def _decode_image(url: Any, limits: ServerLimits, where: str) -> Image.Image:
-    label = where  # what decoding errors say the image is: a remote one's URL too
-    if not isinstance(url, str) or not url:
-        raise BadRequest(f"{where}: image_url.url must be a non-empty string", where)
-    if url.startswith("data:"):
-        header, _, payload = url.partition(",")
-        if ";base64" not in header:
-            raise BadRequest(f"{where}: data URLs must be base64-encoded", where)
-        if len(payload) * 3 // 4 > limits.max_image_bytes:
-            raise BadRequest(f"{where}: image is larger than {limits.max_image_bytes} bytes", where, status=413)
-        try:
-            raw = base64.b64decode(payload, validate=True)
-        except (binascii.Error, ValueError):
-            raise BadRequest(f"{where}: image data is not valid base64", where) from None
-    elif url.startswith(("http://", "https://")):
-        raw, content_type = _fetch_remote_image(url, limits, where)
-        label = f"{where} ({url}, Content-Type {content_type or 'not given'})"
-    elif _SCHEME.match(url) and not url.startswith("file://"):
-        raise BadRequest(f"{where}: image URL scheme {url.split(':', 1)[0]!r} is not supported "
-                         "(use http, https, data or file)", where)
-    else:
-        raw = _read_local_image(url.removeprefix("file://"), limits, where)
-    try:
-        with Image.open(io.BytesIO(raw)) as image:
-            if image.width * image.height > limits.max_image_pixels:
-                raise BadRequest(f"{label}: image has {image.width}x{image.height} pixels, over the limit",
-                                 where, status=413)
-            return image.convert("RGB")
-    except BadRequest:
-        raise
-    except UnidentifiedImageError:  # its message names a BytesIO object, no help to the caller
-        raise BadRequest(f"{label}: cannot decode image: not an image format PIL reads", where) from None
-    except Exception as exc:
-        raise BadRequest(f"{label}: cannot decode image: {exc}", where) from None
-
-
-_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-
-
-def _fetch_remote_image(url: str, limits: ServerLimits, where: str) -> tuple[bytes, str | None]:
-    """The bytes at an http(s) URL and their Content-Type, within the size cap, the redirect limit and one
-    deadline for the whole fetch: redirects are followed here, and every hop's network operations get only
-    what is left of the deadline (httpx's own timeout is per operation, and a server that trickles bytes
-    would otherwise hold the request for ever)."""
-    import httpx
-
-    if not limits.allow_remote_images:
-        raise BadRequest(f"{where}: remote image URLs are not fetched unless the server runs with "
-                         "--allow_remote_images; or send a base64 data URL", where)
-    cap, seconds = limits.remote_image_max_bytes, limits.remote_image_timeout
-
-    def fail(reason: str) -> BadRequest:
-        return BadRequest(f"{where}: cannot fetch image {url}: {reason}", where)
-
-    deadline = time.monotonic() + seconds
-
-    def time_left() -> float:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise fail(f"took longer than {seconds:g} s")
-        return left
-
-    current = url
-    try:
-        with httpx.Client(follow_redirects=False) as client:
-            for _ in range(limits.remote_image_max_redirects + 1):
-                with client.stream("GET", current, timeout=time_left()) as response:
-                    if response.is_redirect:
-                        current = str(response.next_request.url) if response.next_request else ""
-                        if not current.startswith(("http://", "https://")):
-                            raise fail(f"redirected to an unsupported scheme ({current or 'no location'})")
-                        continue
-                    if response.status_code >= 400:
-                        raise fail(f"HTTP {response.status_code}")
-                    declared = response.headers.get("content-length")
-                    if declared and declared.isdigit() and int(declared) > cap:
-                        raise fail(f"{int(declared)} bytes, over the limit of {cap} (--remote-image-max-bytes)")
-                    chunks, size = [], 0
-                    for chunk in response.iter_bytes():
-                        size += len(chunk)
-                        if size > cap:
-                            raise fail(f"over the limit of {cap} bytes (--remote-image-max-bytes)")
-                        time_left()
-                        chunks.append(chunk)
-                    return b"".join(chunks), response.headers.get("content-type")
-    except httpx.TimeoutException:
-        raise fail(f"took longer than {seconds:g} s") from None
-    except httpx.UnsupportedProtocol as exc:
-        raise fail(f"redirected to an unsupported scheme ({exc})") from None
-    except (httpx.HTTPError, httpx.InvalidURL) as exc:
-        raise fail(f"{type(exc).__name__}: {exc}") from None
-    raise fail(f"more than {limits.remote_image_max_redirects} redirects")
-
-
-def _read_local_image(path: str, limits: ServerLimits, where: str) -> bytes:
-    if limits.allow_image_dir is None:
-        raise BadRequest(f"{where}: local image paths are disabled (start the server with --allow_image_dir)", where)
-    resolved = Path(path).resolve()
-    if not resolved.is_relative_to(limits.allow_image_dir.resolve()):
-        raise BadRequest(f"{where}: {path} is outside the allowed image directory", where, status=403)
-    if not resolved.is_file():
-        raise BadRequest(f"{where}: no such image file {path}", where)
-    if resolved.stat().st_size > limits.max_image_bytes:
-        raise BadRequest(f"{where}: image is larger than {limits.max_image_bytes} bytes", where, status=413)
-    return resolved.read_bytes()
+from bimode.serve.errors import BadRequest
+from bimode.serve.images import decode_image
+from bimode.serve.limits import ServerLimits
 
 
 def parse_messages(messages: Any, limits: ServerLimits) -> tuple[list[dict], list[Image.Image]]:
@@ -197,48 +30,63 @@ def parse_messages(messages: Any, limits: ServerLimits) -> tuple[list[dict], lis
     `limits.max_model_len` is refused without tokenizing it or decoding its images."""
     if not isinstance(messages, list) or not messages:
         raise BadRequest("messages must be a non-empty list", "messages")
-    out, pending, chars = [], [], 0  # pending: (parts list, index, url, where) of each image, in order
+    out, pending, chars = [], [], 0  # pending: (where, url) of each image, in order
     for i, message in enumerate(messages):
-        where = f"messages[{i}]"
-        if not isinstance(message, dict):
-            raise BadRequest(f"{where} must be an object", where)
-        role = message.get("role")
-        if role not in ("system", "user", "assistant"):
-            raise BadRequest(f"{where}.role must be system, user or assistant, not {role!r}", f"{where}.role")
-        content = message.get("content")
-        if content is None and role == "assistant":
-            content = ""
-        if isinstance(content, str):
-            entry = {"role": role, "content": content}
-            chars += len(content)
-        elif isinstance(content, list):
-            parts = []
-            for j, part in enumerate(content):
-                pwhere = f"{where}.content[{j}]"
-                kind = part.get("type") if isinstance(part, dict) else None
-                image = part.get("image_url") if kind == "image_url" else None
-                if kind == "text" and isinstance(part.get("text"), str):
-                    parts.append({"type": "text", "text": part["text"]})
-                    chars += len(part["text"])
-                elif isinstance(image, (dict, str)):
-                    pending.append((pwhere, image.get("url") if isinstance(image, dict) else image))
-                    parts.append({"type": "image"})
-                else:
-                    raise BadRequest(f"{pwhere} must be a text or image_url part", pwhere)
-            entry = {"role": role, "content": parts}
-        else:
-            raise BadRequest(f"{where}.content must be a string or a list of parts", f"{where}.content")
-        reasoning = message.get("reasoning_content", message.get("reasoning"))  # old and new vLLM names
-        if role == "assistant" and isinstance(reasoning, str):
-            entry["reasoning_content"] = reasoning  # the template leaves past reasoning out of the prompt
+        entry, text_chars = _parse_message(message, f"messages[{i}]", pending)
         out.append(entry)
-    least = -(-chars // limits.max_token_chars) if limits.max_token_chars else 0
-    least += len(pending) * limits.image_tokens
-    if limits.max_model_len is not None and least > limits.max_model_len:
-        raise BadRequest(f"the prompt has at least {least} tokens ({chars} characters of text, {len(pending)} "
-                         f"images), over the limit of {limits.max_model_len}", "messages")
-    images = [_decode_image(url, limits, where) for where, url in pending]
+        chars += text_chars
+    _check_least_length(chars, len(pending), limits)
+    images = [decode_image(url, limits, where) for where, url in pending]
     return out, images
+
+
+def _parse_message(message: Any, where: str, pending: list) -> tuple[dict, int]:
+    """One message as our template reads it, and its characters of text; its images' URLs go to `pending`."""
+    if not isinstance(message, dict):
+        raise BadRequest(f"{where} must be an object", where)
+    role = message.get("role")
+    if role not in ("system", "user", "assistant"):
+        raise BadRequest(f"{where}.role must be system, user or assistant, not {role!r}", f"{where}.role")
+    content = message.get("content")
+    if content is None and role == "assistant":
+        content = ""
+    if isinstance(content, str):
+        entry, chars = {"role": role, "content": content}, len(content)
+    elif isinstance(content, list):
+        parts, chars = _parse_parts(content, where, pending)
+        entry = {"role": role, "content": parts}
+    else:
+        raise BadRequest(f"{where}.content must be a string or a list of parts", f"{where}.content")
+    reasoning = message.get("reasoning_content", message.get("reasoning"))  # old and new vLLM names
+    if role == "assistant" and isinstance(reasoning, str):
+        entry["reasoning_content"] = reasoning  # the template leaves past reasoning out of the prompt
+    return entry, chars
+
+
+def _parse_parts(content: list, where: str, pending: list) -> tuple[list[dict], int]:
+    """A message's text and image parts (an image becomes a placeholder), and their characters of text."""
+    parts, chars = [], 0
+    for j, part in enumerate(content):
+        pwhere = f"{where}.content[{j}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        image = part.get("image_url") if kind == "image_url" else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            parts.append({"type": "text", "text": part["text"]})
+            chars += len(part["text"])
+        elif isinstance(image, (dict, str)):
+            pending.append((pwhere, image.get("url") if isinstance(image, dict) else image))
+            parts.append({"type": "image"})
+        else:
+            raise BadRequest(f"{pwhere} must be a text or image_url part", pwhere)
+    return parts, chars
+
+
+def _check_least_length(chars: int, images: int, limits: ServerLimits) -> None:
+    least = -(-chars // limits.max_token_chars) if limits.max_token_chars else 0
+    least += images * limits.image_tokens
+    if limits.max_model_len is not None and least > limits.max_model_len:
+        raise BadRequest(f"the prompt has at least {least} tokens ({chars} characters of text, {images} "
+                         f"images), over the limit of {limits.max_model_len}", "messages")
 
 
 def _number(body: dict, name: str, kind, default, low=None, high=None):
@@ -327,12 +175,39 @@ def check_model(requested: Any, served: str | None) -> None:
 def parse_request(body: Any, limits: ServerLimits, served_model: str | None = None
                   ) -> tuple[Prompt, SamplingParams, bool, dict]:
     """(prompt, params, stream, extras) from a /v1/chat/completions body; `served_model`: the name requests may
-    ask for (None: any)."""
+    ask for (None: any). The checks run in a fixed order, so a request with several errors learns the same one
+    first every time."""
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
     check_model(body.get("model"), served_model)
     check_fields(body)
     messages, images = parse_messages(body.get("messages"), limits)
+    kwargs = _template_kwargs(body, limits)
+    mode = _thinking_mode(kwargs)
+    n = _number(body, "n", int, 1, 1, limits.max_n)
+    max_new = _max_new_tokens(body, limits)
+    budget = _budget(body, kwargs)
+    stream, include_usage = _streaming(body)
+    logprobs, top_logprobs = _logprobs(body)
+    _check_available(limits, logprobs, budget)
+    params = SamplingParams(
+        max_new_tokens=max_new,
+        temperature=_number(body, "temperature", float, 0.0, 0.0, 2.0),
+        top_p=_number(body, "top_p", float, 1.0, 1e-6, 1.0),
+        top_k=max(0, _number(body, "top_k", int, 0, -1, 10**6)),
+        seed=_number(body, "seed", int, None, *SEEDS),
+        max_thinking_tokens=_number({"max_thinking_tokens": budget}, "max_thinking_tokens", int, None, 0,
+                                    limits.max_tokens),
+        think_threshold=_number(body, "think_threshold", float, limits.think_threshold, 0.0, 1.0),
+        logprobs=logprobs, top_logprobs=top_logprobs,
+    )
+    prompt = Prompt(messages=messages, images=images, modes=[mode] * n)
+    return prompt, params, stream, {"include_usage": include_usage}
+
+
+def _template_kwargs(body: dict, limits: ServerLimits) -> dict:
+    """The chat_template_kwargs the request gets: its own (with the mode its model name forces) over the server's
+    defaults; its own mode and budget replace the defaults', whatever name either uses."""
     own = body.get("chat_template_kwargs") or {}
     if not isinstance(own, dict):
         raise BadRequest("chat_template_kwargs must be an object", "chat_template_kwargs")
@@ -346,35 +221,47 @@ def parse_request(body: Any, limits: ServerLimits, served_model: str | None = No
             raise BadRequest(f"model {body.get('model')!r} forces {model_mode.value} mode: leave out "
                              "chat_template_kwargs.thinking_mode / enable_thinking", "model")
         own = {**own, "thinking_mode": model_mode.value}
-    # the request's own mode and budget replace the server default's, whatever name either uses
     replaced = set()
     if "thinking_mode" in own or "enable_thinking" in own:
         replaced |= {"thinking_mode", "enable_thinking"}
     if any(source.get(name) is not None for source in (body, own) for name in BUDGET_NAMES):
         replaced |= set(BUDGET_NAMES)
     defaults = {k: v for k, v in limits.default_chat_template_kwargs.items() if k not in replaced}
-    kwargs = {**defaults, **own}
+    return {**defaults, **own}
+
+
+def _thinking_mode(kwargs: dict) -> ThinkingMode:
     enable = kwargs.get("enable_thinking")
     if enable is not None and not isinstance(enable, bool):
         raise BadRequest("chat_template_kwargs.enable_thinking must be a boolean", "chat_template_kwargs")
     try:
-        mode = ThinkingMode.parse(kwargs.get("thinking_mode"), enable_thinking=enable)
+        return ThinkingMode.parse(kwargs.get("thinking_mode"), enable_thinking=enable)
     except ValueError as exc:
         raise BadRequest(str(exc), "chat_template_kwargs.thinking_mode") from None
-    n = _number(body, "n", int, 1, 1, limits.max_n)
+
+
+def _max_new_tokens(body: dict, limits: ServerLimits) -> int:
+    """max_completion_tokens (OpenAI's newer name) else max_tokens, else the server's default, within its cap."""
     max_tokens = body.get("max_completion_tokens")
     if max_tokens is None:
         max_tokens = body.get("max_tokens")
-    max_new = _number({"max_tokens": max_tokens}, "max_tokens", int,
-                      min(limits.default_new_tokens or PAPER_MAX_NEW_TOKENS, limits.max_tokens), 1,
-                      limits.max_tokens)
-    budget = _budget(body, kwargs)
+    return _number({"max_tokens": max_tokens}, "max_tokens", int,
+                   min(limits.default_new_tokens or PAPER_MAX_NEW_TOKENS, limits.max_tokens), 1, limits.max_tokens)
+
+
+def _streaming(body: dict) -> tuple[bool, bool]:
+    """(stream, include_usage) of a request."""
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise BadRequest("stream must be a boolean", "stream")
     stream_options = body.get("stream_options") or {}
     if not isinstance(stream_options, dict):
         raise BadRequest("stream_options must be an object", "stream_options")
+    return stream, bool(stream_options.get("include_usage"))
+
+
+def _logprobs(body: dict) -> tuple[bool, int]:
+    """(logprobs, top_logprobs) of a request."""
     logprobs = body.get("logprobs", False)
     if logprobs is None:
         logprobs = False
@@ -383,21 +270,13 @@ def parse_request(body: Any, limits: ServerLimits, served_model: str | None = No
     top_logprobs = _number(body, "top_logprobs", int, 0, 0, MAX_TOP_LOGPROBS)
     if top_logprobs and not logprobs:
         raise BadRequest("top_logprobs needs logprobs: true", "top_logprobs")
+    return logprobs, top_logprobs
+
+
+def _check_available(limits: ServerLimits, logprobs: bool, budget: Any) -> None:
+    """Log-probs and a thinking budget need an engine that shares prefixes."""
     if not limits.shared_prefix:
         asked = "logprobs" if logprobs else "max_thinking_tokens" if budget is not None else None
         if asked:
             raise BadRequest(f"{asked} is not available for this model: it runs through transformers' generate "
                              "(multi-axis rotary positions, e.g. Qwen-VL)", asked)
-    params = SamplingParams(
-        max_new_tokens=max_new,
-        temperature=_number(body, "temperature", float, 0.0, 0.0, 2.0),
-        top_p=_number(body, "top_p", float, 1.0, 1e-6, 1.0),
-        top_k=max(0, _number(body, "top_k", int, 0, -1, 10**6)),
-        seed=_number(body, "seed", int, None, *SEEDS),
-        max_thinking_tokens=_number({"max_thinking_tokens": budget}, "max_thinking_tokens", int, None, 0,
-                                    limits.max_tokens),
-        think_threshold=_number(body, "think_threshold", float, limits.think_threshold, 0.0, 1.0),
-        logprobs=logprobs, top_logprobs=top_logprobs,
-    )
-    prompt = Prompt(messages=messages, images=images, modes=[mode] * n)
-    return prompt, params, stream, {"include_usage": bool(stream_options.get("include_usage"))}
