@@ -36,8 +36,8 @@ from bimode.generation.types import Prompt, SamplingParams
 from bimode.io import append_log, read_log, write_jsonl
 from bimode.modes import ThinkingMode
 from bimode.parallel.pool import LocalPool
-from bimode.parallel.shards import (MANIFEST, Shard, check_resumable, check_shards, fingerprint, read_manifest,
-                                    write_manifest)
+from bimode.parallel.batch_run import BatchRun, Progress, cut
+from bimode.parallel.shards import MANIFEST, Shard, check_shards, read_manifest
 from bimode.scoring import accuracy_reward
 from bimode.seeds import row_seed
 
@@ -271,13 +271,9 @@ def run_curation(backend, inputs: list, out: Path, cfg: CurateConfig | None = No
     records, read_rejects, source = read_inputs(inputs, input_format)
     duplicates = find_duplicates(records, cfg.near_duplicate_threshold)
     unique = [r for r in records if r.id not in duplicates]
-    batches = [unique[i:i + cfg.batch_size] for i in range(0, len(unique), cfg.batch_size)]
-    run_id = None
-    if not shard.whole:
-        run_id = fingerprint({"cfg": asdict(cfg), "input_format": input_format, **(identity or {})}, inputs)
-    check_resumable(out, shard, run_id, PROGRESS_FILE)
-    if not shard.whole:
-        write_manifest(out, "curate", shard, run_id, len(batches), finished=False, identity=identity or {})
+    batches = cut(unique, cfg.batch_size)
+    run = BatchRun.begin(out, "curate", PROGRESS_FILE, len(batches), shard,
+                         settings={"cfg": asdict(cfg), "input_format": input_format}, inputs=inputs, identity=identity)
 
     def with_file(rows: list[dict]) -> list[dict]:  # a record's rejects name the file it came from
         return [{**r, "file": r.get("file") or source.get(r.get("id"))} for r in rows]
@@ -288,31 +284,26 @@ def run_curation(backend, inputs: list, out: Path, cfg: CurateConfig | None = No
         if index >= len(batches) or entry["ids"] != [r.id for r in batches[index]]:
             raise OutputExistsError(f"{progress_path}: batch {index} was cut from other inputs or another batch_size "
                                     "than this command's; run the command that started it, or pass --overwrite")
-    mine = [i for i in range(len(batches)) if shard.owns(i)]
+    mine = [i for i in range(len(batches)) if run.owns(i)]
     if pool is None:
         pool = LocalPool(CurateWorker(cfg).bind(backend, reasoner))
-    bar = None
-    if progress:
-        from tqdm import tqdm
 
-        bar = tqdm(total=sum(len(batches[i]) for i in mine), desc="curate", unit="query")
-        bar.update(sum(len(batches[i]) for i in mine if i in done))
-    for index, (kept, rejects) in pool.imap((i, batches[i]) for i in mine if i not in done):
+    def write(index: int, result: tuple[list[Record], list[dict]]) -> int:
+        kept, rejects = result
         rows = [record_to_dict(r, image_dir=out / "curated_images", base_dir=out) for r in kept]
         entry = {"batch": index, "ids": [r.id for r in batches[index]], "curated": rows,
                  "rejects": with_file(rejects)}
         append_log(progress_path, [entry])  # one line per batch: all or nothing
         done[index] = entry
-        if bar:
-            bar.update(len(batches[index]))
-    if bar:
-        bar.close()
+        return len(batches[index])
+
+    run.run(pool, ((i, batches[i]) for i in mine if i not in done), write,
+            Progress("curate", "query", total=sum(len(batches[i]) for i in mine),
+                     done=sum(len(batches[i]) for i in mine if i in done)) if progress else None)
     input_rejects = read_rejects + with_file([reject(f"duplicate of {first}", field="question", id=rid)
                                               for rid, first in duplicates.items()])
     if not shard.whole:
-        write_manifest(out, "curate", shard, run_id, len(batches), finished=True, identity=identity or {},
-                       input_rejects=input_rejects,
-                       seconds=round(time.time() - start, 1))
+        run.finish(input_rejects=input_rejects, seconds=round(time.time() - start, 1))
         return read_manifest(out)
     return finish_curation(out, [done[i] for i in sorted(done)], input_rejects, time.time() - start)
 

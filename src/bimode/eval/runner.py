@@ -26,7 +26,8 @@ from bimode.generation.types import Prompt, SamplingParams, check_think_threshol
 from bimode.io import append_log, read_log, write_jsonl
 from bimode.modes import ThinkingMode, parse_mode_field
 from bimode.parallel.pool import LocalPool
-from bimode.parallel.shards import Shard, check_resumable, check_shards, fingerprint, write_manifest
+from bimode.parallel.batch_run import BatchRun, Progress, cut
+from bimode.parallel.shards import Shard, check_shards
 from bimode.scoring import accuracy_reward
 
 
@@ -186,13 +187,9 @@ def run_eval(engine, bench_paths: list, out_dir: Path, cfg: EvalConfig | None = 
     rejects: list = []
     modes = [ThinkingMode.parse(m) for m in cfg.modes]
     records = [(bench_name(path), record) for path in bench_paths for record in load_bench(path, cfg.limit, rejects)]
-    batches = [records[i:i + cfg.batch_size] for i in range(0, len(records), cfg.batch_size)]
-    run_id = None
-    if not shard.whole:
-        run_id = fingerprint({"cfg": asdict(cfg), **(identity or {})}, bench_paths)
-    check_resumable(out_dir, shard, run_id, "samples.jsonl")
-    if not shard.whole:
-        write_manifest(out_dir, "eval", shard, run_id, len(batches), finished=False, identity=identity or {})
+    batches = cut(records, cfg.batch_size)
+    run = BatchRun.begin(out_dir, "eval", "samples.jsonl", len(batches), shard, settings={"cfg": asdict(cfg)},
+                         inputs=bench_paths, identity=identity)
     # this run's benchmarks were read afresh: their rejects replace the old ones, other benchmarks' stay
     names = {bench_name(p) for p in bench_paths}
     kept = [r for r in read_rejects(out_dir / REJECTS_FILE) if r.get("bench") not in names]
@@ -202,23 +199,18 @@ def run_eval(engine, bench_paths: list, out_dir: Path, cfg: EvalConfig | None = 
     for index, batch in enumerate(batches):
         chunk = [(name, record, [m for m in modes if (name, record.id, m.value) not in done]) for name, record in batch]
         chunk = [item for item in chunk if item[2]]
-        if chunk and shard.owns(index):
+        if chunk and run.owns(index):
             work[index] = chunk
     if pool is None:
         pool = LocalPool(EvalWorker(cfg, "").bind(engine, judge))
-    bar = None
-    if progress:
-        from tqdm import tqdm
 
-        bar = tqdm(total=sum(len(todo) for chunk in work.values() for _, _, todo in chunk), desc="eval", unit="sample")
-    for index, rows in pool.imap(work.items()):
+    def write(index: int, rows: list[dict]) -> int:
         append_log(samples_path, rows)  # one write per batch: a kill loses at most the batches in flight
-        if bar:
-            bar.update(len(rows))
-    if bar:
-        bar.close()
-    if not shard.whole:
-        write_manifest(out_dir, "eval", shard, run_id, len(batches), finished=True, identity=identity or {})
+        return len(rows)
+
+    run.run(pool, work.items(), write, Progress(
+        "eval", "sample", total=sum(len(todo) for chunk in work.values() for _, _, todo in chunk)) if progress else None)
+    run.finish()
     return samples_path
 
 
