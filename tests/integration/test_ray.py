@@ -1,6 +1,6 @@
 """`bimode curate` and `bimode eval` on a local Ray cluster of 2 actors (docs/cluster.md): the same files as one
-process, a run cut off midway resumed without redoing finished batches, and a cluster that listens on 127.0.0.1
-only."""
+process, a run cut off midway resumed without redoing finished batches, what an actor raises raised as one process
+raises it, and a cluster that listens on 127.0.0.1 only."""
 
 import json
 import os
@@ -14,7 +14,8 @@ from bimode.curate import CurateConfig, run_curation
 from bimode.curate.pipeline import CurateWorker
 from bimode.eval.runner import EvalConfig, read_samples, run_eval
 from bimode.io import read_log
-from bimode.parallel.pool import RayPool, WorkerFailed
+from bimode.parallel.failures import RemoteTraceback
+from bimode.parallel.pool import RayPool
 from tests.helpers.eval_helpers import curation_outputs, write_curation_pool
 from tests.helpers.ray_helpers import FailingOn, SocketProbe, listening_sockets
 
@@ -70,9 +71,11 @@ def test_ray_curation_on_two_workers_cut_off_midway_resumes_to_the_one_process_o
     finished batch, and the files equal one process's: every batch, whichever run and actor made it, labels alike."""
     worker = CurateWorker(CFG, annotator=str(trained_tiny), reasoner=str(trained_tiny))
     last = json.loads(Path(inputs).read_text().splitlines()[-1])["id"]  # in the last batch
-    with pytest.raises(WorkerFailed, match=f"cut off at {last}"):
+    with pytest.raises(RuntimeError, match=f"cut off at {last}") as error:  # a bug: raised as itself
         run_curation(None, [inputs], tmp_path / "ray", CFG, progress=False,
                      pool=RayPool(FailingOn(worker, last), "local", num_workers=2))
+    actor = error.value.__cause__  # the actor's traceback, shown above the driver's
+    assert isinstance(actor, RemoteTraceback) and "ray_helpers.py" in str(actor), str(actor)
     finished = [entry["batch"] for entry in read_log(tmp_path / "ray" / "batches.jsonl")]
     assert finished and 4 not in finished
     run_curation(None, [inputs], tmp_path / "ray", CFG, progress=False, pool=RayPool(worker, "local", num_workers=2))
@@ -82,6 +85,19 @@ def test_ray_curation_on_two_workers_cut_off_midway_resumes_to_the_one_process_o
     assert _outputs(tmp_path / "ray") == _outputs(tmp_path / "single")
     curated = [json.loads(line) for line in (tmp_path / "ray" / "curated.jsonl").read_text().splitlines()]
     assert {row["mode"] for row in curated} == {"think", "no_think"}  # both labels: the comparison means something
+
+
+def test_a_user_mistake_on_an_actor_is_the_one_error_line_one_process_gives(cluster, inputs, tmp_path, capsys):
+    """An annotator directory that is not there, found by the actor that builds the annotator: `error:` and exit 2,
+    worded as when this process finds it."""
+    from bimode.cli import main
+
+    curate = ["curate", "--input", str(inputs), "--annotator", str(tmp_path / "no_model")]
+    assert main(curate + ["--out", str(tmp_path / "single")]) == 2
+    single = capsys.readouterr().err.splitlines()[-1]
+    assert main(curate + ["--out", str(tmp_path / "ray"), "--ray_address", "local"]) == 2
+    ray = capsys.readouterr().err.splitlines()[-1]  # after the progress bar: this run asked the actor for batches
+    assert ray == single and single.startswith("error: ") and "no_model" in single, (ray, single)
 
 
 def test_the_eval_command_on_a_local_ray_cluster_equals_one_process(engine, trained_tiny, inputs, tmp_path):

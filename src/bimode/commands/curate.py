@@ -53,7 +53,7 @@ def make_parser(prog: str = "bimode curate") -> CommandParser:
 def main(cmd: CurateCommandConfig, cfg: CurateConfig, cluster: ClusterConfig) -> int:
     from bimode.curate.pipeline import CurateWorker, run_curation
     from bimode.generation.openai_backend import EndpointError
-    from bimode.parallel.pool import WorkerFailed
+    from bimode.parallel.failures import WorkerFailed
     from bimode.parallel.shards import Shard
 
     options = {"trust_remote_code": cmd.trust_remote_code, "concurrency": cmd.concurrency,
@@ -66,10 +66,14 @@ def main(cmd: CurateCommandConfig, cfg: CurateConfig, cluster: ClusterConfig) ->
                identity={"annotator": cmd.annotator, "reasoner": cmd.reasoner})
     try:  # on Ray each actor builds its own annotator, and this process none
         summary = run_curation(None, cmd.input, Path(cmd.out), cfg, pool=make_pool(worker, cluster), **run)
-    except (EndpointError, WorkerFailed) as exc:  # finished batches are logged: the same command resumes
+    except EndpointError as exc:  # finished batches are logged: the same command resumes
         logged = (Path(cmd.out) / "batches.jsonl").exists()
         print(f"error: {exc}" + ("; run the same command to resume" if logged else ""), file=sys.stderr)
         return 2
+    except WorkerFailed as exc:  # Ray itself failed (an actor that died, a lost node): a traceback, exit 1
+        if (Path(cmd.out) / "batches.jsonl").exists():
+            exc.add_note("finished batches are logged: run the same command to resume")
+        raise
     if not shard.whole:
         print(f"shard {shard.index} of {shard.count} finished in {cmd.out}; when every shard has, combine them: "
               f"bimode curate merge SHARD_DIR ... --out DIR")

@@ -66,7 +66,8 @@ def main(cmd: EvalCommandConfig, cfg: EvalConfig, cluster: ClusterConfig) -> int
     from bimode.eval.report import write_report
     from bimode.eval.runner import EvalWorker, read_samples, run_eval
     from bimode.generation.openai_backend import EndpointError
-    from bimode.parallel.pool import LocalPool, WorkerFailed
+    from bimode.parallel.failures import WorkerFailed
+    from bimode.parallel.pool import LocalPool
     from bimode.parallel.shards import Shard
 
     out = Path(cmd.out)
@@ -91,11 +92,14 @@ def main(cmd: EvalCommandConfig, cfg: EvalConfig, cluster: ClusterConfig) -> int
             f"bimode eval of {cmd.model}"
         samples = run_eval(None, cmd.bench, out, cfg, pool=pool, shard=shard,
                            identity={"model": model, "judge": cmd.judge})
-    except (EndpointError, WorkerFailed) as exc:  # what is scored is kept: the same command resumes
-        again = "the same command without --overwrite" if cmd.overwrite else "the same command"
-        print(f"error: {exc}" + (f"; run {again} to resume" if (out / "samples.jsonl").exists() else ""),
+    except EndpointError as exc:  # what is scored is kept: the same command resumes
+        print(f"error: {exc}" + (f"; run {_again(cmd)} to resume" if (out / "samples.jsonl").exists() else ""),
               file=sys.stderr)
         return 2
+    except WorkerFailed as exc:  # Ray itself failed (an actor that died, a lost node): a traceback, exit 1
+        if (out / "samples.jsonl").exists():
+            exc.add_note(f"what is scored is kept: run {_again(cmd)} to resume")
+        raise
     if not shard.whole:
         print(f"shard {shard.index} of {shard.count} finished in {out}; when every shard has, combine them: "
               "bimode eval merge SHARD_DIR ... --out DIR")
@@ -106,3 +110,7 @@ def main(cmd: EvalCommandConfig, cfg: EvalConfig, cluster: ClusterConfig) -> int
         print(f"rejected {rejected} rows (not scored; reasons in {out / 'rejects.jsonl'})")
     print(f"report: {out / 'report.md'}; metrics: {out / 'metrics.json'}; samples: {samples}")
     return 0
+
+
+def _again(cmd: EvalCommandConfig) -> str:
+    return "the same command without --overwrite" if cmd.overwrite else "the same command"

@@ -3,7 +3,8 @@
 A pool takes (batch index, payload) items and yields (batch index, result) as batches finish, in any order; the
 caller logs each result at once, so a run cut off midway keeps every finished batch. The function that turns a
 payload into a result is the same in both pools: the Ray pool builds it on each actor from a picklable factory
-(`make_worker()`), so each actor holds its own model or endpoint client, built once.
+(`make_worker()`), so each actor holds its own model or endpoint client, built once. What a batch raises on an actor
+is raised here as itself (`bimode.parallel.failures`), so both pools end a run alike.
 """
 
 from __future__ import annotations
@@ -12,12 +13,10 @@ import os
 import pickle
 from typing import Any, Callable, Iterable, Iterator
 
+from bimode.parallel.failures import Failure, WorkerFailed
+
 Item = tuple[int, Any]
 RESTARTS = 2
-
-
-class WorkerFailed(RuntimeError):
-    """A batch failed on a Ray actor; the actor's traceback is in the message."""
 
 
 class LocalPool:
@@ -32,23 +31,27 @@ class LocalPool:
 
 
 class _Actor:
-    """A Ray Data map_batches actor: builds the worker once, then runs one batch per call. A batch's exception
-    comes back as a value, so the driver stops with it (and a resumed run redoes that batch) instead of Ray retrying
-    a batch that fails the same way each time."""
+    """A Ray Data map_batches actor: builds the worker once, then runs one batch per call. An exception, building
+    the worker or running a batch, comes back as a value (`Failure`), so the driver raises it as one process would
+    (and a resumed run redoes that batch) instead of Ray restarting an actor or retrying a batch that fails the
+    same way each time."""
 
     def __init__(self, make_worker: Callable[[], Callable[[Any], Any]]):
-        self.run_batch = make_worker()
+        try:
+            self.run_batch, self.broken = make_worker(), None
+        except Exception as exc:  # noqa: BLE001 - e.g. a model directory that is not there: every batch says so
+            self.run_batch, self.broken = None, Failure.of(exc)
 
     def __call__(self, batch: dict) -> dict:
-        import traceback
-
         results = []
         for payload in batch["payload"]:
+            if self.broken:
+                results.append(pickle.dumps(("error", self.broken)))
+                continue
             try:
                 results.append(pickle.dumps(("ok", self.run_batch(pickle.loads(payload)))))
-            except Exception as exc:  # noqa: BLE001 - any failure goes back to the driver, named
-                results.append(pickle.dumps(("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}",
-                                             os.getpid())))
+            except Exception as exc:  # noqa: BLE001 - any failure goes back to the driver, raised there
+                results.append(pickle.dumps(("error", Failure.of(exc))))
         return {"index": batch["index"], "result": results}
 
 
@@ -96,7 +99,7 @@ class RayPool:
                 return
             except Exception as exc:  # noqa: BLE001 - Ray's own failures (an actor that cannot start, a lost node)
                 raise WorkerFailed(f"the Ray run failed: {type(exc).__name__}: {str(exc)[-3000:]}") from exc
-            status, value, *where = pickle.loads(row["result"])
+            status, value = pickle.loads(row["result"])
             if status == "error":
-                raise WorkerFailed(f"batch {int(row['index'])} failed on a Ray worker (pid {where[0]}): {value}")
+                value.raise_here(int(row["index"]))
             yield int(row["index"]), value
