@@ -10,7 +10,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from PIL import Image
 
-from bimode.serve.requests import BadRequest, ServerLimits, parse_request
+from bimode.serve.errors import BadRequest
+from bimode.serve.limits import ServerLimits
+from bimode.serve.requests import parse_request
 
 
 def _png(size=(12, 8), color=(200, 30, 30)) -> bytes:
