@@ -14,7 +14,7 @@ from bimode.generation.engine import TransformersEngine
 from bimode.generation.types import Prompt, SamplingParams
 from bimode.models import load_model
 from bimode.serve.app import create_app
-from bimode.serve.requests import ServerLimits
+from bimode.serve.limits import ServerLimits
 from tests.helpers.servers import serve_in_thread
 from tests.helpers.trained import TRAINED_FAMILIES, TRAINED_MAX_LEVEL
 
@@ -294,7 +294,7 @@ def test_a_request_without_max_tokens_gets_the_models_own_limit(random_server):
 
     from transformers import GenerationConfig
 
-    from bimode.serve.app import resolve_limits
+    from bimode.serve.limits import resolve_limits
 
     def engine(limit):
         return SimpleNamespace(model=SimpleNamespace(generation_config=GenerationConfig(max_new_tokens=limit)))
@@ -312,7 +312,8 @@ def test_a_request_without_max_tokens_gets_the_models_own_limit(random_server):
 def test_r4b_client_example_limits_and_budget_aliases():
     """R-4B's own client example asks max_tokens=16384; vLLM's budget field is thinking_token_budget, SGLang
     templates' thinking_budget: all accepted, top level or in chat_template_kwargs; two that disagree are a 400."""
-    from bimode.serve.requests import BadRequest, parse_request
+    from bimode.serve.errors import BadRequest
+    from bimode.serve.requests import parse_request
 
     messages = [{"role": "user", "content": "hi"}]
     assert parse_request({"messages": messages, "max_tokens": 16384}, ServerLimits())[1].max_new_tokens == 16384

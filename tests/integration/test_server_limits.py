@@ -20,8 +20,8 @@ import torch
 
 from bimode.generation.engine import TransformersEngine
 from bimode.models import load_model
-from bimode.serve.app import BODY_TIMEOUT_S, create_app
-from bimode.serve.requests import ServerLimits
+from bimode.serve.app import create_app
+from bimode.serve.limits import BODY_TIMEOUT_S, ServerLimits
 from tests.helpers.servers import serve_in_thread
 
 LIMITS = ServerLimits(max_model_len=512, max_tokens=4096)
