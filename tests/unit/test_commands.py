@@ -74,10 +74,21 @@ def test_positional_model_and_flag_are_the_same_field():
     (["eval", "compare", "a"], "takes two run directories, got 1"),
     (["eval", "calibrate", "run", "--max_drop", "1", "--confidence", "1"], "--confidence must be in [0, 1), got 1.0"),
     (["bpo", "--output_dir", "o", "--mode_objective", "router"], "mode_objective must be one of"),
+    (["bpo", "--output_dir", "o", "--repetition_penalty", "1.2"], "repetition_penalty 1.2: without use_vllm"),
+    (["anneal", "--output_dir", "o", "--optim", "adalomo"], "optim adalomo: this optimizer picks its own parameters"),
+    (["anneal", "--output_dir", "o", "--dataset_num_proc", "8"], "dataset_num_proc 8: bimode anneal does not read it"),
+    (["data", "synth", "--out", "s.jsonl", "--format", "parquet"], "is a jsonl file but format is parquet"),
+    (["plan", "--recipe", "tiny_anneal", "--gpu_gib", "0"], "gpu_gib must be above 0"),
 ])
 def test_bad_settings_are_refused_naming_the_field(argv, message, capsys):
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_plan_refuses_prompt_tokens_for_an_anneal_recipe(tiny_dir, capsys):
+    """prompt_tokens sizes BPO's rollouts: an anneal plan would ignore it."""
+    assert main(["plan", "--recipe", "tiny_anneal", "--model", str(tiny_dir), "--prompt_tokens", "100"]) == 2
+    assert "prompt_tokens sizes BPO's rollouts; tiny_anneal plans bimode anneal" in capsys.readouterr().err
 
 
 def test_blocked_keywords_given_a_file_name_point_to_the_file_flag(tmp_path):

@@ -34,6 +34,10 @@ class SynthConfig:
             raise UsageError(f"split must be train or eval, not {self.split!r}")
         if self.format not in ("jsonl", "parquet"):
             raise UsageError(f"format must be jsonl or parquet, not {self.format!r}")
+        suffix = Path(self.out).suffix
+        if suffix in (".jsonl", ".parquet") and self.format != "jsonl" and suffix != f".{self.format}":
+            raise UsageError(f"--out {self.out} is a {suffix[1:]} file but format is {self.format}: the file's "
+                             f"name decides, so name it .{self.format} or drop --format")
         self.families = [f.strip() for item in self.families for f in item.split(",") if f.strip()]
         synthetic.check_families(self.families)
 

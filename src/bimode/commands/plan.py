@@ -30,6 +30,9 @@ class PlanConfig:
     def __post_init__(self):
         if not self.recipe:
             raise UsageError("--recipe is required (an anneal or BPO recipe)")
+        if self.gpu_gib <= 0 or self.prompt_tokens < 0:
+            raise UsageError(f"gpu_gib must be above 0 and prompt_tokens at least 0 (got {self.gpu_gib}, "
+                             f"{self.prompt_tokens})")
         if self.use_peft not in ("", "true", "false"):
             raise UsageError(f"use_peft must be true or false, not {self.use_peft!r}")
 
@@ -45,6 +48,9 @@ def main(cfg: PlanConfig) -> int:
     overrides = {"use_peft": cfg.use_peft == "true"} if cfg.use_peft else {}
     stage, train_cfg, model_args, shape, launch, model = load_plan_inputs(cfg.recipe, cfg.model, cfg.launch,
                                                                           cfg.stage, **overrides)
+    if cfg.prompt_tokens and stage != "bpo":  # anneal rows are whole records: their lengths are the recipe's
+        raise UsageError(f"prompt_tokens sizes BPO's rollouts; {cfg.recipe} plans bimode {stage}, which does not "
+                         "read it: leave it out")
     tokenizer = None
     if model_args.use_peft:
         from transformers import AutoTokenizer
