@@ -1,7 +1,9 @@
 """Curation and evaluation split into shards and merged, and several endpoints as one annotator: the same files as
-one process (docs/cluster.md). The Ray pool is tested in tests/integration/test_ray.py."""
+one process (docs/cluster.md); what a batch raises, as the command shows it. The Ray pool is tested in
+tests/integration/test_ray.py."""
 
 import json
+import os
 
 import pytest
 
@@ -142,3 +144,70 @@ def test_the_commands_run_shards_and_merge_them(trained_tiny, inputs, tmp_path, 
     assert main(["curate", "--input", str(inputs), "--out", str(tmp_path / "x"), "--annotator", "m",
                  "--num_workers", "2"]) == 2
     assert "needs --ray_address" in capsys.readouterr().err
+
+
+def _curate_raising(exc, inputs, tmp_path, monkeypatch) -> int:
+    """`bimode curate` in this process, every batch raising `exc` (the annotator is never asked)."""
+    import bimode.curate.pipeline
+    import bimode.generation.backends
+    from bimode.cli import main
+
+    def fail(*args, **kwargs):
+        raise exc
+
+    monkeypatch.setattr(bimode.generation.backends, "build_backend", lambda spec, **options: spec)
+    monkeypatch.setattr(bimode.curate.pipeline, "curate_batch", fail)
+    return main(["curate", "--input", str(inputs), "--out", str(tmp_path / "out"), "--annotator", "m"])
+
+
+def test_a_user_mistake_in_a_batch_is_one_error_line(inputs, tmp_path, monkeypatch, capsys):
+    from bimode.data.records import RecordError
+
+    mistake = RecordError("no gold answer", "train.jsonl", 3, "answer")
+    assert _curate_raising(mistake, inputs, tmp_path, monkeypatch) == 2
+    err = capsys.readouterr().err.splitlines()  # the progress bar, then the error
+    assert err[-1] == f"error: {mistake}" and sum(line.startswith("error:") for line in err) == 1, err
+
+
+def test_a_bug_in_a_batch_keeps_its_traceback(inputs, tmp_path, monkeypatch):
+    """Not the user's mistake: the command lets it go, so `bimode` shows the traceback and exits 1."""
+    with pytest.raises(KeyError, match="a bug"):
+        _curate_raising(KeyError("a bug"), inputs, tmp_path, monkeypatch)
+
+
+class Unbuildable(UsageError):
+    """An exception that pickles but does not unpickle: its __init__ needs more than the one message pickle keeps."""
+
+    def __init__(self, path, row):
+        super().__init__(f"{path}: row {row} is bad")
+
+
+class UnbuildableBug(RuntimeError):
+    def __init__(self, what, where):
+        super().__init__(f"{what} at {where}")
+
+
+def test_what_an_actor_raises_comes_back_as_itself_or_by_its_words():
+    """Ray's path without Ray: a Failure pickled as an actor sends it, raised in the driver."""
+    import pickle
+
+    from bimode.data.records import RecordError
+    from bimode.parallel.failures import Failure, RemoteTraceback, WorkerFailed
+
+    def raised(exc):
+        try:
+            raise exc
+        except Exception as caught:
+            failure = pickle.loads(pickle.dumps(Failure.of(caught)))
+        with pytest.raises(Exception) as error:
+            failure.raise_here(7)
+        assert isinstance(error.value.__cause__, RemoteTraceback) and "raised" in str(error.value.__cause__)
+        return error.value
+
+    back = raised(RecordError("no gold answer", "train.jsonl", 3, "answer"))
+    assert type(back) is RecordError and (back.path, back.row, back.field) == ("train.jsonl", 3, "answer")
+    back = raised(Unbuildable("train.jsonl", 3))
+    assert type(back) is UsageError and str(back) == "train.jsonl: row 3 is bad"
+    back = raised(UnbuildableBug("a bug", "step 2"))
+    assert type(back) is WorkerFailed and str(back).endswith("batch 7 failed on a Ray worker (pid %d): "
+                                                              "UnbuildableBug: a bug at step 2" % os.getpid())
