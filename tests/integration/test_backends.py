@@ -37,7 +37,7 @@ def test_every_backend_renders_and_streams_through_one_interface(engine):
     from bimode.generation.types import Prompt, SamplingParams
     from bimode.modes import ThinkingMode
     from bimode.serve.app import create_app
-    from bimode.serve.requests import ServerLimits
+    from bimode.serve.limits import ServerLimits
     from tests.helpers.servers import serve_in_thread
     from tests.helpers.trained import TRAINED_FAMILIES
 

@@ -27,7 +27,7 @@ def test_endpoint_eval_equals_checkpoint_eval(trained_tiny, bench, tmp_path, cap
     from bimode.generation.engine import TransformersEngine
     from bimode.models import load_model
     from bimode.serve.app import create_app
-    from bimode.serve.requests import ServerLimits
+    from bimode.serve.limits import ServerLimits
 
     common = ["--bench", str(bench), "--max-new-tokens", "32", "--batch-size", "8"]
     assert main(["eval", str(trained_tiny), "--out", str(tmp_path / "local"), *common]) == 0

@@ -51,7 +51,7 @@ def test_lmms_eval_scores_served_model_per_mode_as_bimode_eval(engine, tmp_path)
     `bimode eval` scores the same checkpoint in-process: the same answers, scores, token counts and
     per-mode accuracy, greedy on both sides."""
     from bimode.serve.app import create_app
-    from bimode.serve.requests import ServerLimits
+    from bimode.serve.limits import ServerLimits
 
     assert f"max_new_tokens: {MAX_NEW_TOKENS}\n" in (TASK_DIR / "bimode_world.yaml").read_text()
     # the task's data: the synthetic world's eval split, as `bimode data synth` writes it

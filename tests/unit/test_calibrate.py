@@ -130,7 +130,8 @@ def test_the_held_out_questions_never_steer_the_choice():
 
 
 def test_serve_applies_its_threshold_to_requests_that_set_none():
-    from bimode.serve.requests import ServerLimits, parse_request
+    from bimode.serve.limits import ServerLimits
+    from bimode.serve.requests import parse_request
 
     body = {"messages": [{"role": "user", "content": "hi"}]}
     limits = ServerLimits(think_threshold=0.3)
