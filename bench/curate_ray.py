@@ -14,7 +14,8 @@ is logged: imports, model loading, Ray's start and its actors) and the steady ra
 after the first, over the time between the first and the last batch). Every side's curated.jsonl must equal the
 single process's, byte for byte, or the bench stops.
 
-    .venv/bin/python bench/curate_ray.py [--annotator runs/demo/annotator] [--rows 2048] [--batch-size 64]
+    .venv/bin/python -m bench.curate_ray [--annotator runs/demo/annotator] [--rows 2048] [--batch-size 64] \\
+        [--markdown PATH]
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from bench import report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,6 +66,7 @@ def main() -> None:
     parser.add_argument("--input", default="runs/demo/data/train.jsonl")
     parser.add_argument("--rows", type=int, default=2048)
     parser.add_argument("--batch-size", type=int, default=64)
+    report.add_markdown_flag(parser)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="curate_ray_"))
     source = Path(args.input).resolve()
@@ -93,22 +97,28 @@ def main() -> None:
             raise SystemExit(f"{name}: curated.jsonl differs from the single process's")
     curated = json.loads((work / "single" / "summary.json").read_text())["total"]
     n_rows = len(rows)
-    print(f"{n_rows} rows, {n_batches} batches of {args.batch_size}; curated {curated['curated']} "
-          f"({curated['think']} thinking), rejected {curated['rejected']}; every side's curated.jsonl identical")
-    print("| side | wall (s) | rows/s | vs single | start-up to first batch (s) | steady rows/s |")
-    print("|---|---|---|---|---|---|")
+    labels = {"single": "one process (torch on every core)", "ray_1": "Ray, 1 actor (`--ray_cpus_per_worker 2`)",
+              "ray_2": "Ray, 2 actors (one core each)"}
     single = results["single"]["seconds"]
+    cells = []
     for name in ("single", "ray_1", "ray_2"):
         r = results[name]
         stamps = r["stamps"]
         steady = (n_rows * (len(stamps) - 1) / len(stamps)) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else float("nan")
-        print(f"| {name} | {r['seconds']:.1f} | {n_rows / r['seconds']:.1f} | {single / r['seconds']:.2f}x | "
-              f"{stamps[0]:.1f} | {steady:.1f} |")
+        cells.append([labels[name], f"{r['seconds']:.1f}", f"{n_rows / r['seconds']:.1f}",
+                      f"{single / r['seconds']:.2f}x", f"{stamps[0]:.1f}", f"{steady:.1f}"])
     r = results["resumed"]
-    print(f"\nresumed: killed after {r['batches_before_kill']} of {n_batches} batches at {r['killed_s']:.1f} s, the "
-          f"same command then ran {r['resumed_s']:.1f} s ({len(r['stamps'])} batches; start-up to its first "
-          f"{r['stamps'][0]:.1f} s); killed + resumed "
-          f"{r['seconds']:.1f} s = {r['seconds'] / single:.2f}x the uninterrupted {single:.1f} s")
+    report.emit(
+        f"{n_rows:,} rows, {n_batches} batches of {args.batch_size}; curated {curated['curated']:,} "
+        f"({curated['think']} thinking), rejected {curated['rejected']}; every side's `curated.jsonl` identical to the "
+        f"single process's, byte for byte (the bench checks it).\n\n"
+        + report.table(["side", "wall (s)", "rows/s", "vs single", "start-up to first batch (s)",
+                        "steady rows/s (after the first batch)"], cells)
+        + f"\nResumed run: the single-process command SIGKILLed once {r['batches_before_kill']} of {n_batches} batches "
+        f"were logged ({r['killed_s']:.1f} s), then the same command again: {r['resumed_s']:.1f} s (the "
+        f"{len(r['stamps'])} missing batches; {r['stamps'][0]:.1f} s to its first). Killed + resumed: "
+        f"{r['seconds']:.1f} s, {r['seconds'] / single:.2f}x the uninterrupted {single:.1f} s.\n",
+        args.markdown, libraries=("torch", "transformers", "ray"))
 
 
 if __name__ == "__main__":

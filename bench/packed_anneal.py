@@ -1,6 +1,6 @@
 """Packed annealing against padded batches at realistic shapes, on a bi-mode length mix (issue 26, item 4).
 
-    .venv/bin/python bench/packed_anneal.py runs/realistic --rows 30 --batch 4 --max-length 6144
+    .venv/bin/python -m bench.packed_anneal runs/realistic --rows 30 --batch 4 --max-length 6144 [--markdown PATH]
 
 The model of bench/realistic_model.py (576 image tokens a row). The rows: synthetic-world images and questions
 with targets of a bi-mode length mix, drawn with a fixed seed: 2/3 direct answers of 10-200 tokens, 1/3 thinking
@@ -15,13 +15,11 @@ from __future__ import annotations
 
 import argparse
 import random
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from anneal_throughput import timed_epoch
-
+from bench import report
+from bench.anneal_throughput import timed_epoch
 from bimode.data import synthetic
 from bimode.data.records import write_records
 from bimode.recipes import load_recipe
@@ -74,18 +72,23 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=30)
     parser.add_argument("--batch", type=int, default=4, help="rows per padded batch")
     parser.add_argument("--max-length", type=int, default=6144, help="tokens per pack")
+    report.add_markdown_flag(parser)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp())
     records = bimode_rows(args.rows, AutoTokenizer.from_pretrained(args.model))
     write_records(records, work / "train.jsonl")
     results = {s: side(args.model, work / "train.jsonl", work / s.replace(" ", "_"), s, args.batch, args.max_length)
                for s in ("padded random", "padded grouped", "packed", "packed, block mask")}
-    print("| batches | steps | s | real tok/s | computed tok/s | padding | ratio (real tok/s) |\n"
-          "|---|---|---|---|---|---|---|")
-    for name, r in results.items():
-        ratio = r["real_tok_s"] / results["padded random"]["real_tok_s"]
-        print(f"| {name} | {r['steps']} | {r['s']:.1f} | {r['real_tok_s']:.0f} | {r['padded_tok_s']:.0f} | "
-              f"{100 * r['padding']:.1f}% | {ratio:.2f}x |")
+    labels = {"padded random": f"padded random ({args.batch} rows)",
+              "padded grouped": f"padded, grouped by length ({args.batch} rows)",
+              "packed": f"**packed** (`pack_rows`, packs of {args.max_length:,} tokens, attention row by row)",
+              "packed, block mask": "packed, transformers' block-diagonal mask over the whole pack"}
+    rows = [[labels[name], r["steps"], f"{r['s']:.1f}", f"{r['real_tok_s']:.0f}", f"{r['padded_tok_s']:.0f}",
+             f"{100 * r['padding']:.1f}%", f"{r['real_tok_s'] / results['padded random']['real_tok_s']:.2f}x"]
+            for name, r in results.items()]
+    rows[2][-1] = f"**{rows[2][-1]}**"  # the packed path, the one the issue asks about
+    report.emit(report.table(["batches", "steps", "s", "real tok/s", "computed tok/s", "padding",
+                              "ratio (real tok/s)"], rows), args.markdown)
 
 
 if __name__ == "__main__":

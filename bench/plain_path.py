@@ -4,26 +4,24 @@
 Both run in this one process on a tiny random Qwen2.5-VL (tests/helpers/hf_fixtures.py), the same image prompts and
 bi-mode groups, greedy, with the same completion lengths (greedy: the same tokens, checked).
 
-    .venv/bin/python bench/plain_path.py [--questions 8] [--g 2] [--max-new-tokens 24] [--repeats 3]
+    .venv/bin/python -m bench.plain_path [--questions 8] [--g 2] [--max-new-tokens 24] [--repeats 3] [--markdown PATH]
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from bench import report
 from bimode.data import synthetic
 from bimode.generation.engine import TransformersEngine
 from bimode.generation.types import Prompt, SamplingParams
 from bimode.models import load_model
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.helpers.hf_fixtures import build_tiny_qwen25_vl  # noqa: E402
+from tests.helpers.hf_fixtures import build_tiny_qwen25_vl
 
 
 def one_at_a_time(model, processor, prompts, max_new_tokens):
@@ -53,6 +51,7 @@ def main() -> int:
     parser.add_argument("--g", type=int, default=2)
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--repeats", type=int, default=3)
+    report.add_markdown_flag(parser)
     args = parser.parse_args()
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -72,11 +71,12 @@ def main() -> int:
     single = [s[: s.index(eos)] if eos in s else s for s in single]
     same = [c.token_ids for group in batched for c in group] == single
     tokens = sum(len(s) for s in single)
-    print(f"{args.questions} questions x {2 * args.g} rollouts, {tokens} completion tokens, torch "
-          f"{torch.__version__}, {torch.get_num_threads()} threads; same tokens: {same}")
-    print("| path | best of %d (s) | tokens/s | ratio |\n|---|---|---|---|" % args.repeats)
-    print(f"| one generate per sample | {single_s:.3f} | {tokens / single_s:.0f} | 1.00x |")
-    print(f"| engine, batched per mode | {batched_s:.3f} | {tokens / batched_s:.0f} | {single_s / batched_s:.2f}x |")
+    rows = [["one generate per sample", f"{single_s:.3f}", f"{tokens / single_s:.0f}", "1.00x"],
+            ["engine, one batched generate per mode", f"{batched_s:.3f}", f"{tokens / batched_s:.0f}",
+             f"{single_s / batched_s:.2f}x"]]
+    report.emit(f"{args.questions} questions x {2 * args.g} rollouts, {tokens} completion tokens; same tokens: "
+                f"{same}\n\n" + report.table(["path", f"best of {args.repeats} (s)", "tokens/s", "ratio"], rows),
+                args.markdown)
     return 0
 
 

