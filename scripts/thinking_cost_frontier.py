@@ -13,9 +13,11 @@ questions) and on a fresh split of 600 questions drawn with a seed the project u
 auto accuracy and tokens against think mode's, the oracle router (per question, the cheaper forced mode that
 is right), and each model's threshold calibrated on the eval split (max_drop 1 point, 95% confidence and the
 plain pick), checked on the fresh split. Writes results.json, frontier.md and
-frontier.png to --out.
+frontier.png to --out; frontier.md ends with the ranges over seeds per setting (README's "A cost of thinking").
 
     .venv/bin/python scripts/thinking_cost_frontier.py --demo runs/demo --out runs/frontier [--seeds 0 1 2]
+    .venv/bin/python scripts/thinking_cost_frontier.py --table-only --markdown docs/thinking_cost_frontier.md
+                    # the ranges from docs/thinking_cost_frontier_results.json (or --table-only FILE), no training
 """
 
 from __future__ import annotations
@@ -56,6 +58,10 @@ SETTINGS = {
     "decision m=0.3, 600 steps": dict(mode_objective="decision", direct_margin=0.3, mode_token_loss="on",
                                       max_steps=600),
 }
+LABELS = {"think cost 0.3": "think cost 0.3 (per thinking rollout)", "decision m=0.1": "decision, margin 0.1",
+          "decision m=0.3": "decision, margin 0.3", "decision m=0.3 x4": "decision, margin 0.3, scale 4",
+          "decision m=0.3, 600 steps": "decision, margin 0.3, 600 steps"}  # the README's names where they differ
+PUBLISHED = Path(__file__).resolve().parents[1] / "docs" / "thinking_cost_frontier_results.json"
 FRESH_SEED = 20261204  # a seed no other part of the project draws the world with
 GOAL = {"max_drop": 1.0, "token_share": 0.4, "level1_thinking": 0.10}
 
@@ -156,11 +162,21 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--n-fresh", type=int, default=600)
+    parser.add_argument("--table-only", nargs="?", const=str(PUBLISHED), default=None, metavar="RESULTS_JSON",
+                        help="no runs: print the ranges table from a results file (default: the published one, "
+                             "docs/thinking_cost_frontier_results.json)")
+    parser.add_argument("--markdown", metavar="PATH", help="with --table-only: also write the table to this file")
     parser.add_argument("--diagnose", metavar="SETTING_SEED_DIR", help="instead of runs: for one finished run "
                         "(e.g. runs/frontier/BPO_paper/seed0), how often direct answers sampled at temperature 1 are "
                         "right on the level 4-6 questions its auto mode thinks on")
     args = parser.parse_args()
     demo, out = Path(args.demo), Path(args.out)
+    if args.table_only:
+        text = ranges_document(json.loads(Path(args.table_only).read_text()), args.table_only)
+        print(text, end="")
+        if args.markdown:
+            Path(args.markdown).write_text(text)
+        return
     if args.diagnose:
         run = Path(args.diagnose)
         print(direct_sampling_check(run / "final", run / "eval", demo / "data" / "eval.jsonl"))
@@ -196,9 +212,9 @@ def main() -> None:
             pick, check = (read_samples(run_dir / part / "samples.jsonl") for part in ("eval", "eval_fresh"))
             entry["calibrated"] = [calibrated(pick, check, c) for c in (0.0, 0.95)]
     results_path.write_text(json.dumps(results, indent=1))
-    (out / "frontier.md").write_text(render(results))
+    (out / "frontier.md").write_text(render(results) + "\n" + ranges_table(results))
     plot(results, out / "frontier.png")
-    print(render(results))
+    print(render(results) + "\n" + ranges_table(results))
 
 
 def render(results: dict) -> str:
@@ -235,6 +251,72 @@ def render(results: dict) -> str:
                      f"{100 * mean(r['level1_thinking'] for r in runs):.0f}% | "
                      f"{sum(r['goal_met'] for r in runs)} of {len(runs)} |")
     return "\n".join(lines) + "\n"
+
+
+def points(values: list[float]) -> str:
+    """A range of accuracy differences in points, signed, over seeds: "-0.5 to +1.2", one value when they agree."""
+    def signed(x: float) -> str:
+        text = f"{x:+.1f}"
+        return "0.0" if text in ("+0.0", "-0.0") else text
+
+    low, high = signed(min(values)), signed(max(values))
+    return low if low == high else f"{low} to {high}"
+
+
+def percents(values: list[float]) -> str:
+    """A range of shares (0-1) in whole percents: "60-62%", one value when they agree ("-" for none)."""
+    if not values:
+        return "-"
+    low, high = f"{100 * min(values):.0f}", f"{100 * max(values):.0f}"
+    return f"{low}%" if low == high else f"{low}-{high}%"
+
+
+def ranges_table(results: dict) -> str:
+    """Per setting, the ranges over its seeds (eval split, and the fresh split), then the oracle router over every
+    run: the table README's "A cost of thinking" shows; then the calibrated thresholds' ranges on the fresh split."""
+    by_setting: dict[str, list[dict]] = {name: [] for name in SETTINGS}  # in SETTINGS' order, the README's
+    for entry in results.values():
+        by_setting.setdefault(entry["setting"], []).append(entry)
+    by_setting = {name: runs for name, runs in by_setting.items() if runs}
+    seeds = {len(runs) for runs in by_setting.values()}
+    lines = [f"| setting ({'/'.join(map(str, sorted(seeds)))} seeds) | auto - think, points | auto tokens, share of "
+             "think's | level 1 thinks | fresh split: auto - think, share |", "|---|---|---|---|---|"]
+    for name, runs in by_setting.items():
+        e, f = [r["eval"] for r in runs], [r["fresh"] for r in runs]
+        lines.append(f"| {LABELS.get(name, name)} | "
+                     f"{points([100 * (r['auto_accuracy'] - r['think_accuracy']) for r in e])} | "
+                     f"{percents([r['token_share'] for r in e])} | {percents([r['level1_thinking'] for r in e])} | "
+                     f"{points([100 * (r['auto_accuracy'] - r['think_accuracy']) for r in f])}, "
+                     f"{percents([r['token_share'] for r in f])} |")
+    every = [entry["eval"] for entry in results.values()]
+    lines.append(f"| oracle router (same models) | "
+                 f"{points([100 * (r['oracle_accuracy'] - r['think_accuracy']) for r in every])} | "
+                 f"{percents([r['oracle_share'] for r in every])} | | |")
+    calibrated = [(entry, c) for entry in results.values() for c in entry.get("calibrated", [])]
+    if calibrated:
+        lines += ["", "Calibrated thresholds (picked on the eval split, max_drop 1 point), on the fresh split:", "",
+                  "| setting | confidence | models meeting the goal | auto - think, points | share of think's tokens | "
+                  "share, the models meeting it |", "|---|---|---|---|---|---|"]
+        for name in [*by_setting, "all settings"]:
+            for confidence in sorted({c["confidence"] for _, c in calibrated}, reverse=True):
+                picked = [c for entry, c in calibrated if c["confidence"] == confidence
+                          and name in (entry["setting"], "all settings")]
+                lines.append(f"| {LABELS.get(name, name)} | {confidence:g} | "
+                             f"{sum(c['met_on_fresh'] for c in picked)} of {len(picked)} | "
+                             f"{points([c['fresh_difference']['difference'] for c in picked])} | "
+                             f"{percents([c['fresh_token_share'] for c in picked])} | "
+                             f"{percents([c['fresh_token_share'] for c in picked if c['met_on_fresh']])} |")
+    return "\n".join(lines) + "\n"
+
+
+def ranges_document(results: dict, source: str) -> str:
+    """The ranges table with where it came from and how to make it again."""
+    path = Path(source).resolve()
+    if path.is_relative_to(PUBLISHED.parents[1]):
+        path = path.relative_to(PUBLISHED.parents[1])
+    return (f"# A cost of thinking: ranges over seeds\n\nMade from {path} ({len(results)} runs; how they were made: "
+            f"README, \"A cost of thinking\") by\n\n```bash\n.venv/bin/python scripts/thinking_cost_frontier.py "
+            f"--table-only {path} --markdown docs/thinking_cost_frontier.md\n```\n\n" + ranges_table(results))
 
 
 def plot(results: dict, png: Path) -> None:

@@ -152,3 +152,41 @@ def test_a_cost_of_thinking_trains_the_decision_toward_answering_directly(tmp_pa
         assert drop > 0.1, (before, after)
     else:
         assert abs(drop) < 0.01, (before, after)
+
+
+# ---- the README's ranges table, written from a results file (scripts/thinking_cost_frontier.py) ------
+def frontier_script():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "scripts" / "thinking_cost_frontier.py"
+    spec = importlib.util.spec_from_file_location("thinking_cost_frontier", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def frontier_run(seed, auto, think, share, fresh_auto, fresh_share, calibrated):
+    return {"setting": "BPO (paper)", "seed": seed,
+            "eval": {"auto_accuracy": auto, "think_accuracy": think, "token_share": share, "level1_thinking": 0.17,
+                     "oracle_accuracy": 1.0, "oracle_share": 0.351 + seed / 1000},
+            "fresh": {"auto_accuracy": fresh_auto, "think_accuracy": 0.97, "token_share": fresh_share},
+            "calibrated": [calibrated]}
+
+
+def test_the_ranges_table_gives_each_setting_its_range_over_seeds_as_the_readme_prints_it():
+    results = {
+        "BPO (paper) | seed 0": frontier_run(0, 0.99, 0.98, 0.672, 0.9696, 0.68, {
+            "confidence": 0.95, "met_on_fresh": True, "fresh_token_share": 0.45,
+            "fresh_difference": {"difference": 1.0}}),
+        "BPO (paper) | seed 1": frontier_run(1, 0.98, 0.98, 0.684, 0.99, 0.68, {
+            "confidence": 0.95, "met_on_fresh": False, "fresh_token_share": 0.5,
+            "fresh_difference": {"difference": -2.0}}),
+    }
+    lines = frontier_script().ranges_table(results).splitlines()
+    assert lines[0].startswith("| setting (2 seeds) | auto - think, points |")
+    # 0 points is "0.0" (never "+0.0", nor "-0.0" for -0.04); one share where the seeds agree once rounded
+    assert lines[2] == "| BPO (paper) | 0.0 to +1.0 | 67-68% | 17% | 0.0 to +2.0, 68% |"
+    assert lines[3] == "| oracle router (same models) | +2.0 | 35% | | |"
+    assert "| BPO (paper) | 0.95 | 1 of 2 | -2.0 to +1.0 | 45-50% | 45% |" in lines
+    assert "| all settings | 0.95 | 1 of 2 | -2.0 to +1.0 | 45-50% | 45% |" in lines
