@@ -314,9 +314,11 @@ def ranges_document(results: dict, source: str) -> str:
     path = Path(source).resolve()
     if path.is_relative_to(PUBLISHED.parents[1]):
         path = path.relative_to(PUBLISHED.parents[1])
-    return (f"# A cost of thinking: ranges over seeds\n\nMade from {path} ({len(results)} runs; how they were made: "
-            f"README, \"A cost of thinking\") by\n\n```bash\n.venv/bin/python scripts/thinking_cost_frontier.py "
-            f"--table-only {path} --markdown docs/thinking_cost_frontier.md\n```\n\n" + ranges_table(results))
+    return (f"# A cost of thinking: ranges over seeds\n\nFrom {path}: {len(results)} runs of BPO from the demo's "
+            f"annealed model, each setting with several seeds (`scripts/thinking_cost_frontier.py --demo runs/demo "
+            f"--out runs/frontier`, docs/bpo.md). This page is that script's output:\n\n```bash\n.venv/bin/python "
+            f"scripts/thinking_cost_frontier.py --table-only {path} --markdown docs/thinking_cost_frontier.md\n```\n\n"
+            f"![accuracy against tokens, one point per run](thinking_cost_frontier.png)\n\n" + ranges_table(results))
 
 
 def plot(results: dict, png: Path) -> None:
