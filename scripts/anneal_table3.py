@@ -19,42 +19,12 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-import torch
-
 from bimode.data import synthetic
 from bimode.data.records import write_records
-from bimode.eval.metrics import group_metrics
-from bimode.eval.runner import EvalConfig, read_samples, run_eval
-from bimode.generation.engine import TransformersEngine
-from bimode.models import load_model
+from bimode.demo import anneal_tiny as anneal
+from bimode.demo import evaluate_tiny as evaluate
+from bimode.demo import needs_reasoning
 from bimode.models.tiny import build_tiny
-from bimode.recipes import load_recipe
-from bimode.train.anneal import AnnealConfig, build_trainer
-
-
-def needs_reasoning(record) -> bool:
-    return (record.family in ("shell", "shell_text") and record.level >= 2) or (
-        record.family == "tally" and record.level >= 3)
-
-
-def anneal(model_dir: Path, files: list[Path], out: Path, steps: int, seed: int,
-           target_modes: str = "labelled") -> Path:
-    cfg = load_recipe(AnnealConfig, "tiny_anneal", model_path=str(model_dir), train_files=[str(f) for f in files],
-                      output_dir=str(out), target_modes=target_modes, max_steps=steps, report_to=[],
-                      save_strategy="no", logging_steps=50, seed=seed, use_cpu=not torch.cuda.is_available())
-    trainer = build_trainer(cfg)
-    trainer.train()
-    final = out / "final"
-    trainer.save_model(str(final))
-    trainer.processing_class.save_pretrained(str(final))
-    return final
-
-
-def evaluate(model_dir: Path, bench: Path, out: Path, modes) -> dict:
-    model, processor = load_model(model_dir, dtype=torch.float32)
-    samples = run_eval(TransformersEngine(model, processor, max_batch_rows=96), [bench], out,
-                       load_recipe(EvalConfig, "tiny_eval", modes=list(modes)), progress=False)
-    return next(iter(group_metrics(read_samples(samples))["benchmarks"].values()))
 
 
 def main() -> None:

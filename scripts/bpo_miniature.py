@@ -15,19 +15,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from anneal_table3 import anneal, evaluate
-
 from bimode.data import synthetic
 from bimode.data.records import write_records
+from bimode.demo import anneal_tiny as anneal
+from bimode.demo import evaluate_tiny as evaluate
+from bimode.demo import train_to_final
 from bimode.models.tiny import build_tiny
 from bimode.recipes import load_recipe
-from bimode.train.bpo.trainer import BPOConfig, build_trainer
+from bimode.train.bpo.trainer import BPOConfig
 
 RUNS = {
     "BPO, mode tokens on": dict(rollout="bimode", mode_token_loss="on"),
@@ -42,20 +41,6 @@ def rl(start: Path, train: Path, probe: Path, out: Path, steps: int, seed: int, 
                       probe_files=[str(probe)], output_dir=str(out), max_steps=steps, report_to=[],
                       save_strategy="no", seed=seed, use_cpu=not torch.cuda.is_available(), **setting)
     return train_to_final(cfg, out)
-
-
-def train_to_final(cfg, out: Path) -> Path:
-    """Train (BPO, or annealing for an AnnealConfig), save the model and processor to out/final and the log
-    history beside it."""
-    from bimode.train import anneal
-
-    trainer = (anneal.build_trainer if isinstance(cfg, anneal.AnnealConfig) else build_trainer)(cfg)
-    trainer.train()
-    final = out / "final"
-    trainer.save_model(str(final))
-    trainer.processing_class.save_pretrained(str(final))
-    (out / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
-    return final
 
 
 def main() -> None:

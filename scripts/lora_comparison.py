@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -24,17 +23,11 @@ from pathlib import Path
 import torch
 from trl import ModelConfig
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from anneal_table3 import needs_reasoning
-
-from bimode.recipes import load_recipe
 from bimode.data import synthetic
 from bimode.data.records import write_records
-from bimode.eval.metrics import group_metrics
-from bimode.eval.runner import EvalConfig, read_samples, run_eval
-from bimode.generation.engine import TransformersEngine
-from bimode.models import load_model
+from bimode.demo import evaluate_tiny, needs_reasoning, save_final
 from bimode.models.tiny import build_tiny
+from bimode.recipes import load_recipe
 from bimode.train.anneal import AnnealConfig
 from bimode.train.anneal import build_trainer as build_anneal
 from bimode.train.bpo.trainer import BPOConfig
@@ -57,8 +50,7 @@ def train(trainer, out: Path) -> dict:
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
-    trainer.save_model(str(out / "final"))
-    trainer.processing_class.save_pretrained(str(out / "final"))
+    save_final(trainer, out)
     info = {"trainable": trainable, "total": total, "steps": trainer.state.global_step,
             "step_s": seconds / max(trainer.state.global_step, 1)}
     (out / "train.json").write_text(json.dumps(info, indent=1))
@@ -84,10 +76,7 @@ def bpo(start: Path, train_file: Path, probe: Path, out: Path, steps: int, promp
 
 def evaluate(model_dir: Path, bench: Path, out: Path) -> dict:
     # adapters merged for evaluation: the same outputs (tests/unit/test_lora.py), faster
-    model, processor = load_model(model_dir, dtype=torch.float32, merge_adapter=True)
-    samples = run_eval(TransformersEngine(model, processor, max_batch_rows=96), [bench], out,
-                       load_recipe(EvalConfig, "tiny_eval", modes=list(MODES)), progress=False)
-    return next(iter(group_metrics(read_samples(samples))["benchmarks"].values()))["modes"]
+    return evaluate_tiny(model_dir, bench, out, MODES, merge_adapter=True)["modes"]
 
 
 def main() -> None:

@@ -19,18 +19,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from anneal_table3 import evaluate, needs_reasoning
-from bpo_miniature import train_to_final
-
 from bimode.data import synthetic
 from bimode.data.records import write_records
+from bimode.demo import evaluate_tiny as evaluate
+from bimode.demo import needs_reasoning, train_to_final
 from bimode.models.compose import compose
 from bimode.models.tiny import build_tiny_parts
 from bimode.recipes import load_recipe

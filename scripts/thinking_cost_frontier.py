@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -33,18 +32,16 @@ from statistics import mean
 
 import torch
 
-from bimode.recipes import load_recipe, recipe_values
 from bimode.data import synthetic
 from bimode.data.records import read_records, write_records
+from bimode.demo import tiny_eval_samples, train_to_final
 from bimode.eval.calibrate import calibrate
 from bimode.eval.metrics import group_metrics, oracle_summary
-from bimode.eval.runner import EvalConfig, read_samples, run_eval
+from bimode.eval.runner import read_samples
 from bimode.generation.engine import TransformersEngine
 from bimode.models import load_model
+from bimode.recipes import load_recipe, recipe_values
 from bimode.train.bpo.trainer import BPOConfig
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bpo_miniature import train_to_final  # noqa: E402
 
 SETTINGS = {
     "BPO (paper)": {},
@@ -81,9 +78,7 @@ def run_bpo(start: Path, demo: Path, out: Path, seed: int, setting: dict) -> Pat
 
 def evaluate(model_dir: Path, bench: Path, out: Path) -> list[dict]:
     if not (out / "samples.jsonl").exists():
-        model, processor = load_model(model_dir, dtype=torch.float32)
-        run_eval(TransformersEngine(model, processor, max_batch_rows=96), [bench], out,
-                 load_recipe(EvalConfig, "tiny_eval", modes=["auto", "think", "no_think"]), progress=False)
+        tiny_eval_samples(model_dir, bench, out, ["auto", "think", "no_think"])
     return read_samples(out / "samples.jsonl")
 
 

@@ -294,3 +294,72 @@ def _write_report(out: Path, curation: dict, timings: dict, seconds: float) -> N
     lines += [f"- {name}: {s}" for name, s in timings.items()]
     lines += [f"- all stages: {sum(timings.values()):.0f}", f"- this run (stages not skipped): {seconds:.0f}"]
     (out / "report.md").write_text("\n".join(lines) + "\n")
+
+
+# ---- what the experiments in scripts/ share: training to out/final and evaluating with the tiny recipes ----
+
+def needs_reasoning(record) -> bool:
+    """Whether a synthetic question needs a trace, by the world's ground truth rather than curation: shell and
+    shell_text from level 2, tally from level 3."""
+    return (record.family in ("shell", "shell_text") and record.level >= 2) or (
+        record.family == "tally" and record.level >= 3)
+
+
+def save_final(trainer, out: Path) -> Path:
+    """The trained model and its processor in out/final."""
+    final = out / "final"
+    trainer.save_model(str(final))
+    trainer.processing_class.save_pretrained(str(final))
+    return final
+
+
+def train_to_final(cfg, out: Path, log_history: bool = True) -> Path:
+    """Train (BPO, or annealing for an AnnealConfig), save the model and processor to out/final and, with
+    log_history, the log history beside it (out/log_history.json)."""
+    from bimode.train import anneal
+    from bimode.train.bpo.trainer import build_trainer as bpo_trainer
+
+    trainer = (anneal.build_trainer if isinstance(cfg, anneal.AnnealConfig) else bpo_trainer)(cfg)
+    trainer.train()
+    final = save_final(trainer, out)
+    if log_history:
+        (out / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
+    return final
+
+
+def anneal_tiny(model_dir: Path, files: list[Path], out: Path, steps: int, seed: int,
+                target_modes: str = "labelled") -> Path:
+    """The tiny_anneal recipe from model_dir on `files` for `steps` steps; the model in out/final."""
+    import torch
+
+    from bimode.recipes import load_recipe
+    from bimode.train.anneal import AnnealConfig
+
+    cfg = load_recipe(AnnealConfig, "tiny_anneal", model_path=str(model_dir), train_files=[str(f) for f in files],
+                      output_dir=str(out), target_modes=target_modes, max_steps=steps, report_to=[],
+                      save_strategy="no", logging_steps=50, seed=seed, use_cpu=not torch.cuda.is_available())
+    return train_to_final(cfg, out, log_history=False)
+
+
+def tiny_eval_samples(model_dir: Path, bench: Path, out: Path, modes, merge_adapter: bool = False) -> Path:
+    """The tiny_eval recipe on one benchmark file in `modes`, the model in float32 (a LoRA adapter merged with
+    merge_adapter: the same outputs, faster); the samples file."""
+    import torch
+
+    from bimode.eval.runner import EvalConfig, run_eval
+    from bimode.generation.engine import TransformersEngine
+    from bimode.models import load_model
+    from bimode.recipes import load_recipe
+
+    model, processor = load_model(model_dir, dtype=torch.float32, merge_adapter=merge_adapter)
+    return run_eval(TransformersEngine(model, processor, max_batch_rows=96), [bench], out,
+                    load_recipe(EvalConfig, "tiny_eval", modes=list(modes)), progress=False)
+
+
+def evaluate_tiny(model_dir: Path, bench: Path, out: Path, modes, merge_adapter: bool = False) -> dict:
+    """tiny_eval_samples' metrics (overall, by mode, by level) of its one benchmark."""
+    from bimode.eval.metrics import group_metrics
+    from bimode.eval.runner import read_samples
+
+    samples = tiny_eval_samples(model_dir, bench, out, modes, merge_adapter)
+    return next(iter(group_metrics(read_samples(samples))["benchmarks"].values()))
