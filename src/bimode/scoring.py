@@ -23,6 +23,7 @@ from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 
+from bimode.compat.stdlib_api import kill_pool_processes
 from bimode.modes import extract_answer
 
 ANSWER_TYPES = ("math", "numeric", "mc", "text")
@@ -169,8 +170,7 @@ def _bounded_math_verify(answer, gold, timeout_s) -> bool:
     except FutureTimeout:
         with _pool_lock:
             if _pool is pool:
-                for process in list(getattr(pool, "_processes", {}).values()):
-                    process.kill()
+                kill_pool_processes(pool)
                 pool.shutdown(wait=False, cancel_futures=True)
                 _pool = None
         raise TimeoutError("answer check timed out") from None

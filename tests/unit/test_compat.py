@@ -5,6 +5,7 @@
 where vLLM is installed; their behaviour in a real weight sync is tests/integration/test_bpo_vllm.py's.
 """
 
+import dataclasses
 import importlib.util
 import inspect
 
@@ -45,6 +46,45 @@ def test_a_cache_passed_under_the_model_s_own_name_continues_the_sequence(tiny):
         assert tf.returned_cache(out) is cache and cache.get_seq_length() == ids.size(1) - 1
         step = model(input_ids=ids[:, -1:], **tf.with_cache(model, cache), use_cache=True).logits[0, -1]
     assert torch.allclose(step, full, atol=1e-5)
+
+
+def test_cache_layers_bimode_builds_on_record_copy_and_continue(tiny):
+    """The shared-prefix forward's layers subclass transformers' cache layer, record into a cache that makes them
+    per layer, and are put into a cache of their own; the engine copies a prompt's cache per sample by selecting
+    rows. A prefix recorded, rebuilt from its keys and values and copied to two rows continues as the full pass."""
+    model, processor = tiny
+    ids = token_ids(processor)
+
+    class Recorded(tf.dynamic_layer_class()):
+        pass
+
+    def layer_of(keys, values):
+        layer = Recorded()
+        layer.lazy_initialization(keys, values)
+        layer.keys, layer.values = keys, values
+        return layer
+
+    with torch.no_grad():
+        full = model(input_ids=ids).logits[0, -1]
+        recorded = tf.cache_growing_layers_of(Recorded)
+        model(input_ids=ids[:, :-1], **tf.with_cache(model, recorded), use_cache=True)
+        assert recorded.layers and all(type(layer) is Recorded for layer in recorded.layers)
+        tensors = tf.cache_tensors(recorded)
+        assert all(k.shape[0] == v.shape[0] == 1 and k.shape[-2] == ids.size(1) - 1 for k, v in tensors)
+        copied = tf.cache_of_layers([layer_of(k, v) for k, v in tensors])
+        tf.select_cache_rows(copied, torch.tensor([0, 0]))
+        step = model(input_ids=ids[:, -1:].repeat(2, 1), **tf.with_cache(model, copied), use_cache=True).logits
+    assert len(copied.layers) == len(tensors)  # no layer made beside the given ones
+    assert torch.allclose(step[:, -1], full.expand(2, -1), atol=1e-5)
+
+
+def test_the_attention_implementation_is_read_and_a_rename_fails_loudly(tiny):
+    """Packed training swaps SDPA for its row-by-row variant only where the config says "sdpa": a renamed
+    attribute must raise, not read as None (which would leave packed rows attending across each other)."""
+    model, _ = tiny
+    assert tf.attention_implementation(model.config.get_text_config()) == "sdpa"
+    with pytest.raises(AttributeError, match="_attn_implementation"):
+        tf.attention_implementation(object())
 
 
 @pytest.mark.parametrize("grad", [True, False], ids=["with_grad", "no_grad"])
@@ -248,6 +288,45 @@ def test_vllm_s_reload_protocol_and_engine_methods_are_there():
     assert callable(finalize_layerwise_reload)  # (model, model_config), behind a decorator's (*args, **kwargs)
     assert list(inspect.signature(LLMEngine.reset_encoder_cache).parameters) == ["self"]
     assert on_cpu() == (not torch.cuda.is_available())
+
+
+@needs_vllm_here
+def test_vllm_s_logits_processor_interface_is_there():
+    """What bimode's controls (generation/vllm_controls.py) build on: the base class and the methods vLLM calls,
+    the batch changes' fields and the kinds of move, and the tokenizer vLLM serves with."""
+    from vllm.tokenizers import cached_tokenizer_from_config
+
+    from bimode.compat.vllm_api import logits_processor_interface
+
+    base, batch_update, move = logits_processor_interface()
+    assert {"apply", "update_state", "is_argmax_invariant", "validate_params"} <= set(vars(base))
+    assert list(inspect.signature(base.__init__).parameters) == ["self", "vllm_config", "device", "is_pin_memory"]
+    fields = {f.name for f in dataclasses.fields(batch_update)}
+    assert {"batch_size", "removed", "added", "moved"} <= fields
+    assert {"SWAP", "UNIDIRECTIONAL"} <= set(move.__members__)
+    assert "model_config" in inspect.signature(cached_tokenizer_from_config).parameters
+
+
+# ---- the standard library ------------------------------------------------------------------------------
+def test_a_process_pool_s_workers_are_killed():
+    """The answer checker kills its worker after a timeout (`ProcessPoolExecutor._processes`): the call stuck in
+    it never returns, so the pool breaks instead of waiting."""
+    import multiprocessing
+    import time
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    from bimode.compat.stdlib_api import kill_pool_processes
+
+    pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("fork"))
+    try:
+        assert pool.submit(int, "7").result(timeout=60) == 7  # the worker runs
+        stuck = pool.submit(time.sleep, 600)
+        kill_pool_processes(pool)
+        with pytest.raises(BrokenProcessPool):
+            stuck.result(timeout=60)
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 # ---- PEFT ----------------------------------------------------------------------------------------------

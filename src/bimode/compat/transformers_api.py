@@ -12,6 +12,10 @@ Checked on transformers 5.17 (vLLM 0.31's environment) and 5.25 (the newest); do
 - Weight renamings applied when loading and reversed when saving (`model._weight_conversions`,
   `conversion_mapping.get_model_conversion_mapping`, `core_model_loading.WeightRenaming`).
 - `ProcessorMixin.check_argument_for_proper_class`, which refuses a processor built without its video part.
+- The key/value cache's inside (`transformers.cache_utils`): `DynamicLayer` as a base class (`lazy_initialization`,
+  `is_initialized`, `keys` / `values`), `DynamicCache.layers`, `layer_class_to_replicate` and
+  `batch_select_indices`.
+- A config's `_attn_implementation` (the attention its layers run).
 """
 
 from __future__ import annotations
@@ -147,3 +151,54 @@ def build_processor_without_video(processor_class, **parts):
     finally:
         del processor.check_argument_for_proper_class
     return processor
+
+
+def attention_implementation(config) -> str | dict | None:
+    """The attention a config's layers run ("sdpa", "eager", "flash_attention_2", ...; `_attn_implementation`,
+    set by `from_pretrained` and `set_attn_implementation`). Raises if transformers renamed it: a silent None
+    would drop packed training to the slow path."""
+    if not hasattr(config, "_attn_implementation"):
+        raise AttributeError(f"{type(config).__name__} has no _attn_implementation: transformers renamed the "
+                             "attribute naming the attention implementation (bimode.compat.transformers_api)")
+    return config._attn_implementation
+
+
+def dynamic_layer_class() -> type:
+    """transformers' growing cache layer, the base of bimode's own layers (train/bpo/shared_forward.py), which
+    rely on `lazy_initialization(keys, values)`, `is_initialized`, `keys` / `values` and `update(keys, values)`."""
+    from transformers.cache_utils import DynamicLayer
+
+    return DynamicLayer
+
+
+def empty_cache():
+    """A key/value cache that grows with every forward (`DynamicCache`)."""
+    from transformers import DynamicCache
+
+    return DynamicCache()
+
+
+def cache_growing_layers_of(layer_class: type):
+    """An empty cache that makes each layer it meets a `layer_class` (a `dynamic_layer_class` subclass; through
+    the cache's `layer_class_to_replicate`)."""
+    cache = empty_cache()
+    cache.layer_class_to_replicate = layer_class
+    return cache
+
+
+def cache_of_layers(layers: list):
+    """A cache of the given layers, one per model layer, that makes no other."""
+    cache = empty_cache()
+    cache.layers = list(layers)
+    cache.layer_class_to_replicate = None
+    return cache
+
+
+def cache_tensors(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer of a cache, its (keys, values)."""
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def select_cache_rows(cache, index: torch.Tensor) -> None:
+    """Keep the cache's batch rows `index` in that order, in place (a row may repeat: copies per sample)."""
+    cache.batch_select_indices(index)

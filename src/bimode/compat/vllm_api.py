@@ -1,4 +1,10 @@
-"""vLLM: what bimode's colocated weight sync relies on beyond vLLM's public API (vLLM 0.31; docs/internals.md).
+"""vLLM: what bimode relies on beyond vLLM's public API (vLLM 0.31; docs/internals.md).
+
+Its logits-processor interface (bimode's token controls, generation/vllm_controls.py):
+- `vllm.v1.sample.logits_processor` (`LogitsProcessor`, `BatchUpdate`, `MoveDirectionality`): the documented
+  extension point, under a versioned (`v1`) path; `vllm.tokenizers.cached_tokenizer_from_config`.
+
+The colocated weight sync:
 
 - The engine's model, through `llm.llm_engine.model_executor.driver_worker.model_runner` (in-process executor).
 - `vllm.model_executor.model_loader.reload`'s layer-wise reload (`initialize_layerwise_reload`,
@@ -12,6 +18,21 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
+
+
+def logits_processor_interface() -> tuple[type, type, type]:
+    """(LogitsProcessor, BatchUpdate, MoveDirectionality): the base class of a vLLM logits processor, the batch
+    changes it is told of, and the kinds of row move among them."""
+    from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
+
+    return LogitsProcessor, BatchUpdate, MoveDirectionality
+
+
+def tokenizer_of(model_config):
+    """The tokenizer vLLM serves a model with (cached per config, as vLLM's own processors get it)."""
+    from vllm.tokenizers import cached_tokenizer_from_config
+
+    return cached_tokenizer_from_config(model_config=model_config)
 
 
 def on_cpu() -> bool:

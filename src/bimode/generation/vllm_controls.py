@@ -27,12 +27,14 @@ This module imports vLLM: import it only where vLLM is installed (`make setup-vl
 from __future__ import annotations
 
 import torch
-from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
+from bimode.compat.vllm_api import logits_processor_interface, tokenizer_of
 from bimode.errors import UsageError
 from bimode.generation.engine import media_token_ids
 from bimode.generation.types import BUDGET_CLOSING
 from bimode.modes import THINK_CLOSE, mode_decision
+
+LogitsProcessor, BatchUpdate, MoveDirectionality = logits_processor_interface()  # imports vLLM
 
 CONSTRAIN_DECISION_ARG = "bimode_constrain_decision"
 BAN_MEDIA_ARG = "bimode_ban_media"
@@ -48,7 +50,7 @@ def control_token_ids(tokenizer, hf_config) -> tuple[list[int], list[int], int]:
 
 
 class _Budget:
-    """One request's thinking budget, replayed from its output ids as the engine counts (engine._advance)."""
+    """One request's thinking budget, replayed from its output ids as the engine counts (rows.advance)."""
 
     def __init__(self, budget: int, closing: list[int], close_id: int, output: list[int]):
         self.budget, self.closing, self.close_id, self.output = budget, closing, close_id, output
@@ -83,10 +85,8 @@ class BimodeControls(LogitsProcessor):
     """Bans media placeholders everywhere; auto-mode requests' first token is a mode decision; thinking budgets."""
 
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
-        from vllm.tokenizers import cached_tokenizer_from_config
-
         model_config = vllm_config.model_config
-        tokenizer = cached_tokenizer_from_config(model_config=model_config)
+        tokenizer = tokenizer_of(model_config)
         banned, decision, self.think_open_id = control_token_ids(tokenizer, model_config.hf_config)
         self.tokenizer = tokenizer
         self.think_close_id = tokenizer.convert_tokens_to_ids(THINK_CLOSE)

@@ -89,8 +89,7 @@ def build_tokenizer(vocab_size: int = 320, corpus: list[str] | None = None,
 
 
 def build_processor(tokenizer, cfg: TinyConfig = TinyConfig()):
-    from transformers import LlavaProcessor
-    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+    from transformers import LlavaProcessor, SiglipImageProcessorPil  # the PIL one: torchvision is not required
 
     image_processor = SiglipImageProcessorPil(size={"height": cfg.image_size, "width": cfg.image_size})
     return LlavaProcessor(

@@ -86,10 +86,11 @@ def plan_packs(lengths: list[int], max_length: int) -> list[list[int]]:
 def use_varlen_attention(model) -> None:
     """SDPA row by row for the language model of a model trained on packs (flash-attention is left as it is:
     its variable-length kernel already skips other rows)."""
+    from bimode.compat.transformers_api import attention_implementation
     from bimode.compat.varlen_attention import register
 
     text = model.config.get_text_config()
-    if getattr(text, "_attn_implementation", None) == "sdpa":
+    if attention_implementation(text) == "sdpa":
         model.set_attn_implementation({"text_config": register()} if text is not model.config else register())
 
 

@@ -37,8 +37,8 @@ Dropout: the supported models have none by default (attention_dropout 0). Where 
 (LoRA's `lora_dropout`), the prompt's dropout mask is drawn once per group instead of once per rollout: the
 same expected gradient, not the same random draw.
 
-Library internals (the cache's argument name, which changed inside the supported transformers range, and the
-checkpointing switches) are reached through bimode.compat.transformers_api; BPOTrainer's override follows TRL
+Library internals (the cache's argument name, which changed inside the supported transformers range, the
+checkpointing switches, and the cache's layers) are reached through bimode.compat.transformers_api; BPOTrainer's override follows TRL
 1.16's signature of `_get_per_token_logps_and_entropies`. tests/unit/test_compat.py and this module's tests run at
 both ends of the transformers range (5.17 in vLLM's environment, 5.25; docs/internals.md).
 """
@@ -48,9 +48,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers.cache_utils import DynamicCache, DynamicLayer
-
-from bimode.compat.transformers_api import (base_model, checkpointing_layers, is_reentrant,
+from bimode.compat.transformers_api import (base_model, cache_growing_layers_of, cache_of_layers, cache_tensors,
+                                            checkpointing_layers, dynamic_layer_class, is_reentrant,
                                             keep_cache_under_checkpointing, with_cache)
 from bimode.models.positions import flat_positions_unsupported
 
@@ -58,6 +57,9 @@ from bimode.models.positions import flat_positions_unsupported
 HANDLED_IMAGE_ARGS = ("pixel_values", "image_sizes", "num_images")
 OTHER_IMAGE_ARGS = ("image_grid_thw", "pixel_attention_mask", "spatial_shapes", "num_tiles", "token_type_ids",
                     "mm_token_type_ids", "image_position_ids")
+
+
+DynamicLayer = dynamic_layer_class()  # transformers' cache layer, the base of the two below
 
 
 class RecordingLayer(DynamicLayer):
@@ -212,14 +214,13 @@ def _run_prefixes(model, input_ids, attention_mask, groups: PrefixGroups, batch_
     for start in range(0, len(reps), batch_size):
         rows = reps[start:start + batch_size]
         index = torch.tensor(rows, device=input_ids.device)
-        cache = DynamicCache()
-        cache.layer_class_to_replicate = RecordingLayer
+        cache = cache_growing_layers_of(RecordingLayer)
         # logits_to_keep=1: the prefix's logits are not needed (the per-row pass re-runs its last token)
         model(input_ids=input_ids.index_select(0, index)[:, :cut],
               attention_mask=attention_mask.index_select(0, index)[:, :cut],
               **_prefix_images(rows, pixel_values, image_sizes, num_images),
               **with_cache(model, cache), use_cache=True, logits_to_keep=1)
-        layers.append([(layer.keys, layer.values) for layer in cache.layers])
+        layers.append(cache_tensors(cache))
     if len(layers) == 1:
         return layers[0]
     return [(torch.cat([c[i][0] for c in layers]), torch.cat([c[i][1] for c in layers])) for i in range(len(layers[0]))]
@@ -273,9 +274,9 @@ def _grouped(model, input_ids, attention_mask, logits_to_keep, model_kwargs, com
     for start in range(0, input_ids.size(0), batch_size):
         end = min(start + batch_size, input_ids.size(0))
         select = groups.group_of[start:end]
-        cache = DynamicCache()  # the group's prompt, one copy per row (differentiable: index_select)
-        cache.layers = [ReadOnlyPrefixLayer(k.index_select(0, select), v.index_select(0, select)) for k, v in prefix]
-        cache.layer_class_to_replicate = None
+        # the group's prompt, one copy per row (differentiable: index_select)
+        cache = cache_of_layers([ReadOnlyPrefixLayer(k.index_select(0, select), v.index_select(0, select))
+                                 for k, v in prefix])
         inputs = {"input_ids": input_ids[start:end, cut:], "attention_mask": attention_mask[start:end],
                   "position_ids": positions, **with_cache(model, cache)}
         if fused_lm_head:
