@@ -206,3 +206,24 @@ def test_top_logprobs_are_the_likeliest_tokens_and_stream_with_each_token(setup)
         assert top[0] == (token, pytest.approx(logprob))  # greedy: the token taken is the likeliest
     assert [t for t, _ in streamed] == completion.token_ids
     assert [info.logprob for _, info in streamed] == completion.logprobs
+
+
+def test_only_multi_axis_positions_keep_the_engine_from_sharing_a_prefix(tmp_path, tiny_dir):
+    """The engine asks models/positions.py, as packing and the shared-prefix forward do, but less: Gemma 3
+    (sliding windows), which those refuse, still shares the prompt's prefill; Qwen2.5-VL's multi-axis positions
+    take the plain decoder, under a LoRA wrapper too."""
+    from peft import LoraConfig, get_peft_model
+
+    from bimode.models.positions import flat_positions_unsupported, multi_axis_positions
+    from tests.helpers.hf_fixtures import build_tiny_gemma3, build_tiny_qwen25_vl
+
+    tiny, tiny_processor = load_model(tiny_dir, dtype=torch.float32)
+    gemma, gemma_processor = load_model(build_tiny_gemma3(tmp_path / "gemma"), dtype=torch.float32)
+    qwen, qwen_processor = load_model(build_tiny_qwen25_vl(tmp_path / "qwen"), dtype=torch.float32)
+    assert flat_positions_unsupported(tiny, "packing") is None and TransformersEngine(tiny, tiny_processor).shared_prefix
+    assert flat_positions_unsupported(gemma, "packing") is not None and not multi_axis_positions(gemma)
+    assert TransformersEngine(gemma, gemma_processor).shared_prefix
+    assert flat_positions_unsupported(qwen, "packing") is not None
+    assert multi_axis_positions(qwen) and not TransformersEngine(qwen, qwen_processor).shared_prefix
+    wrapped = get_peft_model(qwen, LoraConfig(r=2, target_modules=["q_proj"]))
+    assert multi_axis_positions(wrapped) and not TransformersEngine(wrapped, qwen_processor).shared_prefix

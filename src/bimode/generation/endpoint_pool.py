@@ -39,6 +39,16 @@ class EndpointPool:
     def base_urls(self) -> list[str]:
         return [e.base_url for e in self.endpoints]
 
+    def resting_until(self, base_url: str) -> float:
+        """When the endpoint at `base_url` is tried first again (`time.monotonic()`; 0.0: it never failed)."""
+        with self._lock:
+            return self._resting_until[self.base_urls.index(base_url)]
+
+    def end_rests(self) -> None:
+        """Every endpoint is awake again: the next requests try them all in turn."""
+        with self._lock:
+            self._resting_until = [0.0] * len(self.endpoints)
+
     def render(self, prompt: Prompt, mode: ThinkingMode = ThinkingMode.AUTO) -> str:
         return self.endpoints[0].render(prompt, mode)
 

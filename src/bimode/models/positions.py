@@ -2,7 +2,10 @@
 
 Two paths rely on it: BPO's shared-prefix forward (a prompt's cache continued per rollout) and packed annealing
 (rows concatenated with positions restarting per row). Both need a language model whose rotary positions are
-the token's index alone, full attention in every layer, and images that only replace placeholder embeddings.
+the token's index alone, full attention in every layer, and images that only replace placeholder embeddings
+(`flat_positions_unsupported`). The generation engine's shared-prefix decoder asks less on purpose: it prefills
+each whole prompt in one forward and then feeds one token at a time with the model's own cache and mask, so
+only multi-axis rotary positions stop it (`multi_axis_positions`; tests/unit/test_families.py).
 """
 
 from __future__ import annotations
@@ -13,6 +16,13 @@ from bimode.compat.transformers_api import base_model
 # embeddings (the vision tower sees pixels, never text).
 FLAT_MODEL_TYPES = frozenset({"llava", "llava_next"})
 FLAT_TEXT_TYPES = frozenset({"qwen3", "qwen2", "llama"})
+
+
+def multi_axis_positions(model) -> bool:
+    """Whether the model computes multi-axis rotary positions from the whole sequence (Qwen-VL's mrope, found by
+    the `get_rope_index` its inner model carries): positions fed by hand as a cache offset would be wrong."""
+    inner = base_model(model)
+    return hasattr(getattr(inner, "model", inner), "get_rope_index")
 
 
 def flat_positions_unsupported(model, path: str) -> str | None:
@@ -28,7 +38,7 @@ def flat_positions_unsupported(model, path: str) -> str | None:
         return f"model type {model_type!r} is not on the {path} allow-list ({', '.join(sorted(allowed))})"
     if text.model_type not in FLAT_TEXT_TYPES:
         return f"language model type {text.model_type!r} is not on the {path} allow-list"
-    if hasattr(getattr(inner, "model", inner), "get_rope_index"):  # multi-axis rotary positions (Qwen-VL)
+    if multi_axis_positions(inner):
         return "multi-axis rotary positions (get_rope_index)"
     layer_types = getattr(text, "layer_types", None) or []
     if any(t != "full_attention" for t in layer_types):
