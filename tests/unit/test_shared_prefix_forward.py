@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from bimode.compat.trl_api import completion_logps, trl_completion_logps
 from bimode.compat.transformers_api import disable_activation_checkpointing, enable_activation_checkpointing
 from bimode.data import synthetic
 from bimode.models import load_model
@@ -154,7 +155,6 @@ def test_fused_head_and_lora_match_trls_own_method(tiny_dir, tiny):
     """The trainer's path: TRL's fused LM head (temperature inside it) on a LoRA-wrapped model, against
     TRL 1.16's `_get_per_token_logps_and_entropies` itself, including its batch_size chunking."""
     from peft import LoraConfig, get_peft_model
-    from trl import GRPOTrainer
     from trl.trainer.utils import add_fused_lm_head
 
     _, processor = tiny
@@ -164,9 +164,9 @@ def test_fused_head_and_lora_match_trls_own_method(tiny_dir, tiny):
                                              target_modules=["q_proj", "v_proj", "up_proj"])).train()
     input_ids, mask, kwargs = tiny_batch(processor, records())
     assert call_unsupported(model, input_ids, K, **kwargs) is None
-    trl_method = GRPOTrainer._get_per_token_logps_and_entropies.__wrapped__
     stub = SimpleNamespace(accelerator=SimpleNamespace(autocast=nullcontext))
-    logps, entropies, _ = trl_method(stub, model, input_ids, mask, K, batch_size=3, compute_entropy=True, **kwargs)
+    logps, entropies, _ = trl_completion_logps(stub, model, input_ids, mask, K, batch_size=3, compute_entropy=True,
+                                               **kwargs)
     shared = grouped_completion_logps(model, input_ids, mask, K, kwargs, True, batch_size=3, fused_lm_head=True)
     logp, entropy, rel, used = compare(model, shared, (logps, entropies))
     print(f"fused head + LoRA: max |dlogp| {logp:.2e}, max |dH| {entropy:.2e}, max rel grad {rel:.2e} ({used})")
@@ -249,15 +249,12 @@ def make_trainer(model_dir, train_file, out, model_args=None, **overrides):
 
 
 def test_trainer_signature_is_trls():
-    import inspect
-
-    from trl import GRPOTrainer
-
+    """TRL passes the forward's arguments by keyword: a parameter renamed in a release would fail silently, so
+    the trainer's overrides are checked against TRL's methods (compat/overrides.py)."""
+    from bimode.compat.overrides import check_overrides
     from bimode.train.bpo.trainer import BPOTrainer
 
-    ours = inspect.signature(BPOTrainer._get_per_token_logps_and_entropies).parameters
-    theirs = inspect.signature(GRPOTrainer._get_per_token_logps_and_entropies).parameters
-    assert list(ours) == list(theirs)  # TRL passes these by keyword: a renamed one would fail silently
+    check_overrides(BPOTrainer)  # raises naming the method whose parameters differ
 
 
 def forward_paths(caplog) -> set[str]:
@@ -304,8 +301,6 @@ def test_a_bpo_step_is_the_same_with_the_shared_forward_on_and_off(tmp_path, tin
 
 
 def test_a_qwen_vl_model_takes_trls_path_with_trls_numbers(tmp_path, trained_families_file, caplog):
-    from trl import GRPOTrainer
-
     caplog.set_level(logging.INFO, logger="bimode.train.bpo.trainer")
     model_dir = hf_fixtures.build_tiny_qwen25_vl(tmp_path / "qwen25_vl")
     trainer = make_trainer(model_dir, trained_families_file, tmp_path / "run", max_completion_length=4)
@@ -315,8 +310,8 @@ def test_a_qwen_vl_model_takes_trls_path_with_trls_numbers(tmp_path, trained_fam
             torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1), inputs["completion_ids"].size(1))
     kwargs = {k: inputs.get(k) for k in ("pixel_values", "image_grid_thw", "num_images")}
     with torch.no_grad():
-        ours = trainer._get_per_token_logps_and_entropies(*args, compute_entropy=True, **kwargs)
-        theirs = GRPOTrainer._get_per_token_logps_and_entropies(trainer, *args, compute_entropy=True, **kwargs)
+        ours = completion_logps(trainer, *args, compute_entropy=True, **kwargs)
+        theirs = trl_completion_logps(trainer, *args, compute_entropy=True, **kwargs)
     assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1])
     (path,) = forward_paths(caplog)
     assert path.startswith("TRL's per-row forward (model type 'qwen2_5_vl' is not on the shared-prefix allow-list")

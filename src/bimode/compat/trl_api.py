@@ -11,6 +11,8 @@
 - `trl.generation.vllm_generation.LLM`, the class TRL's colocated mode builds its engine with.
 - `trl.trainer.utils.selective_log_softmax` and `entropy_from_logits` (not exported by `trl`), so a forward of
   bimode's scores tokens exactly as TRL's does.
+- `GRPOTrainer._get_per_token_logps_and_entropies` called as the trainer scores rollouts for its loss
+  (`completion_logps`) and as TRL's own implementation (`trl_completion_logps`), so tests compare the two.
 """
 
 from __future__ import annotations
@@ -31,6 +33,23 @@ def entropy_from_logits(logits):
     from trl.trainer.utils import entropy_from_logits as trl_entropy_from_logits
 
     return trl_entropy_from_logits(logits)
+
+
+def completion_logps(trainer, model, input_ids, attention_mask, logits_to_keep, **kwargs):
+    """(per-token log-probs, entropies, ...) of the last `logits_to_keep` tokens as `trainer` scores rollouts for
+    its loss: BPOTrainer's shared-prefix forward where it applies, TRL's per-row forward otherwise."""
+    return trainer._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep, **kwargs)
+
+
+def trl_completion_logps(trainer, model, input_ids, attention_mask, logits_to_keep, **kwargs):
+    """The same by TRL's own GRPOTrainer implementation, whatever `trainer`'s class overrides; its profiling
+    wrapper is skipped, so `trainer` needs only what the forward reads (`accelerator.autocast`)."""
+    import inspect
+
+    from trl import GRPOTrainer
+
+    method = inspect.unwrap(GRPOTrainer._get_per_token_logps_and_entropies)
+    return method(trainer, model, input_ids, attention_mask, logits_to_keep, **kwargs)
 
 
 def log_metric(trainer, key: str, value: float, mode: str = "train") -> None:
