@@ -133,9 +133,9 @@ def test_saving_renamings_rename_once_and_load_back(tmp_path, tiny_dir):
     from transformers import AutoModelForImageTextToText
 
     model, _ = load_model(tiny_dir, dtype=torch.float32)  # load_model adds the tower renaming
-    before = len(model._weight_conversions)
+    before = len(tf.saving_renamings(model))
     tf.add_saving_renamings(model, {"model.vision_tower.": "model.vision_tower.vision_model."})
-    assert len(model._weight_conversions) == before
+    assert len(tf.saving_renamings(model)) == before
     model.save_pretrained(tmp_path / "nested")
     reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "nested", dtype=torch.float32)
     theirs = dict(reloaded.named_parameters())
@@ -144,7 +144,7 @@ def test_saving_renamings_rename_once_and_load_back(tmp_path, tiny_dir):
 
     for _ in range(2):
         tf.add_saving_renamings(model, {"model.language_model.norm.": "model.language_model.final_norm."})
-    assert len(model._weight_conversions) == before + 1
+    assert len(tf.saving_renamings(model)) == before + 1
     model.save_pretrained(tmp_path / "renamed")
     with safe_open(tmp_path / "renamed" / "model.safetensors", "pt") as f:
         keys = list(f.keys())
@@ -246,7 +246,7 @@ def test_vllm_parameter_names_go_through_trl_s_fix_then_ours():
     from trl.generation.vllm_generation import VLLMGeneration
 
     from bimode.compat.overrides import check_overrides
-    from bimode.compat.trl_api import adopt_vllm_generation
+    from bimode.compat.trl_api import adopt_vllm_generation, vllm_param_name
     from bimode.train.bpo.vllm_fit import BimodeVLLMGeneration
 
     assert list(inspect.signature(VLLMGeneration._fix_param_name_to_vllm).parameters) == [
@@ -258,7 +258,7 @@ def test_vllm_parameter_names_go_through_trl_s_fix_then_ours():
         BimodeVLLMGeneration.sync_weights  # TRL's class itself is untouched
     generation.checkpoint_name = lambda name: name.replace("vision_tower.", "vision_tower.vision_model.")
     name = "model.vision_tower._checkpoint_wrapped_module.embeddings.patch.weight"
-    assert generation._fix_param_name_to_vllm(name) == "model.vision_tower.vision_model.embeddings.patch.weight"
+    assert vllm_param_name(generation, name) == "model.vision_tower.vision_model.embeddings.patch.weight"
     with pytest.raises(RuntimeError, match="expected TRL's VLLMGeneration"):
         adopt_vllm_generation(generation, BimodeVLLMGeneration)  # adopted once, and only TRL's own class
 

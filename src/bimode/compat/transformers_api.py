@@ -136,6 +136,12 @@ def add_saving_renamings(model, renamings: dict[str, str]) -> None:
     model._weight_conversions = [c for c in conversions if repr(c) not in already] + added
 
 
+def saving_renamings(model) -> list:
+    """The weight renamings `model` applies when loading and reverses when saving (what add_saving_renamings adds
+    to)."""
+    return list(getattr(model, "_weight_conversions", None) or [])
+
+
 def build_processor_without_video(processor_class, **parts):
     """A `processor_class` built with video_processor=None (transformers checks every part's class). The check
     is lifted on this one instance while it is built, never on the class: nothing else in the process sees it."""

@@ -52,6 +52,12 @@ def trl_completion_logps(trainer, model, input_ids, attention_mask, logits_to_ke
     return method(trainer, model, input_ids, attention_mask, logits_to_keep, **kwargs)
 
 
+def vllm_param_name(generation, name: str) -> str:
+    """The name `generation` (TRL's VLLMGeneration or bimode's subclass) gives parameter `name` in the weight
+    sync: TRL's `_fix_param_name_to_vllm` with bimode's override applied."""
+    return generation._fix_param_name_to_vllm(name)
+
+
 def log_metric(trainer, key: str, value: float, mode: str = "train") -> None:
     """Add a value to what TRL averages and logs as `key` at the next logging step."""
     trainer._metrics[mode][key].append(value)
