@@ -208,8 +208,8 @@ def run_eval(engine, bench_paths: list, out_dir: Path, cfg: EvalConfig | None = 
         append_log(samples_path, rows)  # one write per batch: a kill loses at most the batches in flight
         return len(rows)
 
-    run.run(pool, work.items(), write, Progress(
-        "eval", "sample", total=sum(len(todo) for chunk in work.values() for _, _, todo in chunk)) if progress else None)
+    total = sum(len(todo) for chunk in work.values() for _, _, todo in chunk)
+    run.run(pool, work.items(), write, Progress("eval", "sample", total) if progress else None)
     run.finish()
     return samples_path
 
