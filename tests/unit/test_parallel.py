@@ -108,7 +108,7 @@ def test_several_endpoints_share_requests_and_fail_over(engine, inputs, tmp_path
         servers[0][1]()  # the first server stops
         run_curation(pooled, [inputs], tmp_path / "after", CFG, progress=False, overwrite=True)
         assert _files(tmp_path / "after") == _files(tmp_path / "one")
-        assert pooled.resting_until(servers[0][0]) > 0.0  # the stopped server was set aside
+        assert pooled.resting_until(pooled.base_urls[1]) > 0.0  # the stopped server was set aside
         servers[1][1]()
         pooled.end_rests()  # every endpoint is tried again, and none answers
         with pytest.raises(EndpointError, match="no endpoint answered") as error:
