@@ -68,6 +68,7 @@ def test_positional_model_and_flag_are_the_same_field():
     (["eval", "calibrate", "run", "--max_drop", "1", "--holdout", "r2", "--holdout_fraction", "0.3"],
      "give one of the two"),
     (["eval", "m", "--endpoint", "http://x", "--bench", "b", "--out", "o"], "the model id at an endpoint is --endpoint_model"),
+    (["eval", "m", "--bench", "b", "--out", "o", "--judge_model", "j"], "--judge_model names the model at a --judge URL"),
     (["demo", "--quick", "--families", "count", "chess"], "families: unknown families ['chess']"),
     (["curate", "--input", "i", "--out", "o", "--annotator", "m", "--blocked_keywords_file", "nowhere.txt"],
      "blocked_keywords_file: no file nowhere.txt"),

@@ -53,6 +53,8 @@ class EvalCommandConfig:
             raise UsageError("bimode eval takes a local MODEL directory or --endpoint URL (one of the two)")
         if self.endpoint_model and not self.endpoint:
             raise UsageError("--endpoint_model names the model at an --endpoint; a local model is MODEL")
+        if self.judge_model and not self.judge:
+            raise UsageError("--judge_model names the model at a --judge URL; give --judge too")
         if not self.bench or not self.out:
             raise UsageError("--bench FILE [FILE ...] and --out DIR are required")
 
