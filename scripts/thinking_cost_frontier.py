@@ -13,7 +13,7 @@ questions) and on a fresh split of 600 questions drawn with a seed the project u
 auto accuracy and tokens against think mode's, the oracle router (per question, the cheaper forced mode that
 is right), and each model's threshold calibrated on the eval split (max_drop 1 point, 95% confidence and the
 plain pick), checked on the fresh split. Writes results.json, frontier.md and
-frontier.png to --out; frontier.md ends with the ranges over seeds per setting (README's "A cost of thinking").
+frontier.png to --out; frontier.md ends with the ranges over seeds per setting (docs/thinking_cost_frontier.md).
 
     .venv/bin/python scripts/thinking_cost_frontier.py --demo runs/demo --out runs/frontier [--seeds 0 1 2]
     .venv/bin/python scripts/thinking_cost_frontier.py --table-only --markdown docs/thinking_cost_frontier.md
@@ -57,7 +57,7 @@ SETTINGS = {
 }
 LABELS = {"think cost 0.3": "think cost 0.3 (per thinking rollout)", "decision m=0.1": "decision, margin 0.1",
           "decision m=0.3": "decision, margin 0.3", "decision m=0.3 x4": "decision, margin 0.3, scale 4",
-          "decision m=0.3, 600 steps": "decision, margin 0.3, 600 steps"}  # the README's names where they differ
+          "decision m=0.3, 600 steps": "decision, margin 0.3, 600 steps"}  # the table's names where they differ
 PUBLISHED = Path(__file__).resolve().parents[1] / "docs" / "thinking_cost_frontier_results.json"
 FRESH_SEED = 20261204  # a seed no other part of the project draws the world with
 GOAL = {"max_drop": 1.0, "token_share": 0.4, "level1_thinking": 0.10}
@@ -268,8 +268,8 @@ def percents(values: list[float]) -> str:
 
 def ranges_table(results: dict) -> str:
     """Per setting, the ranges over its seeds (eval split, and the fresh split), then the oracle router over every
-    run: the table README's "A cost of thinking" shows; then the calibrated thresholds' ranges on the fresh split."""
-    by_setting: dict[str, list[dict]] = {name: [] for name in SETTINGS}  # in SETTINGS' order, the README's
+    run: the table docs/thinking_cost_frontier.md shows; then the calibrated thresholds' ranges on the fresh split."""
+    by_setting: dict[str, list[dict]] = {name: [] for name in SETTINGS}  # in SETTINGS' order, the table's
     for entry in results.values():
         by_setting.setdefault(entry["setting"], []).append(entry)
     by_setting = {name: runs for name, runs in by_setting.items() if runs}

@@ -1,4 +1,4 @@
-"""Run under `accelerate launch`: `bimode anneal` exactly as the README's command runs it (the CLI, a recipe and
+"""Run under `accelerate launch`: `bimode anneal` exactly as docs/annealing.md's command runs it (the CLI, a recipe and
 flags), with each rank's training rows written to OUTPUT_DIR/rows-RANK.json by a spy on the collator."""
 
 import json

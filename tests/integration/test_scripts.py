@@ -1,4 +1,4 @@
-"""The experiment scripts the README quotes run end to end (tiny sizes here; the README's numbers come from
+"""The experiment scripts the docs quote run end to end (tiny sizes here; the documented numbers come from
 their full sizes)."""
 
 import json

@@ -154,7 +154,7 @@ def test_a_cost_of_thinking_trains_the_decision_toward_answering_directly(tmp_pa
         assert abs(drop) < 0.01, (before, after)
 
 
-# ---- the README's ranges table, written from a results file (scripts/thinking_cost_frontier.py) ------
+# ---- the cost-of-thinking ranges table (docs/thinking_cost_frontier.md), written from a results file (scripts/thinking_cost_frontier.py) ------
 def frontier_script():
     import importlib.util
     from pathlib import Path

@@ -76,7 +76,7 @@ class BPOConfig(StartFields, AdapterFields, GRPOConfig):
     mode_token_loss: str = field(default="on", metadata={
         "help": "loss on the forced mode tokens: off (none; the paper's literal reading), on (the rollout's "
                 "advantage, like any token) or a weight in (0, 1). Default on: measured on the embedded "
-                "default (README, 'BPO in miniature')"})
+                "default (docs/bpo.md, 'BPO in miniature')"})
     mode_objective: str = field(default="bpo", metadata={
         "help": "what the forced mode tokens (the auto-mode decision) learn: bpo (the rollout's own advantage, "
                 "the paper's) or decision (AdaptThink-style: +d on the direct rollouts' mode tokens and -d on "
