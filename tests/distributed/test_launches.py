@@ -15,7 +15,7 @@ pytestmark = [pytest.mark.internals, pytest.mark.slow]  # internals: runs at bot
 
 
 def test_the_readme_two_process_anneal_shards_the_data_and_saves_a_working_model(tmp_path, tiny_dir):
-    """The README's CPU command, `accelerate launch --config_file configs/accelerate/cpu2.yaml -m bimode.cli
+    """docs/annealing.md's CPU command, `accelerate launch --config_file configs/accelerate/cpu2.yaml -m bimode.cli
     anneal --config tiny_anneal --use_cpu true ...`: each rank trains on its own rows, and the saved model
     generates in the bi-mode format."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
