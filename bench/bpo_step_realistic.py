@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import resource
 import statistics
@@ -53,7 +52,7 @@ import torch
 from bench import report
 from bimode.compat.transformers_api import checkpointing_kwargs, enable_activation_checkpointing
 from bimode.compat.trl_api import logged_metric
-from tests.helpers.bpo_helpers import forward_path
+from tests.helpers.bpo_helpers import ForwardPaths
 
 SIDES = ("stock", "bpo", "bpo_unshared", "stock_vllm", "bpo_vllm", "bpo_vllm_unshared")
 LABELS = {"stock": "stock TRL (`model.generate`, per-row forward)",
@@ -152,27 +151,6 @@ def build(side: str, args, out: str):
     if trainer.use_vllm:  # TRL's vLLM generation read the length when it was built
         trainer.vllm_generation.max_completion_length = trainer.args.max_completion_length
     return trainer
-
-
-class ForwardPaths(logging.Handler):
-    """The training forwards BPO says it scores rollouts with (its log, as tests/unit/test_shared_prefix_forward.py
-    reads it)."""
-
-    def __init__(self):
-        super().__init__(logging.INFO)
-        self.paths: set[str] = set()
-
-    def emit(self, record):
-        if (path := forward_path(record.getMessage())) is not None:
-            self.paths.add(path)
-
-    @classmethod
-    def listening(cls) -> "ForwardPaths":
-        handler = cls()
-        bpo_log = logging.getLogger("bimode.train.bpo.trainer")
-        bpo_log.addHandler(handler)
-        bpo_log.setLevel(logging.INFO)
-        return handler
 
 
 class Timer:

@@ -1,4 +1,7 @@
-"""Controlled rewards for the BPO tests, importable by path (`tests.helpers.bpo_helpers:...`)."""
+"""Controlled rewards for the BPO tests, importable by path (`tests.helpers.bpo_helpers:...`), and readers of what
+BPO logs."""
+
+import logging
 
 
 def no_think_wins(prompts, completions, completion_ids, rollout_mode, **kwargs):
@@ -53,3 +56,23 @@ FORWARD_PATH_SAID = "BPO scores rollouts with "  # what the trainer logs once pe
 def forward_path(message: str) -> str | None:
     """The forward path a log message of BPO's names, or None for any other message."""
     return message[len(FORWARD_PATH_SAID):] if message.startswith(FORWARD_PATH_SAID) else None
+
+
+class ForwardPaths(logging.Handler):
+    """The forward paths BPO says it scores rollouts with (its log), collected while `listening()`."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.paths: set[str] = set()
+
+    def emit(self, record):
+        if (path := forward_path(record.getMessage())) is not None:
+            self.paths.add(path)
+
+    @classmethod
+    def listening(cls) -> "ForwardPaths":
+        handler = cls()
+        bpo_log = logging.getLogger("bimode.train.bpo.trainer")
+        bpo_log.addHandler(handler)
+        bpo_log.setLevel(logging.INFO)
+        return handler
