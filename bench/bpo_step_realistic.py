@@ -51,7 +51,7 @@ import torch
 
 from bench import report
 from bimode.compat.transformers_api import checkpointing_kwargs, enable_activation_checkpointing
-from bimode.compat.trl_api import logged_metric
+from bimode.compat.trl_api import logged_metric, step_phase_methods
 from tests.helpers.bpo_helpers import ForwardPaths
 
 SIDES = ("stock", "bpo", "bpo_unshared", "stock_vllm", "bpo_vllm", "bpo_vllm_unshared")
@@ -179,10 +179,10 @@ def run_side(args) -> dict:
     if args.gradient_checkpointing == "on":  # Trainer.train() would turn it on; this bench drives training_step
         enable_activation_checkpointing(trainer.model, checkpointing_kwargs(trainer.args))
     timer = Timer()
-    timer.wrap(trainer, "_generate", "rollout")
+    for key, name in step_phase_methods().items():
+        timer.wrap(trainer, name, key)
     if getattr(trainer, "use_vllm", False):
         timer.wrap(trainer.vllm_generation, "sync_weights", "sync")
-    timer.wrap(trainer, "_generate_and_score_completions", "generate_and_score")
     timer.wrap(trainer, "compute_loss", "loss_forward")
     timer.wrap(trainer.accelerator, "backward", "backward")
     trainer.model.train()

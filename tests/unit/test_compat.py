@@ -379,3 +379,13 @@ def test_peft_s_token_row_wrapper_exposes_the_output_bias():
     expose_output_bias(model)
     for wrapper in wrappers:
         assert wrapper.bias is bias and wrapper.weight.shape == (16, 8)
+
+
+def test_the_step_phases_a_bench_times_are_trainer_methods():
+    from trl import GRPOTrainer
+
+    from bimode.compat.trl_api import step_phase_methods
+
+    phases = step_phase_methods()
+    assert set(phases) == {"rollout", "generate_and_score"}
+    assert all(callable(getattr(GRPOTrainer, name)) for name in phases.values())

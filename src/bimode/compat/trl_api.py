@@ -11,6 +11,8 @@
 - `trl.generation.vllm_generation.LLM`, the class TRL's colocated mode builds its engine with.
 - `trl.trainer.utils.selective_log_softmax` and `entropy_from_logits` (not exported by `trl`), so a forward of
   bimode's scores tokens exactly as TRL's does.
+- `GRPOTrainer._generate` and `_generate_and_score_completions`, the phases of a step a bench times
+  (`step_phase_methods`).
 - `GRPOTrainer._get_per_token_logps_and_entropies` called as the trainer scores rollouts for its loss
   (`completion_logps`) and as TRL's own implementation (`trl_completion_logps`), so tests compare the two.
 """
@@ -56,6 +58,19 @@ def vllm_param_name(generation, name: str) -> str:
     """The name `generation` (TRL's VLLMGeneration or bimode's subclass) gives parameter `name` in the weight
     sync: TRL's `_fix_param_name_to_vllm` with bimode's override applied."""
     return generation._fix_param_name_to_vllm(name)
+
+
+def step_phase_methods() -> dict[str, str]:
+    """Per phase of a GRPOTrainer step, the trainer method it runs in (TRL 1.16), for a bench that times them:
+    the rollout alone, and the rollout with its scoring (rewards, old and reference log-probs)."""
+    from trl import GRPOTrainer
+
+    phases = {"rollout": "_generate", "generate_and_score": "_generate_and_score_completions"}
+    missing = [name for name in phases.values() if not hasattr(GRPOTrainer, name)]
+    if missing:
+        raise RuntimeError(f"TRL's GRPOTrainer has no {', '.join(missing)} any more: this TRL release changed an "
+                           "internal bimode's benches time (docs/internals.md)")
+    return phases
 
 
 def log_metric(trainer, key: str, value: float, mode: str = "train") -> None:
