@@ -36,9 +36,10 @@ def build_prompts(processor, records: list[Record | Prompt], mode) -> dict:
 @torch.no_grad()
 def generate(model, processor, records: list[Record | Prompt], mode="auto", max_new_tokens: int = 64,
              batch_size: int = 32, do_sample: bool = False, temperature: float = 1.0,
-             suppress_tokens: list[int] | None = None) -> list[Completion]:
+             suppress_tokens: list[int] | None = None, logprobs: bool = False) -> list[Completion]:
     """One Completion per record (or bimode Prompt) from `model.generate` on prompts ending with the mode suffix; `suppress_tokens`
-    never generated (an engine's banned media tokens, to compare with that engine)."""
+    never generated (an engine's banned media tokens, to compare with that engine); logprobs: each token's
+    log-probability under the model's raw logits (before suppression), as the engine reports them."""
     tokenizer = getattr(processor, "tokenizer", processor)
     mode = ThinkingMode.parse(mode)
     close_id = tokenizer.convert_tokens_to_ids(THINK_CLOSE)
@@ -46,15 +47,21 @@ def generate(model, processor, records: list[Record | Prompt], mode="auto", max_
     for start in range(0, len(records), batch_size):
         chunk = records[start: start + batch_size]
         inputs = build_prompts(processor, chunk, mode)
-        sequences = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                                   temperature=temperature if do_sample else None, top_p=None, top_k=None,
-                                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                                   suppress_tokens=suppress_tokens)
+        result = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                temperature=temperature if do_sample else None, top_p=None, top_k=None,
+                                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                suppress_tokens=suppress_tokens, output_logits=logprobs,
+                                return_dict_in_generate=True)
         width = inputs["input_ids"].shape[1]
-        for record, seq in zip(chunk, sequences[:, width:].tolist()):
+        for row, (record, seq) in enumerate(zip(chunk, result.sequences[:, width:].tolist())):
             ids = _until_eos(seq, tokenizer.eos_token_id, tokenizer.pad_token_id)
             finish = "stop" if tokenizer.eos_token_id in seq else "length"
-            out.append(completion_from_ids(tokenizer, mode, mode.prompt_suffix, ids, finish, close_id))
+            token_logprobs = None
+            if logprobs:
+                token_logprobs = [float(torch.log_softmax(result.logits[step][row].float(), -1)[token])
+                                  for step, token in enumerate(ids)]
+            out.append(completion_from_ids(tokenizer, mode, mode.prompt_suffix, ids, finish, close_id,
+                                           logprobs=token_logprobs))
     return out
 
 

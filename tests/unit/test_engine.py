@@ -95,12 +95,13 @@ def test_prompts_with_their_own_seeds_sample_the_same_in_any_batch(setup):
 
 
 def test_the_plain_path_samples_a_seeded_prompt_the_same_in_any_batch(tmp_path):
-    """Models with multi-axis positions generate through `model.generate`: seeded prompts go one at a time."""
+    """Multi-axis models bimode has not tested generate through `model.generate` (here Qwen2.5-VL, put on that
+    path by hand): seeded prompts go one at a time."""
     from tests.helpers.hf_fixtures import build_tiny_qwen25_vl
 
     model, processor = load_model(build_tiny_qwen25_vl(tmp_path / "qwen"), dtype=torch.float32)
     engine = TransformersEngine(model, processor)
-    assert not engine.shared_prefix
+    engine.shared_prefix = False
     texts = ["What is two plus two?", "Name a colour.", "Count to three."]
     prompts = [Prompt(messages=[{"role": "user", "content": t}], modes=["think", "think"], seed=i)
                for i, t in enumerate(texts)]
@@ -208,10 +209,11 @@ def test_top_logprobs_are_the_likeliest_tokens_and_stream_with_each_token(setup)
     assert [info.logprob for _, info in streamed] == completion.logprobs
 
 
-def test_only_multi_axis_positions_keep_the_engine_from_sharing_a_prefix(tmp_path, tiny_dir):
+def test_which_models_share_the_prompt_s_prefill(tmp_path, tiny_dir):
     """The engine asks models/positions.py, as packing and the shared-prefix forward do, but less: Gemma 3
     (sliding windows), which those refuse, still shares the prompt's prefill; Qwen2.5-VL's multi-axis positions
-    take the plain decoder, under a LoRA wrapper too."""
+    share it too (fed from its get_rope_index), under a LoRA wrapper as well; a path that has not opted in to
+    multi-axis positions refuses them."""
     from peft import LoraConfig, get_peft_model
 
     from bimode.models.positions import flat_positions_unsupported, multi_axis_positions
@@ -223,7 +225,8 @@ def test_only_multi_axis_positions_keep_the_engine_from_sharing_a_prefix(tmp_pat
     assert flat_positions_unsupported(tiny, "packing") is None and TransformersEngine(tiny, tiny_processor).shared_prefix
     assert flat_positions_unsupported(gemma, "packing") is not None and not multi_axis_positions(gemma)
     assert TransformersEngine(gemma, gemma_processor).shared_prefix
-    assert flat_positions_unsupported(qwen, "packing") is not None
-    assert multi_axis_positions(qwen) and not TransformersEngine(qwen, qwen_processor).shared_prefix
+    assert flat_positions_unsupported(qwen, "packing") == "multi-axis rotary positions (get_rope_index)"
+    assert flat_positions_unsupported(qwen, "packing", multi_axis=True) is None
+    assert multi_axis_positions(qwen) and TransformersEngine(qwen, qwen_processor).shared_prefix
     wrapped = get_peft_model(qwen, LoraConfig(r=2, target_modules=["q_proj"]))
-    assert multi_axis_positions(wrapped) and not TransformersEngine(wrapped, qwen_processor).shared_prefix
+    assert multi_axis_positions(wrapped) and TransformersEngine(wrapped, qwen_processor).shared_prefix

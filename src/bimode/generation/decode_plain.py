@@ -1,7 +1,7 @@
-"""The engine's plain decoder, for models with multi-axis positions (Qwen-VL's mrope), which compute positions
-from the whole sequence so a shared prefix's hand-fed positions would be wrong: batched `model.generate`, one
-call per mode (the mode text is part of those prompts). Correct for every model, without prefix sharing; no
-thinking budget and no log-probs.
+"""The engine's plain decoder, for multi-axis rotary models other than the Qwen-VL families (those share the
+prompt's prefill with positions from their own `get_rope_index`, decode_shared.py; another family's position rules
+are not assumed to match): batched `model.generate`, one call per mode (the mode text is part of those prompts).
+Correct for every model, without prefix sharing; no thinking budget and no log-probs.
 """
 
 from __future__ import annotations
@@ -47,9 +47,10 @@ def run_plain(engine, prompts: list[Prompt], params: SamplingParams, generator: 
     `offset`: the batch's first prompt index, for callbacks). `generate` samples from the global generator, so
     `generator` is unused: prompts with their own seeds are seeded one at a time instead."""
     if params.max_thinking_tokens is not None:
-        raise NotImplementedError("the thinking budget needs the shared-prefix path; this model uses mrope")
+        raise NotImplementedError("the thinking budget needs the shared-prefix path, which this multi-axis model "
+                                  "does not take")
     if params.logprobs:
-        raise NotImplementedError("log-probs need the shared-prefix path; this model uses mrope")
+        raise NotImplementedError("log-probs need the shared-prefix path, which this multi-axis model does not take")
     p_think = engine.p_think(prompts)
     rows = []  # (prompt index, sample index, requested mode, mode used)
     for pi, p in enumerate(prompts):

@@ -2,9 +2,9 @@
 
 Every prompt is rendered in auto mode, so it ends with `<think>`, the part all three modes share. The prefill's
 last logits give `p_think`; the cache is copied to each of the prompt's samples, and each sample's mode suffix
-(and later a thinking budget's closing text) is fed as forced tokens in the decode loop, with 1-D positions
-continuing the prompt's: only models whose positions continue like plain text take this path
-(models/positions.py).
+(and later a thinking budget's closing text) is fed as forced tokens in the decode loop. Positions are fed by hand:
+the prompt's are the model's own (1-D, or Qwen-VL's multi-axis ones from its `get_rope_index`, images included),
+and every fed token continues as text from one past the prompt's largest, on every axis (models/positions.py).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from bimode.compat.transformers_api import empty_cache, returned_cache, select_c
 from bimode.generation.rows import (Row, StopCheck, advance, apply_budget, cancel_stopped, collect, decision_probs,
                                     row_generators, sample, top_logprobs)
 from bimode.generation.types import Completion, Prompt, SamplingParams, TokenCallback, TokenLogprob
+from bimode.models.positions import multi_axis_positions, next_positions, positions_from, rope_positions
 from bimode.modes import ThinkingMode
 
 
@@ -25,7 +26,9 @@ def run_shared(engine, prompts: list[Prompt], params: SamplingParams, generator:
     `offset`: the batch's first prompt index, for callbacks)."""
     inputs = engine.encode([engine.render(p) for p in prompts], [p.images for p in prompts])
     mask = inputs["attention_mask"]
-    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    multi_axis = multi_axis_positions(engine.model)
+    positions = rope_positions(engine.model, inputs["input_ids"], mask, inputs.get("mm_token_type_ids"),
+                               inputs.get("image_grid_thw"), inputs.get("video_grid_thw"))
     out = engine.model(**inputs, position_ids=positions, **with_cache(engine.model, empty_cache()), use_cache=True,
                        logits_to_keep=1)
     cache = returned_cache(out)
@@ -36,7 +39,7 @@ def run_shared(engine, prompts: list[Prompt], params: SamplingParams, generator:
     index = torch.tensor([row.prompt_index for row in rows], device=engine.device)
     select_cache_rows(cache, index)
     mask = mask[index]
-    next_pos = positions[index, -1] + 1
+    next_pos = next_positions(positions)[index]
     logits = last_logits[index]
     active = list(range(len(rows)))  # rows still running, in cache order
 
@@ -76,7 +79,7 @@ def run_shared(engine, prompts: list[Prompt], params: SamplingParams, generator:
             active = [active[s] for s in keep]
         step_ids = torch.tensor(tokens, device=engine.device).unsqueeze(1)
         mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
-        out = engine.model(input_ids=step_ids, attention_mask=mask, position_ids=next_pos.unsqueeze(1),
+        out = engine.model(input_ids=step_ids, attention_mask=mask, position_ids=positions_from(next_pos, 1, multi_axis),
                            **with_cache(engine.model, cache), use_cache=True)
         cache = returned_cache(out)
         logits = out.logits[:, -1].float()

@@ -9,7 +9,8 @@ transformers path repeats the prompt n times). The prefill's last logits are the
 `p_think` comes for free. The thinking budget is forced tokens too: a closing sentence and `</think>\\n\\n`.
 
 This module holds the engine (inputs, the public API, batching); the two decoders are decode_shared.py (the
-above) and decode_plain.py (`model.generate`, for models with multi-axis positions), their shared row state,
+above, Qwen-VL's multi-axis positions included) and decode_plain.py (`model.generate`, for multi-axis models
+bimode has not tested), their shared row state,
 sampling and budget rows.py.
 """
 
@@ -23,7 +24,7 @@ from bimode.generation.decode_plain import run_plain
 from bimode.generation.decode_shared import run_shared
 from bimode.generation.rows import StopCheck, decision_probs
 from bimode.generation.types import Completion, Prompt, SamplingParams, TokenCallback
-from bimode.models.positions import multi_axis_positions
+from bimode.models.positions import multi_axis_positions, shares_multi_axis_prefix
 from bimode.modes import ThinkingMode, mode_decision
 
 
@@ -69,9 +70,9 @@ class TransformersEngine:
         self.eos_ids = {e for e in eos if e is not None}
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
         self.max_batch_rows = max_batch_rows
-        # Models with multi-axis rotary positions (Qwen-VL's mrope) compute positions from the whole
-        # sequence; the shared-prefix decoder's hand-fed positions would be wrong, so they take the plain one.
-        self.shared_prefix = not multi_axis_positions(model)
+        # Multi-axis rotary positions (mrope) are fed by hand from the model's own get_rope_index: only for the
+        # families whose get_rope_index bimode calls and tests (Qwen2-VL, 2.5-VL, 3-VL); others take plain generate.
+        self.shared_prefix = not multi_axis_positions(model) or shares_multi_axis_prefix(model)
         self.banned_ids = media_token_ids(processor, self.tokenizer, getattr(model, "config", None))
 
     @property

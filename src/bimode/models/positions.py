@@ -48,12 +48,12 @@ def flat_positions_unsupported(model, path: str, multi_axis: bool = False) -> st
     if multi_axis:
         allowed |= MULTI_AXIS_MODEL_TYPES
         allowed_text |= MULTI_AXIS_TEXT_TYPES
+    if multi_axis_positions(inner) and not multi_axis:
+        return "multi-axis rotary positions (get_rope_index)"
     if model_type not in allowed:
         return f"model type {model_type!r} is not on the {path} allow-list ({', '.join(sorted(allowed))})"
     if text.model_type not in allowed_text:
         return f"language model type {text.model_type!r} is not on the {path} allow-list"
-    if multi_axis_positions(inner) and not multi_axis:
-        return "multi-axis rotary positions (get_rope_index)"
     layer_types = getattr(text, "layer_types", None) or []
     if any(t != "full_attention" for t in layer_types):
         return f"layers other than full attention ({sorted(set(layer_types))})"
@@ -100,3 +100,8 @@ def positions_from(start: torch.Tensor, length: int, multi_axis: bool) -> torch.
     same value on every axis for a multi-axis model."""
     flat = start.unsqueeze(1) + torch.arange(length, device=start.device)
     return flat.unsqueeze(0).expand(3, -1, -1) if multi_axis else flat
+
+
+def shares_multi_axis_prefix(model) -> bool:
+    """Whether the model is a multi-axis family whose `get_rope_index` bimode calls (`rope_positions`) and tests."""
+    return getattr(getattr(base_model(model), "config", None), "model_type", None) in MULTI_AXIS_MODEL_TYPES
