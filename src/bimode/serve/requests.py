@@ -279,4 +279,4 @@ def _check_available(limits: ServerLimits, logprobs: bool, budget: Any) -> None:
         asked = "logprobs" if logprobs else "max_thinking_tokens" if budget is not None else None
         if asked:
             raise BadRequest(f"{asked} is not available for this model: it runs through transformers' generate "
-                             "(multi-axis rotary positions, e.g. Qwen-VL)", asked)
+                             "(multi-axis rotary positions of a family other than Qwen-VL)", asked)
