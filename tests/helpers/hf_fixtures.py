@@ -25,6 +25,16 @@ def _qwen_tokenizer():
     return tok, {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
 
 
+def _seeded(model_class, config, seed: int = 1):
+    """The same weights every build (tests comparing greedy decoders are not at the mercy of a near tie), without
+    touching the caller's random state."""
+    import torch
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return model_class(config)
+
+
 def _save_qwen(out: Path, model, tok, patch_size: int, processor_class: str) -> Path:
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
         Qwen2VLImageProcessorPil,
@@ -56,7 +66,7 @@ def build_tiny_qwen25_vl(out: Path) -> Path:
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
     )
-    return _save_qwen(out, Qwen2_5_VLForConditionalGeneration(config), tok, 14, "Qwen2_5_VLProcessor")
+    return _save_qwen(out, _seeded(Qwen2_5_VLForConditionalGeneration, config), tok, 14, "Qwen2_5_VLProcessor")
 
 
 def build_tiny_qwen3_vl(out: Path) -> Path:
@@ -78,7 +88,7 @@ def build_tiny_qwen3_vl(out: Path) -> Path:
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
     )
-    return _save_qwen(out, Qwen3VLForConditionalGeneration(config), tok, 16, "Qwen3VLProcessor")
+    return _save_qwen(out, _seeded(Qwen3VLForConditionalGeneration, config), tok, 16, "Qwen3VLProcessor")
 
 
 def build_tiny_llava_llama_style(out: Path) -> Path:
