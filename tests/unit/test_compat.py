@@ -167,6 +167,89 @@ def test_a_processor_builds_without_its_video_part(tmp_path):
     assert "check_argument_for_proper_class" not in vars(processor)
 
 
+VIDEO = {"video_processor_type": "Qwen3VLVideoProcessor", "patch_size": 16, "temporal_patch_size": 2, "merge_size": 2,
+         "fps": 3, "max_frames": 99}  # as a hub Qwen3-VL repository has it, marked by max_frames
+
+
+def _image_only_qwen3_vl(tmp_path):
+    """(a tiny Qwen3-VL folder with VIDEO, its processor built without the video part)."""
+    import json
+
+    from bimode.models.loading import load_image_only_processor
+    from tests.helpers import hf_fixtures
+
+    source = hf_fixtures.build_tiny_qwen3_vl(tmp_path / "qwen")
+    (source / "video_preprocessor_config.json").write_text(json.dumps(VIDEO))
+    return source, load_image_only_processor(source)
+
+
+def test_a_processor_without_its_video_part_saves_what_a_hub_repository_holds(tmp_path):
+    """transformers' save fails on the missing part; the instance saves the hub layout instead, the checkpoint's
+    video settings kept, and that loads back image-only (plain AutoProcessor: the next test)."""
+    import copy
+    import json
+    import pickle
+
+    from transformers.processing_utils import ProcessorMixin
+
+    from bimode.models.loading import load_image_only_processor
+    from tests.helpers.checkpoints import assert_same_inputs
+
+    source, processor = _image_only_qwen3_vl(tmp_path)
+    processor.chat_template = "{{ messages | length }} {{ thinking_mode }}"  # the processor's own, not the tokenizer's
+    with pytest.raises(AttributeError, match="_auto_class"):  # what the instance's save replaces: transformers' own
+        ProcessorMixin.save_pretrained(processor, tmp_path / "stock")
+    assert type(processor).save_pretrained is ProcessorMixin.save_pretrained  # the class keeps it
+
+    saved = tmp_path / "saved"
+    processor.save_pretrained(saved)
+    assert sorted(p.name for p in saved.iterdir()) == [
+        "chat_template.jinja", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json",
+        "video_preprocessor_config.json"]
+    for name in ("preprocessor_config.json", "tokenizer_config.json"):
+        assert json.loads((saved / name).read_text())["processor_class"] == "Qwen3VLProcessor", name
+    assert json.loads((saved / "video_preprocessor_config.json").read_text()) == VIDEO
+    assert (saved / "chat_template.jinja").read_text() == processor.chat_template
+
+    reloaded, expected = load_image_only_processor(saved), load_image_only_processor(source)
+    assert reloaded.chat_template == processor.chat_template
+    reloaded.chat_template = expected.chat_template
+    assert_same_inputs(reloaded, expected)  # the tokenizer and the image processor's settings came back
+    reloaded.save_pretrained(tmp_path / "again")  # and the video settings, to be saved again
+    assert json.loads((tmp_path / "again" / "video_preprocessor_config.json").read_text()) == VIDEO
+    for clone in (copy.deepcopy(processor), pickle.loads(pickle.dumps(processor))):  # copies save themselves
+        clone.chat_template = "copied"
+        clone.save_pretrained(tmp_path / "clone")
+        assert (tmp_path / "clone" / "chat_template.jinja").read_text() == "copied"
+
+
+def test_a_processor_saved_without_its_video_part_loads_with_plain_auto_processor(tmp_path):
+    """Where torchvision exists (the vLLM environment), transformers' own processor reads the saved folder, its
+    video part from the kept settings, and encodes as the image-only one does; and back: what transformers saves
+    (the parts nested in processor_config.json) loads image-only, and saves again with the same video settings."""
+    import json
+
+    pytest.importorskip("torchvision")
+    from transformers import AutoProcessor
+
+    from bimode.models.loading import load_image_only_processor
+    from tests.helpers.checkpoints import assert_same_inputs
+
+    _, processor = _image_only_qwen3_vl(tmp_path)
+    processor.save_pretrained(tmp_path / "saved")
+    plain = AutoProcessor.from_pretrained(tmp_path / "saved")
+    assert type(plain).__name__ == "Qwen3VLProcessor" and plain.video_processor is not None
+    assert plain.video_processor.max_frames == 99
+    assert_same_inputs(plain, processor)
+
+    plain.save_pretrained(tmp_path / "stock")
+    nested = json.loads((tmp_path / "stock" / "processor_config.json").read_text())["video_processor"]
+    image_only = load_image_only_processor(tmp_path / "stock")
+    assert_same_inputs(image_only, plain)
+    image_only.save_pretrained(tmp_path / "back")
+    assert json.loads((tmp_path / "back" / "video_preprocessor_config.json").read_text()) == nested
+
+
 # ---- overridden private methods (TRL, transformers' Trainer) -------------------------------------------
 def test_bimode_trainers_override_the_libraries_methods_with_their_signatures():
     from trl import GRPOTrainer

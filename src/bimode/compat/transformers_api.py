@@ -11,7 +11,8 @@ Checked on transformers 5.17 (vLLM 0.31's environment) and 5.25 (the newest); do
   torch's checkpoint). 5.17 checkpoints whenever the layer trains, 5.25 only while gradients are on.
 - Weight renamings applied when loading and reversed when saving (`model._weight_conversions`,
   `conversion_mapping.get_model_conversion_mapping`, `core_model_loading.WeightRenaming`).
-- `ProcessorMixin.check_argument_for_proper_class`, which refuses a processor built without its video part.
+- `ProcessorMixin.check_argument_for_proper_class`, which refuses a processor built without its video part, and
+  `ProcessorMixin.save_pretrained`, which fails on that missing part (so such a processor saves its own way).
 - The key/value cache's inside (`transformers.cache_utils`): `DynamicLayer` as a base class (`lazy_initialization`,
   `is_initialized`, `keys` / `values`), `DynamicCache.layers`, `layer_class_to_replicate` and
   `batch_select_indices`.
@@ -22,6 +23,8 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
+import os
 import re
 from contextlib import contextmanager
 
@@ -157,6 +160,62 @@ def build_processor_without_video(processor_class, **parts):
     finally:
         del processor.check_argument_for_proper_class
     return processor
+
+
+def save_without_video(processor, video_config: dict | None = None):
+    """Make `processor` (from `build_processor_without_video`) save as a hub Qwen-VL repository holds one.
+
+    transformers' `save_pretrained` serialises every part and fails on the missing video part
+    (`'NoneType' object has no attribute '_auto_class'`), so the Trainer's checkpoint save would lose the run.
+    This instance's `save_pretrained` (what the Trainer and bimode call) writes `save_processor_without_video`'s
+    files instead; the class and every other processor keep transformers' own. video_config: the video
+    processor's settings as the checkpoint held them, written back so nothing is lost for a machine with
+    torchvision. Returns the processor."""
+    processor.save_pretrained = functools.partial(save_processor_without_video, processor, video_config=video_config)
+    return processor
+
+
+def save_processor_without_video(processor, save_directory, push_to_hub: bool = False, video_config=None,
+                                 **hub_kwargs) -> list[str]:
+    """The files of a hub Qwen-VL repository, which plain `AutoProcessor` loads wherever torchvision exists:
+    the tokenizer's, `preprocessor_config.json` (the image processor, naming the processor class),
+    `video_preprocessor_config.json` when video_config is given (else transformers derives the video processor
+    from the image processor's file, as for a hub Qwen2.5-VL repository) and `chat_template.jinja`.
+    hub_kwargs: what transformers' signature takes for pushing, which this does not do."""
+    if push_to_hub:
+        raise NotImplementedError("a processor built without its video part saves locally only; push the folder")
+    os.makedirs(save_directory, exist_ok=True)
+    name = type(processor).__name__
+    files = [str(f) for f in processor.tokenizer.save_pretrained(save_directory)]
+    _with_processor_class([f for f in files if os.path.basename(f) == "tokenizer_config.json"], name)
+    files += _with_processor_class(processor.image_processor.save_pretrained(save_directory), name)
+    if video_config is not None:
+        path = os.path.join(save_directory, "video_preprocessor_config.json")
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(video_config, f, indent=2, sort_keys=True)
+        files.append(path)
+    templates = processor.chat_template
+    if isinstance(templates, str):
+        templates = {"default": templates}
+    for template_name, text in (templates or {}).items():  # transformers' layout: extra ones in chat_templates/
+        path = os.path.join(save_directory, "chat_template.jinja" if template_name == "default"
+                            else os.path.join("chat_templates", f"{os.path.basename(template_name)}.jinja"))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+        files.append(path)
+    return list(dict.fromkeys(files))
+
+
+def _with_processor_class(paths, name: str) -> list[str]:
+    """Name the processor class in the JSON files a part wrote, as a hub repository's files do."""
+    paths = [str(p) for p in paths if str(p).endswith(".json")]
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump({**config, "processor_class": name}, f, indent=2, sort_keys=True)
+    return paths
 
 
 def attention_implementation(config) -> str | dict | None:

@@ -15,7 +15,7 @@ import json
 import logging
 from pathlib import Path
 
-from bimode.compat.transformers_api import build_processor_without_video
+from bimode.compat.transformers_api import build_processor_without_video, save_without_video
 from bimode.errors import MissingInputError, OutputExistsError, UsageError
 from bimode.models.layout import use_ecosystem_layout
 from bimode.modes import THINK_CLOSE, THINK_OPEN, MODE_SUFFIXES, ThinkingMode
@@ -123,8 +123,19 @@ def load_image_only_processor(path: str | Path, **kwargs):
     image_processor = AutoImageProcessor.from_pretrained(path, **kwargs)
     log.warning("%s: torchvision is missing; using %s without its video processor (images and text only)",
                 path, class_name)
-    return build_processor_without_video(processor_class, image_processor=image_processor, tokenizer=tokenizer,
-                                         chat_template=getattr(tokenizer, "chat_template", None))
+    processor = build_processor_without_video(processor_class, image_processor=image_processor, tokenizer=tokenizer,
+                                              chat_template=getattr(tokenizer, "chat_template", None))
+    # saved as a hub repository holds it, the video settings kept for a machine with torchvision
+    return save_without_video(processor, _video_config(path, config))
+
+
+def _video_config(path: Path, config: dict) -> dict | None:
+    """The video processor's settings where the checkpoint has them: its own file (hub Qwen3-VL) or nested in
+    processor_config.json (transformers 5's save); None when derived from the image processor's (hub Qwen2.5-VL)."""
+    if (path / "video_preprocessor_config.json").exists():
+        return json.loads((path / "video_preprocessor_config.json").read_text())
+    nested = config.get("video_processor")
+    return nested if isinstance(nested, dict) else None
 
 
 def adapter_base(path: str | Path) -> Path | None:
