@@ -171,8 +171,11 @@ def _length_spread(trainer) -> int:
 def test_anneal_trains_a_qwen_vl_model_with_its_image_grid(tmp_path, train_file, family):
     """Qwen-VL needs image_grid_thw next to pixel_values (the collator passes every image-processor output),
     Qwen3-VL also the per-token mm_token_type_ids; the mergers are the projector, frozen here, while the
-    vision tower and the LLM train."""
+    vision tower and the LLM train. The run saves where `bimode anneal` does and loads back as trained (without
+    torchvision too: the processor is then built without its video part, and saves all the same)."""
+    from bimode.train.run import train_and_save
     from tests.helpers import hf_fixtures
+    from tests.helpers.checkpoints import assert_reloads
 
     model_dir = getattr(hf_fixtures, f"build_tiny_{family}")(tmp_path / family)
     trainer = build_trainer(_cfg(tmp_path, train_file, model_dir, max_steps=2, freeze_projector=True,
@@ -184,9 +187,10 @@ def test_anneal_trains_a_qwen_vl_model_with_its_image_grid(tmp_path, train_file,
         image_token = trainer.processing_class.tokenizer.convert_tokens_to_ids("<|image_pad|>")
         assert torch.equal(batch["mm_token_type_ids"] == 1, batch["input_ids"] == image_token)
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
-    trainer.train()
+    final = train_and_save(trainer)
     changed = {component_of(n) for n, p in trainer.model.named_parameters() if not torch.equal(before[n], p.detach())}
     assert changed == {"vision", "llm"}
+    assert_reloads(trainer, final)
 
 
 def test_resume_gives_the_same_weights(tmp_path, train_file, tiny_dir):

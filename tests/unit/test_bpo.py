@@ -402,6 +402,7 @@ def test_qwen_vl_rollouts_are_scored_as_the_forced_mode_prompt_would_be(tmp_path
     forced-mode prompt followed by them, and the mode tokens must train."""
     from bimode.models import load_model
     from tests.helpers import hf_fixtures
+    from tests.helpers.checkpoints import assert_reloads
 
     model_dir = getattr(hf_fixtures, f"build_tiny_{family}")(tmp_path / family)
     records = [s.to_record() for s in synthetic.generate(8, seed=5, families=["shell"], max_level=3)]
@@ -437,3 +438,6 @@ def test_qwen_vl_rollouts_are_scored_as_the_forced_mode_prompt_would_be(tmp_path
         assert trl.tolist() == pytest.approx(direct.tolist(), abs=2e-4), (r, mode)
     forced, rest = decision_grads(trainer)
     assert torch.all(forced > 0) and torch.all(rest > 0)
+    # the trainer's save (model and processor, as at a checkpoint) loads back; trained first: test_families
+    trainer.save_model(str(tmp_path / "saved"))
+    assert_reloads(trainer, tmp_path / "saved")

@@ -1,5 +1,6 @@
-"""Every stage on other model families: R-4B's own layout (LLaVA-NeXT: AnyRes tiles, image_sizes, SigLIP + Qwen3)
-and LLaVA with a Llama-style tokenizer (no think tags, `\n\n` as two tokens). Qwen2.5-VL: test_anneal, test_bpo."""
+"""Every stage on other model families: R-4B's own layout (LLaVA-NeXT: AnyRes tiles, image_sizes, SigLIP + Qwen3),
+LLaVA with a Llama-style tokenizer (no think tags, `\n\n` as two tokens), Gemma 3, Qwen2.5-VL and Qwen3-VL (more of
+them in test_anneal, test_bpo). Annealing and a BPO step save as `bimode anneal` / `bpo` do and load back."""
 
 import pytest
 import torch
@@ -11,10 +12,14 @@ from bimode.generation.engine import TransformersEngine
 from bimode.generation.types import Prompt, SamplingParams
 from bimode.models import load_model
 from bimode.train.components import component_of
+from bimode.train.run import train_and_save
+from tests.helpers.checkpoints import assert_reloads
 from tests.helpers.hf_fixtures import (
     build_tiny_gemma3,
     build_tiny_llava_llama_style,
     build_tiny_llava_next,
+    build_tiny_qwen3_vl,
+    build_tiny_qwen25_vl,
 )
 from tests.helpers.reference_generation import generate
 
@@ -29,11 +34,12 @@ def next_dir(tmp_path_factory):
     return build_tiny_llava_next(tmp_path_factory.mktemp("llava_next") / "model")
 
 
-@pytest.fixture(scope="module", params=["llava_next", "llava_llama_style", "gemma3"])
+@pytest.fixture(scope="module", params=["llava_next", "llava_llama_style", "gemma3", "qwen25_vl", "qwen3_vl"])
 def family_dir(request, tmp_path_factory, next_dir):
     if request.param == "llava_next":
         return next_dir
-    builder = {"llava_llama_style": build_tiny_llava_llama_style, "gemma3": build_tiny_gemma3}[request.param]
+    builder = {"llava_llama_style": build_tiny_llava_llama_style, "gemma3": build_tiny_gemma3,
+               "qwen25_vl": build_tiny_qwen25_vl, "qwen3_vl": build_tiny_qwen3_vl}[request.param]
     return builder(tmp_path_factory.mktemp(request.param) / "model")
 
 
@@ -67,16 +73,20 @@ def test_shared_prefix_engine_equals_plain_generate_across_tile_counts(next_dir)
 
 
 def test_anneal_trains_every_component(tmp_path, family_dir, train_file):
+    """Its checkpoints (the Trainer's at a step, and the final one where `bimode anneal` puts it) load back as trained."""
     from bimode.train.anneal import AnnealConfig, build_trainer
 
     trainer = build_trainer(AnnealConfig(
         model_path=str(family_dir), train_files=[str(train_file)], output_dir=str(tmp_path), target_modes="both",
-        max_steps=2, per_device_train_batch_size=8, learning_rate=1e-3, report_to=[], save_strategy="no",
-        use_cpu=True, bf16=False, gradient_checkpointing=False, lr_scheduler_type="constant"))
+        max_steps=2, per_device_train_batch_size=8, learning_rate=1e-3, report_to=[], save_strategy="steps",
+        save_steps=2, save_only_model=True, use_cpu=True, bf16=False, gradient_checkpointing=False,
+        lr_scheduler_type="constant"))
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
-    trainer.train()
+    final = train_and_save(trainer)
     changed = {component_of(n) for n, p in trainer.model.named_parameters() if not torch.equal(before[n], p.detach())}
     assert changed == {"vision", "projector", "llm"}
+    assert_reloads(trainer, final)
+    assert_reloads(trainer, tmp_path / "checkpoint-2")  # the Trainer's own save, also through the processor's
 
 
 def test_bpo_step_trains_every_component(tmp_path, family_dir, train_file):
@@ -89,10 +99,11 @@ def test_bpo_step_trains_every_component(tmp_path, family_dir, train_file):
         save_strategy="no", use_cpu=True, bf16=False, probe_steps=0, seed=0, gradient_checkpointing=False,
         rewards=["tests.helpers.bpo_helpers:no_think_wins"]))
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
-    trainer.train()
+    final = train_and_save(trainer)  # what `bimode bpo` runs
     assert trainer.state.log_history[0]["bpo/no_think/advantage"] > 0
     changed = {component_of(n) for n, p in trainer.model.named_parameters() if not torch.equal(before[n], p.detach())}
     assert changed == {"vision", "projector", "llm"}
+    assert_reloads(trainer, final)
 
 
 @pytest.mark.parametrize("family", ["qwen25_vl", "qwen3_vl"])
