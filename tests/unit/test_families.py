@@ -73,7 +73,7 @@ def test_shared_prefix_engine_equals_plain_generate_across_tile_counts(next_dir)
 
 
 def test_anneal_trains_every_component(tmp_path, family_dir, train_file):
-    """Its checkpoints (the Trainer's at a step, and the final one where `bimode anneal` puts it) load back as trained."""
+    """Its checkpoints (the Trainer's at a step, the final one where `bimode anneal` puts it) load back as trained."""
     from bimode.train.anneal import AnnealConfig, build_trainer
 
     trainer = build_trainer(AnnealConfig(
