@@ -413,7 +413,7 @@ def test_qwen_vl_rollouts_are_scored_as_the_forced_mode_prompt_would_be(tmp_path
     trainer.model.train()
     output, rollouts = trainer.generate_and_score(ROWS)
     with trainer.generation_engine() as engine:
-        assert engine.shared_prefix is False
+        assert engine.shared_prefix  # rolled out from the prompt's shared prefill, multi-axis positions fed by hand
         suffix = engine.suffix_rest
     model, processor = load_model(model_dir, dtype=torch.float32)
     for r, (row, mode) in enumerate(zip(ROWS, rollouts.modes)):

@@ -96,14 +96,15 @@ def test_missing_path_is_a_clear_error(tmp_path):
         load_model(tmp_path / "nope")
 
 
-def test_engine_runs_qwen_vl_through_the_plain_path(tmp_path):
-    """Qwen-VL's multi-axis rotary positions take the per-sample `generate` path, with the same results."""
+def test_engine_runs_qwen_vl_in_every_mode(tmp_path):
+    """Qwen-VL (multi-axis rotary positions) shares the prompt's prefill like LLaVA: the three modes' suffixes,
+    auto's decision first, and the think sample equal to plain transformers (more: test_multi_axis_engine.py)."""
     from bimode.generation.engine import TransformersEngine
     from bimode.generation.types import Prompt, SamplingParams
 
     model, processor = load_model(build_tiny_qwen25_vl(tmp_path / "qwen"))
     engine = TransformersEngine(model, processor)
-    assert engine.shared_prefix is False
+    assert engine.shared_prefix
     image = Image.new("RGB", (56, 56), "red")
     [group] = engine.generate([Prompt(USER, images=[image], modes=["think", "no_think", "auto"])],
                               SamplingParams(max_new_tokens=4))
