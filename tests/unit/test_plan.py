@@ -113,3 +113,34 @@ def test_the_plan_reads_a_recipe_as_the_training_command_does(tmp_path, monkeypa
     recipe.write_text("rollout: bimode\nnum_generations: 3\n")  # BPOConfig's own check
     with pytest.raises(UsageError, match="even num_generations"):
         read_recipe(str(recipe), stage_of(str(recipe), ""))
+
+
+@pytest.mark.parametrize("family", ["qwen25_vl", "qwen3_vl"])
+def test_qwen_vl_images_are_planned_from_their_grid_and_the_tower_slices_predict_it(tmp_path, family, capsys):
+    """Qwen-VL: image tokens from image_grid_thw at the processor's max_pixels, the tower measured per patch on
+    slices (Qwen3-VL's deepstack mergers among them) equal to what the whole tower keeps, and the text part
+    (no causal-LM class of its own) measured as its text model with an output layer."""
+    from PIL import Image
+    from transformers import AutoImageProcessor
+
+    from bimode import cli
+    from bimode.plan.activations import _tower_output_sum, measure_grid_vision, saved_bytes
+    from bimode.plan.model_shape import max_pixels, read_shape
+    from tests.helpers import hf_fixtures
+
+    path = getattr(hf_fixtures, f"build_tiny_{family}")(tmp_path / family)
+    shape = read_shape(path)
+    side = int(max_pixels(path) ** 0.5)
+    grid_thw = AutoImageProcessor.from_pretrained(path)(Image.new("RGB", (side, side)),
+                                                        return_tensors="pt")["image_grid_thw"]
+    vision = shape.vision_config
+    assert shape.image_grid == tuple(grid_thw[0, 1:].tolist())
+    assert shape.image_tokens == int(grid_thw.prod()) // vision.spatial_merge_size ** 2 > 0
+    planned = measure_grid_vision(vision, shape.vision_class, torch.float32, shape.image_grid)
+    tower = shape.vision_class(vision).train()
+    patches = torch.randn(int(grid_thw.prod()), 3 * vision.temporal_patch_size * vision.patch_size ** 2)
+    kept = saved_bytes(tower, lambda: _tower_output_sum(tower(patches, grid_thw=grid_thw)))
+    assert planned.per_image(checkpointing=False) == pytest.approx(kept, rel=0.02)
+    assert cli.main(["plan", "--recipe", "tiny_anneal", "--model", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"{shape.image_tokens} image tokens each" in out and "verdict: fits" in out

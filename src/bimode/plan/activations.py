@@ -7,7 +7,10 @@ for backward (parameters and repeats of one storage left out). Two layers minus 
 minus that is everything around the layers; three lengths fit `a + b s + c s^2` (c is the attention matrix an
 eager kernel keeps; 0 with SDPA / flash). The vocabulary's share is added back by arithmetic: the logits in the
 compute dtype and the fp32 log-softmax the loss keeps, per token scored. The vision tower is measured the same
-way, per image, when it trains.
+way, per image, when it trains. A Qwen-VL tower takes an image's patches at the image's own size (its
+`image_grid_thw`), so it is measured at three grids and fitted per patch like the text, with Qwen3-VL's deepstack
+mergers (vision features fed into early LLM layers) measured as a slice of their own. A VLM whose text part has no
+causal-LM class (Qwen-VL) is measured as its text model with an output layer and the causal-LM loss added.
 
 With gradient checkpointing a layer (of the language model or the vision tower) keeps only its input and
 recomputes the rest during backward, so the step holds all layers' inputs plus one layer's activations.
@@ -84,9 +87,15 @@ def saved_bytes(model, run) -> int:
     return sum(seen.values())
 
 
+def layers_key(config) -> str:
+    """The config field holding the layer count: Qwen-VL towers name it `depth` (transformers from 5.2x also
+    map num_hidden_layers to it; 5.17 does not)."""
+    return "depth" if hasattr(config, "depth") else "num_hidden_layers"
+
+
 def _slice(config, layers: int, **overrides):
     config = copy.deepcopy(config)
-    config.num_hidden_layers = layers
+    setattr(config, layers_key(config), layers)
     for key, value in overrides.items():
         setattr(config, key, value)
     if hasattr(config, "layer_types") and config.layer_types is not None:
@@ -106,19 +115,47 @@ def with_lora(model, lora: dict):
     return get_peft_model(model, LoraConfig(target_modules=linear_targets(model, ["llm"]), **lora))
 
 
+class TextWithHead(torch.nn.Module):
+    """A VLM's text model with an output layer and the causal-LM loss (Qwen-VL's text part has no causal-LM class
+    of its own): what the VLM runs after its embeddings are merged, as a causal LM slice runs it."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.config = model, model.config
+        weight = next(model.parameters())
+        self.lm_head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=False,
+                                       dtype=weight.dtype)
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def forward(self, input_ids, labels):
+        logits = self.lm_head(self.model(input_ids=input_ids, use_cache=False).last_hidden_state)
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten())
+        return type("Output", (), {"loss": loss})
+
+
+def causal_lm(config, dtype: torch.dtype):
+    """The language model alone, with its output layer: transformers' causal-LM class, or TextWithHead."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except ValueError as exc:
+        try:
+            return TextWithHead(AutoModel.from_config(config, dtype=dtype))
+        except ValueError:
+            raise UsageError(f"bimode plan builds the language model alone to measure it, and transformers cannot "
+                             f"({type(config).__name__}: {exc})") from exc
+
+
 def measure_text(text_config, dtype: torch.dtype, lora: dict | None = None) -> TextActivations:
     """Fits for one decoder layer and for what surrounds the layers (module docstring); `lora`: measured with
     adapters (with_lora)."""
-    from transformers import AutoModelForCausalLM
-
     by_layers = {}
     for layers in (1, 2):
         config = _slice(text_config, layers, vocab_size=SLICE_VOCAB, tie_word_embeddings=False)
-        try:
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype).train()
-        except ValueError as exc:
-            raise UsageError(f"bimode plan builds the language model alone to measure it, and transformers cannot "
-                             f"({type(text_config).__name__}: {exc})") from exc
+        model = causal_lm(config, dtype).train()
         if lora:
             model = with_lora(model, lora)
         sizes = []
@@ -159,3 +196,42 @@ def measure_vision(vision_config, dtype: torch.dtype) -> VisionActivations:
     patches = (vision_config.image_size // vision_config.patch_size) ** 2
     return VisionActivations(per_layer, sizes[0] - per_layer, vision_config.num_hidden_layers,
                              patches * vision_config.hidden_size * (torch.finfo(dtype).bits // 8))
+
+
+# Qwen-VL: grids (patches per side) the tower is measured at, in multiples of the 2 x 2 merge
+GRID_SIDES = (8, 12, 16)
+
+
+def _tower_output_sum(output) -> torch.Tensor:
+    """Everything a tower returns (merged features, deepstack features: a ModelOutput or a tuple), summed."""
+    if isinstance(output, torch.Tensor):
+        return output.float().sum()
+    values = output.values() if hasattr(output, "values") else output
+    return sum((_tower_output_sum(v) for v in values if isinstance(v, (torch.Tensor, tuple, list, dict))
+                or hasattr(v, "values")), torch.zeros(()))
+
+
+def measure_grid_vision(vision_config, tower_class, dtype: torch.dtype, grid: tuple[int, int]) -> VisionActivations:
+    """A Qwen-VL tower per image of `grid` patches (height, width): slices of 1 and 2 layers without deepstack
+    mergers and 1 layer with one, each at GRID_SIDES x GRID_SIDES patches, fitted per patch (a + b n + c n^2) and
+    read at the grid's patches; every deepstack merger counts as the one measured."""
+    channels = getattr(vision_config, "in_channels", None) or getattr(vision_config, "in_chans", 3)
+    width = channels * vision_config.temporal_patch_size * vision_config.patch_size ** 2
+    deepstack = len(getattr(vision_config, "deepstack_visual_indexes", None) or [])
+    builds = [(1, []), (2, [])] + ([(1, [0])] if deepstack else [])
+    sizes = {build: [] for build in range(len(builds))}
+    for side in GRID_SIDES:
+        patches = torch.randn(side * side, width, dtype=dtype)
+        grid_thw = torch.tensor([[1, side, side]])
+        for i, (layers, stack) in enumerate(builds):
+            overrides = {"deepstack_visual_indexes": stack} if deepstack else {}
+            model = tower_class(_slice(vision_config, layers, **overrides)).to(dtype).train()
+            sizes[i].append(saved_bytes(model, lambda: _tower_output_sum(model(patches, grid_thw=grid_thw))))
+    counts = [side * side for side in GRID_SIDES]
+    layer = Fit.through(counts, [two - one for one, two in zip(sizes[0], sizes[1])])
+    outside = Fit.through(counts, [one - (two - one) for one, two in zip(sizes[0], sizes[1])])
+    n = grid[0] * grid[1]
+    merger = Fit.through(counts, [s - one for s, one in zip(sizes[2], sizes[0])])(n) if deepstack else 0
+    return VisionActivations(int(layer(n)), int(outside(n) + deepstack * merger),
+                             getattr(vision_config, layers_key(vision_config)),
+                             n * vision_config.hidden_size * (torch.finfo(dtype).bits // 8))

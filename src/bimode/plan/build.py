@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from bimode.errors import UsageError
-from bimode.plan.activations import measure_text, measure_vision
+from bimode.plan.activations import measure_grid_vision, measure_text, measure_vision
 from bimode.plan.memory import GIB, Plan, Setup, plan
 from bimode.plan.model_shape import ModelShape, lora_trainable, read_shape
 from bimode.recipes import launch_config_path, load_recipe, recipe_values
@@ -105,7 +105,11 @@ def build_plans(cfg, model_args, stage: str, shape: ModelShape, launch: Launch, 
         adapters = {"r": model_args.lora_r, "lora_alpha": model_args.lora_alpha, "lora_dropout": model_args.lora_dropout}
     text = measure_text(shape.text_config, dtype, adapters)
     vision_trains = "vision" not in frozen and not (lora and "vision" not in cfg.lora_components)
-    vision = measure_vision(shape.vision_config, dtype) if vision_trains and shape.vision_config else None
+    vision = None
+    if vision_trains and shape.image_grid:
+        vision = measure_grid_vision(shape.vision_config, shape.vision_class, dtype, shape.image_grid)
+    elif vision_trains and shape.vision_config:
+        vision = measure_vision(shape.vision_config, dtype)
     per_image = {ck: vision.per_image(ck) if vision else 0 for ck in (False, True)}
     if stage == "bpo" and cfg.shared_prefix_forward and architecture_unsupported(shape.model) is None:
         # each prompt (and its images) runs once per group; its rollouts add their completions on its cache
@@ -135,7 +139,15 @@ def build_plans(cfg, model_args, stage: str, shape: ModelShape, launch: Launch, 
                   vllm_share=float(cfg.vllm_gpu_memory_utilization) if use_vllm else 0.0,
                   vllm_weight_bytes=shape.total * dtype_bytes if use_vllm else 0,
                   kv_bytes_needed=kv_needed, generation_on_vllm=use_vllm)
-    return plan(setup, checkpointing), activations
+    result = plan(setup, checkpointing)
+    if shape.image_grid:
+        (h, w), patch = shape.image_grid, shape.vision_config.patch_size
+        merge = shape.vision_config.spatial_merge_size
+        result.notes.append(f"images counted at {h * patch} x {w * patch} pixels, {shape.image_tokens} image tokens "
+                            f"each (the image processor's max_pixels; "
+                            f"image_grid_thw {h} x {w} patches, merged {merge} x {merge}): lower max_pixels in the "
+                            "checkpoint's preprocessor_config.json to what the data uses")
+    return result, activations
 
 
 def load_plan_inputs(recipe: str, model_dir: str, launch_name: str, stage: str = "", **overrides):

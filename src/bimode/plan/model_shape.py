@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +20,10 @@ class ModelShape:
     largest_layer_params: int  # accelerate's largest layer (what ZeRO-3 gathers at once)
     image_tokens: int  # prompt tokens one image takes (0 where the config does not say)
     model: torch.nn.Module  # on the meta device: counts, LoRA targets
+    # Qwen-VL: patches per side (height, width) of the image the plan counts (image_grid_thw's h and w), and
+    # the tower's class (measured with the patches of that grid, plan/activations.py); None for fixed-size towers
+    image_grid: tuple[int, int] | None = None
+    vision_class: type | None = None
 
     @property
     def total(self) -> int:
@@ -57,7 +63,41 @@ def read_shape(model_dir: str | Path) -> ModelShape:
     params = {c: sum(p.numel() for _, p in group) for c, group in split_parameters(model).items()}
     _, (largest, _) = calculate_maximum_sizes(model)
     bytes_per_param = next(model.parameters()).element_size()
-    return ModelShape(config, params, largest // bytes_per_param, getattr(config, "image_seq_length", 0) or 0, model)
+    image_tokens = getattr(config, "image_seq_length", 0) or 0
+    vision = getattr(config, "vision_config", None)
+    grid = image_grid(path, vision) if vision is not None else None
+    tower = None
+    if grid is not None:
+        image_tokens = grid[0] * grid[1] // vision.spatial_merge_size ** 2
+        tower = next(type(m) for m in model.modules() if m is not model and isinstance(
+            getattr(m, "config", None), type(vision)))
+    return ModelShape(config, params, largest // bytes_per_param, image_tokens, model, grid, tower)
+
+
+# transformers' Qwen2-VL image processor's default max_pixels, for a checkpoint that saved none
+QWEN_DEFAULT_MAX_PIXELS = 28 * 28 * 1280
+
+
+def max_pixels(model_dir: Path) -> int:
+    """The most pixels the checkpoint's Qwen-VL image processor keeps an image at (preprocessor_config.json:
+    `max_pixels`, or `size.longest_edge` as transformers 5 writes it)."""
+    path = model_dir / "preprocessor_config.json"
+    raw = json.loads(path.read_text()) if path.is_file() else {}
+    size = raw.get("size") or {}
+    return int(raw.get("max_pixels") or size.get("longest_edge") or size.get("max_pixels") or QWEN_DEFAULT_MAX_PIXELS)
+
+
+def image_grid(model_dir: Path, vision) -> tuple[int, int] | None:
+    """Qwen-VL towers take an image at (about) its own size: the image tokens are image_grid_thw's h x w / merge^2,
+    set by the processor, not the config. The plan counts a square image at the processor's max_pixels (the most
+    one image can cost, as it counts every row at its longest). None for towers of a fixed image size."""
+    merge = getattr(vision, "spatial_merge_size", None)
+    if merge is None or not hasattr(vision, "temporal_patch_size"):
+        return None
+    patch = vision.patch_size
+    factor = patch * merge  # the processor resizes to multiples of this (smart_resize)
+    side = max(math.isqrt(max_pixels(model_dir)) // factor, 1) * factor
+    return side // patch, side // patch
 
 
 def lora_trainable(shape: ModelShape, model_args, settings, tokenizer, frozen: set[str]) -> int:
