@@ -116,15 +116,15 @@ def test_the_plan_reads_a_recipe_as_the_training_command_does(tmp_path, monkeypa
 
 
 @pytest.mark.parametrize("family", ["qwen25_vl", "qwen3_vl"])
-def test_qwen_vl_images_are_planned_from_their_grid_and_the_tower_slices_predict_it(tmp_path, family, capsys):
+def test_qwen_vl_images_are_planned_from_their_grid_and_the_tower_slices_predict_it(tmp_path, family):
     """Qwen-VL: image tokens from image_grid_thw at the processor's max_pixels, the tower measured per patch on
     slices (Qwen3-VL's deepstack mergers among them) equal to what the whole tower keeps, and the text part
     (no causal-LM class of its own) measured as its text model with an output layer."""
     from PIL import Image
     from transformers import AutoImageProcessor
 
-    from bimode import cli
     from bimode.plan.activations import _tower_output_sum, measure_grid_vision, saved_bytes
+    from bimode.plan.build import Launch, build_plans, read_recipe
     from bimode.plan.model_shape import max_pixels, read_shape
     from tests.helpers import hf_fixtures
 
@@ -141,6 +141,12 @@ def test_qwen_vl_images_are_planned_from_their_grid_and_the_tower_slices_predict
     patches = torch.randn(int(grid_thw.prod()), 3 * vision.temporal_patch_size * vision.patch_size ** 2)
     kept = saved_bytes(tower, lambda: _tower_output_sum(tower(patches, grid_thw=grid_thw)))
     assert planned.per_image(checkpointing=False) == pytest.approx(kept, rel=0.02)
-    assert cli.main(["plan", "--recipe", "tiny_anneal", "--model", str(path)]) == 0
-    out = capsys.readouterr().out
-    assert f"{shape.image_tokens} image tokens each" in out and "verdict: fits" in out
+    # planned as `bimode plan` does; a pack of max_length tokens holds as many rows, each with its image, as it has
+    # room for
+    cfg, model_args = read_recipe("tiny_anneal", "anneal", max_length=10 * shape.image_tokens, bf16=False,
+                                  per_device_train_batch_size=1)
+    result, padded = build_plans(cfg, model_args, "anneal", shape, Launch(), 80)
+    assert result.fits and f"{shape.image_tokens} image tokens each" in result.notes[-1]
+    cfg.pack_rows = True
+    _, packed = build_plans(cfg, model_args, "anneal", shape, Launch(), 80)
+    assert packed[False] - padded[False] == pytest.approx(9 * planned.per_image(False), rel=1e-3)

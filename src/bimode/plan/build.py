@@ -3,7 +3,8 @@
 A recipe is read as the training command reads it (`recipes.load_recipe` into AnnealConfig / BPOConfig and TRL's
 ModelConfig: the same defaults, validation and `env` block); the launch config gives the number of processes and
 the sharding. Lengths: annealing's longest padded row is `max_length`, and with `pack_rows` a row is a pack of
-`max_length` tokens (per_device_train_batch_size then counts packs): the same arithmetic; a BPO row is the
+`max_length` tokens (per_device_train_batch_size then counts packs): the same arithmetic, with as many images as a
+pack has room for (max_length // the image's tokens) where the vision tower trains; a BPO row is the
 prompt (`prompt_tokens`: by default the model's image tokens plus 64 text tokens) plus `max_completion_length`, and with the shared-prefix forward (BPO's default where the model allows it) each
 prompt runs once per group of `num_generations` rollouts.
 """
@@ -110,7 +111,9 @@ def build_plans(cfg, model_args, stage: str, shape: ModelShape, launch: Launch, 
         vision = measure_grid_vision(shape.vision_config, shape.vision_class, dtype, shape.image_grid)
     elif vision_trains and shape.vision_config:
         vision = measure_vision(shape.vision_config, dtype)
-    per_image = {ck: vision.per_image(ck) if vision else 0 for ck in (False, True)}
+    # a pack holds several rows, each with its image: at most as many images as its tokens have room for
+    images = max(1, tokens // shape.image_tokens) if stage == "anneal" and cfg.pack_rows and shape.image_tokens else 1
+    per_image = {ck: images * vision.per_image(ck) if vision else 0 for ck in (False, True)}
     if stage == "bpo" and cfg.shared_prefix_forward and architecture_unsupported(shape.model) is None:
         # each prompt (and its images) runs once per group; its rollouts add their completions on its cache
         groups = -(-rows // int(cfg.num_generations))
