@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 install_cpu_torch = $(if $(PIP_LOCAL),$(1) -m pip install $(PIP_LOCAL) "$(TORCH_SPEC)" || )$(1) -m pip install \
 	--index-url https://download.pytorch.org/whl/cpu "$(TORCH_SPEC)"
 
-.PHONY: setup setup-vllm setup-lmms-eval check-versions test test-fast demo clean
+.PHONY: setup setup-vllm setup-lmms-eval check-versions test test-fast demo gpu-check clean
 
 setup: $(VENV)/.installed
 
@@ -104,6 +104,17 @@ check-versions: setup setup-vllm
 
 demo: setup
 	$(VENV)/bin/bimode demo
+
+# The first-GPU check (scripts/gpu_check.py, docs/performance.md): both realistic models through three BPO steps
+# with colocated vLLM and three packed annealing steps, the plan against torch.cuda.max_memory_allocated, one
+# table; under 8 minutes on one 80 GB GPU. vLLM and flash-attention are used where installed (`pip install -e
+# ".[vllm]"`, `pip install flash-attn`). Without a GPU it runs its CPU form (tiny models, one step each).
+# GPU_CHECK_PY=python3 runs it with another environment's python (then `setup` is not run).
+GPU_CHECK_PY ?= $(PY)
+GPU_CHECK_ARGS ?=
+
+gpu-check: $(if $(filter $(PY),$(GPU_CHECK_PY)),setup,)
+	$(GPU_CHECK_PY) scripts/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) $(LMMS_VENV) build src/*.egg-info .pytest_cache

@@ -14,14 +14,14 @@ Sides, each in its own child process of this command (so each peak RSS is its ow
                image placeholder per image in the prompt ids it hands vLLM (TRL passes them expanded, and vLLM
                expands them again; `vllm_prompts_collapsed`). vLLM samples every completion to its full length
                (`ignore_eos`), with the weights synced before every step as in training.
-Model: the realistic-shape model of bench/realistic_model.py (runs/realistic, built there when missing;
-`--model qwen3_vl`: the Qwen3-VL-layout one, runs/realistic_qwen3_vl): 576 image tokens, ~600-token prompts;
-`--queries` image questions (1 by default, see the flag) x `--group` rollouts (8 + 8 by default) per step, one
-optimizer step per generation batch. End-of-turn is disabled on every side (stock: `min_new_tokens`; ours: the engine stops on nothing), so every completion has `--completion` tokens (BPO's
-forced mode suffix included: its sampled budget is `--completion` minus the mean suffix length); the measured
-mean lengths are printed. Rewards are the accuracy check (near 0 on a random model: the loss is ~0, but its
-forward and backward run in full). fp32 (`--bf16`: bf16 autocast, as a GPU recipe trains), gradient checkpointing
-off unless asked.
+Model: the realistic-shape model of bench/realistic_model.py (runs/realistic, built there when missing; `--model
+qwen3_vl`: the Qwen3-VL-layout one, runs/realistic_qwen3_vl): 576 image tokens, ~600-token prompts; `--queries`
+image questions (1 by default, see the flag) x `--group` rollouts (8 + 8 by default) per step, one optimizer step
+per generation batch. End-of-turn is disabled on every side (stock: `min_new_tokens`; ours: the engine stops on
+nothing), so every completion has `--completion` tokens (BPO's forced mode suffix included: its sampled budget is
+`--completion` minus the mean suffix length); the measured mean lengths are printed. Rewards are the accuracy check
+(near 0 on a random model: the loss is ~0, but its forward and backward run in full). fp32 (`--bf16`: bf16 autocast,
+as a GPU recipe trains), gradient checkpointing off unless asked.
 
 Reported per side: median step time over `--steps` timed steps after one warm-up step, the ratio to stock,
 and where the step goes: rollout (TRL's `_generate`: generation, incl. ours' regrouping), the rest of
@@ -87,6 +87,8 @@ def bench_records(n: int):
 def common_args(args, side: str) -> dict:
     vllm = dict(use_vllm=True, vllm_mode="colocate", vllm_max_model_length=args.vllm_max_model_length,
                 generation_kwargs={"ignore_eos": True}) if side.endswith(("_vllm", "_vllm_unshared")) else {}
+    if vllm and getattr(args, "vllm_gpu_memory_utilization", None):  # else TRL's default share
+        vllm["vllm_gpu_memory_utilization"] = args.vllm_gpu_memory_utilization
     return dict(num_generations=args.group, per_device_train_batch_size=args.queries * args.group,
                 learning_rate=1e-6, report_to=[], save_strategy="no", logging_steps=1, use_cpu=not torch.cuda.is_available(),
                 bf16=getattr(args, "bf16", False), seed=0, temperature=1.0, beta=args.beta, max_steps=10_000,
@@ -193,7 +195,7 @@ def timed_steps(trainer, args, forward_paths) -> dict:
     trainer.create_optimizer_and_scheduler(num_training_steps=10_000)
     batches = iter(trainer.get_train_dataloader())
     steps, lengths = [], []
-    for i in range(args.steps + 1):  # the first is a warm-up
+    for i in range(args.steps + 1):  # the first is a warm-up (`--steps 0`: the one step, timed)
         batch = next(batches)
         timer.spent.clear()
         start = time.perf_counter()
@@ -205,7 +207,7 @@ def timed_steps(trainer, args, forward_paths) -> dict:
         end = time.perf_counter()
         trainer.state.global_step += 1  # as Trainer does: TRL syncs vLLM's weights when the step changes
         assert torch.isfinite(loss)
-        if i:
+        if i or not args.steps:
             spent = dict(timer.spent)
             steps.append({"step": end - start, "optimizer": end - optimizer_start,
                           "rollout": spent.get("rollout", 0.0), "sync": spent.get("sync", 0.0),

@@ -5,12 +5,13 @@
     .venv/bin/python -m bench.packed_anneal tiny_qwen3_vl --rows 3 --batch 2 --max-length 2048  # its smoke run
 
 The model of bench/realistic_model.py (576 image tokens a row; `qwen3_vl`: its Qwen3-VL-shaped one). The rows:
-synthetic-world images and questions with targets of a bi-mode length mix, drawn with a fixed seed: 2/3 direct answers of 10-200 tokens, 1/3 thinking
-targets of 500-4,000 tokens (trace plus answer). Four sides, one after the other in this process, each one whole
-epoch of the same rows (fp32, no checkpointing): padded random batches of `--batch` rows, padded batches grouped by
-length (transformers' LengthGroupedSampler), `pack_rows` with packs of up to `--max-length` tokens, one pack a
-step (attention row by row, `bimode_varlen_sdpa`), and the same packs with transformers' block-diagonal mask over
-the whole pack (what SDPA does with a pack by itself). Reported: real (non-pad) tokens per second, computed tokens per second, the padding share, the ratio.
+synthetic-world images and questions with targets of a bi-mode length mix, drawn with a fixed seed: 2/3 direct
+answers of 10-200 tokens, 1/3 thinking targets of 500-4,000 tokens (trace plus answer). Four sides, one after the
+other in this process, each one whole epoch of the same rows (fp32, no checkpointing): padded random batches of
+`--batch` rows, padded batches grouped by length (transformers' LengthGroupedSampler), `pack_rows` with packs of up
+to `--max-length` tokens, one pack a step (attention row by row, `bimode_varlen_sdpa`), and the same packs with
+transformers' block-diagonal mask over the whole pack (what SDPA does with a pack by itself). Reported: real
+(non-pad) tokens per second, computed tokens per second, the padding share, the ratio.
 """
 
 from __future__ import annotations
