@@ -56,24 +56,41 @@ def test_two_processes_keep_mixed_groups_intact(tmp_path, trained_tiny, trained_
     assert ranks[1]["advantages"] == pytest.approx([-expected] * 2, rel=1e-5)
 
 
-def test_two_processes_train_the_same_with_the_shared_forward_on_and_off(tmp_path, tiny_dir, trained_families_file):
-    """DDP: the shared path calls the wrapped model twice (prefix, then rows) before one backward."""
+# Qwen3-VL stands for both Qwen-VL families here (multi-axis positions, patches with image_grid_thw, and deepstack
+# on top); two launches per family, so Qwen2.5-VL's equivalence is held by tests/unit/test_shared_prefix_forward.py
+@pytest.mark.parametrize("family", ["llava", "qwen3_vl"])
+def test_two_processes_train_the_same_with_the_shared_forward_on_and_off(tmp_path, tiny_dir, trained_families_file,
+                                                                          family):
+    """DDP: the shared path calls the wrapped model twice (prefix, then rows) before one backward. On Qwen3-VL the
+    prefix pass carries the multi-axis positions, the images' patches and the deepstack features."""
+    from tests.helpers import hf_fixtures
+
+    model_dir, extra = tiny_dir, ["--beta", "0.05"]
+    if family == "qwen3_vl":
+        model_dir = hf_fixtures.build_tiny_qwen3_vl(tmp_path / family)
+        # no reference model: TRL would load it from this checkpoint, which lacks the think tags loading adds
+        extra = ["--beta", "0.0"]
     runs = {}
     for shared in ("true", "false"):
         out = tmp_path / shared
         launch_two_cpu_processes(
-            "shared_forward_ranks.py", "--model_path", str(tiny_dir), "--train_files", str(trained_families_file),
+            "shared_forward_ranks.py", "--model_path", str(model_dir), "--train_files", str(trained_families_file),
             "--output_dir", str(out), "--max_steps", "1", "--per_device_train_batch_size", "4", "--num_generations",
             "4", "--max_completion_length", "8", "--rewards", "tests.helpers.bpo_helpers:no_think_wins", "--report_to",
             "none", "--save_strategy", "no", "--probe_steps", "0", "--use_cpu", "true", "--learning_rate", "0.5",
             "--optim", "sgd", "--gradient_checkpointing", "false", "--bf16", "false", "--temperature", "1.0",
-            "--beta", "0.05", "--num_iterations", "2", "--shared_prefix_forward", shared)
+            "--num_iterations", "2", "--shared_prefix_forward", shared, *extra)
         runs[shared] = [(json.loads((out / f"rank-{r}.json").read_text()),
                          torch.load(out / f"weights-{r}.pt")) for r in (0, 1)]
     assert all(info["paths"] == ["shared-prefix forward"] for info, _ in runs["true"])
+    assert all(info["paths"] == ["TRL's per-row forward (shared_prefix_forward is off)"] for info, _ in runs["false"])
     (on, weights_on), (_, weights_on_1) = runs["true"]
     (off, weights_off), _ = runs["false"]
+    before = torch.load(tmp_path / "false" / "before-0.pt")
     assert on["loss"] == pytest.approx(off["loss"], rel=1e-5, abs=1e-7)
+    moved = 0.0
     for name, w in weights_off.items():
         assert torch.equal(weights_on[name], weights_on_1[name]), name  # the ranks stayed in sync
         assert torch.allclose(weights_on[name], w, rtol=1e-5, atol=1e-6), name
+        moved = max(moved, (w - before[name]).abs().max().item())
+    assert moved > 1e-3  # the step did something

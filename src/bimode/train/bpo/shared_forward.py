@@ -14,18 +14,30 @@ and the completion right-padded to K = `logits_to_keep` columns (P = L - K). The
 [0, P-1) of each distinct prompt (with its images) into a `DynamicCache`; the per-row pass runs columns
 [P-1, L): the prompt's last token again, then the completion. Re-running that one token per row lets a
 single head call score all K completion tokens with the usual shift (TRL 1.16's fused LM head scores hidden
-states of the pass that made them), for 1 extra token per row. Positions are column indices, as in TRL's
-forward (the model's default without `position_ids`), so the per-row pass takes columns P-1 .. L-1; the
-attention mask is TRL's own (B, L) mask, pads of the prompt included, so left pads stay masked.
+states of the pass that made them), for 1 extra token per row. The attention mask is TRL's own (B, L) mask, pads
+of the prompt included, so left pads stay masked.
+
+Positions: what TRL's per-row forward gives each column (`pass_positions`).
+- 1-D models (LLaVA, LLaVA-NeXT, the plain LMs): column indices, the model's default without `position_ids`;
+  the per-row pass takes columns P-1 .. L-1.
+- multi-axis (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, given images and `mm_token_type_ids`): the model runs its
+  `get_rope_index` over prompt + completion with the attention mask (three axes; an image's tokens get their
+  grid place, text the same value on every axis). The prefix pass gets the prompt's, computed once per distinct
+  prompt with `bimode.models.positions.rope_positions`, as explicit (3, U, P-1) position_ids; the per-row pass
+  continues as text from the prompt's last token (column P-1) by one per real completion token, right pads at 0,
+  as get_rope_index gives them. A batch without images (TRL then passes no image arguments): column indices on
+  every axis, the model's default then.
 
 What must hold, checked by `call_unsupported` (and `architecture_unsupported`) (anything else takes TRL's own per-row path):
-- 1-D positions that a cache offset continues: an allow-list of model types (LLaVA, LLaVA-NeXT, and the
-  plain Qwen2/Qwen3/Llama LMs), full attention in every layer. Qwen2-VL/2.5-VL/3-VL (multi-axis rotary
-  positions computed from the whole sequence with `rope_deltas`), Gemma 3 (sliding windows, bidirectional
-  image attention from `token_type_ids`) and everything not listed fall back.
-- images given per image (`pixel_values` (n_images, ...) with `num_images` per row, `image_sizes` for
-  LLaVA-NeXT), none in the per-row part (the completion and the prompt's last token): they go to the prefix
-  pass only.
+- positions the two passes can be given: an allow-list of model types (LLaVA, LLaVA-NeXT, the plain
+  Qwen2/Qwen3/Llama LMs, and the multi-axis Qwen2-VL/2.5-VL/3-VL), full attention in every layer. Gemma 3
+  (sliding windows, bidirectional image attention from `token_type_ids`) and everything not listed fall back.
+- images given per image: `pixel_values` (n_images, ...) with `num_images` per row and `image_sizes` for
+  LLaVA-NeXT, or Qwen-VL's patches (image_grid_thw[i].prod() rows of `pixel_values` per image, `image_grid_thw`
+  per image) with `mm_token_type_ids` (B, L) (without them Qwen-VL would not position the images by
+  get_rope_index). None in the per-row part (the completion and the prompt's last token, by token id and by
+  `mm_token_type_ids`): images, their per-token types and Qwen3-VL's deepstack features (added to the image
+  tokens' hidden states in early layers) go to the prefix pass only; the per-row pass gets no image argument.
 - gradient checkpointing, while gradients are taken, only non-reentrant (TRL's default). transformers drops
   the cache inside checkpointed layers, since a `DynamicCache` written again by the backward replay would
   grow twice; here the prefix pass records into a cache whose replay overwrites what it recorded, the row
@@ -51,12 +63,12 @@ import torch
 from bimode.compat.transformers_api import (base_model, cache_growing_layers_of, cache_of_layers, cache_tensors,
                                             checkpointing_layers, dynamic_layer_class, is_reentrant,
                                             keep_cache_under_checkpointing, with_cache)
-from bimode.models.positions import flat_positions_unsupported
+from bimode.models.positions import flat_positions_unsupported, multi_axis_positions, rope_positions
 
-# TRL's multimodal arguments this path handles; any other one that is set means fallback.
-HANDLED_IMAGE_ARGS = ("pixel_values", "image_sizes", "num_images")
-OTHER_IMAGE_ARGS = ("image_grid_thw", "pixel_attention_mask", "spatial_shapes", "num_tiles", "token_type_ids",
-                    "mm_token_type_ids", "image_position_ids")
+# TRL's multimodal arguments this path handles; any other one that is set means fallback. image_grid_thw and
+# mm_token_type_ids only with multi-axis positions (Qwen-VL), where they make the model's get_rope_index positions.
+HANDLED_IMAGE_ARGS = ("pixel_values", "image_sizes", "num_images", "image_grid_thw", "mm_token_type_ids")
+OTHER_IMAGE_ARGS = ("pixel_attention_mask", "spatial_shapes", "num_tiles", "token_type_ids", "image_position_ids")
 
 
 DynamicLayer = dynamic_layer_class()  # transformers' cache layer, the base of the two below
@@ -89,7 +101,7 @@ class ReadOnlyPrefixLayer(DynamicLayer):
 
 def architecture_unsupported(model) -> str | None:
     """Why this model's architecture cannot share the prompt's cache (None: it can). Static per model."""
-    return flat_positions_unsupported(model, "shared-prefix")
+    return flat_positions_unsupported(model, "shared-prefix", multi_axis=True)
 
 
 def call_unsupported(model, input_ids: torch.Tensor, logits_to_keep: int, compute_aux_loss: bool = False,
@@ -106,9 +118,9 @@ def call_unsupported(model, input_ids: torch.Tensor, logits_to_keep: int, comput
     unknown = set(image_args) - set(HANDLED_IMAGE_ARGS) - set(OTHER_IMAGE_ARGS)
     if unknown:
         return f"unknown arguments {sorted(unknown)}"
-    pixel_values, num_images = image_args.get("pixel_values"), image_args.get("num_images")
-    if pixel_values is not None and (num_images is None or pixel_values.size(0) != sum(num_images)):
-        return "pixel_values not given per image"
+    reason = _image_layout_unsupported(model, **{k: image_args.get(k) for k in HANDLED_IMAGE_ARGS})
+    if reason:
+        return reason
     prompt_length = input_ids.size(1) - logits_to_keep
     if logits_to_keep < 1 or prompt_length < 2:
         return f"prompt of {prompt_length} and completion of {logits_to_keep} columns"
@@ -116,8 +128,32 @@ def call_unsupported(model, input_ids: torch.Tensor, logits_to_keep: int, comput
     image_token = getattr(inner.config, "image_token_id", getattr(inner.config, "image_token_index", None))
     if image_token is not None and bool((input_ids[:, prompt_length - 1:] == image_token).any()):
         return "an image token in the per-row part (completion or the prompt's last token)"
+    token_types = image_args.get("mm_token_type_ids")
+    if token_types is not None and bool(token_types[:, prompt_length - 1:].any()):
+        return "mm_token_type_ids marks an image or video token in the per-row part"
     if torch.is_grad_enabled() and any(is_reentrant(m) for m in checkpointing_layers(model)):
         return "reentrant gradient checkpointing (the prompt's cached keys would get no gradient)"
+    return None
+
+
+def _image_layout_unsupported(model, pixel_values, image_sizes, num_images, image_grid_thw,
+                              mm_token_type_ids) -> str | None:
+    """Why TRL's image tensors cannot be cut per prompt here (None: they can)."""
+    multi_axis = multi_axis_positions(model)
+    if not multi_axis and (image_grid_thw is not None or mm_token_type_ids is not None):
+        return "image_grid_thw / mm_token_type_ids for a model without multi-axis positions"
+    if multi_axis and image_grid_thw is not None and mm_token_type_ids is None:
+        # without them the model does not run get_rope_index (Qwen2.5-VL: column positions; Qwen3-VL: an error)
+        return "image_grid_thw without mm_token_type_ids"
+    if pixel_values is None:
+        return None
+    if num_images is None:
+        return "pixel_values not given per image"
+    if image_grid_thw is not None:  # Qwen-VL: image_grid_thw per image, its patches flattened into pixel_values
+        if image_grid_thw.size(0) != sum(num_images) or pixel_values.size(0) != int(image_grid_thw.prod(-1).sum()):
+            return "pixel_values / image_grid_thw not given per image"
+    elif pixel_values.size(0) != sum(num_images):
+        return "pixel_values not given per image"
     return None
 
 
@@ -136,41 +172,63 @@ class PrefixGroups:
         return len(self.representatives) < self.group_of.numel()
 
 
-def _image_rows(num_images: list[int] | None) -> list[range]:
-    """Per row, the indices of its images in TRL's flat per-image tensors."""
-    if num_images is None:
-        return []
+@dataclass
+class ImageLayout:
+    """Where TRL's flat image tensors put each row's images. images[b]: row b's image indices (num_images);
+    pixels[i]: image i's rows of pixel_values, one per image, or image_grid_thw[i].prod() patches (Qwen-VL)."""
+
+    images: list[range]
+    pixels: list[range]
+
+    @classmethod
+    def of(cls, num_images: list[int] | None, image_grid_thw: torch.Tensor | None = None) -> "ImageLayout":
+        if num_images is None:
+            return cls([], [])
+        sizes = image_grid_thw.prod(-1).tolist() if image_grid_thw is not None else [1] * sum(num_images)
+        return cls(_ranges(num_images), _ranges(sizes))
+
+    def pixel_rows(self, rows: list[int]) -> list[int]:
+        """The pixel_values rows of `rows`' images, in order."""
+        return [p for r in rows for i in self.images[r] for p in self.pixels[i]]
+
+    def image_index(self, rows: list[int]) -> list[int]:
+        return [i for r in rows for i in self.images[r]]
+
+
+def _ranges(counts: list[int]) -> list[range]:
     starts = [0]
-    for n in num_images:
+    for n in counts:
         starts.append(starts[-1] + n)
     return [range(a, b) for a, b in zip(starts, starts[1:])]
 
 
 def find_prefix_groups(input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int,
                        pixel_values: torch.Tensor | None = None, image_sizes: torch.Tensor | None = None,
-                       num_images: list[int] | None = None) -> PrefixGroups:
-    """Group rows with the same prompt: ids and mask of the P = L - K prompt columns and identical images.
+                       num_images: list[int] | None = None, image_grid_thw: torch.Tensor | None = None,
+                       mm_token_type_ids: torch.Tensor | None = None) -> PrefixGroups:
+    """Group rows with the same prompt: ids, mask (and mm_token_type_ids) of the P = L - K prompt columns and
+    identical images.
 
-    input_ids, attention_mask: (B, L); pixel_values: (n_images, ...) with num_images[b] images for row b;
-    image_sizes: (n_images, 2) or None. Rows of a group need not be adjacent (TRL shuffles rollouts).
+    input_ids, attention_mask: (B, L); pixel_values: num_images[b] images for row b, one row per image, or for
+    Qwen-VL each image's image_grid_thw.prod() patch rows; image_sizes / image_grid_thw: (n_images, 2 / 3) or
+    None. Rows of a group need not be adjacent (TRL shuffles rollouts).
     """
     prompt_length = input_ids.size(1) - logits_to_keep
-    prompts = torch.cat([input_ids[:, :prompt_length], attention_mask[:, :prompt_length].to(input_ids.dtype)], 1)
+    columns = [input_ids, attention_mask] + ([mm_token_type_ids] if mm_token_type_ids is not None else [])
+    prompts = torch.cat([c[:, :prompt_length].to(input_ids.dtype) for c in columns], 1)
     _, same_text = torch.unique(prompts, dim=0, return_inverse=True)
-    images = _image_rows(num_images)
+    layout = ImageLayout.of(num_images, image_grid_thw)
+
+    def same_image(i: int, j: int) -> bool:
+        return all(t is None or torch.equal(t[i], t[j]) for t in (image_sizes, image_grid_thw)) and torch.equal(
+            pixel_values[layout.pixels[i].start:layout.pixels[i].stop],
+            pixel_values[layout.pixels[j].start:layout.pixels[j].stop])
 
     def same_images(a: int, b: int) -> bool:
-        if pixel_values is None or not images:
+        if pixel_values is None or not layout.images:
             return True
-        ia, ib = images[a], images[b]
-        if len(ia) != len(ib):
-            return False
-        for i, j in zip(ia, ib):
-            if not torch.equal(pixel_values[i], pixel_values[j]):
-                return False
-            if image_sizes is not None and not torch.equal(image_sizes[i], image_sizes[j]):
-                return False
-        return True
+        ia, ib = layout.images[a], layout.images[b]
+        return len(ia) == len(ib) and all(same_image(i, j) for i, j in zip(ia, ib))
 
     representatives: list[int] = []
     by_text: dict[int, list[int]] = {}  # text id -> group indices
@@ -187,39 +245,75 @@ def find_prefix_groups(input_ids: torch.Tensor, attention_mask: torch.Tensor, lo
     return PrefixGroups(prompt_length, torch.tensor(group_of, device=input_ids.device), representatives)
 
 
-def _prefix_images(rows: list[int], pixel_values, image_sizes, num_images) -> dict:
-    """The image arguments of `rows` (per-image slices of TRL's flat tensors), or {} without images."""
+def _prefix_images(rows: list[int], layout: ImageLayout, pixel_values=None, image_sizes=None, image_grid_thw=None,
+                   mm_token_type_ids=None, num_images=None) -> dict:
+    """The image arguments of `rows` (their slices of TRL's flat tensors), or {} without images. mm_token_type_ids
+    is per token and cut with the prompt's columns by the caller."""
     if pixel_values is None:
         return {}
-    per_row = _image_rows(num_images)
-    index = [i for r in rows for i in per_row[r]]
-    if not index:
+    images = layout.image_index(rows)
+    if not images:
         return {}
-    index_t = torch.tensor(index, device=pixel_values.device)
-    out = {"pixel_values": pixel_values.index_select(0, index_t)}
-    if image_sizes is not None:
-        out["image_sizes"] = image_sizes.index_select(0, index_t.to(image_sizes.device))
+    pixels = torch.tensor(layout.pixel_rows(rows), device=pixel_values.device)
+    out = {"pixel_values": pixel_values.index_select(0, pixels)}
+    for key, per_image in (("image_sizes", image_sizes), ("image_grid_thw", image_grid_thw)):
+        if per_image is not None:
+            out[key] = per_image.index_select(0, torch.tensor(images, device=per_image.device))
     return out
 
 
-def _run_prefixes(model, input_ids, attention_mask, groups: PrefixGroups, batch_size: int,
-                  pixel_values=None, image_sizes=None, num_images=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Each distinct prompt's columns [0, P-1) once, in chunks of batch_size prompts.
+def pass_positions(model, input_ids, attention_mask, groups: PrefixGroups, layout: ImageLayout,
+                   image_grid_thw=None, mm_token_type_ids=None, **_) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The rotary positions TRL's per-row forward gives, split as the two passes run them: (the representatives'
+    columns [0, P-1) ((3, U, P-1), or None: the model's default), every row's columns [P-1, L)).
+
+    1-D models, and multi-axis ones given no images: column indices (the model's default without position_ids),
+    (1, n) or (3, B, n). Qwen-VL with images: the model runs get_rope_index over prompt + completion with the
+    attention mask; the prompt's part is the same over its own columns (positions only look back), and the
+    completion, all text, continues from the prompt's last token by one per real token, pads at 0."""
+    cut, length = groups.prompt_length - 1, input_ids.size(1)
+    columns = torch.arange(cut, length, device=input_ids.device)
+    if not multi_axis_positions(model):
+        return None, columns.unsqueeze(0)
+    reps = groups.representatives
+    if image_grid_thw is None or mm_token_type_ids is None:  # what the model falls back to: columns on every axis
+        return (torch.arange(cut, device=input_ids.device).expand(3, len(reps), -1),
+                columns.expand(3, input_ids.size(0), -1))
+    index = torch.tensor(reps, device=input_ids.device)
+    grid = image_grid_thw.index_select(0, torch.tensor(layout.image_index(reps), dtype=torch.long,
+                                                       device=image_grid_thw.device))
+    prompt = rope_positions(model, *(t.index_select(0, index)[:, :cut + 1]
+                                     for t in (input_ids, attention_mask, mm_token_type_ids)), image_grid_thw=grid)
+    last = prompt[:, groups.group_of, cut]  # (3, B): the prompt's last token, text, the same on every axis
+    mask = attention_mask[:, cut:]
+    rows = (last.unsqueeze(-1) + mask.long().cumsum(-1) - 1).masked_fill(mask.unsqueeze(0) == 0, 0)
+    return prompt[..., :cut], rows
+
+
+def _run_prefixes(model, input_ids, attention_mask, groups: PrefixGroups, batch_size: int, layout: ImageLayout,
+                  positions: torch.Tensor | None, images: dict) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each distinct prompt's columns [0, P-1) once, in chunks of batch_size prompts, with its images (and for
+    Qwen3-VL the deepstack features they add at the image tokens: the image tokens are all in these columns).
 
     Returns per layer (keys, values), each (U, kv_heads, P-1, head_dim), still attached to the graph.
     """
     cut = groups.prompt_length - 1
     layers: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
     reps = groups.representatives
+    token_types = images.get("mm_token_type_ids")
     for start in range(0, len(reps), batch_size):
         rows = reps[start:start + batch_size]
         index = torch.tensor(rows, device=input_ids.device)
+        extra = _prefix_images(rows, layout, **images)
+        if positions is not None:
+            extra["position_ids"] = positions[..., start:start + len(rows), :]
+        if token_types is not None:
+            extra["mm_token_type_ids"] = token_types.index_select(0, index)[:, :cut]
         cache = cache_growing_layers_of(RecordingLayer)
         # logits_to_keep=1: the prefix's logits are not needed (the per-row pass re-runs its last token)
         model(input_ids=input_ids.index_select(0, index)[:, :cut],
               attention_mask=attention_mask.index_select(0, index)[:, :cut],
-              **_prefix_images(rows, pixel_values, image_sizes, num_images),
-              **with_cache(model, cache), use_cache=True, logits_to_keep=1)
+              **extra, **with_cache(model, cache), use_cache=True, logits_to_keep=1)
         layers.append(cache_tensors(cache))
     if len(layers) == 1:
         return layers[0]
@@ -245,11 +339,12 @@ def grouped_completion_logps(model, input_ids: torch.Tensor, attention_mask: tor
     """Per-token log-probs (and entropies) of the completions, each distinct prompt run once.
 
     input_ids, attention_mask: (B, L) = left-padded prompt (P columns) + right-padded completion
-    (K = logits_to_keep columns); model_kwargs: pixel_values (n_images, ...), num_images (B ints), image_sizes
-    (n_images, 2), as TRL passes them (only to the prefix pass). batch_size: rows per forward, as TRL's
-    chunking (prefix passes take that many distinct prompts). fused_lm_head: the model carries TRL's fused
-    head (`trl.trainer.utils.add_fused_lm_head`, which holds the temperature); otherwise the logits are
-    divided by `temperature` here. groups: `find_prefix_groups`' result if already computed.
+    (K = logits_to_keep columns); model_kwargs: TRL's image arguments (`HANDLED_IMAGE_ARGS`): pixel_values,
+    num_images (B ints), image_sizes (n_images, 2), and for Qwen-VL image_grid_thw (n_images, 3) with the
+    patches in pixel_values and mm_token_type_ids (B, L); only the prefix pass gets them. batch_size: rows per
+    forward, as TRL's chunking (prefix passes take that many distinct prompts). fused_lm_head: the model carries
+    TRL's fused head (`trl.trainer.utils.add_fused_lm_head`, which holds the temperature); otherwise the logits
+    are divided by `temperature` here. groups: `find_prefix_groups`' result if already computed.
 
     Returns (log-probs (B, K), entropies (B, K) or None), zero where attention_mask is 0, like TRL 1.16's
     `_get_per_token_logps_and_entropies`. Call `call_unsupported` first: this function assumes the case holds.
@@ -263,11 +358,11 @@ def _grouped(model, input_ids, attention_mask, logits_to_keep, model_kwargs, com
              temperature, fused_lm_head, groups):
     images = {k: v for k, v in (model_kwargs or {}).items() if v is not None}
     groups = groups or find_prefix_groups(input_ids, attention_mask, logits_to_keep, **images)
+    layout = ImageLayout.of(images.get("num_images"), images.get("image_grid_thw"))
     batch_size = batch_size or input_ids.size(0)
-    prefix = _run_prefixes(model, input_ids, attention_mask, groups, batch_size, **images)
+    prefix_positions, positions = pass_positions(model, input_ids, attention_mask, groups, layout, **images)
+    prefix = _run_prefixes(model, input_ids, attention_mask, groups, batch_size, layout, prefix_positions, images)
     cut = groups.prompt_length - 1
-    length = input_ids.size(1)
-    positions = torch.arange(cut, length, device=input_ids.device).unsqueeze(0)  # TRL's column positions
     labels = input_ids.masked_fill(attention_mask == 0, -100)
     labels[:, :-logits_to_keep] = -100
     all_logps, all_entropies = [], []
@@ -277,8 +372,10 @@ def _grouped(model, input_ids, attention_mask, logits_to_keep, model_kwargs, com
         # the group's prompt, one copy per row (differentiable: index_select)
         cache = cache_of_layers([ReadOnlyPrefixLayer(k.index_select(0, select), v.index_select(0, select))
                                  for k, v in prefix])
+        # no image argument: the row part is text (Qwen3-VL gets no deepstack features, nothing to add them to)
+        row_positions = positions if positions.dim() == 2 else positions[:, start:end]  # (1, n) or (3, B, n)
         inputs = {"input_ids": input_ids[start:end, cut:], "attention_mask": attention_mask[start:end],
-                  "position_ids": positions, **with_cache(model, cache)}
+                  "position_ids": row_positions, **with_cache(model, cache)}
         if fused_lm_head:
             out = model(**inputs, labels=labels[start:end, cut:], fused_lm_head=True)
             all_logps.append(out.log_probs[:, -logits_to_keep:])
@@ -294,5 +391,6 @@ def _grouped(model, input_ids, attention_mask, logits_to_keep, model_kwargs, com
     return logps, torch.cat(all_entropies) if compute_entropy else None
 
 
-__all__ = ["PrefixGroups", "ReadOnlyPrefixLayer", "RecordingLayer", "architecture_unsupported", "base_model", "call_unsupported", "find_prefix_groups",
-           "grouped_completion_logps"]
+__all__ = ["HANDLED_IMAGE_ARGS", "ImageLayout", "PrefixGroups", "ReadOnlyPrefixLayer", "RecordingLayer",
+           "architecture_unsupported", "base_model", "call_unsupported", "find_prefix_groups",
+           "grouped_completion_logps", "pass_positions"]

@@ -56,7 +56,8 @@ from bimode.train.run import train_and_save
 from bimode.train.start import StartFields, load_start
 from bimode.train.components import freeze
 from bimode.train.precision import fp32_unless_asked_on_cpu
-from bimode.train.bpo.shared_forward import call_unsupported, find_prefix_groups, grouped_completion_logps
+from bimode.train.bpo.shared_forward import (HANDLED_IMAGE_ARGS, call_unsupported, find_prefix_groups,
+                                             grouped_completion_logps)
 from bimode.train.bpo.vllm_fit import collapse_image_runs, fit_vllm_generation, colocated_llm_settings
 
 MODE_CODES = {"think": 0, "no_think": 1, "malformed": 2}
@@ -301,8 +302,8 @@ class BPOTrainer(StrictResumeMixin, GRPOTrainer):
             reason = call_unsupported(model, input_ids, logits_to_keep, compute_aux_loss, **image_args)
             level = logging.WARNING  # asked for and not possible: say why
             if reason is None:
-                groups = find_prefix_groups(input_ids, attention_mask, logits_to_keep, pixel_values=pixel_values,
-                                            image_sizes=image_sizes, num_images=num_images)
+                groups = find_prefix_groups(input_ids, attention_mask, logits_to_keep,
+                                            **{k: image_args[k] for k in HANDLED_IMAGE_ARGS})
                 if not groups.shared:  # nothing to share (a batch of one rollout per prompt): same numbers
                     reason, level = "no two rows share a prompt", logging.INFO
         mode = "train" if self.model.training else "eval"
@@ -316,8 +317,7 @@ class BPOTrainer(StrictResumeMixin, GRPOTrainer):
         log_metric(self, "shared_prefix/rows_per_prompt_pass", input_ids.size(0) / len(groups.representatives), mode)
         with self.accelerator.autocast():
             logps, entropies = grouped_completion_logps(
-                model, input_ids, attention_mask, logits_to_keep,
-                {"pixel_values": pixel_values, "image_sizes": image_sizes, "num_images": num_images},
+                model, input_ids, attention_mask, logits_to_keep, {k: kwargs[k] for k in HANDLED_IMAGE_ARGS},
                 compute_entropy, batch_size=batch_size, fused_lm_head=True, groups=groups)
         return logps, entropies, None
 
