@@ -1,5 +1,6 @@
 """Packed annealing (`pack_rows`): packs planned by length, one padding-free sequence per batch whose loss and
-gradients are the padded batch's, with images and both modes' loss masks; models with other positions fall back."""
+gradients are the padded batch's, with images and both modes' loss masks, for 1-D and multi-axis (Qwen-VL)
+positions; Gemma 3 trains padded, what packing it would get wrong measured."""
 
 import logging
 import random
@@ -7,10 +8,13 @@ import random
 import pytest
 import torch
 
+from bimode.data import synthetic
+from bimode.data.records import write_records
 from bimode.errors import UsageError
 from bimode.train.anneal import build_trainer
 from bimode.train.packing import plan_packs
 from bimode.train.tokenization import IGNORE_INDEX
+from tests.helpers import hf_fixtures
 from tests.unit.test_anneal import _cfg, train_file  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.internals  # transformers' packed-sequence masks: both ends of the range
@@ -39,38 +43,91 @@ def _loss_and_grads(trainer, batch):
     return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("family", ["tiny", "llava_llama_style", "llava_next"])
-def test_a_packed_batch_has_the_padded_batchs_loss_and_gradients(tmp_path, train_file, tiny_dir, family):  # noqa: F811
-    from tests.helpers import hf_fixtures
+@pytest.fixture(scope="module")
+def mixed_file(tmp_path_factory):
+    """64 records: some text-only, some with two images, the rest one, of sizes giving Qwen-VL 1 to 4 image
+    tokens each (random pixels, so every image's features differ)."""
+    from PIL import Image
 
-    model_dir = tiny_dir if family == "tiny" else getattr(hf_fixtures, f"build_tiny_{family}")(tmp_path / family)
-    trainer = build_trainer(_cfg(tmp_path, train_file, model_dir, pack_rows=True, max_length=900,
+    records = [s.to_record() for s in synthetic.generate(64, seed=3, families=["count", "shell"], max_level=2)]
+    rng = random.Random(0)
+    shapes = [[(64, 64)], [], [(64, 32)], [(32, 64), (64, 64)], [(32, 32)], []]
+    for i, r in enumerate(records):
+        r.question = r.question.replace("<image>", "")  # images without a marker go first
+        r.images = [Image.frombytes("RGB", size, rng.randbytes(3 * size[0] * size[1]))
+                    for size in shapes[i % len(shapes)]]
+    path = tmp_path_factory.mktemp("mixed") / "train.jsonl"
+    write_records(records, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def family_dir(tmp_path_factory, tiny_dir):
+    """family -> its tiny checkpoint, each built once per module."""
+    built = {"tiny": tiny_dir}
+
+    def get(family):
+        if family not in built:
+            built[family] = getattr(hf_fixtures, f"build_tiny_{family}")(tmp_path_factory.mktemp(family) / "model")
+        return built[family]
+    return get
+
+
+def _mixed_pack(collator) -> list[int]:
+    """Six rows: of each mode (think, and no_think with its empty think block masked), one with no image, one
+    with one and one with two."""
+    def kind(i):
+        record, mode = collator.pairs[i]
+        return mode, len(record.images)
+    wanted = [(mode, n) for n in (0, 1, 2) for mode in ("think", "no_think")]
+    return [next(i for i in range(len(collator.pairs)) if kind(i) == w) for w in wanted]
+
+
+@pytest.mark.parametrize("family", ["tiny", "llava_llama_style", "llava_next", "qwen25_vl", "qwen3_vl"])
+def test_a_packed_batch_has_the_padded_batchs_loss_and_gradients(tmp_path, mixed_file, family_dir, family):
+    from bimode.compat.transformers_api import attention_implementation
+    from bimode.models.positions import multi_axis_positions, rope_positions
+    from bimode.train.components import COMPONENTS, component_of
+
+    trainer = build_trainer(_cfg(tmp_path, mixed_file, family_dir(family), pack_rows=True, max_length=900,
                                  nonthinking_loss_mask=True))
+    assert attention_implementation(trainer.model.config.get_text_config()) == "bimode_varlen_sdpa"  # CPU: row by row
+    assert "pack" in trainer.train_dataset.column_names
     collator = trainer.data_collator
-    both = [p for p in trainer.train_dataset["pack"] if len(p) >= 3 and
-            {collator.pairs[i][1] for i in p} == {"think", "no_think"}]
-    pack = min(both, key=len)  # rows of both modes, with and without the masked empty think block
+    pack = _mixed_pack(collator)
     packed = collator([{"pack": pack}])
     padded = collator([{"row": i} for i in pack])
+    real = padded["attention_mask"].bool()
     assert packed["input_ids"].shape[0] == 1 and "attention_mask" not in packed
-    assert packed["input_ids"].shape[1] == padded["attention_mask"].sum() < padded["input_ids"].numel()
+    assert packed["input_ids"].shape[1] == real.sum() < padded["input_ids"].numel()
+    assert torch.equal(packed["input_ids"][0], padded["input_ids"][real])
     assert (packed["labels"] != IGNORE_INDEX).sum() == (padded["labels"] != IGNORE_INDEX).sum()
     assert torch.equal(packed["pixel_values"], padded["pixel_values"])
-    assert (packed["position_ids"][0] == 0).sum() == len(pack)  # positions restart per row
+    text_positions = packed["position_ids"][0].reshape(-1)
+    assert (text_positions == 0).sum() == len(pack)  # positions restart per row
+    if multi_axis_positions(trainer.model):
+        # (4, 1, T): text positions over the three rotary axes, each row's as the model gives the padded batch
+        assert packed["position_ids"].shape == (4, 1, real.sum())
+        assert torch.equal(packed["mm_token_type_ids"][0], padded["mm_token_type_ids"][real])
+        assert torch.equal(packed["image_grid_thw"], padded["image_grid_thw"])
+        own = rope_positions(trainer.model, padded["input_ids"], padded["attention_mask"],
+                             padded["mm_token_type_ids"], padded["image_grid_thw"])
+        assert torch.equal(packed["position_ids"][1:, 0], own[:, real])
+        assert not torch.equal(packed["position_ids"][1], text_positions)  # image tokens off the text positions
     packed_loss, packed_grads = _loss_and_grads(trainer, packed)
     padded_loss, padded_grads = _loss_and_grads(trainer, padded)
     assert packed_loss == pytest.approx(padded_loss.item(), rel=1e-5)
     assert packed_grads.keys() == padded_grads.keys()
-    assert any("vision" in n for n in packed_grads) and any("projector" in n for n in packed_grads)
-    for name, grad in padded_grads.items():  # fp32: the same sums in another order
-        torch.testing.assert_close(packed_grads[name], grad, rtol=1e-4, atol=1e-6 * grad.abs().max().item() + 1e-9,
+    assert {component_of(n) for n in packed_grads} == set(COMPONENTS)
+    for name, grad in padded_grads.items():  # fp32: the same sums in another order; attention key biases get
+        # zero but for rounding (about 1e-9: softmax ignores a shift), hence the floor
+        torch.testing.assert_close(packed_grads[name], grad, rtol=1e-4, atol=1e-6 * grad.abs().max().item() + 1e-8,
                                    msg=name)
 
 
-def test_packed_annealing_trains_and_multi_axis_positions_fall_back(tmp_path, train_file, tiny_dir, caplog):  # noqa: F811
-    from tests.helpers import hf_fixtures
-
-    trainer = build_trainer(_cfg(tmp_path, train_file, tiny_dir, pack_rows=True, max_length=1200,
+@pytest.mark.parametrize("family", ["tiny", "qwen3_vl"])
+def test_packed_annealing_trains(tmp_path, mixed_file, family_dir, family):
+    trainer = build_trainer(_cfg(tmp_path, mixed_file, family_dir(family), pack_rows=True, max_length=1200,
                                  per_device_train_batch_size=2, max_steps=2))
     assert "pack" in trainer.train_dataset.column_names
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
@@ -80,11 +137,64 @@ def test_packed_annealing_trains_and_multi_axis_positions_fall_back(tmp_path, tr
     assert all(n.startswith(("model.vision_tower.post_layernorm", "model.vision_tower.head")) for n in unchanged)
     logged = trainer.state.log_history[0]
     assert logged["num_tokens"] > 0 and 0 < logged["loss"] < 20
-    qwen = hf_fixtures.build_tiny_qwen25_vl(tmp_path / "qwen25_vl")
+
+
+def _gemma3_that_shows_its_masks(path):
+    """The tiny Gemma 3 with a full-attention layer over its sliding one, and its image projection off zero (its
+    initial value): with two sliding layers no labelled token is in reach of the image tokens' two-way
+    attention, and with the projection at zero no image reaches the loss."""
+    from transformers import Gemma3ForConditionalGeneration
+
+    with torch.random.fork_rng():  # the same weights whatever ran before: the measured numbers below
+        torch.manual_seed(0)
+        hf_fixtures.build_tiny_gemma3(path)
+    model = Gemma3ForConditionalGeneration.from_pretrained(path)
+    model.config.text_config.layer_types = ["sliding_attention", "full_attention"]
+    projection = model.model.multi_modal_projector.mm_input_projection_weight
+    with torch.no_grad():
+        projection.normal_(std=projection.shape[0] ** -0.5, generator=torch.Generator().manual_seed(0))
+    model.save_pretrained(path)
+    return path
+
+
+def test_gemma3_trains_padded_because_packing_it_measures_wrong(tmp_path, mixed_file, caplog):
+    """Packing Gemma 3 as LLaVA packs (positions restarting per row, no mask) loses what its attention adds to
+    causal within a row: its image tokens attend to each other both ways (token_type_ids) and its sliding layers
+    see a window. bimode's row-by-row attention drops both; transformers' own mask for a pack keeps them in 5.17
+    but in 5.25 looks each row's image tokens up at the first row's places in the sliding layers. So it trains
+    padded, saying so."""
+    import transformers
+    from packaging.version import Version
+
+    from bimode.compat.varlen_attention import register
+    from bimode.train.packing import MEASURED_REFUSALS, collate_packed
+    from bimode.train.tokenization import tokenize_example
+
     with caplog.at_level(logging.WARNING, logger="bimode.train.anneal"):
-        fallback = build_trainer(_cfg(tmp_path, train_file, qwen, pack_rows=True, max_length=1200))
-    assert "row" in fallback.train_dataset.column_names
-    assert "trains padded: model type 'qwen2_5_vl' is not on the packed annealing allow-list" in caplog.text
+        trainer = build_trainer(_cfg(tmp_path, mixed_file, _gemma3_that_shows_its_masks(tmp_path / "gemma3"),
+                                     pack_rows=True, max_length=900, nonthinking_loss_mask=True))
+    assert "row" in trainer.train_dataset.column_names
+    assert f"trains padded: {MEASURED_REFUSALS['gemma3']}" in caplog.text
+    collator = trainer.data_collator
+    pack = _mixed_pack(collator)
+    examples = [tokenize_example(collator.processor, *collator.pairs[i], collator.mask) for i in pack]
+    packed = collate_packed(examples, collator.processor)  # as LLaVA's rows are packed
+    padded_loss, padded_grads = _loss_and_grads(trainer, collator([{"row": i} for i in pack]))
+
+    def off(attention):
+        trainer.model.set_attn_implementation({"text_config": attention})
+        loss, grads = _loss_and_grads(trainer, packed)
+        wrong = [n for n, g in padded_grads.items()
+                 if not torch.allclose(grads[n], g, rtol=1e-4, atol=1e-6 * g.abs().max().item() + 1e-8)]
+        return abs(loss.item() / padded_loss.item() - 1), len(wrong) / len(padded_grads)
+
+    loss_off, grads_off = off(register())  # measured: 8.5e-4 and 50 of 51 tensors off (5.17 and 5.25)
+    assert loss_off > 2e-4 and grads_off > 0.9
+    loss_off, grads_off = off("sdpa")  # measured: 2.2e-4 and 50 of 51 on 5.25; 0 and none on 5.17
+    if Version(transformers.__version__) >= Version("5.25"):
+        assert loss_off > 1e-5 and grads_off > 0.9
+    else:
+        assert loss_off < 1e-6 and grads_off == 0
 
 
 def test_packing_settings_are_checked(tmp_path, train_file, tiny_dir):  # noqa: F811
@@ -97,7 +207,7 @@ def test_packing_settings_are_checked(tmp_path, train_file, tiny_dir):  # noqa: 
 
 
 @pytest.mark.parametrize("family", ["tiny", "llava_next", "qwen25_vl"])
-def test_estimated_lengths_count_each_images_tokens(tmp_path, train_file, tiny_dir, family):  # noqa: F811
+def test_estimated_lengths_count_each_images_tokens(tmp_path, train_file, family_dir, family):  # noqa: F811
     """Packs are planned on estimated lengths (no image decoded): within two tokens of the real ones, also where
     the image tokens depend on the image's size (LLaVA-NeXT's tiles, Qwen-VL's grid)."""
     from PIL import Image
@@ -106,10 +216,8 @@ def test_estimated_lengths_count_each_images_tokens(tmp_path, train_file, tiny_d
     from bimode.models import load_model
     from bimode.train.anneal import expand_targets
     from bimode.train.tokenization import ImageTokens, estimated_lengths, tokenize_example
-    from tests.helpers import hf_fixtures
 
-    model_dir = tiny_dir if family == "tiny" else getattr(hf_fixtures, f"build_tiny_{family}")(tmp_path / family)
-    _, processor = load_model(model_dir, dtype=torch.float32)  # with the think tags, as annealing has it
+    _, processor = load_model(family_dir(family), dtype=torch.float32)  # with the think tags, as annealing has it
     records = read_records(str(train_file))[:12]
     for r, size in zip(records, [(32, 32), (64, 32), (32, 64), (48, 96)] * 3):
         path = tmp_path / f"{r.id}.png"

@@ -7,9 +7,13 @@ causal mask on SDPA, which computes every score of the pack and masks most of th
 variable-length kernel skips them, but it has no CPU build. This registers one attention function and its mask
 function through transformers' public `AttentionInterface` / `AttentionMaskInterface` (the documented way to add
 an attention implementation): the mask function builds nothing, the attention function splits the pack at the
-positions' restarts and runs SDPA causally on each row. Anything else (a padded batch, a cache, several rows a
-batch) goes to transformers' own SDPA unchanged. Used by packed annealing on machines without flash-attention
-(train/packing.py); tests/unit/test_packing.py checks it against the padded batch, loss and gradients.
+positions' restarts and runs SDPA causally on each row. The positions it reads are the (1, T) ones the attention
+layers receive: for Qwen-VL, the text row of the packed (4, 1, T) positions (transformers hands the layers
+`text_position_ids` and the rotary embedding the other three), which restarts per row as 1-D positions do. Each
+row is plainly causal: no sliding window, no image tokens attending both ways (why packing refuses Gemma 3). Anything
+else (a padded batch, a cache, several rows a batch) goes to transformers' own SDPA unchanged. Used by packed
+annealing on machines without flash-attention (train/packing.py); tests/unit/test_packing.py checks it against the
+padded batch, loss and gradients.
 """
 
 from __future__ import annotations

@@ -32,8 +32,7 @@ from bimode.train.checkpoint import StrictResumeMixin
 from bimode.train.run import train_and_save
 from bimode.train.start import StartFields, load_start
 from bimode.train.components import COMPONENTS, freeze, optimizer_groups
-from bimode.train.packing import collate_packed, plan_packs, use_varlen_attention
-from bimode.models.positions import flat_positions_unsupported
+from bimode.train.packing import collate_packed, packing_unsupported, plan_packs, use_varlen_attention
 from bimode.train.precision import fp32_unless_asked_on_cpu
 from bimode.train.tokenization import collate, estimated_lengths, tokenize_example
 
@@ -74,8 +73,8 @@ class AnnealConfig(StartFields, AdapterFields, SFTConfig):
         "help": "no loss on the empty think block of non-thinking targets (the paper's pre-training trick)"})
     pack_rows: bool = field(default=False, metadata={
         "help": "packed annealing: rows concatenated into sequences of up to max_length tokens, no padding, "
-                "attention kept within each row (models with 1-D positions: LLaVA, LLaVA-NeXT; others train "
-                "padded, the reason logged). per_device_train_batch_size then counts packs"})
+                "attention kept within each row (LLaVA, LLaVA-NeXT, Qwen2.5-VL, Qwen3-VL; others "
+                "train padded, the reason logged). per_device_train_batch_size then counts packs"})
     max_length: int | None = field(default=1024, metadata={
         "help": "with pack_rows: the most tokens in a pack. Rows are never truncated (without pack_rows it is "
                 "not read)"})
@@ -133,8 +132,9 @@ class BimodeCollator:
     only when a batch needs them.
     """
 
-    def __init__(self, pairs, processor, mask_empty_think: bool = False):
-        self.pairs, self.processor, self.mask = pairs, processor, mask_empty_think
+    def __init__(self, pairs, processor, mask_empty_think: bool = False, model=None):
+        # model: the model trained, whose own get_rope_index gives multi-axis models' packed rows their positions
+        self.pairs, self.processor, self.mask, self.model = pairs, processor, mask_empty_think, model
         tokenizer = getattr(processor, "tokenizer", processor)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
@@ -142,7 +142,9 @@ class BimodeCollator:
         packed = "pack" in rows[0]
         indices = [i for row in rows for i in row["pack"]] if packed else [row["row"] for row in rows]
         examples = [tokenize_example(self.processor, *self.pairs[i], self.mask) for i in indices]
-        return collate_packed(examples, self.processor) if packed else collate(examples, self.processor, self.pad_id)
+        if packed:
+            return collate_packed(examples, self.processor, self.model)
+        return collate(examples, self.processor, self.pad_id)
 
 
 class AnnealTrainer(StrictResumeMixin, SFTTrainer):
@@ -209,7 +211,7 @@ def build_trainer(cfg: AnnealConfig, model=None, processor=None, model_args=None
         model=model,
         args=cfg,
         train_dataset=training_rows(cfg, model, processor, pairs),
-        data_collator=BimodeCollator(pairs, processor, cfg.nonthinking_loss_mask),
+        data_collator=BimodeCollator(pairs, processor, cfg.nonthinking_loss_mask, model),
         processing_class=processor,
         component_lrs=cfg.component_lrs(),
         peft_config=peft_config,
@@ -219,7 +221,7 @@ def build_trainer(cfg: AnnealConfig, model=None, processor=None, model_args=None
 def training_rows(cfg: AnnealConfig, model, processor, pairs) -> datasets.Dataset:
     """What the sampler draws from: indices of (record, mode) pairs, or packs of them with `pack_rows`."""
     if cfg.pack_rows:
-        reason = flat_positions_unsupported(model, "packed annealing")
+        reason = packing_unsupported(model)
         if reason is None:
             packs = plan_packs(estimated_lengths(processor, pairs), cfg.max_length)
             logger.info("pack_rows: %d rows in %d packs of up to %d tokens", len(pairs), len(packs), cfg.max_length)
