@@ -13,6 +13,8 @@
   bimode's scores tokens exactly as TRL's does.
 - `GRPOTrainer._generate` and `_generate_and_score_completions`, the phases of a step a bench times
   (`step_phase_methods`).
+- `SFTTrainer._total_train_tokens` and its `num_tokens` metric: TRL 1.16 counts a padding-free batch as
+  `position_ids.size(1)` tokens, the batch axis of Qwen-VL's (4, 1, T) packed positions (`count_packed_tokens`).
 - `GRPOTrainer._get_per_token_logps_and_entropies` called as the trainer scores rollouts for its loss
   (`completion_logps`) and as TRL's own implementation (`trl_completion_logps`), so tests compare the two.
 """
@@ -81,6 +83,18 @@ def log_metric(trainer, key: str, value: float, mode: str = "train") -> None:
 def logged_metric(trainer, key: str, mode: str = "train") -> list[float]:
     """The values collected for `key` since the last logging step."""
     return trainer._metrics[mode][key]
+
+
+def count_packed_tokens(trainer, position_ids) -> None:
+    """After SFTTrainer's `compute_loss` on a padding-free training batch with multi-axis positions (4, 1, T): add
+    what TRL's token count missed (it read size(1) = 1 token, not T), so `num_tokens` counts every packed token."""
+    if position_ids.dim() != 3:
+        return
+    import torch
+
+    missed = torch.tensor(position_ids.size(-1) - position_ids.size(1), device=position_ids.device)
+    trainer._total_train_tokens += trainer.accelerator.gather_for_metrics(missed).sum().item() // trainer._tp_size
+    trainer._metrics["train"]["num_tokens"] = [trainer._total_train_tokens]
 
 
 def rollout_extra_field(inputs: list[dict], key: str):

@@ -24,6 +24,7 @@ from trl import SFTConfig, SFTTrainer
 
 from bimode.compat.overrides import check_overrides
 from bimode.compat.peft_api import expose_output_bias
+from bimode.compat.trl_api import count_packed_tokens
 from bimode.data.records import TARGET_MODES, Record
 from bimode.errors import UsageError
 from bimode.modes import ThinkingMode
@@ -156,6 +157,12 @@ class AnnealTrainer(StrictResumeMixin, SFTTrainer):
         self.component_lrs = component_lrs
         super().__init__(*args, **kwargs)
         expose_output_bias(self.model)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        if self.model.training and "attention_mask" not in inputs and "position_ids" in inputs:
+            count_packed_tokens(self, inputs["position_ids"])  # Qwen-VL packs: TRL counts (4, 1, T) as 1 token
+        return out
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
