@@ -254,6 +254,19 @@ def test_vllm_rollouts_need_a_checkpoint_that_has_the_rows_loading_added(tmp_pat
             build_trainer(bpo_config(model_dir, train_file, tmp_path / "bpo", use_vllm=True), model_args=model_args)
 
 
+def test_a_kl_reference_needs_a_checkpoint_that_has_the_rows_loading_added(tmp_path, train_file):
+    """TRL loads full training's reference model (beta > 0) from the checkpoint on disk, without the rows load_model
+    added: refused, saying what to do (it crashed in the embedding at the first step); LoRA's reference is the
+    policy's own base, grown rows included, so it builds."""
+    from bimode.train.bpo.trainer import build_trainer
+
+    model_dir = build_tiny_llava_llama_style(tmp_path / "model")  # its tokenizer has no think tags
+    with pytest.raises(ValueError, match=r"beta 0.04: .*gained \d+ token rows when loaded.*or set beta 0"):
+        build_trainer(bpo_config(model_dir, train_file, tmp_path / "bpo", beta=0.04))
+    assert build_trainer(bpo_config(model_dir, train_file, tmp_path / "lora", beta=0.04),
+                         model_args=ModelConfig(**LORA)).ref_model is None
+
+
 @pytest.mark.parametrize("family", ["llava_llama_style", "qwen25_vl", "qwen3_vl"])
 def test_lora_anneal_and_bpo_on_other_families(family, train_file, tmp_path):
     """Llama-style: the think tags and `\\n\\n` are added tokens, so their rows must train. Qwen-VL: the

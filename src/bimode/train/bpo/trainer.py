@@ -413,6 +413,11 @@ def build_trainer(cfg: BPOConfig, model=None, processor=None, model_args=None) -
         raise UsageError(f"use_vllm: {cfg.model_path} gained {len(grown)} token rows when loaded (the think tags "
                          "its tokenizer lacked), and vLLM loads the checkpoint as saved: start BPO from a checkpoint "
                          "that has them (what `bimode anneal` saves), or drop use_vllm")
+    if cfg.beta != 0 and peft_config is None and grown:  # TRL loads the reference model from disk too
+        raise UsageError(f"beta {cfg.beta}: {cfg.model_path} gained {len(grown)} token rows when loaded (the think "
+                         "tags its tokenizer lacked), and TRL loads the reference model from the checkpoint as "
+                         "saved, without them: start BPO from a checkpoint that has them (what `bimode anneal` "
+                         "saves), or train LoRA (the reference is the base under the adapter), or set beta 0")
     if peft_config is None:
         freeze(model, frozen)
     cfg.remove_unused_columns = False
