@@ -36,3 +36,26 @@ def run_vllm_script(script: str, spec: dict, tmp: Path, timeout: int = 400) -> d
     if done.returncode != 0 or not out_path.exists():
         pytest.fail(f"{script} failed (exit {done.returncode}):\n" + log_path.read_text()[-6000:])
     return json.loads(out_path.read_text())
+
+
+# The families every vLLM test runs: the trained tiny model (LLaVA: SigLIP + Qwen3) and tiny Qwen2.5-VL / Qwen3-VL
+# (multi-axis rotary positions; Qwen3-VL's deepstack mergers), prepared as bimode saves a model
+# (vllm_scripts/prepare_family.py).
+FAMILIES = ("tiny_llava", "qwen25_vl", "qwen3_vl")
+# the untrained Qwen-VL models' logits scaled to a trained model's spread (prepare_family.py says why)
+SHARPEN = 20.0
+_prepared: dict[str, Path] = {}  # family -> checkpoint, once per test session
+
+
+def family_checkpoint(family: str, trained_tiny: Path, tmp_path_factory) -> Path:
+    """The checkpoint the vLLM tests run for `family`: the trained tiny model, or a prepared tiny Qwen-VL (both
+    families prepared by one script run, the first time one is asked for in the session)."""
+    if family == "tiny_llava":
+        return trained_tiny
+    if not _prepared:
+        tmp = tmp_path_factory.mktemp("vllm_families")
+        others = [f for f in FAMILIES if f != "tiny_llava"]
+        out = run_vllm_script("prepare_family.py", {"families": {f: str(tmp / f) for f in others},
+                                                    "sharpen": SHARPEN}, tmp)
+        _prepared.update({name: Path(path) for name, path in out.items()})
+    return _prepared[family]

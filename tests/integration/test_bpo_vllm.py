@@ -1,10 +1,12 @@
 """BPO with TRL's colocated vLLM rollouts, on CPU, in the vLLM environment (`make setup-vllm`).
 
-One run of tests/integration/vllm_scripts/bpo_colocate.py: a few BPO steps on the trained tiny model, then checks that
-forced mode tokens carry no sampling log-prob, that TRL's log-probs agree with vLLM's during training, that the
-weights reach vLLM (after a sync, vLLM scores like the trained model and unlike the starting one), and that
-the saved model is whole. It trains with the shared-prefix forward (on by default); a second run of one step with
-it off must give the same step on the same rollouts. Skipped only while .venv-vllm is missing.
+One run of tests/integration/vllm_scripts/bpo_colocate.py per family and kind (full, LoRA): a few BPO steps on the
+trained tiny model (LLaVA) and on tiny Qwen2.5-VL and Qwen3-VL checkpoints, then checks that forced mode tokens
+carry no sampling log-prob, that TRL's log-probs agree with vLLM's during training, that the weights reach vLLM
+(after a sync, vLLM scores like the trained model and unlike the starting one), and that the saved model is whole.
+The untrained Qwen-VL models answer nothing right: a reward for the no-think mode gives their steps a direction.
+The LLaVA run trains with the shared-prefix forward (on by default); a second run of one step with it off must give
+the same step on the same rollouts. Skipped only while .venv-vllm is missing.
 """
 
 import math
@@ -15,14 +17,38 @@ import torch
 
 from bimode.data import synthetic
 from bimode.data.records import write_records
-from tests.helpers.hf_fixtures import saved_vision_keys
-from tests.helpers.vllm_helpers import needs_vllm, run_vllm_script
+from tests.helpers.vllm_helpers import FAMILIES, family_checkpoint, needs_vllm, run_vllm_script
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = needs_vllm
+# The untrained Qwen-VL models answer nothing right (accuracy 0 everywhere: no advantage, no step): a reward for
+# the no-think mode instead; their sharpened logits (vllm_scripts/prepare_family.py) diverged at the LLaVA run's
+# learning rate (KL 3e6 by step 3), a fiftieth of it trains smoothly
+QWEN_ARGS = ["--rewards", "tests.helpers.bpo_helpers:no_think_wins", "--learning_rate", "0.01"]
+FAMILY_ARGS = {"tiny_llava": [], "qwen25_vl": QWEN_ARGS, "qwen3_vl": QWEN_ARGS}
+# where each family's checkpoints keep the vision tower: its hub layout, which transformers 5 writes back on saving
+# and vLLM's loader reads (Qwen2.5-VL's predates transformers' model.visual / model.language_model)
+VISION_PREFIX = {"tiny_llava": "vision_tower.vision_model.", "qwen25_vl": "visual.", "qwen3_vl": "model.visual."}
 
 
-def colocated_bpo(tmp, trained_tiny, *extra: str, probe_prompts: int) -> dict:
+def saved_keys(checkpoint: Path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(checkpoint / "model.safetensors"), "pt") as f:
+        return list(f.keys())
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request):
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def start_model(family, trained_tiny, tmp_path_factory):
+    return family_checkpoint(family, trained_tiny, tmp_path_factory)
+
+
+def colocated_bpo(tmp, family, start, *extra: str, probe_prompts: int) -> dict:
     train = tmp / "train.jsonl"
     write_records([s.to_record() for s in synthetic.generate(32, seed=4, families=["count", "shell"],
                                                              max_level=3)], train)
@@ -30,39 +56,40 @@ def colocated_bpo(tmp, trained_tiny, *extra: str, probe_prompts: int) -> dict:
     # step is the gradient times the learning rate, so the shared and per-row forwards' steps compare at the
     # forward's tolerance (Adam's first step divides each gradient by its own size: a gradient of rounding noise,
     # such as a SigLIP k_proj bias's, which is zero in exact arithmetic, then moves by the full learning rate)
-    args = ["--config", str(ROOT / "configs/recipes/tiny_bpo.yaml"), "--model_path", str(trained_tiny),
+    args = ["--config", str(ROOT / "configs/recipes/tiny_bpo.yaml"), "--model_path", str(start),
             "--train_files", str(train), "--probe_files", str(train), "--output_dir", str(tmp / "run"),
             "--max_steps", "3", "--per_device_train_batch_size", "16", "--num_generations", "8",
             "--max_completion_length", "24", "--optim", "sgd", "--learning_rate", "0.5", "--warmup_steps", "0", "--beta", "0.02",
             "--logging_steps", "1", "--probe_steps", "0", "--report_to", "none", "--save_strategy", "no", "--use_cpu", "true",
-            "--use_vllm", "true", "--vllm_mode", "colocate", "--vllm_max_model_length", "512", *extra]
+            "--use_vllm", "true", "--vllm_mode", "colocate", "--vllm_max_model_length", "512", *FAMILY_ARGS[family],
+            *extra]
     out = run_vllm_script("bpo_colocate.py", {"args": args, "probe_prompts": probe_prompts,
                                               "step_one_weights": str(tmp / "step_one.pt")}, tmp, timeout=600)
     return {**out, "step_one": torch.load(tmp / "step_one.pt"), "start": torch.load(tmp / "step_one.pt.start")}
 
 
 @pytest.fixture(scope="module")
-def colocate_run(tmp_path_factory, trained_tiny):
-    return colocated_bpo(tmp_path_factory.mktemp("bpo_vllm"), trained_tiny, probe_prompts=6)
+def colocate_run(tmp_path_factory, family, start_model):
+    return colocated_bpo(tmp_path_factory.mktemp(f"bpo_vllm_{family}"), family, start_model, probe_prompts=6)
 
 
 @pytest.fixture(scope="module")
-def lora_colocate_run(tmp_path_factory, trained_tiny):
+def lora_colocate_run(tmp_path_factory, family, start_model):
     """LoRA (adapters on the LLM, projector in full, trainable mode-token rows): TRL merges the adapter into the
     weights it syncs; dropout off, so the training forward and vLLM score the same policy."""
-    return colocated_bpo(tmp_path_factory.mktemp("bpo_vllm_lora"), trained_tiny, "--use_peft", "true",
-                         "--lora_r", "8", "--lora_alpha", "16", "--lora_dropout", "0", probe_prompts=6)
+    return colocated_bpo(tmp_path_factory.mktemp(f"bpo_vllm_lora_{family}"), family, start_model, "--use_peft",
+                         "true", "--lora_r", "8", "--lora_alpha", "16", "--lora_dropout", "0", probe_prompts=6)
 
 
 @pytest.fixture(params=["full", "lora"])
-def either_run(request):
+def either_run(request, family):
     return request.getfixturevalue({"full": "colocate_run", "lora": "lora_colocate_run"}[request.param])
 
 
 @pytest.fixture(scope="module")
-def one_step_without_the_shared_forward(tmp_path_factory, trained_tiny):
-    return colocated_bpo(tmp_path_factory.mktemp("bpo_vllm_off"), trained_tiny, "--shared_prefix_forward", "false",
-                         "--max_steps", "1", probe_prompts=0)
+def one_step_without_the_shared_forward(tmp_path_factory, family, start_model):
+    return colocated_bpo(tmp_path_factory.mktemp(f"bpo_vllm_off_{family}"), family, start_model,
+                         "--shared_prefix_forward", "false", "--max_steps", "1", probe_prompts=0)
 
 
 def test_forced_mode_tokens_carry_no_sampling_logprob(either_run):
@@ -92,10 +119,13 @@ def test_weights_reach_vllm_after_an_update(either_run):
     assert after["vllm_vs_start"] > 1e-2, after
 
 
-def test_the_saved_model_is_whole_and_in_vllm_s_layout(colocate_run):
+def test_the_saved_model_is_whole_and_in_vllm_s_layout(colocate_run, family):
     final = Path(colocate_run["saved"])
     assert (final / "model.safetensors").exists() and (final / "chat_template.jinja").exists()
-    assert all(k.startswith("vision_tower.vision_model.") for k in saved_vision_keys(final))
+    vision = [k for k in saved_keys(final) if k.startswith(("vision_tower.", "visual.", "model.visual."))]
+    assert vision and all(k.startswith(VISION_PREFIX[family]) for k in vision)
+    if family == "qwen3_vl":  # the deepstack mergers, which feed vision features into early LLM layers
+        assert any(k.startswith("model.visual.deepstack_merger_list.") for k in vision)
 
 
 def test_lora_keeps_the_base_as_kl_reference_and_saves_an_adapter(lora_colocate_run):
@@ -107,6 +137,7 @@ def test_lora_keeps_the_base_as_kl_reference_and_saves_an_adapter(lora_colocate_
     assert (final / "adapter_config.json").exists() and (final / "chat_template.jinja").exists()
 
 
+@pytest.mark.parametrize("family", ["tiny_llava"], indirect=True)  # the family the shared forward is tested on here
 def test_the_shared_forward_is_on_with_vllm_and_gives_trl_s_step(colocate_run, one_step_without_the_shared_forward):
     """vLLM's environment is where TRL's colocated rollouts run (transformers 5.17): the shared-prefix forward is
     on there and gives the step TRL's per-row forward gives on the same rollouts (the tolerance of

@@ -1,7 +1,8 @@
-"""The vLLM backend against the transformers engine, on CPU, on the trained tiny model.
+"""The vLLM backend against the transformers engine, on CPU, on the trained tiny model (LLaVA) and on tiny
+Qwen2.5-VL and Qwen3-VL checkpoints (multi-axis positions, images of several token counts).
 
 vLLM is installed in vLLM's environment (`make setup-vllm`, .venv-vllm), not the main one: one script there (tests/integration/vllm_scripts/
-run_backend.py) starts one engine for the whole module and runs every case of a JSON spec; this module
+run_backend.py) starts one engine per family and runs every case of a JSON spec; this module
 computes the transformers engine's side here and compares. Skipped only while .venv-vllm is missing.
 """
 
@@ -12,24 +13,26 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.vllm_helpers import needs_vllm, run_vllm_script
+from tests.helpers.vllm_helpers import FAMILIES, family_checkpoint, needs_vllm, run_vllm_script
 
 pytestmark = needs_vllm
 
 # the engine settings that run on a 2-core CPU machine (docs/vllm.md)
 CPU_LLM = {"dtype": "float32", "enforce_eager": True, "max_model_len": 512, "limit_mm_per_prompt": {"image": 1},
            "seed": 0}
-MAX_NEW = 40
 LOGPROB_TOL = 2e-3
+# per family: (eval prompts, each again with another's image; max_new_tokens). The Qwen-VL models are untrained:
+# fewer, shorter completions check the same paths
+SIZES = {"tiny_llava": (6, 40), "qwen25_vl": (3, 12), "qwen3_vl": (3, 12)}
 
 
-def prompt_specs(tmp: Path):
+def prompt_specs(tmp: Path, n: int):
     """Eval-split prompts of the trained families with their images, and each again with another prompt's
     image (the same text: if images reach the model, answers and log-probs change)."""
     from bimode.data import synthetic
     from bimode.generation.types import Prompt
 
-    records = [s.to_record() for s in synthetic.generate(6, seed=3, split="eval", families=["count", "shell"],
+    records = [s.to_record() for s in synthetic.generate(n, seed=3, split="eval", families=["count", "shell"],
                                                          max_level=3)]
     prompts = [Prompt.from_record(r, ["auto", "think", "no_think"]) for r in records]
     swapped = [Prompt(messages=p.messages, images=prompts[(i + 1) % len(prompts)].images, modes=p.modes)
@@ -53,15 +56,17 @@ def threshold_between(values: list[float]) -> float:
     return max(gaps)[1]
 
 
-RUNS = {  # name -> (SamplingParams fields, which prompts: None = all)
-    "greedy": ({"max_new_tokens": MAX_NEW, "logprobs": True}, None),
-    "budget_0": ({"max_new_tokens": MAX_NEW, "max_thinking_tokens": 0}, [0, 1, 2, 3]),
-    "budget_2": ({"max_new_tokens": MAX_NEW, "max_thinking_tokens": 2, "logprobs": True}, [0, 1, 2, 3]),
-    # forced closing text does not count toward max_new_tokens: 6 sampled tokens, then cut
-    "budget_1_short": ({"max_new_tokens": 6, "max_thinking_tokens": 1}, [0, 1, 2, 3]),
-    "short": ({"max_new_tokens": 3}, [0, 1, 2, 3]),
-    "unconstrained": ({"max_new_tokens": MAX_NEW, "constrain_decision": False}, [0, 1, 2, 3]),
-}
+def greedy_runs(max_new: int) -> dict:
+    """name -> (SamplingParams fields, which prompts: None = all)."""
+    return {
+        "greedy": ({"max_new_tokens": max_new, "logprobs": True}, None),
+        "budget_0": ({"max_new_tokens": max_new, "max_thinking_tokens": 0}, [0, 1, 2, 3]),
+        "budget_2": ({"max_new_tokens": max_new, "max_thinking_tokens": 2, "logprobs": True}, [0, 1, 2, 3]),
+        # forced closing text does not count toward max_new_tokens: 6 sampled tokens, then cut
+        "budget_1_short": ({"max_new_tokens": 6, "max_thinking_tokens": 1}, [0, 1, 2, 3]),
+        "short": ({"max_new_tokens": 3}, [0, 1, 2, 3]),
+        "unconstrained": ({"max_new_tokens": max_new, "constrain_decision": False}, [0, 1, 2, 3]),
+    }
 
 
 SEEDED = {  # sampled, each prompt with its own seed: alone, among others, or in another order, the same samples
@@ -70,12 +75,14 @@ SEEDED = {  # sampled, each prompt with its own seed: alone, among others, or in
 }
 
 
-@pytest.fixture(scope="module")
-def compared(trained_tiny, tmp_path_factory):
-    return compare_backends(trained_tiny, tmp_path_factory.mktemp("vllm_backend"))
+@pytest.fixture(scope="module", params=FAMILIES)
+def compared(request, trained_tiny, tmp_path_factory):
+    model_dir = family_checkpoint(request.param, trained_tiny, tmp_path_factory)
+    return {**compare_backends(model_dir, tmp_path_factory.mktemp(f"vllm_backend_{request.param}"),
+                               *SIZES[request.param]), "family": request.param}
 
 
-def compare_backends(model_dir: Path, tmp: Path) -> dict:
+def compare_backends(model_dir: Path, tmp: Path, n_prompts: int, max_new: int) -> dict:
     """Both backends on every run: {"vllm": the script's answer, "hf": {run: completions}, ...}."""
     import torch
 
@@ -83,12 +90,12 @@ def compare_backends(model_dir: Path, tmp: Path) -> dict:
     from bimode.generation.types import SamplingParams
     from bimode.models import load_model
 
-    prompts, specs = prompt_specs(tmp)
+    prompts, specs = prompt_specs(tmp, n_prompts)
     model, processor = load_model(model_dir, dtype=torch.float32)
     engine = TransformersEngine(model, processor)
     stats = engine.decision_stats(prompts)
-    runs = dict(RUNS)
-    runs["threshold"] = ({"max_new_tokens": MAX_NEW, "think_threshold": threshold_between([p for p, _ in stats])},
+    runs = greedy_runs(max_new)
+    runs["threshold"] = ({"max_new_tokens": max_new, "think_threshold": threshold_between([p for p, _ in stats])},
                          None)
     hf = {}
     for name, (params, chosen) in runs.items():
@@ -103,7 +110,8 @@ def compare_backends(model_dir: Path, tmp: Path) -> dict:
     out = run_vllm_script("run_backend.py", spec, tmp)
     out["wall_s"] = time.time() - start
     print(f"vLLM script: {out['wall_s']:.0f} s, engine start-up {out['startup_s']:.0f} s, runs {out['run_s']}")
-    return {"vllm": out, "hf": hf, "hf_stats": stats, "prompts": prompts, "engine": engine}
+    return {"vllm": out, "hf": hf, "hf_stats": stats, "prompts": prompts, "engine": engine, "runs": runs,
+            "model_dir": model_dir}
 
 
 def assert_same(hf_group, vllm_group, logprobs=False):
@@ -120,7 +128,7 @@ def assert_same(hf_group, vllm_group, logprobs=False):
 
 
 def run_pairs(compared, name):
-    chosen = RUNS[name][1] if name in RUNS else None
+    chosen = compared["runs"][name][1]
     hf = compared["hf"][name]
     got = compared["vllm"]["runs"][name]
     assert len(got) == len(hf) == (len(compared["prompts"]) if chosen is None else len(chosen))
@@ -132,7 +140,8 @@ def test_greedy_matches_the_transformers_engine_in_every_mode(compared):
         assert_same(hf_group, vllm_group, logprobs=True)
         # the three modes as the template renders them, and a response that parses in each
         assert [v["prompt_suffix"] for v in vllm_group] == ["<think>", "<think>\n", "<think>\n\n</think>\n\n"]
-        assert vllm_group[0]["text"][:1] == "\n"  # auto mode: the first token is the mode decision
+        decision = compared["engine"].decision  # auto mode: the first token is the mode decision
+        assert vllm_group[0]["token_ids"][0] in decision.think_ids | decision.no_think_ids
 
 
 def test_images_reach_the_model(compared):
@@ -166,9 +175,9 @@ def test_thinking_budget_matches_the_engine(compared, name):
 
     hit = 0
     for hf_group, vllm_group in run_pairs(compared, name):
-        assert_same(hf_group, vllm_group, logprobs=RUNS[name][0].get("logprobs", False))
+        assert_same(hf_group, vllm_group, logprobs=compared["runs"][name][0].get("logprobs", False))
         for h in hf_group:
-            budget = RUNS[name][0]["max_thinking_tokens"]
+            budget = compared["runs"][name][0]["max_thinking_tokens"]
             if h.mode.value != "no_think":
                 assert h.thinking_tokens <= budget
             hit += BUDGET_CLOSING.strip() in h.text
@@ -192,10 +201,12 @@ def test_media_placeholders_are_never_sampled(compared):
 
 
 def test_the_checkpoint_s_generation_limit_is_the_default(compared):
-    """eval and curation default to the model's own max_new_tokens (generation/defaults.py), through vLLM too."""
-    from bimode.generation.defaults import default_max_new_tokens
+    """eval and curation default to the model's own max_new_tokens (generation/defaults.py), through vLLM too;
+    the Qwen-VL checkpoints set none: the paper's limit."""
+    from bimode.generation.defaults import PAPER_MAX_NEW_TOKENS, default_max_new_tokens
 
-    assert compared["vllm"]["default_max_new_tokens"] == default_max_new_tokens(compared["engine"]) == 256
+    expected = 256 if compared["family"] == "tiny_llava" else PAPER_MAX_NEW_TOKENS
+    assert compared["vllm"]["default_max_new_tokens"] == default_max_new_tokens(compared["engine"]) == expected
 
 
 def test_render_and_on_token_follow_the_generation_interface(compared):

@@ -1,8 +1,9 @@
 """A bimode checkpoint served by vLLM's OpenAI server (from .venv-vllm), bimode's endpoint client against it.
 
 The server runs as docs/vllm.md shows: the qwen3 reasoning parser and bimode's logits processor. Answers,
-reasoning and modes must be what the transformers engine gives for the same greedy requests. Skipped only
-while .venv-vllm is missing (`make setup-vllm`).
+reasoning and modes must be what the transformers engine gives for the same greedy requests, for the trained tiny
+model (LLaVA) and tiny Qwen2.5-VL and Qwen3-VL checkpoints. Skipped only while .venv-vllm is missing
+(`make setup-vllm`).
 """
 
 from __future__ import annotations
@@ -16,11 +17,11 @@ import time
 
 import pytest
 
-from tests.helpers.vllm_helpers import VLLM_PYTHON, needs_vllm, vllm_env
+from tests.helpers.vllm_helpers import FAMILIES, VLLM_PYTHON, family_checkpoint, needs_vllm, vllm_env
 
 pytestmark = needs_vllm
 
-MAX_NEW = 40
+MAX_NEW = {"tiny_llava": 40, "qwen25_vl": 12, "qwen3_vl": 12}  # the Qwen-VL models are untrained: shorter
 
 
 def serve_command(model_dir, port: int) -> list[str]:
@@ -33,17 +34,34 @@ def serve_command(model_dir, port: int) -> list[str]:
             "--logits-processors", "bimode.generation.vllm_controls:BimodeControls"]
 
 
-@pytest.fixture(scope="module")
-def vllm_server(trained_tiny, tmp_path_factory):
+@pytest.fixture(scope="module", params=FAMILIES)
+def served(request, trained_tiny, tmp_path_factory):
+    """(the server's URL, the transformers engine on the same checkpoint, the family)."""
+    model_dir = family_checkpoint(request.param, trained_tiny, tmp_path_factory)
+    if request.param == "tiny_llava":
+        engine = request.getfixturevalue("engine")
+    else:
+        import torch
+
+        from bimode.generation.engine import TransformersEngine
+        from bimode.models import load_model
+
+        engine = TransformersEngine(*load_model(model_dir, dtype=torch.float32))
+    with vllm_server(model_dir, tmp_path_factory.mktemp(f"vllm_serve_{request.param}")) as base:
+        yield base, engine, request.param
+
+
+@contextlib.contextmanager
+def vllm_server(model_dir, tmp):
     import httpx
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    log_path = tmp_path_factory.mktemp("vllm_serve") / "server.log"
+    log_path = tmp / "server.log"
     log = open(log_path, "w")
     start = time.time()
-    server = subprocess.Popen(serve_command(trained_tiny, port), stdout=log, stderr=subprocess.STDOUT,
+    server = subprocess.Popen(serve_command(model_dir, port), stdout=log, stderr=subprocess.STDOUT,
                               env=vllm_env(), cwd=log_path.parent, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -83,11 +101,12 @@ def prompts():
     return [Prompt.from_record(r, ["auto", "think", "no_think"]) for r in records]
 
 
-def test_endpoint_client_on_vllm_serve_matches_the_engine_in_every_mode(vllm_server, prompts, engine):
+def test_endpoint_client_on_vllm_serve_matches_the_engine_in_every_mode(served, prompts):
     from bimode.generation.openai_backend import OpenAIEndpointBackend
     from bimode.generation.types import SamplingParams
 
-    params = SamplingParams(max_new_tokens=MAX_NEW)
+    vllm_server, engine, family = served
+    params = SamplingParams(max_new_tokens=MAX_NEW[family])
     expected = engine.generate(prompts, params)
     client = OpenAIEndpointBackend(vllm_server, tokenizer=engine.tokenizer)
     assert client.model == "tiny"
@@ -103,7 +122,7 @@ def test_endpoint_client_on_vllm_serve_matches_the_engine_in_every_mode(vllm_ser
     assert all(g[1].split.reasoning and not g[2].split.reasoning for g in got)
 
 
-def test_thinking_budget_through_vllm_xargs(vllm_server, prompts, engine):
+def test_thinking_budget_through_vllm_xargs(served, prompts):
     """bimode's budget on a vLLM server: `vllm_xargs: {"bimode_max_thinking_tokens": N}` (vllm_controls)."""
     import httpx
 
@@ -111,17 +130,25 @@ def test_thinking_budget_through_vllm_xargs(vllm_server, prompts, engine):
     from bimode.generation.types import SamplingParams
     from bimode.streaming import split_reasoning
 
+    from bimode.generation.types import BUDGET_CLOSING
+
+    vllm_server, engine, family = served
+    limit = 10 * MAX_NEW[family] // 4  # room for an answer after the budget's closing text
+    # the server's max_tokens counts the forced closing text, the engine's max_new_tokens does not
+    closing = len(engine.tokenizer.encode(BUDGET_CLOSING + "</think>\n\n", add_special_tokens=False))
     think = [type(p)(messages=p.messages, images=p.images, modes=["think"]) for p in prompts]
-    expected = engine.generate(think, SamplingParams(max_new_tokens=120, max_thinking_tokens=2))
-    assert any(e[0].finish_reason == "budget" for e in expected)
+    expected = engine.generate(think, SamplingParams(max_new_tokens=limit, max_thinking_tokens=2))
+    assert any(BUDGET_CLOSING.strip() in e[0].split.reasoning for e in expected)  # the budget cut thinking
+    if family == "tiny_llava":  # and the trained model answered after it
+        assert any(e[0].finish_reason == "budget" for e in expected)
     for prompt, (e,) in zip(think, expected):
-        if e.finish_reason == "length":  # the server's max_tokens counts the forced text, the engine's does not
-            continue
         body = {"model": "tiny", "messages": to_openai_messages(prompt.messages, prompt.images),
-                "max_tokens": 240, "temperature": 0, "chat_template_kwargs": {"thinking_mode": "long"},
+                "max_tokens": limit + closing, "temperature": 0, "chat_template_kwargs": {"thinking_mode": "long"},
                 "vllm_xargs": {"bimode_max_thinking_tokens": 2}}
         message = httpx.post(vllm_server + "/v1/chat/completions", json=body, timeout=60).json()["choices"][0]["message"]
         got = split_reasoning(f"<think>\n{message['reasoning'] or ''}</think>{message['content'] or ''}")
         assert got.reasoning == e.split.reasoning, (message, e.response)
+        if e.finish_reason == "length":  # cut: the two count the forced text differently toward their limits
+            continue
         # the tiny tokenizer's think tags are special tokens: vLLM drops stray ones from the text it returns
         assert got.content == e.split.content.replace("</think>", ""), (message, e.response)

@@ -31,3 +31,23 @@ def test_the_colocated_engine_computes_in_the_training_precision():
     assert colocated_llm_kwargs(fp32, on_cpu=True) == {"dtype": "float32", "enforce_eager": True}
     assert colocated_llm_kwargs(fp32, on_cpu=False) == {"dtype": "float32"}
     assert colocated_llm_kwargs(SimpleNamespace(bf16=True, fp16=False), on_cpu=False) == {}
+
+
+@pytest.mark.parametrize("send_copies", [True, False])
+def test_a_lora_sync_inside_the_reload_sends_copies(monkeypatch, send_copies):
+    """vLLM's layer-wise reload may read a tensor it was sent only when the reload ends, after TRL has unmerged
+    the adapter from it in place (docs/vllm.md): with send_copies, what it holds keeps the merged values."""
+    import torch
+    from trl.generation.vllm_generation import VLLMGeneration
+
+    from bimode.train.bpo.vllm_fit import BimodeVLLMGeneration
+
+    merged, rows = torch.ones(3), torch.zeros(2)
+    monkeypatch.setattr(VLLMGeneration, "_iter_named_params", lambda self: iter([
+        ("lm_head.weight", merged), ("lm_head.token_adapter.trainable_tokens_delta.default", rows)]))
+    generation = BimodeVLLMGeneration.__new__(BimodeVLLMGeneration)
+    generation.send_copies = send_copies
+    sent = list(generation._iter_named_params())
+    merged.zero_()  # TRL's unmerge_adapter, in place, after the loop
+    assert [name for name, _ in sent] == ["lm_head.weight"]  # PEFT's own rows are not sent
+    assert sent[0][1].tolist() == ([1.0] * 3 if send_copies else [0.0] * 3)

