@@ -61,16 +61,15 @@ def test_r4b_pipeline_runs_from_parts_to_bpo(tmp_path):
 
 
 def test_gpu_check_runs_its_cpu_form_and_prints_one_table(tmp_path):
-    """`make gpu-check` where there is no GPU (forced with --cpu): the tiny LLaVA and Qwen3-VL models, one BPO step
-    and one packed annealing step each, with the plan's estimate, in one table (scripts/gpu_check.py)."""
+    """`make gpu-check` where there is no GPU (forced with --cpu): the tiny Qwen3-VL model, one BPO step and one
+    packed annealing step, with the plan's estimate, in one table (scripts/gpu_check.py)."""
     markdown = tmp_path / "gpu_check.md"
     stdout = run_script("scripts/gpu_check.py", "--cpu", "--markdown", str(markdown))
     assert "CPU form (no GPU)" in stdout and markdown.read_text() in stdout
     rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in stdout.splitlines()
             if line.startswith("| tiny ")]
-    assert [r[:3] for r in rows] == [["tiny LLaVA", "bpo", "1"], ["tiny LLaVA", "anneal", "1"],
-                                     ["tiny Qwen3-VL", "bpo", "1"], ["tiny Qwen3-VL", "anneal", "1"]]
+    assert [r[:3] for r in rows] == [["tiny Qwen3-VL", "bpo", "1"], ["tiny Qwen3-VL", "anneal", "1"]]
     for r in rows:
         assert float(r[3]) > 0 and r[5] == "-" and float(r[6].split()[0]) > 0 and r[7] == "no GPU", r
-    # the LLaVA rows took the paths the GPU run measures: the shared forward, packs attended row by row
+    # the paths the GPU run measures: the shared forward, packs attended row by row
     assert rows[0][4].endswith("shared-prefix forward") and rows[1][4].startswith("packs, bimode_varlen_sdpa"), rows
