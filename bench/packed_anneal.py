@@ -83,6 +83,7 @@ def side_trainer(model: str, data: Path, out: Path, name: str, batch: int, max_l
 
 
 SIDES = ("padded random", "padded grouped", "packed", "packed, block mask")
+SHORT = {"random": "padded random", "grouped": "padded grouped", "packed": "packed", "block": "packed, block mask"}
 
 
 def main() -> None:
@@ -95,17 +96,20 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=30)
     parser.add_argument("--batch", type=int, default=4, help="rows per padded batch")
     parser.add_argument("--max-length", type=int, default=6144, help="tokens per pack")
-    parser.add_argument("--sides", default=",".join(SIDES),
-                        help=f"comma-separated subset of {','.join(SIDES)} (padded random is the baseline: kept)")
+    parser.add_argument("--sides", default=",".join(SHORT),
+                        help=f"comma-separated subset of {','.join(SHORT)} (or the sides' names without a comma, "
+                             "e.g. 'padded random'); random, the baseline, always runs")
     report.add_markdown_flag(parser)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp())
     args.model = resolve_model(args.model, work)
     records = bimode_rows(args.rows, AutoTokenizer.from_pretrained(args.model))
     write_records(records, work / "train.jsonl")
-    chosen = {s.strip() for s in args.sides.split(",")} | {"padded random"}
-    if chosen - set(SIDES):
-        parser.error(f"--sides: unknown {sorted(chosen - set(SIDES))}; choose from {', '.join(SIDES)}")
+    asked = [s.strip() for s in args.sides.split(",")]
+    unknown = [s for s in asked if s not in SHORT and s not in SIDES]
+    if unknown:
+        parser.error(f"--sides: unknown {unknown}; choose from {', '.join(SHORT)}")
+    chosen = {SHORT.get(s, s) for s in asked} | {"padded random"}
     results = {s: side(args.model, work / "train.jsonl", work / s.replace(" ", "_"), s, args.batch, args.max_length)
                for s in SIDES if s in chosen}
     labels = {"padded random": f"padded random ({args.batch} rows)",
