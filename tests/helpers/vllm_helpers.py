@@ -42,6 +42,10 @@ def run_vllm_script(script: str, spec: dict, tmp: Path, timeout: int = 400) -> d
 # (multi-axis rotary positions; Qwen3-VL's deepstack mergers), prepared as bimode saves a model
 # (vllm_scripts/prepare_family.py).
 FAMILIES = ("tiny_llava", "qwen25_vl", "qwen3_vl")
+# Each Qwen-VL family through each path once, for the suite's time (a vLLM start costs 20-45 s here): the backend
+# on Qwen3-VL, `vllm serve` on Qwen2.5-VL (every family passed both when they were written, 2026-12-07).
+BACKEND_FAMILIES = ("tiny_llava", "qwen3_vl")
+SERVE_FAMILIES = ("tiny_llava", "qwen25_vl")
 # the untrained Qwen-VL models' logits scaled to a trained model's spread (prepare_family.py says why)
 SHARPEN = 20.0
 _prepared: dict[str, Path] = {}  # family -> checkpoint, once per test session

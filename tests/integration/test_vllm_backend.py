@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.vllm_helpers import FAMILIES, family_checkpoint, needs_vllm, run_vllm_script
+from tests.helpers.vllm_helpers import BACKEND_FAMILIES, family_checkpoint, needs_vllm, run_vllm_script
 
 pytestmark = needs_vllm
 
@@ -75,7 +75,7 @@ SEEDED = {  # sampled, each prompt with its own seed: alone, among others, or in
 }
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
+@pytest.fixture(scope="module", params=BACKEND_FAMILIES)
 def compared(request, trained_tiny, tmp_path_factory):
     model_dir = family_checkpoint(request.param, trained_tiny, tmp_path_factory)
     return {**compare_backends(model_dir, tmp_path_factory.mktemp(f"vllm_backend_{request.param}"),

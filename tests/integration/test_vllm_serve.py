@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from tests.helpers.vllm_helpers import FAMILIES, VLLM_PYTHON, family_checkpoint, needs_vllm, vllm_env
+from tests.helpers.vllm_helpers import SERVE_FAMILIES, VLLM_PYTHON, family_checkpoint, needs_vllm, vllm_env
 
 pytestmark = needs_vllm
 
@@ -34,7 +34,7 @@ def serve_command(model_dir, port: int) -> list[str]:
             "--logits-processors", "bimode.generation.vllm_controls:BimodeControls"]
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
+@pytest.fixture(scope="module", params=SERVE_FAMILIES)
 def served(request, trained_tiny, tmp_path_factory):
     """(the server's URL, the transformers engine on the same checkpoint, the family)."""
     model_dir = family_checkpoint(request.param, trained_tiny, tmp_path_factory)
