@@ -108,7 +108,7 @@ demo: setup
 # The first-GPU check (scripts/gpu_check.py, docs/performance.md): both realistic models through three BPO steps
 # with colocated vLLM and three packed annealing steps, the plan against torch.cuda.max_memory_allocated, one
 # table; under 8 minutes on one 80 GB GPU. vLLM and flash-attention are used where installed (`pip install -e
-# ".[vllm]"`, `pip install flash-attn`). Without a GPU it runs its CPU form (tiny models, one step each).
+# ".[vllm]"`, `pip install flash-attn`). Without a GPU it runs its CPU form (the tiny Qwen3-VL, one step a case).
 # GPU_CHECK_PY=python3 runs it with another environment's python (then `setup` is not run).
 GPU_CHECK_PY ?= $(PY)
 GPU_CHECK_ARGS ?=
