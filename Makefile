@@ -6,6 +6,10 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PIP_LOCAL := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 PYTEST_ARGS ?=
+# `make test` runs the suite in this many pytest-xdist workers, each test file whole on one worker (its
+# module-scoped servers and models built once), torch at one thread a worker (tests/conftest.py); 0: one process
+TEST_WORKERS ?= 2
+XDIST = -n $(TEST_WORKERS) --dist loadfile
 # The CPU torch into the environment of python $(1): from local wheels where this machine has them, else from
 # PyTorch's CPU index (a plain PyPI install would pull the multi-GB CUDA build).
 install_cpu_torch = $(if $(PIP_LOCAL),$(1) -m pip install $(PIP_LOCAL) "$(TORCH_SPEC)" || )$(1) -m pip install \
@@ -81,12 +85,12 @@ $(LMMS_VENV)/.installed: requirements/lmms-eval.txt
 # trained tiny model (tests/conftest.py); exit status 5 is pytest's "no test selected" (PYTEST_ARGS="-k name"
 # naming no internals test), not a failure.
 test: setup
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) $(PYTEST_ARGS)
 	@if [ -f $(VLLM_VENV)/.installed ]; then \
 		$(MAKE) --no-print-directory setup-vllm && \
 		echo "The internals tests at the lower end of the supported range, in vLLM's environment:" && \
 		$(VLLM_PY) -c "import transformers; print('transformers', transformers.__version__)" && \
-		{ BIMODE_TESTS_ANY_TRAINED_VERSION=1 $(VLLM_PY) -m pytest -m internals $(PYTEST_ARGS) || [ $$? -eq 5 ]; }; \
+		{ BIMODE_TESTS_ANY_TRAINED_VERSION=1 $(VLLM_PY) -m pytest -m internals $(XDIST) $(PYTEST_ARGS) || [ $$? -eq 5 ]; }; \
 	else \
 		echo "Skipped: the internals tests at the lower end of the range run in vLLM's environment (make setup-vllm)"; \
 	fi

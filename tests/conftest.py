@@ -4,11 +4,17 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach a hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two workers (pytest-xdist), one per core: each keeps torch (and every process it starts)
+    # to one thread: two torch jobs of two threads each on two cores slow each other several-fold (a test run
+    # beside a demo went from 80 s to 9 min)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 KINDS = ("unit", "distributed", "integration")  # the folders under tests/, each a marker of the same name
 
 
 def pytest_collection_modifyitems(items):
+    items[:] = trained_model_first_then_what_needs_none(items)
     for item in items:
         kind = item.path.parent.name
         if kind in KINDS:
@@ -16,6 +22,18 @@ def pytest_collection_modifyitems(items):
         # the trained tiny model is trained again (about a minute) whenever bimode's code changed: not inner-loop
         if "trained_tiny" in getattr(item, "fixturenames", ()):
             item.add_marker("slow")
+
+
+def trained_model_first_then_what_needs_none(items):
+    """The files in collection order, except: the first file that needs the trained tiny model leads, the files that
+    need none follow, the other files that need it come last. Under `make test`'s two workers one trains the model
+    (about 100 s on one core) while the other runs tests that need no model, instead of both waiting for it."""
+    files: dict = {}
+    for item in items:
+        files.setdefault(item.path, []).append(item)
+    needs = [f for f, its in files.items() if any("trained_tiny" in getattr(i, "fixturenames", ()) for i in its)]
+    order = needs[:1] + [f for f in files if f not in needs] + needs[1:]
+    return [item for f in order for item in files[f]]
 
 
 @pytest.fixture(scope="session")
@@ -52,7 +70,7 @@ def trained_families_file(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def trained_tiny(tmp_path_factory, request):
-    """The tiny model after a short bi-mode SFT on two families (about 75 s on 2 cores).
+    """The tiny model after a short bi-mode SFT on two families (about 100 s, on one thread).
 
     Shared by the tests that need a model whose outputs mean something: forced-mode generation, image
     dependence, the engine against plain generation. Kept in pytest's cache under a digest of bimode's files and

@@ -150,5 +150,7 @@ def test_thinking_budget_through_vllm_xargs(served, prompts):
         assert got.reasoning == e.split.reasoning, (message, e.response)
         if e.finish_reason == "length":  # cut: the two count the forced text differently toward their limits
             continue
-        # the tiny tokenizer's think tags are special tokens: vLLM drops stray ones from the text it returns
-        assert got.content == e.split.content.replace("</think>", ""), (message, e.response)
+        # the tiny tokenizer's think tags are special tokens: vLLM drops stray ones from the text it returns (a
+        # model that closes its thinking again after the budget's closing text: the blank lines around the stray tag
+        # then lead the answer, which the split strips)
+        assert got.content == e.split.content.replace("</think>", "").strip(), (message, e.response)
