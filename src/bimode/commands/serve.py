@@ -11,6 +11,7 @@ from bimode.errors import UsageError
 from bimode.generation.types import check_think_threshold
 from bimode.serve.limits import DEFAULT_MAX_REQUEST_BYTES
 from bimode.serve.requests import TEMPLATE_KWARGS
+from bimode.serve.url_guard import parse_networks, split_list
 
 HELP = help_text("serve")
 
@@ -27,6 +28,13 @@ class ServeConfig:
         "help": "largest remote image fetched (default 20 MiB)"})
     remote_image_timeout: float = field(default=10.0, metadata={
         "help": "seconds for a whole remote image fetch, at most 3 redirects"})
+    allowed_media_domains: list[str] = field(default_factory=list, metadata={
+        "help": "with --allow_remote_images: the only hosts images are fetched from (spaces or commas), whatever "
+                "addresses they resolve to; redirects to other hosts are refused (vLLM's --allowed-media-domains)"})
+    allowed_media_networks: list[str] = field(default_factory=list, metadata={
+        "help": "with --allow_remote_images: CIDR networks, e.g. 127.0.0.0/8,10.0.0.0/8, whose addresses may be "
+                "fetched; by default a host that resolves to a loopback, private, link-local, multicast, "
+                "unspecified or reserved address (IPv4 or IPv6) is refused (403), at every redirect"})
     think_threshold: float | None = field(default=None, metadata={
         "help": "auto mode thinks iff p_think >= this, for requests that set no think_threshold (pick it with "
                 "`bimode eval calibrate`)"})
@@ -64,6 +72,15 @@ class ServeConfig:
         for name in ("max_request_bytes", "max_queued_requests"):
             if getattr(self, name) < 1:
                 raise UsageError(f"{name} must be at least 1")
+        self.allowed_media_domains = split_list(self.allowed_media_domains)
+        self.allowed_media_networks = split_list(self.allowed_media_networks)
+        try:
+            parse_networks(self.allowed_media_networks)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        if (self.allowed_media_domains or self.allowed_media_networks) and not self.allow_remote_images:
+            raise UsageError("allowed_media_domains and allowed_media_networks say which remote images are fetched: "
+                             "give --allow_remote_images too")
         for name in ("request_timeout", "shutdown_timeout"):
             if getattr(self, name) <= 0:
                 raise UsageError(f"{name} must be positive")

@@ -2,12 +2,14 @@
 image, within the server's limits, or BadRequest naming the message part (`where`) and what is wrong.
 
 Local paths are read only under `--allow_image_dir`, remote URLs fetched only with `--allow_remote_images`: either
-lets a client make the server open what it names."""
+lets a client make the server open what it names. Remote ones come only from public addresses unless the operator
+allows others (url_guard.py)."""
 
 from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import io
 import re
 import time
@@ -16,6 +18,7 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
+from bimode.serve import url_guard
 from bimode.serve.errors import BadRequest
 from bimode.serve.limits import ServerLimits
 
@@ -75,16 +78,18 @@ def _fetch_remote_image(url: str, limits: ServerLimits, where: str) -> tuple[byt
     """The bytes at an http(s) URL and their Content-Type, within the size cap, the redirect limit and one
     deadline for the whole fetch: redirects are followed here, and every hop's network operations get only
     what is left of the deadline (httpx's own timeout is per operation, and a server that trickles bytes
-    would otherwise hold the request for ever)."""
+    would otherwise hold the request for ever). Every hop's host is checked and connected to at the address
+    checked (url_guard): a refused one is a 403 that says nothing of what listens there."""
     import httpx
 
     if not limits.allow_remote_images:
         raise BadRequest(f"{where}: remote image URLs are not fetched unless the server runs with "
                          "--allow_remote_images; or send a base64 data URL", where)
     cap, seconds = limits.remote_image_max_bytes, limits.remote_image_timeout
+    networks = url_guard.parse_networks(limits.allowed_media_networks)
 
-    def fail(reason: str) -> BadRequest:
-        return BadRequest(f"{where}: cannot fetch image {url}: {reason}", where)
+    def fail(reason: str, status: int = 400) -> BadRequest:
+        return BadRequest(f"{where}: cannot fetch image {url}: {reason}", where, status=status)
 
     deadline = time.monotonic() + seconds
 
@@ -94,15 +99,26 @@ def _fetch_remote_image(url: str, limits: ServerLimits, where: str) -> tuple[byt
             raise fail(f"took longer than {seconds:g} s")
         return left
 
-    current = url
+    current, hop = httpx.URL(url), ""  # hop: how a refusal names a redirect's target
     try:
-        with httpx.Client(follow_redirects=False) as client:
+        # trust_env=False: a proxy from the environment would connect (and resolve) past the check
+        with httpx.Client(follow_redirects=False, trust_env=False) as client:
             for _ in range(limits.remote_image_max_redirects + 1):
-                with client.stream("GET", current, timeout=time_left()) as response:
+                if not current.host:
+                    raise fail(f"{hop}no host in the URL")
+                try:
+                    addresses = url_guard.checked_addresses(current.host, current.port or _PORTS[current.scheme],
+                                                            limits.allowed_media_domains, networks)
+                except url_guard.Refused as exc:
+                    raise fail(f"{hop}{exc}", status=403) from None
+                except OSError as exc:
+                    raise fail(f"{hop}cannot resolve host {current.host} ({exc.strerror or exc})") from None
+                with contextlib.closing(_send_pinned(client, current, addresses, time_left)) as response:
                     if response.is_redirect:
-                        current = str(response.next_request.url) if response.next_request else ""
-                        if not current.startswith(("http://", "https://")):
-                            raise fail(f"redirected to an unsupported scheme ({current or 'no location'})")
+                        current = current.join(response.headers["location"])
+                        if current.scheme not in _PORTS:
+                            raise fail(f"redirected to an unsupported scheme ({current})")
+                        hop = f"redirected to {current}: "
                         continue
                     if response.status_code >= 400:
                         raise fail(f"HTTP {response.status_code}")
@@ -124,6 +140,22 @@ def _fetch_remote_image(url: str, limits: ServerLimits, where: str) -> tuple[byt
     except (httpx.HTTPError, httpx.InvalidURL) as exc:
         raise fail(f"{type(exc).__name__}: {exc}") from None
     raise fail(f"more than {limits.remote_image_max_redirects} redirects")
+
+
+_PORTS = {"http": 80, "https": 443}
+
+
+def _send_pinned(client, url, addresses, time_left):
+    """The streamed response (the caller closes it) from the first of `addresses` that takes the connection."""
+    import httpx
+
+    for i, ip in enumerate(addresses):
+        try:
+            return client.send(url_guard.pinned_request(client, url, ip, time_left()), stream=True)
+        except httpx.ConnectError:
+            if i == len(addresses) - 1:
+                raise
+    raise AssertionError("checked_addresses returns at least one address")
 
 
 def _read_local_image(path: str, limits: ServerLimits, where: str) -> bytes:

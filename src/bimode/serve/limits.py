@@ -41,6 +41,10 @@ class ServerLimits:
     remote_image_max_bytes: int = 20 * 1024 * 1024
     remote_image_timeout: float = 10.0  # seconds for the whole fetch, redirects and body included
     remote_image_max_redirects: int = 3
+    # hosts fetched whatever they resolve to; given, no other host is fetched (vLLM's --allowed-media-domains)
+    allowed_media_domains: list[str] = field(default_factory=list)
+    # CIDR networks whose non-public addresses (loopback, private, link-local, ...) may be fetched (url_guard)
+    allowed_media_networks: list[str] = field(default_factory=list)
     # applied under every request's own chat_template_kwargs (vLLM's --default-chat-template-kwargs)
     default_chat_template_kwargs: dict = field(default_factory=dict)
     # auto mode thinks iff p_think >= this when a request sets no think_threshold (`bimode eval calibrate`)
