@@ -178,6 +178,27 @@ def build_tiny_gemma3(out: Path) -> Path:
     return out
 
 
+def build_tiny_gemma3_showing_masks(out: Path, sliding_window: int = 16) -> Path:
+    """The tiny Gemma 3 (fixed weights) with a full-attention layer over its sliding one, a window of
+    `sliding_window` tokens, and its image projection off zero (its initial value): with two sliding layers no
+    labelled token is in reach of the image tokens' two-way attention, and with the projection at zero no image
+    reaches the loss. Tests of paths that must keep Gemma 3's masks read it."""
+    import torch
+    from transformers import Gemma3ForConditionalGeneration
+
+    with torch.random.fork_rng():  # the same weights whatever ran before
+        torch.manual_seed(0)
+        build_tiny_gemma3(out)
+    model = Gemma3ForConditionalGeneration.from_pretrained(out)
+    model.config.text_config.layer_types = ["sliding_attention", "full_attention"]
+    model.config.text_config.sliding_window = sliding_window
+    projection = model.model.multi_modal_projector.mm_input_projection_weight
+    with torch.no_grad():
+        projection.normal_(std=projection.shape[0] ** -0.5, generator=torch.Generator().manual_seed(0))
+    model.save_pretrained(out)
+    return out
+
+
 def saved_vision_keys(checkpoint: Path) -> list[str]:
     """The vision-tower weight names a checkpoint's safetensors files hold, as written on disk."""
     from safetensors import safe_open

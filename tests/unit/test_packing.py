@@ -141,24 +141,6 @@ def test_packed_annealing_trains(tmp_path, mixed_file, family_dir, family):
     assert logged["num_tokens"] == first["input_ids"].numel() and 0 < logged["loss"] < 20
 
 
-def _gemma3_that_shows_its_masks(path):
-    """The tiny Gemma 3 with a full-attention layer over its sliding one, and its image projection off zero (its
-    initial value): with two sliding layers no labelled token is in reach of the image tokens' two-way
-    attention, and with the projection at zero no image reaches the loss."""
-    from transformers import Gemma3ForConditionalGeneration
-
-    with torch.random.fork_rng():  # the same weights whatever ran before: the measured numbers below
-        torch.manual_seed(0)
-        hf_fixtures.build_tiny_gemma3(path)
-    model = Gemma3ForConditionalGeneration.from_pretrained(path)
-    model.config.text_config.layer_types = ["sliding_attention", "full_attention"]
-    projection = model.model.multi_modal_projector.mm_input_projection_weight
-    with torch.no_grad():
-        projection.normal_(std=projection.shape[0] ** -0.5, generator=torch.Generator().manual_seed(0))
-    model.save_pretrained(path)
-    return path
-
-
 def test_gemma3_trains_padded_because_packing_it_measures_wrong(tmp_path, mixed_file, caplog):
     """Packing Gemma 3 as LLaVA packs (positions restarting per row, no mask) loses what its attention adds to
     causal within a row: its image tokens attend to each other both ways (token_type_ids) and its sliding layers
@@ -172,9 +154,10 @@ def test_gemma3_trains_padded_because_packing_it_measures_wrong(tmp_path, mixed_
     from bimode.train.packing import MEASURED_REFUSALS, collate_packed
     from bimode.train.tokenization import tokenize_example
 
+    gemma3 = hf_fixtures.build_tiny_gemma3_showing_masks(tmp_path / "gemma3")
     with caplog.at_level(logging.WARNING, logger="bimode.train.anneal"):
-        trainer = build_trainer(_cfg(tmp_path, mixed_file, _gemma3_that_shows_its_masks(tmp_path / "gemma3"),
-                                     pack_rows=True, max_length=900, nonthinking_loss_mask=True))
+        trainer = build_trainer(_cfg(tmp_path, mixed_file, gemma3, pack_rows=True, max_length=900,
+                                     nonthinking_loss_mask=True))
     assert "row" in trainer.train_dataset.column_names
     assert f"trains padded: {MEASURED_REFUSALS['gemma3']}" in caplog.text
     collator = trainer.data_collator

@@ -34,6 +34,7 @@ K = 7  # completion columns
 TOL = 1e-5
 FAMILIES = ["llava", "qwen25_vl", "qwen3_vl"]
 QWEN_BUILDERS = {"qwen25_vl": hf_fixtures.build_tiny_qwen25_vl, "qwen3_vl": hf_fixtures.build_tiny_qwen3_vl}
+BUILDERS = {**QWEN_BUILDERS, "gemma3": hf_fixtures.build_tiny_gemma3_showing_masks}
 
 
 def records(n: int = 3):
@@ -44,7 +45,8 @@ def make_batch(processor, texts: list[str], images: list[list], order=ORDER, k: 
     """TRL's layout: prompts (left-padded, with images) repeated per rollout in `order`, then completions of
     2..k tokens right-padded to k. Returns input_ids and attention_mask (B, P + k) and TRL's image kwargs:
     per-image tensors (pixel_values one row per image, or Qwen-VL's image_grid_thw.prod() patch rows per image)
-    in the rows' order, num_images per row, mm_token_type_ids (B, P + k) with zeros for the completion."""
+    in the rows' order, num_images per row, mm_token_type_ids or token_type_ids (B, P + k) with zeros for the
+    completion."""
     tok = processor.tokenizer
     tok.padding_side = "left"
     enc = processor(images=images if any(images) else None, text=texts, return_tensors="pt", padding=True)
@@ -75,8 +77,9 @@ def make_batch(processor, texts: list[str], images: list[list], order=ORDER, k: 
         patches = enc["image_grid_thw"].prod(-1).tolist() if "image_grid_thw" in enc else [1] * per_image[-1]
         starts = [sum(patches[:i]) for i in range(len(patches))]
         kwargs["pixel_values"] = enc["pixel_values"][[starts[i] + j for i in image_index for j in range(patches[i])]]
-    if "mm_token_type_ids" in enc:
-        kwargs["mm_token_type_ids"] = torch.cat([enc["mm_token_type_ids"][index], torch.zeros_like(completion)], 1)
+    for key in ("mm_token_type_ids", "token_type_ids"):  # per token: the completion's are text, 0
+        if key in enc:
+            kwargs[key] = torch.cat([enc[key][index], torch.zeros_like(completion)], 1)
     return input_ids, mask, kwargs
 
 
@@ -156,7 +159,7 @@ def checkpoints(tiny_dir, tmp_path_factory):
 
     def get(name: str):
         if name not in built:
-            built[name] = QWEN_BUILDERS[name](tmp_path_factory.mktemp(name) / "model")
+            built[name] = BUILDERS[name](tmp_path_factory.mktemp(name) / "model")
         return built[name]
     return get
 
@@ -339,12 +342,42 @@ def test_llava_next_with_image_sizes_matches_the_per_row_forward(tmp_path):
     assert logp < TOL and entropy < TOL and rel < TOL
 
 
+def test_gemma3_with_its_sliding_window_and_two_way_image_attention_matches_the_per_row_forward(tmp_path):
+    """Gemma 3: a window of 8 tokens in its sliding layer (prompts of about 47), image tokens attending to each other
+    both ways by token_type_ids, which the prefix pass gets with the prompt; the per-row pass is text, causal within
+    the window, read by the model's own masks over the prompt's cache."""
+    model, processor = load_model(hf_fixtures.build_tiny_gemma3_showing_masks(tmp_path / "gemma3", sliding_window=8),
+                                  dtype=torch.float32)
+    model.train()
+    input_ids, mask, kwargs = tiny_batch(processor, records())
+    assert kwargs["token_type_ids"][:, :-K].any() and call_unsupported(model, input_ids, K, **kwargs) is None
+    reference = direct(model, input_ids, mask, kwargs, 0.7)
+    shared = grouped_completion_logps(model, input_ids, mask, K, kwargs, True, batch_size=3, temperature=0.7)
+    logp, entropy, rel, used = compare(model, shared, reference)
+    print(f"gemma3: max |dlogp| {logp:.2e}, max |dH| {entropy:.2e}, max rel grad {rel:.2e} ({used} tensors)")
+    assert logp < TOL and entropy < TOL and rel < TOL
+    # the test can tell: both masks change these numbers (measured 7.3e-3 without the two-way image attention,
+    # 0.2 with a window of 16 instead of 8)
+    with torch.no_grad():
+        causal_images = direct(model, input_ids, mask, {k: v for k, v in kwargs.items() if k != "token_type_ids"}, 0.7)
+        model.config.text_config.sliding_window = 16
+        wider = direct(model, input_ids, mask, kwargs, 0.7)
+    assert (causal_images[0] - reference[0]).abs().max() > 1e-3 and (wider[0] - reference[0]).abs().max() > 1e-2
+
+
 # ---- what falls back --------------------------------------------------------------------------------
 def test_unsupported_models_and_calls_say_why(tmp_path, tiny):
+    from transformers import MistralConfig, MistralForCausalLM
+
     model, processor = tiny
     input_ids, _, kwargs = tiny_batch(processor, records())
+    mistral = MistralForCausalLM(MistralConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1,
+                                               num_attention_heads=2, num_key_value_heads=1, intermediate_size=32))
+    assert "allow-list" in architecture_unsupported(mistral)
     gemma, _ = load_model(hf_fixtures.build_tiny_gemma3(tmp_path / "gemma3"), dtype=torch.float32)
-    assert "allow-list" in architecture_unsupported(gemma)
+    assert architecture_unsupported(gemma) is None
+    gemma.config.text_config.final_logit_softcapping = 30.0
+    assert "softcapping" in architecture_unsupported(gemma)
     assert "MoE" in call_unsupported(model, input_ids, K, compute_aux_loss=True, **kwargs)
     assert "image_grid_thw" in call_unsupported(model, input_ids, K, image_grid_thw=torch.ones(8, 3), **kwargs)
     image_in_completion = input_ids.clone()
@@ -422,11 +455,13 @@ def forward_paths(caplog) -> set[str]:
     return {path for r in caplog.records if (path := forward_path(r.getMessage())) is not None}
 
 
-# Qwen3-VL under LoRA: its tiny checkpoint lacks the think tags that loading adds, so full fine-tuning's reference
-# model (TRL loads it from the checkpoint) could not score the rollouts; LoRA's is the model without its adapter
+# Qwen3-VL and Gemma 3 under LoRA: their tiny checkpoints lack the think tags that loading adds, so full
+# fine-tuning's reference model (TRL loads it from the checkpoint) could not score the rollouts; LoRA's is the model
+# without its adapter
 @pytest.mark.parametrize("name,lora,checkpointing", [("llava", False, False), ("llava", True, False),
-                                                     ("llava", False, True), ("qwen3_vl", True, False)],
-                         ids=["full", "lora", "checkpointing", "qwen3_vl-lora"])
+                                                     ("llava", False, True), ("qwen3_vl", True, False),
+                                                     ("gemma3", True, False)],
+                         ids=["full", "lora", "checkpointing", "qwen3_vl-lora", "gemma3-lora"])
 def test_a_bpo_step_is_the_same_with_the_shared_forward_on_and_off(tmp_path, checkpoints, trained_families_file, name,
                                                                     lora, checkpointing, caplog):
     """One step (beta > 0: reference log-probs, from the adapter-less model under LoRA; num_iterations 2: old

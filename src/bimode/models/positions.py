@@ -9,7 +9,9 @@ concatenated with positions restarting per row). Two kinds of rotary positions a
   `get_rope_index`. Every token after the prompt is text, so it continues on all axes from the prompt's largest
   position + 1 (what the model's `rope_deltas` encode): `next_positions`.
 Both need full attention in every layer and images that only replace placeholder embeddings
-(`flat_positions_unsupported`); a path that does not handle multi-axis positions yet passes `multi_axis=False`.
+(`flat_positions_unsupported`); a path that does not handle multi-axis positions yet passes `multi_axis=False`,
+and one that leaves the attention masks to the model (the shared-prefix training forward) passes
+`sliding_window=True`, which lets Gemma 3 (sliding layers, two-way image attention) through.
 """
 
 from __future__ import annotations
@@ -26,6 +28,11 @@ FLAT_TEXT_TYPES = frozenset({"qwen3", "qwen2", "llama"})
 # features to the image tokens' hidden states in early layers: still only at the image tokens).
 MULTI_AXIS_MODEL_TYPES = frozenset({"qwen2_vl", "qwen2_5_vl", "qwen3_vl"})
 MULTI_AXIS_TEXT_TYPES = frozenset({"qwen2_vl_text", "qwen2_5_vl_text", "qwen3_vl_text"})
+# Gemma 3: 1-D positions, but sliding-window layers and image tokens that attend to each other both ways (by
+# token_type_ids): a path that reuses a prompt's cache as transformers' own masks read it holds (the shared-prefix
+# training forward, measured equal), one that builds its own row masks does not (packing, measured wrong).
+SLIDING_WINDOW_MODEL_TYPES = frozenset({"gemma3"})
+SLIDING_WINDOW_TEXT_TYPES = frozenset({"gemma3_text"})
 
 
 def multi_axis_positions(model) -> bool:
@@ -35,9 +42,11 @@ def multi_axis_positions(model) -> bool:
     return hasattr(getattr(inner, "model", inner), "get_rope_index")
 
 
-def flat_positions_unsupported(model, path: str, multi_axis: bool = False) -> str | None:
+def flat_positions_unsupported(model, path: str, multi_axis: bool = False, sliding_window: bool = False
+                               ) -> str | None:
     """Why `path` (the feature's name, for the message) cannot run on this model (None: it can). multi_axis: the
-    path handles multi-axis positions (`rope_positions`), so the Qwen-VL families are allowed too."""
+    path handles multi-axis positions (`rope_positions`), so the Qwen-VL families are allowed too; sliding_window:
+    the path leaves the attention masks to the model (Gemma 3 allowed, sliding layers and all)."""
     inner = base_model(model)
     config = getattr(inner, "config", None)
     if config is None:
@@ -48,12 +57,17 @@ def flat_positions_unsupported(model, path: str, multi_axis: bool = False) -> st
     if multi_axis:
         allowed |= MULTI_AXIS_MODEL_TYPES
         allowed_text |= MULTI_AXIS_TEXT_TYPES
+    if sliding_window:
+        allowed |= SLIDING_WINDOW_MODEL_TYPES
+        allowed_text |= SLIDING_WINDOW_TEXT_TYPES
     if multi_axis_positions(inner) and not multi_axis:
         return "multi-axis rotary positions (get_rope_index)"
     if model_type not in allowed:
         return f"model type {model_type!r} is not on the {path} allow-list ({', '.join(sorted(allowed))})"
     if text.model_type not in allowed_text:
         return f"language model type {text.model_type!r} is not on the {path} allow-list"
+    if sliding_window and model_type in SLIDING_WINDOW_MODEL_TYPES:
+        return None if getattr(text, "final_logit_softcapping", None) is None else "final logit softcapping"
     layer_types = getattr(text, "layer_types", None) or []
     if any(t != "full_attention" for t in layer_types):
         return f"layers other than full attention ({sorted(set(layer_types))})"

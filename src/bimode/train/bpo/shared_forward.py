@@ -30,14 +30,17 @@ Positions: what TRL's per-row forward gives each column (`pass_positions`).
 
 What must hold, checked by `call_unsupported` (and `architecture_unsupported`) (anything else takes TRL's own per-row path):
 - positions the two passes can be given: an allow-list of model types (LLaVA, LLaVA-NeXT, the plain
-  Qwen2/Qwen3/Llama LMs, and the multi-axis Qwen2-VL/2.5-VL/3-VL), full attention in every layer. Gemma 3
-  (sliding windows, bidirectional image attention from `token_type_ids`) and everything not listed fall back.
+  Qwen2/Qwen3/Llama LMs, and the multi-axis Qwen2-VL/2.5-VL/3-VL), full attention in every layer; and Gemma 3,
+  whose sliding-window layers and two-way image attention (`token_type_ids`) its own masks apply in both passes:
+  the prompt's token types go to the prefix pass, the row pass (text) is masked by the model over the prompt's
+  cache (tested equal with a window shorter than the prompt). Everything not listed falls back.
 - images given per image: `pixel_values` (n_images, ...) with `num_images` per row and `image_sizes` for
   LLaVA-NeXT, or Qwen-VL's patches (image_grid_thw[i].prod() rows of `pixel_values` per image, `image_grid_thw`
   per image) with `mm_token_type_ids` (B, L) (without them Qwen-VL would not position the images by
-  get_rope_index). None in the per-row part (the completion and the prompt's last token, by token id and by
-  `mm_token_type_ids`): images, their per-token types and Qwen3-VL's deepstack features (added to the image
-  tokens' hidden states in early layers) go to the prefix pass only; the per-row pass gets no image argument.
+  get_rope_index), or Gemma 3's with `token_type_ids` (B, L). None in the per-row part (the completion and the
+  prompt's last token, by token id and by the token types): images, their per-token types and Qwen3-VL's
+  deepstack features (added to the image tokens' hidden states in early layers) go to the prefix pass only; the
+  per-row pass gets no image argument.
 - gradient checkpointing, while gradients are taken, only non-reentrant (TRL's default). transformers drops
   the cache inside checkpointed layers, since a `DynamicCache` written again by the backward replay would
   grow twice; here the prefix pass records into a cache whose replay overwrites what it recorded, the row
@@ -66,9 +69,13 @@ from bimode.compat.transformers_api import (base_model, cache_growing_layers_of,
 from bimode.models.positions import flat_positions_unsupported, multi_axis_positions, rope_positions
 
 # TRL's multimodal arguments this path handles; any other one that is set means fallback. image_grid_thw and
-# mm_token_type_ids only with multi-axis positions (Qwen-VL), where they make the model's get_rope_index positions.
-HANDLED_IMAGE_ARGS = ("pixel_values", "image_sizes", "num_images", "image_grid_thw", "mm_token_type_ids")
-OTHER_IMAGE_ARGS = ("pixel_attention_mask", "spatial_shapes", "num_tiles", "token_type_ids", "image_position_ids")
+# mm_token_type_ids only with multi-axis positions (Qwen-VL), where they make the model's get_rope_index positions;
+# token_type_ids (Gemma 3: its image tokens attend to each other both ways) go with the prompt to the prefix pass.
+HANDLED_IMAGE_ARGS = ("pixel_values", "image_sizes", "num_images", "image_grid_thw", "mm_token_type_ids",
+                      "token_type_ids")
+OTHER_IMAGE_ARGS = ("pixel_attention_mask", "spatial_shapes", "num_tiles", "image_position_ids")
+# Per-token arguments (B, L): the prompt's columns go to the prefix pass; the per-row part must be all text (0).
+TOKEN_TYPE_ARGS = ("mm_token_type_ids", "token_type_ids")
 
 
 DynamicLayer = dynamic_layer_class()  # transformers' cache layer, the base of the two below
@@ -101,7 +108,7 @@ class ReadOnlyPrefixLayer(DynamicLayer):
 
 def architecture_unsupported(model) -> str | None:
     """Why this model's architecture cannot share the prompt's cache (None: it can). Static per model."""
-    return flat_positions_unsupported(model, "shared-prefix", multi_axis=True)
+    return flat_positions_unsupported(model, "shared-prefix", multi_axis=True, sliding_window=True)
 
 
 def call_unsupported(model, input_ids: torch.Tensor, logits_to_keep: int, compute_aux_loss: bool = False,
@@ -128,16 +135,17 @@ def call_unsupported(model, input_ids: torch.Tensor, logits_to_keep: int, comput
     image_token = getattr(inner.config, "image_token_id", getattr(inner.config, "image_token_index", None))
     if image_token is not None and bool((input_ids[:, prompt_length - 1:] == image_token).any()):
         return "an image token in the per-row part (completion or the prompt's last token)"
-    token_types = image_args.get("mm_token_type_ids")
-    if token_types is not None and bool(token_types[:, prompt_length - 1:].any()):
-        return "mm_token_type_ids marks an image or video token in the per-row part"
+    for name in TOKEN_TYPE_ARGS:
+        token_types = image_args.get(name)
+        if token_types is not None and bool(token_types[:, prompt_length - 1:].any()):
+            return f"{name} marks an image or video token in the per-row part"
     if torch.is_grad_enabled() and any(is_reentrant(m) for m in checkpointing_layers(model)):
         return "reentrant gradient checkpointing (the prompt's cached keys would get no gradient)"
     return None
 
 
 def _image_layout_unsupported(model, pixel_values, image_sizes, num_images, image_grid_thw,
-                              mm_token_type_ids) -> str | None:
+                              mm_token_type_ids, token_type_ids) -> str | None:
     """Why TRL's image tensors cannot be cut per prompt here (None: they can)."""
     multi_axis = multi_axis_positions(model)
     if not multi_axis and (image_grid_thw is not None or mm_token_type_ids is not None):
@@ -205,8 +213,9 @@ def _ranges(counts: list[int]) -> list[range]:
 def find_prefix_groups(input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int,
                        pixel_values: torch.Tensor | None = None, image_sizes: torch.Tensor | None = None,
                        num_images: list[int] | None = None, image_grid_thw: torch.Tensor | None = None,
-                       mm_token_type_ids: torch.Tensor | None = None) -> PrefixGroups:
-    """Group rows with the same prompt: ids, mask (and mm_token_type_ids) of the P = L - K prompt columns and
+                       mm_token_type_ids: torch.Tensor | None = None,
+                       token_type_ids: torch.Tensor | None = None) -> PrefixGroups:
+    """Group rows with the same prompt: ids, mask (and the token types) of the P = L - K prompt columns and
     identical images.
 
     input_ids, attention_mask: (B, L); pixel_values: num_images[b] images for row b, one row per image, or for
@@ -214,7 +223,7 @@ def find_prefix_groups(input_ids: torch.Tensor, attention_mask: torch.Tensor, lo
     None. Rows of a group need not be adjacent (TRL shuffles rollouts).
     """
     prompt_length = input_ids.size(1) - logits_to_keep
-    columns = [input_ids, attention_mask] + ([mm_token_type_ids] if mm_token_type_ids is not None else [])
+    columns = [input_ids, attention_mask] + [t for t in (mm_token_type_ids, token_type_ids) if t is not None]
     prompts = torch.cat([c[:, :prompt_length].to(input_ids.dtype) for c in columns], 1)
     _, same_text = torch.unique(prompts, dim=0, return_inverse=True)
     layout = ImageLayout.of(num_images, image_grid_thw)
@@ -246,9 +255,9 @@ def find_prefix_groups(input_ids: torch.Tensor, attention_mask: torch.Tensor, lo
 
 
 def _prefix_images(rows: list[int], layout: ImageLayout, pixel_values=None, image_sizes=None, image_grid_thw=None,
-                   mm_token_type_ids=None, num_images=None) -> dict:
-    """The image arguments of `rows` (their slices of TRL's flat tensors), or {} without images. mm_token_type_ids
-    is per token and cut with the prompt's columns by the caller."""
+                   num_images=None, **_token_types) -> dict:
+    """The image arguments of `rows` (their slices of TRL's flat tensors), or {} without images. The token types
+    are per token and cut with the prompt's columns by the caller."""
     if pixel_values is None:
         return {}
     images = layout.image_index(rows)
@@ -300,15 +309,15 @@ def _run_prefixes(model, input_ids, attention_mask, groups: PrefixGroups, batch_
     cut = groups.prompt_length - 1
     layers: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
     reps = groups.representatives
-    token_types = images.get("mm_token_type_ids")
     for start in range(0, len(reps), batch_size):
         rows = reps[start:start + batch_size]
         index = torch.tensor(rows, device=input_ids.device)
         extra = _prefix_images(rows, layout, **images)
         if positions is not None:
             extra["position_ids"] = positions[..., start:start + len(rows), :]
-        if token_types is not None:
-            extra["mm_token_type_ids"] = token_types.index_select(0, index)[:, :cut]
+        for name in TOKEN_TYPE_ARGS:
+            if images.get(name) is not None:
+                extra[name] = images[name].index_select(0, index)[:, :cut]
         cache = cache_growing_layers_of(RecordingLayer)
         # logits_to_keep=1: the prefix's logits are not needed (the per-row pass re-runs its last token)
         model(input_ids=input_ids.index_select(0, index)[:, :cut],
