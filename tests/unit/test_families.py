@@ -106,6 +106,29 @@ def test_bpo_step_trains_every_component(tmp_path, family_dir, train_file):
     assert_reloads(trainer, final)
 
 
+def test_gemma3_shared_prefix_engine_equals_plain_generate_past_its_window(tmp_path):
+    """Gemma 3's rollouts share the prompt's cache like LLaVA's: its two-way image attention in the prefill (the
+    processor's token_type_ids), its sliding window (8 tokens, shorter than every prompt) in every decode step.
+    Greedy tokens and log-probs equal plain `generate` one prompt at a time, in a batch of an image and a
+    text-only prompt of different lengths."""
+    from tests.helpers.hf_fixtures import build_tiny_gemma3_showing_masks
+
+    model, processor = load_model(build_tiny_gemma3_showing_masks(tmp_path / "gemma3", sliding_window=8),
+                                  dtype=torch.float32)
+    engine = TransformersEngine(model, processor)
+    text_only = [{"role": "user", "content": [{"type": "text", "text": "The ball is under cup 2. Where is it?"}]}]
+    prompts = [Prompt(USER, images=[Image.new("RGB", (64, 32), "red")], modes=["think", "no_think"]),
+               Prompt(text_only, images=[], modes=["think", "no_think"])]
+    assert engine.shared_prefix and min(len(engine.prompt_ids(p)) for p in prompts) > 8
+    shared = engine.generate(prompts, SamplingParams(max_new_tokens=8, logprobs=True))
+    for p, group in zip(prompts, shared):
+        for mode, completion in zip(("think", "no_think"), group):
+            [reference] = generate(model, processor, [p], mode, 8, batch_size=1, suppress_tokens=engine.banned_ids,
+                                   logprobs=True)
+            assert completion.token_ids == reference.token_ids, (mode, p.messages)
+            assert completion.logprobs == pytest.approx(reference.logprobs, abs=1e-4)
+
+
 @pytest.mark.parametrize("family", ["qwen25_vl", "qwen3_vl"])
 def test_plain_path_batches_prompts_and_equals_one_at_a_time_generate(tmp_path, family):
     """The plain decoder (multi-axis models bimode has not tested; Qwen-VL put on it by hand) takes one batched
