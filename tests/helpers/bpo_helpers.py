@@ -2,6 +2,9 @@
 BPO logs."""
 
 import logging
+import os
+import time
+from pathlib import Path
 
 
 def no_think_wins(prompts, completions, completion_ids, rollout_mode, **kwargs):
@@ -21,6 +24,25 @@ def fails_on_thinking(prompts, completions, completion_ids, rollout_mode, **kwar
 def none_on_thinking(prompts, completions, completion_ids, rollout_mode, **kwargs):
     """Cannot score thinking rollouts (TRL's None); every direct answer scores 1."""
     return [None if mode == "think" else 1.0 for mode in rollout_mode]
+
+
+HOLD_AFTER = "BIMODE_TEST_HOLD_AFTER"  # a checkpoint folder: hold_once_saved holds a step after it is written
+HOLDING = "BIMODE_TEST_HOLDING"  # the file hold_once_saved creates when it holds
+_scored_after_checkpoint = []
+
+
+def hold_once_saved(prompts, completions, completion_ids, **kwargs):
+    """0 for every rollout (adds nothing to any advantage). Where the environment names a checkpoint folder
+    (HOLD_AFTER), the second rollout batch scored after it is fully written (its trainer_state.json, which
+    Trainer writes last) creates the HOLDING file and waits to be killed: the step after the checkpoint has run
+    (its probe line written, its weights not saved), as a kill at any time after a checkpoint leaves a run."""
+    after, holding = os.environ.get(HOLD_AFTER), os.environ.get(HOLDING)
+    if after and holding and (Path(after) / "trainer_state.json").exists():
+        _scored_after_checkpoint.append(len(completion_ids))
+        if len(_scored_after_checkpoint) == 2:
+            Path(holding).touch()
+            time.sleep(300)  # killed long before; a run that goes on anyway fails the test by its exit status
+    return [0.0] * len(completion_ids)
 
 
 def trained_p_think_drop(trainer) -> tuple[float, dict, dict]:

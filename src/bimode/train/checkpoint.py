@@ -1,6 +1,26 @@
-"""Resuming a training run from its checkpoint: strictly, for VLMs."""
+"""Resuming a training run from its checkpoint: the latest one fully written, loaded strictly for VLMs."""
 
 from __future__ import annotations
+
+import re
+from pathlib import Path
+
+FULLY_WRITTEN = "trainer_state.json"  # what Trainer's _save_checkpoint writes last
+
+
+def resume_point(output_dir, resume_from_checkpoint) -> str | None:
+    """The checkpoint a run resumes from. "true" (or True): OUTPUT_DIR's highest-numbered checkpoint-N that was
+    fully written, None (step 0) where there is none, so one command both starts a run and resumes it after a
+    kill. transformers' own "latest" takes the highest-numbered folder even when a kill cut it short mid-save.
+    A path is taken as given; None or "false": no resume."""
+    if resume_from_checkpoint in (None, False, "false", "False", ""):
+        return None
+    if resume_from_checkpoint not in (True, "true", "True"):
+        return str(resume_from_checkpoint)
+    folder = Path(output_dir)
+    steps = {int(m.group(1)): p for p in folder.glob("checkpoint-*")
+             if (m := re.fullmatch(r"checkpoint-(\d+)", p.name)) and (p / FULLY_WRITTEN).is_file()}
+    return str(steps[max(steps)]) if steps else None
 
 
 class StrictResumeMixin:

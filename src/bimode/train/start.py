@@ -16,6 +16,10 @@ class StartFields:
                 "an annealed model)"})
     train_files: list[str] = field(default_factory=list, metadata={
         "help": "record files to train on (BPO: prompts with gold answers to reward)"})
+    resume_from_checkpoint: str | None = field(default=None, metadata={
+        "help": "true: resume from the latest fully written OUTPUT_DIR/checkpoint-N, or start at step 0 where there "
+                "is none, so the same command starts a run and resumes it after a kill; a checkpoint folder: "
+                "resume from it (README, 'Reliability')"})
 
 
 def load_start(cfg, model=None, processor=None, what: str = "records to train on", model_args=None):

@@ -2,12 +2,12 @@
 
 Every `probe_steps` steps the trainer asks the probe records' auto-mode decision once (one forward pass, no
 generation), logs `probe/p_think/level_L`, `probe/think_rate/level_L` and `probe/decision_mass/level_L`, and
-the main process appends the same numbers with the step to OUTPUT_DIR/probe.jsonl.
+the main process appends the same numbers with the step to OUTPUT_DIR/probe.jsonl. A run's first probe drops the
+lines from its step on, which a run killed after its last checkpoint wrote: a resumed run logs each step once.
 """
 
 from __future__ import annotations
 
-import json
 import random
 from collections import defaultdict
 from pathlib import Path
@@ -15,6 +15,7 @@ from pathlib import Path
 from bimode.compat.trl_api import log_metric
 from bimode.data.records import Record
 from bimode.generation.types import Prompt
+from bimode.io import append_log, read_log, write_jsonl
 
 
 class PThinkProbe:
@@ -24,6 +25,7 @@ class PThinkProbe:
         self.records = records
         self._prompts: list[Prompt] | None = None
         self._last_step = -1
+        self._logged = False  # whether this process has written probe.jsonl yet
 
     def maybe_run(self, trainer) -> None:
         """Probe, log and append to probe.jsonl when this step is due (once per step, however many batches)."""
@@ -35,9 +37,12 @@ class PThinkProbe:
         for key, value in result.items():
             log_metric(trainer, f"probe/{key}", value)
         if trainer.accelerator.is_main_process:
-            Path(trainer.args.output_dir).mkdir(parents=True, exist_ok=True)
-            with open(Path(trainer.args.output_dir) / "probe.jsonl", "a") as f:
-                f.write(json.dumps({"step": step, **result}) + "\n")
+            path = Path(trainer.args.output_dir) / "probe.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if not self._logged:  # steps from here on are (re)run by this process: a killed run's lines go
+                write_jsonl(path, [row for row in read_log(path) if row.get("step", step) < step])
+                self._logged = True
+            append_log(path, [{"step": step, **result}])
 
     def run(self, trainer) -> dict[str, float]:
         """Per level: mean auto-mode p_think, the greedy thinking rate (p_think >= 0.5) and the decision mass
