@@ -201,6 +201,21 @@ def to_pil(img: Any) -> Image.Image:
         raise UsageError(f"cannot decode image ({what}): {exc}") from exc
 
 
+def image_header_size(img: Any) -> tuple[int, int]:
+    """(width, height) from the image's header alone (PIL's Image.open without .load(): no pixel decoded); raises
+    ValueError naming what failed. Pixel data broken past a valid header is found only by `to_pil`."""
+    if isinstance(img, Image.Image):
+        return img.size
+    try:
+        with Image.open(io.BytesIO(img) if isinstance(img, (bytes, bytearray)) else img) as opened:
+            return opened.size
+    except FileNotFoundError as exc:
+        raise UsageError(f"image file not found: {img}") from exc
+    except Exception as exc:  # PIL raises several types for what is not an image (or a decompression bomb)
+        what = f"{len(img)} bytes" if isinstance(img, (bytes, bytearray)) else str(img)
+        raise UsageError(f"cannot open image ({what}): {exc}") from exc
+
+
 def png_bytes(img: Any) -> bytes:
     if isinstance(img, (bytes, bytearray)):
         return bytes(img)

@@ -8,7 +8,9 @@ get their own learning rate or are frozen (docs/r4b.md, section 5), in whichever
 flags they train LoRA adapters instead (train/adapters.py); the per-component learning rates apply to them.
 With `train_sampling_strategy: group_by_length` (transformers') batches hold rows of about the same length,
 from lengths estimated without decoding images; with `pack_rows` rows are packed into padding-free sequences of
-up to `max_length` tokens (train/packing.py; TRL does not pack vision datasets).
+up to `max_length` tokens (train/packing.py; TRL does not pack vision datasets). Every row is checked before
+step 1 (train/row_checks.py: images by their headers, text within `max_length`) and rows whose pixels fail in the
+collator are skipped and counted (train/bad_rows.py).
 """
 
 from __future__ import annotations
@@ -29,13 +31,15 @@ from bimode.data.records import TARGET_MODES, Record
 from bimode.errors import UsageError
 from bimode.modes import ThinkingMode
 from bimode.train.adapters import AdapterFields, build_peft_config
+from bimode.train.bad_rows import BAD_ROWS_KEY, BadRowsMixin, RowImages
 from bimode.train.checkpoint import StrictResumeMixin
 from bimode.train.run import train_and_save
 from bimode.train.start import StartFields, load_start
 from bimode.train.components import COMPONENTS, freeze, optimizer_groups
 from bimode.train.packing import collate_packed, packing_unsupported, plan_packs, use_varlen_attention
 from bimode.train.precision import fp32_unless_asked_on_cpu
-from bimode.train.tokenization import collate, estimated_lengths, tokenize_example
+from bimode.train.row_checks import RowCheckFields, TextLimit, checked_rows, token_counter
+from bimode.train.tokenization import collate, estimated_lengths, own_text, tokenize_example
 
 logger = logging.getLogger(__name__)
 _PREPARED = "rows are tokenized in bimode's collator as batches need them (no dataset is prepared up front)"
@@ -52,7 +56,7 @@ BYPASSED_SFT_FIELDS = {
     "eos_token": ((None,), "each target ends with the chat template's end-of-turn token"),
     "pad_token": ((None,), "bimode's collator pads with the tokenizer's pad token (its eos token when it has none)"),
     "pad_to_multiple_of": (("auto",), "bimode's collator pads each batch to its longest row"),
-    "truncation_mode": (("keep_start",), "rows are never truncated (max_length only sizes pack_rows' packs)"),
+    "truncation_mode": (("keep_start",), "rows are never truncated (a row over max_length is a bad row)"),
     "completion_only_loss": ((None, True), "the loss is always on the assistant response only"),
 }
 # transformers' optimizers that take the model or choose their parameter groups themselves (optim names contain these)
@@ -60,7 +64,7 @@ OWN_PARAMETER_OPTIMIZERS = ("galore", "apollo", "lomo")
 
 
 @dataclass
-class AnnealConfig(StartFields, AdapterFields, SFTConfig):
+class AnnealConfig(StartFields, RowCheckFields, AdapterFields, SFTConfig):
     target_modes: str = field(default="labelled", metadata={
         "help": "labelled: each record in its `mode` (else think if it has a trace); both: every record in "
                 "both modes (records without a trace only non-thinking); think / no_think: one mode for all"})
@@ -77,8 +81,9 @@ class AnnealConfig(StartFields, AdapterFields, SFTConfig):
                 "attention kept within each row (LLaVA, LLaVA-NeXT, Qwen2.5-VL, Qwen3-VL; others "
                 "train padded, the reason logged). per_device_train_batch_size then counts packs"})
     max_length: int | None = field(default=1024, metadata={
-        "help": "with pack_rows: the most tokens in a pack. Rows are never truncated (without pack_rows it is "
-                "not read)"})
+        "help": "the most tokens of a row and, with pack_rows, of a pack. Rows are never truncated: a row whose "
+                "text alone (question, system prompt and target, without template or image tokens) is longer "
+                "is a bad row, found before step 1 (skip_bad_rows); null: no limit (pack_rows needs one)"})
     trust_remote_code: bool = field(default=False, metadata={"help": "allow the checkpoint's own code"})
     report_to: None | str | list[str] = field(default="tensorboard", metadata={
         "help": "where to log (tensorboard by default; 'none' to turn off, 'wandb', ...)"})
@@ -133,30 +138,43 @@ class BimodeCollator:
     only when a batch needs them.
     """
 
-    def __init__(self, pairs, processor, mask_empty_think: bool = False, model=None):
+    def __init__(self, pairs, processor, mask_empty_think: bool = False, model=None, images: RowImages | None = None):
         # model: the model trained, whose own get_rope_index gives multi-axis models' packed rows their positions
         self.pairs, self.processor, self.mask, self.model = pairs, processor, mask_empty_think, model
+        # images: each pair's images, decoded as batches need them; a pair whose pixels fail gives way to the next
+        self.images = images if images is not None else RowImages([record for record, _ in pairs])
         tokenizer = getattr(processor, "tokenizer", processor)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     def __call__(self, rows):
         packed = "pack" in rows[0]
         indices = [i for row in rows for i in row["pack"]] if packed else [row["row"] for row in rows]
-        examples = [tokenize_example(self.processor, *self.pairs[i], self.mask) for i in indices]
-        if packed:
-            return collate_packed(examples, self.processor, self.model)
-        return collate(examples, self.processor, self.pad_id)
+        examples, bad = [], []
+        for i in indices:
+            i, images, failed = self.images.load(i)
+            bad += failed
+            examples.append(tokenize_example(self.processor, *self.pairs[i], self.mask, images=images))
+        batch = (collate_packed(examples, self.processor, self.model) if packed
+                 else collate(examples, self.processor, self.pad_id))
+        if bad:  # for the trainer, which counts and records them (this may run in a DataLoader worker)
+            batch[BAD_ROWS_KEY] = bad
+        return batch
 
 
-class AnnealTrainer(StrictResumeMixin, SFTTrainer):
+class AnnealTrainer(BadRowsMixin, StrictResumeMixin, SFTTrainer):
     """SFTTrainer with parameter groups per model component, each at its own learning rate, for the optimizer
-    `optim` names (transformers' factory: adamw_torch, adamw_torch_fused, sgd, adafactor, adamw_8bit, ...)."""
+    `optim` names (transformers' factory: adamw_torch, adamw_torch_fused, sgd, adafactor, adamw_8bit, ...), and
+    rows whose images fail to decode counted (train/bad_rows.py)."""
 
     def __init__(self, *args, component_lrs: dict[str, float], **kwargs):
         check_overrides(type(self))  # a library release that changed an overridden private method fails here
         self.component_lrs = component_lrs
         super().__init__(*args, **kwargs)
         expose_output_bias(self.model)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        self.note_bad_rows(inputs.pop(BAD_ROWS_KEY, []))  # on every process, every micro-batch
+        return super().training_step(model, inputs, num_items_in_batch)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
@@ -203,11 +221,17 @@ def component_optimizer(args, model, groups: list[dict]) -> torch.optim.Optimize
 
 def build_trainer(cfg: AnnealConfig, model=None, processor=None, model_args=None) -> AnnealTrainer:
     """model_args: TRL's ModelConfig (use_peft, lora_r, ...; None: full fine-tuning of cfg.model_path)."""
-    model, processor, by_file = load_start(cfg, model, processor, model_args=model_args)
-    records = [r for file_records in by_file.values() for r in file_records]
-    pairs = expand_targets(records, cfg.target_modes)
-    random.Random(cfg.seed).shuffle(pairs)
+    model, processor, read = load_start(cfg, model, processor, model_args=model_args)
     tokenizer = getattr(processor, "tokenizer", processor)
+    rows = checked_rows(cfg, read, text=target_text_limit(cfg, tokenizer))
+    pairs, origins = [], []
+    for row in rows:
+        for pair in expand_targets([row.record], cfg.target_modes):
+            pairs.append(pair)
+            origins.append((row.file, row.row))
+    order = list(range(len(pairs)))
+    random.Random(cfg.seed).shuffle(order)  # the permutation shuffling the pairs themselves gives
+    pairs, origins = [pairs[i] for i in order], [origins[i] for i in order]
     # LoRA: the trainer wraps the model (TRL's path); frozen components get no adapters
     peft_config = build_peft_config(model_args, model, tokenizer, cfg, cfg.frozen()) if model_args is not None else None
     if peft_config is None and not any(freeze(model, cfg.frozen()).values()):
@@ -218,11 +242,28 @@ def build_trainer(cfg: AnnealConfig, model=None, processor=None, model_args=None
         model=model,
         args=cfg,
         train_dataset=training_rows(cfg, model, processor, pairs),
-        data_collator=BimodeCollator(pairs, processor, cfg.nonthinking_loss_mask, model),
+        data_collator=BimodeCollator(pairs, processor, cfg.nonthinking_loss_mask, model,
+                                     RowImages([record for record, _ in pairs], origins)),
         processing_class=processor,
         component_lrs=cfg.component_lrs(),
         peft_config=peft_config,
     )
+
+
+def target_text_limit(cfg: AnnealConfig, tokenizer) -> TextLimit | None:
+    """max_length on a row's own text: its system prompt, question and the longest target it trains on (the
+    reasoning and answer of a thinking target). Template and image tokens are not counted, so a row refused is
+    surely over max_length, and a row whose images take it over is not found here."""
+    if not cfg.max_length:
+        return None
+
+    def text_of(record: Record) -> tuple[str, str]:
+        texts = [own_text(record.messages(with_target=mode)) for _, mode in expand_targets([record], cfg.target_modes)]
+        sizes = {"question": len(record.question), "reasoning": len(record.reasoning or ""),
+                 "answer": len(record.answer) + len(record.direct_answer or "")}
+        return max(texts, key=len), max(sizes, key=sizes.get)
+
+    return TextLimit(text_of, token_counter(tokenizer), cfg.max_length, f"max_length {cfg.max_length}")
 
 
 def training_rows(cfg: AnnealConfig, model, processor, pairs) -> datasets.Dataset:

@@ -23,7 +23,8 @@ class StartFields:
 
 
 def load_start(cfg, model=None, processor=None, what: str = "records to train on", model_args=None):
-    """The model (cfg.model_path unless given) and the records of cfg.train_files, in file order.
+    """The model (cfg.model_path unless given) and the rows of cfg.train_files, in file order, each with its file
+    and row (row_checks.ReadRows: rows that do not read as records come back as rejects, for the check before step 1).
 
     model_args: TRL's ModelConfig (dtype, attention, QLoRA flags; model_name_or_path stands in for an empty
     model_path). A PEFT adapter folder starts full training merged; LoRA on it would stack a second adapter
@@ -31,10 +32,10 @@ def load_start(cfg, model=None, processor=None, what: str = "records to train on
     """
     import torch
 
-    from bimode.data.records import read_records
     from bimode.models import load_model
     from bimode.models.loading import adapter_base
     from bimode.train.adapters import model_load_kwargs
+    from bimode.train.row_checks import read_rows
 
     if model is None:
         path = cfg.model_path or (model_args.model_name_or_path if model_args is not None else "") or ""
@@ -48,4 +49,4 @@ def load_start(cfg, model=None, processor=None, what: str = "records to train on
         model, processor = load_model(path, trust_remote_code=cfg.trust_remote_code, merge_adapter=True, **kwargs)
     if not cfg.train_files:
         raise UsageError(f"train_files is empty: give {what}")
-    return model, processor, {path: read_records(path) for path in cfg.train_files}
+    return model, processor, read_rows(cfg.train_files)

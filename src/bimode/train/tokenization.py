@@ -84,6 +84,16 @@ def image_size(image) -> tuple[int, int]:
         raise UsageError(f"image file not found: {image}") from exc
 
 
+def own_text(messages: list[dict]) -> str:
+    """The conversation's own texts (system, question, reasoning, answer), without the template's tokens or images."""
+    parts = []
+    for m in messages:
+        content = m["content"]
+        parts += [content] if isinstance(content, str) else [c["text"] for c in content if c["type"] == "text"]
+        parts.append(m.get("reasoning_content") or "")
+    return "\n".join(parts)
+
+
 def estimated_lengths(processor, pairs: list[tuple[Record, str]]) -> list[int]:
     """About how many tokens `tokenize_example` gives each (record, mode), for grouping batches by length and
     packing rows, fast enough for millions of rows: no image is decoded and no template rendered per row. The
@@ -92,15 +102,6 @@ def estimated_lengths(processor, pairs: list[tuple[Record, str]]) -> list[int]:
     expands it into (`ImageTokens`)."""
     tokenizer = getattr(processor, "tokenizer", processor)
     image_tokens = ImageTokens(processor)
-
-    def own_text(messages: list[dict]) -> str:
-        parts = []
-        for m in messages:
-            content = m["content"]
-            parts += [content] if isinstance(content, str) else [c["text"] for c in content if c["type"] == "text"]
-            parts.append(m.get("reasoning_content") or "")
-        return "\n".join(parts)
-
     conversations = [r.messages(with_target=mode) for r, mode in pairs]
     own = [len(ids) for ids in tokenizer([own_text(c) for c in conversations], add_special_tokens=False)["input_ids"]]
     added: dict[tuple, int] = {}  # template tokens and one placeholder per image, per shape
@@ -114,8 +115,10 @@ def estimated_lengths(processor, pairs: list[tuple[Record, str]]) -> list[int]:
     return lengths
 
 
-def tokenize_example(processor, record: Record, mode: str, mask_empty_think: bool = False) -> Example:
-    """Tokenize prompt + target; labels are -100 outside the response.
+def tokenize_example(processor, record: Record, mode: str, mask_empty_think: bool = False,
+                     images: list | None = None) -> Example:
+    """Tokenize prompt + target; labels are -100 outside the response. images: the record's images already
+    decoded (default: decoded here).
 
     mask_empty_think: the paper's non-thinking loss masking; a non-thinking target keeps its empty think
     block `<think>\n\n</think>\n\n` in the sequence, but those tokens carry no loss.
@@ -126,7 +129,7 @@ def tokenize_example(processor, record: Record, mode: str, mask_empty_think: boo
     tokenizer = getattr(processor, "tokenizer", processor)
     messages = record.messages(with_target=mode)
     text = processor.apply_chat_template(messages, tokenize=False)
-    images = record.load_images()
+    images = record.load_images() if images is None else images
     features = {}
     if images:
         encoded = processor(images=images, text=[text], return_tensors="pt")

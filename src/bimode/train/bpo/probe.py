@@ -8,6 +8,7 @@ lines from its step on, which a run killed after its last checkpoint wrote: a re
 
 from __future__ import annotations
 
+import logging
 import random
 from collections import defaultdict
 from pathlib import Path
@@ -16,6 +17,8 @@ from bimode.compat.trl_api import log_metric
 from bimode.data.records import Record
 from bimode.generation.types import Prompt
 from bimode.io import append_log, read_log, write_jsonl
+
+log = logging.getLogger(__name__)
 
 
 class PThinkProbe:
@@ -48,7 +51,7 @@ class PThinkProbe:
         """Per level: mean auto-mode p_think, the greedy thinking rate (p_think >= 0.5) and the decision mass
         (probability on any decision token after `<think>`); one forward pass, no generation."""
         if self._prompts is None:  # fixed set: decode its images once
-            self._prompts = [Prompt.from_record(r) for r in self.records]
+            self._prompts = self._decoded_prompts()
         with trainer.generation_engine() as engine:
             stats = engine.decision_stats(self._prompts)
         by_level = defaultdict(list)
@@ -62,6 +65,19 @@ class PThinkProbe:
             # below 1, the decision's probability is leaking to other tokens (see SamplingParams.constrain_decision)
             out[f"decision_mass/level_{level}"] = sum(m for _, m in values) / len(values)
         return out
+
+
+    def _decoded_prompts(self) -> list[Prompt]:
+        """The probe's prompts; a record whose pixels fail to decode is left out of the probe (training names it in
+        rejects.jsonl when a batch draws it)."""
+        kept = []
+        for record in self.records:
+            try:
+                kept.append((record, Prompt.from_record(record)))
+            except ValueError as exc:
+                log.warning("p_think probe: record %s left out: %s", record.id, exc)
+        self.records = [record for record, _ in kept]
+        return [prompt for _, prompt in kept]
 
 
 def pick_probe(records: list[Record], size: int, seed: int) -> list[Record]:

@@ -39,12 +39,13 @@ from trl.models import unwrap_model_for_generation
 from bimode.compat.overrides import check_overrides
 from bimode.compat.peft_api import expose_output_bias
 from bimode.compat.trl_api import log_metric, rollout_extra_field
-from bimode.data.records import Record, RecordError, read_records
+from bimode.data.records import Record, read_records
 from bimode.errors import UsageError
 from bimode.generation.engine import TransformersEngine
 from bimode.generation.types import SamplingParams, token_counts
 from bimode.modes import ThinkingMode
 from bimode.train.adapters import AdapterFields, added_rows, build_peft_config
+from bimode.train.bad_rows import BadRowsMixin, RowImages
 from bimode.train.bpo.core import (MODE_OBJECTIVES, ROLLOUT_LAYOUTS, decision_advantages, forced_env_mask,
                                    mode_token_loss, parse_mode_token_loss, per_mode_stats, response_mode,
                                    rollout_modes)
@@ -56,6 +57,8 @@ from bimode.train.run import train_and_save
 from bimode.train.start import StartFields, load_start
 from bimode.train.components import freeze
 from bimode.train.precision import fp32_unless_asked_on_cpu
+from bimode.train.row_checks import RowCheckFields, TextLimit, checked_rows, token_counter
+from bimode.train.tokenization import own_text
 from bimode.train.bpo.shared_forward import (HANDLED_IMAGE_ARGS, call_unsupported, find_prefix_groups,
                                              grouped_completion_logps)
 from bimode.train.bpo.vllm_fit import collapse_image_runs, fit_vllm_generation, colocated_llm_settings
@@ -70,7 +73,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class BPOConfig(StartFields, AdapterFields, GRPOConfig):
+class BPOConfig(StartFields, RowCheckFields, AdapterFields, GRPOConfig):
     rollout: str = field(default="bimode", metadata={
         "help": "bimode: num_generations/2 rollouts forced to think and as many not to, normalized together "
                 "(BPO); auto: every rollout in auto mode (plain GRPO, the paper's baseline)"})
@@ -150,14 +153,18 @@ class BPOConfig(StartFields, AdapterFields, GRPOConfig):
         return {"vision"} if self.freeze_vision else set()
 
 
-class BPOTrainer(StrictResumeMixin, GRPOTrainer):
-    """GRPOTrainer with bi-mode rollouts, mode-token loss weights, guarded rewards and per-mode logging."""
+class BPOTrainer(BadRowsMixin, StrictResumeMixin, GRPOTrainer):
+    """GRPOTrainer with bi-mode rollouts, mode-token loss weights, guarded rewards and per-mode logging; rows whose
+    images fail to decode are counted and their place given to the next row that decodes (train/bad_rows.py)."""
 
     def __init__(self, *, model, args: BPOConfig, records: list[Record], processor,
-                 probe_records: list[Record] | None = None, **kwargs):
+                 probe_records: list[Record] | None = None, origins: list[tuple[str, int]] | None = None,
+                 **kwargs):
+        """origins: each record's (file, row), which rejects name."""
         check_overrides(type(self))  # a TRL release that changed an overridden private method fails here
         os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func's warning: guarded by our tests
         self.records = records
+        self.row_images = RowImages(records, origins)
         self.p_think_probe = PThinkProbe(probe_records or [])
         self.mode_weight = parse_mode_token_loss(args.mode_token_loss)
         tokenizer = getattr(processor, "tokenizer", processor)
@@ -337,9 +344,11 @@ class BPOTrainer(StrictResumeMixin, GRPOTrainer):
         once per rollout as TRL's sampler lays them out. Returns TRL's batch for the loss (the forced mode
         tokens' advantages weighted by `mode_token_loss` and the mode objective) and the step's RolloutBatch
         (modes, forced-suffix lengths, lengths, rewards)."""
-        # each record comes once per rollout: read its images once
-        images = {row: self.records[row].load_images() for row in dict.fromkeys(rows)}
-        inputs = [self._example(row, images[row]) for row in rows]
+        # each record comes once per rollout: read its images once (a row that fails gives its place to the next
+        # row that decodes, the same on every process: a group split over processes stays one prompt)
+        loaded = {row: self.row_images.load(row) for row in dict.fromkeys(rows)}
+        self.note_bad_rows([bad for _, _, failed in loaded.values() for bad in failed])
+        inputs = [self._example(*loaded[row][:2]) for row in rows]
         output = super()._generate_and_score_completions(inputs)
         rollouts: RolloutBatch = rollout_extra_field(inputs, ROLLOUT_FIELD)
         advantages = output["advantages"].clone()  # each rollout's A, before any per-token weighting
@@ -396,14 +405,11 @@ class BPOTrainer(StrictResumeMixin, GRPOTrainer):
 
 def build_trainer(cfg: BPOConfig, model=None, processor=None, model_args=None) -> BPOTrainer:
     """model_args: TRL's ModelConfig (use_peft, lora_r, ...; None: full fine-tuning of cfg.model_path)."""
-    model, processor, by_file = load_start(cfg, model, processor, "record files with prompts and answers",
-                                           model_args=model_args)
-    for path, file_records in by_file.items():
-        missing = [row for row, r in enumerate(file_records, 1) if not r.answer]
-        if missing:
-            raise RecordError(f"no answer to reward ({len(missing)} records without one)", row=missing[0],
-                              field_name="answer", path=path)
-    records = [r for file_records in by_file.values() for r in file_records]
+    model, processor, read = load_start(cfg, model, processor, "record files with prompts and answers",
+                                        model_args=model_args)
+    rows = checked_rows(cfg, read, text=prompt_text_limit(cfg, model, processor),
+                        row_error=lambda r: None if r.answer else ("answer", "no answer to reward"))
+    records = [row.record for row in rows]
     probe_source = [r for path in cfg.probe_files for r in read_records(path)] if cfg.probe_files else records
     frozen = cfg.frozen()
     tokenizer = getattr(processor, "tokenizer", processor)
@@ -422,7 +428,22 @@ def build_trainer(cfg: BPOConfig, model=None, processor=None, model_args=None) -
         freeze(model, frozen)
     cfg.remove_unused_columns = False
     return BPOTrainer(model=model, args=cfg, records=records, processor=processor,
-                      probe_records=pick_probe(probe_source, cfg.probe_size, cfg.seed), peft_config=peft_config)
+                      probe_records=pick_probe(probe_source, cfg.probe_size, cfg.seed), peft_config=peft_config,
+                      origins=[(row.file, row.row) for row in rows])
+
+
+def prompt_text_limit(cfg: BPOConfig, model, processor) -> TextLimit | None:
+    """A prompt's own text (system prompt and question; template and image tokens not counted, so a prompt refused
+    is surely too long) must leave max_completion_length within the model's positions. None where the model
+    names no position limit."""
+    positions = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    if not positions or positions <= (cfg.max_completion_length or 0):
+        return None
+    tokenizer = getattr(processor, "tokenizer", processor)
+    limit = positions - (cfg.max_completion_length or 0)
+    return TextLimit(lambda r: (own_text(r.messages()), "question"), token_counter(tokenizer), limit,
+                     f"{limit:,} (the model's {positions:,} positions less max_completion_length "
+                     f"{cfg.max_completion_length})")
 
 
 def run_bpo(cfg: BPOConfig) -> Path:
