@@ -1,6 +1,7 @@
 """`bimode curate` and `bimode eval` on a local Ray cluster of 2 actors (docs/cluster.md): the same files as one
 process, a run cut off midway resumed without redoing finished batches, what an actor raises raised as one process
-raises it, and a cluster that listens on 127.0.0.1 only."""
+raises it, an actor process killed mid-run (retried on a restarted actor, each batch logged once) or killed on every
+try (the run stops with the resume hint, nothing lost), and a cluster that listens on 127.0.0.1 only."""
 
 import json
 import os
@@ -12,12 +13,12 @@ import pytest
 
 from bimode.curate import CurateConfig, run_curation
 from bimode.curate.pipeline import CurateWorker
-from bimode.eval.runner import EvalConfig, read_samples, run_eval
+from bimode.eval.runner import EvalConfig, EvalWorker, read_samples, run_eval
 from bimode.io import read_log
-from bimode.parallel.failures import RemoteTraceback
+from bimode.parallel.failures import RemoteTraceback, WorkerFailed
 from bimode.parallel.pool import RayPool
 from tests.helpers.eval_helpers import curation_outputs, write_curation_pool
-from tests.helpers.ray_helpers import FailingOn, SocketProbe, listening_sockets
+from tests.helpers.ray_helpers import FailingOn, KilledOn, SocketProbe, listening_sockets
 
 pytest.importorskip("ray.data", reason="the Ray tests need bimode[ray] (make setup installs it)")
 ROOT = Path(__file__).resolve().parents[2]
@@ -51,7 +52,25 @@ def inputs(tmp_path_factory):
     return write_curation_pool(tmp_path_factory.mktemp("inputs") / "train.jsonl", 15, 5)
 
 
+@pytest.fixture(scope="module")
+def few(tmp_path_factory):
+    """9 rows in 3 batches of 3: the killed tests' input, small enough for a few seconds a run."""
+    return write_curation_pool(tmp_path_factory.mktemp("few") / "few.jsonl", 9, 3)
+
+
+@pytest.fixture(scope="module")
+def few_single(engine, few, tmp_path_factory):
+    """`few` curated in one process: what the killed runs must give."""
+    out = tmp_path_factory.mktemp("few_single")
+    run_curation(engine, [few], out, CFG, reasoner=engine, progress=False)
+    return curation_outputs(out)
+
+
 _outputs = curation_outputs
+
+
+def _last_id(path: Path) -> str:
+    return json.loads(Path(path).read_text().splitlines()[-1])["id"]  # in the last batch
 
 
 def test_a_local_cluster_listens_on_loopback_only(cluster):
@@ -116,3 +135,58 @@ def test_the_eval_command_on_a_local_ray_cluster_equals_one_process(engine, trai
 
     ray_metrics = json.loads((tmp_path / "ray" / "metrics.json").read_text())
     assert ray_metrics == json.loads(json.dumps(write_report(single, tmp_path / "single")))
+
+
+def test_an_actor_killed_mid_curation_is_restarted_and_the_run_equals_one_process(cluster, trained_tiny, few,
+                                                                                 few_single, tmp_path):
+    """The actor running the last batch is SIGKILLed once, on the batch's first try, after another batch is logged:
+    Ray restarts it, the batch runs again there, and the files are one process's, every batch logged once."""
+    worker = CurateWorker(CFG, annotator=str(trained_tiny), reasoner=str(trained_tiny))
+    killed = KilledOn(worker, _last_id(few), str(tmp_path / "ray" / "batches.jsonl"), str(tmp_path / "killed"))
+    run_curation(None, [few], tmp_path / "ray", CFG, progress=False, pool=RayPool(killed, "local", num_workers=2))
+    assert (tmp_path / "killed").exists()  # the kill happened
+    batches = [entry["batch"] for entry in read_log(tmp_path / "ray" / "batches.jsonl")]
+    assert sorted(batches) == [0, 1, 2], batches  # each batch once: none lost, none twice
+    assert _outputs(tmp_path / "ray") == few_single
+
+
+def test_an_actor_killed_mid_eval_is_restarted_and_the_samples_equal_one_process(cluster, engine, trained_tiny, few,
+                                                                                tmp_path):
+    """As for curation: the last batch's actor killed on its first try; samples.jsonl holds each (id, mode) once,
+    as one process scores it."""
+    cfg = EvalConfig(max_new_tokens=16, batch_size=3)
+    killed = KilledOn(EvalWorker(cfg, str(trained_tiny)), _last_id(few), str(tmp_path / "ray" / "samples.jsonl"),
+                      str(tmp_path / "killed"))
+    run_eval(None, [few], tmp_path / "ray", cfg, progress=False, pool=RayPool(killed, "local", num_workers=2))
+    assert (tmp_path / "killed").exists()
+    ray = read_log(tmp_path / "ray" / "samples.jsonl")  # the log as written: a batch logged twice would show here
+    single = read_samples(run_eval(engine, [few], tmp_path / "single", cfg, progress=False))
+    key = lambda r: (r["bench"], r["id"], r["mode"])  # noqa: E731
+    assert len({key(r) for r in ray}) == len(ray) == len(single) == 27
+    assert sorted(ray, key=key) == sorted(single, key=key)
+
+
+def test_a_curation_whose_actor_dies_on_every_try_stops_with_the_resume_hint_and_resumes(
+        cluster, trained_tiny, few, few_single, tmp_path, monkeypatch):
+    """`bimode curate` on 2 actors where the last batch kills its actor on every try: past the restarts the command
+    stops with an error that says so and the resume hint, the batches finished before it are in the log, and the same
+    command without the killer resumes them (none redone) to one process's files."""
+    from bimode.cli import main
+    from bimode.parallel.pool import RESTARTS
+
+    kill, log = _last_id(few), str(tmp_path / "ray" / "batches.jsonl")
+    monkeypatch.setattr("bimode.commands.curate.make_pool",
+                        lambda worker, cluster: RayPool(KilledOn(worker, kill, log), "local", cluster.num_workers))
+    curate = ["curate", "--input", str(few), "--out", str(tmp_path / "ray"), "--annotator", str(trained_tiny),
+              "--reasoner", str(trained_tiny), "--annotator_name", "tiny", "--n_samples", "3", "--batch_size", "3",
+              "--max_new_tokens", "8", "--temperature", "1.0", "--ray_address", "local", "--num_workers", "2"]
+    with pytest.raises(WorkerFailed, match=f"died .* more than the {RESTARTS} restarts") as error:
+        main(curate)
+    assert "run the same command to resume" in " ".join(getattr(error.value, "__notes__", [])), error.value
+    finished = [entry["batch"] for entry in read_log(tmp_path / "ray" / "batches.jsonl")]
+    assert finished and 2 not in finished, finished  # what finished before is on disk
+    monkeypatch.undo()  # the same command, no killer
+    assert main(curate) == 0
+    batches = [entry["batch"] for entry in read_log(tmp_path / "ray" / "batches.jsonl")]
+    assert batches[:len(finished)] == finished and sorted(batches) == [0, 1, 2]  # none redone, none lost
+    assert _outputs(tmp_path / "ray") == few_single

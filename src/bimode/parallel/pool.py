@@ -91,15 +91,32 @@ class RayPool:
             # an actor that dies (a lost node, out of memory) is restarted and its batch retried, a few times:
             # Ray Data's default is forever, and a batch that kills its actor each time would never end the run
             max_restarts=RESTARTS, max_task_retries=RESTARTS)
-        rows = iter(results.iter_rows())
+        rows, handed = iter(results.iter_rows()), set()
         while True:
             try:
                 row = next(rows)
             except StopIteration:
                 return
             except Exception as exc:  # noqa: BLE001 - Ray's own failures (an actor that cannot start, a lost node)
-                raise WorkerFailed(f"the Ray run failed: {type(exc).__name__}: {str(exc)[-3000:]}") from exc
+                raise _ray_failure(exc, len(handed), len(items)) from exc
+            index = int(row["index"])
+            if index in handed:  # a batch retried after its actor died must be logged once, whatever Ray delivers
+                continue
+            handed.add(index)
             status, value = pickle.loads(row["result"])
             if status == "error":
-                value.raise_here(int(row["index"]))
-            yield int(row["index"]), value
+                value.raise_here(index)
+            yield index, value
+
+
+def _ray_failure(exc: Exception, finished: int, total: int) -> WorkerFailed:
+    """What stopped a Ray run, said plainly: a worker process that died past its restarts reads as that (Ray's own
+    message, kept as the cause, is long, names no batch and does not say that restarts ran out)."""
+    from ray.exceptions import ActorDiedError
+
+    if isinstance(exc, ActorDiedError):
+        return WorkerFailed(
+            f"a Ray worker's process died (killed or crashed: out of memory, a lost node, a signal) once more than "
+            f"the {RESTARTS} restarts each worker gets, each of which retried the batch it was running; {finished} "
+            f"of this run's {total} batches had come back: {type(exc).__name__}: {str(exc)[:500]}")
+    return WorkerFailed(f"the Ray run failed: {type(exc).__name__}: {str(exc)[-3000:]}")
