@@ -48,6 +48,9 @@ def test_bpo_killed_after_a_checkpoint_resumes_to_the_uninterrupted_weights(tmp_
 
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     assert main(bpo_command(straight, *extra)) == 0
+    for checkpoint in straight.glob("checkpoint-*"):  # what resume_point relies on: trainer_state.json is written last
+        last = (checkpoint / "trainer_state.json").stat().st_mtime_ns
+        assert all(p.stat().st_mtime_ns <= last for p in checkpoint.iterdir()), checkpoint
     kill_after_checkpoint(sys.executable, bpo_command(killed, *extra), killed, "checkpoint-1")
     assert sorted(p.name for p in killed.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
     (killed / "checkpoint-2" / "trainer_state.json").unlink()  # as if the kill had cut its save short
