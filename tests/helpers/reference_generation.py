@@ -71,3 +71,19 @@ def _until_eos(ids: list[int], eos_id: int, pad_id: int) -> list[int]:
     while ids and ids[-1] == pad_id:
         ids = ids[:-1]
     return ids
+
+
+def assert_engine_equals_plain_generate(engine, prompts: list[Prompt], max_new_tokens: int = 8) -> None:
+    """The engine's greedy tokens and log-probs in each of the prompts' modes ("think", "no_think") equal plain
+    `generate` run one prompt at a time (log-probs within 1e-4)."""
+    import pytest
+
+    from bimode.generation.types import SamplingParams
+
+    batched = engine.generate(prompts, SamplingParams(max_new_tokens=max_new_tokens, logprobs=True))
+    for p, group in zip(prompts, batched):
+        for mode, completion in zip(p.modes, group):
+            [reference] = generate(engine.model, engine.processor, [p], mode, max_new_tokens, batch_size=1,
+                                   suppress_tokens=engine.banned_ids, logprobs=True)
+            assert completion.token_ids == reference.token_ids, (mode, p.messages)
+            assert completion.logprobs == pytest.approx(reference.logprobs, abs=1e-4)

@@ -21,7 +21,7 @@ from tests.helpers.hf_fixtures import (
     build_tiny_qwen3_vl,
     build_tiny_qwen25_vl,
 )
-from tests.helpers.reference_generation import generate
+from tests.helpers.reference_generation import assert_engine_equals_plain_generate, generate
 
 pytestmark = pytest.mark.internals  # runs at both ends of the transformers range (docs/internals.md)
 
@@ -120,13 +120,7 @@ def test_gemma3_shared_prefix_engine_equals_plain_generate_past_its_window(tmp_p
     prompts = [Prompt(USER, images=[Image.new("RGB", (64, 32), "red")], modes=["think", "no_think"]),
                Prompt(text_only, images=[], modes=["think", "no_think"])]
     assert engine.shared_prefix and min(len(engine.prompt_ids(p)) for p in prompts) > 8
-    shared = engine.generate(prompts, SamplingParams(max_new_tokens=8, logprobs=True))
-    for p, group in zip(prompts, shared):
-        for mode, completion in zip(("think", "no_think"), group):
-            [reference] = generate(model, processor, [p], mode, 8, batch_size=1, suppress_tokens=engine.banned_ids,
-                                   logprobs=True)
-            assert completion.token_ids == reference.token_ids, (mode, p.messages)
-            assert completion.logprobs == pytest.approx(reference.logprobs, abs=1e-4)
+    assert_engine_equals_plain_generate(engine, prompts)
 
 
 @pytest.mark.parametrize("family", ["qwen25_vl", "qwen3_vl"])

@@ -11,7 +11,7 @@ from bimode.generation.engine import TransformersEngine
 from bimode.generation.types import Prompt, SamplingParams
 from bimode.models import load_model
 from tests.helpers import hf_fixtures
-from tests.helpers.reference_generation import generate
+from tests.helpers.reference_generation import assert_engine_equals_plain_generate
 
 pytestmark = pytest.mark.internals  # get_rope_index's signature is read at both ends of the transformers range
 
@@ -45,13 +45,7 @@ def test_greedy_tokens_and_logprobs_equal_plain_generate(qwen):
     assert engine.shared_prefix
     prompts = mixed_prompts(["think", "no_think"])
     assert len({len(engine.prompt_ids(p)) for p in prompts}) > 2  # left padding differs row to row
-    shared = engine.generate(prompts, SamplingParams(max_new_tokens=8, logprobs=True))
-    for p, group in zip(prompts, shared):
-        for mode, completion in zip(("think", "no_think"), group):
-            [reference] = generate(model, processor, [p], mode, 8, batch_size=1, suppress_tokens=engine.banned_ids,
-                                   logprobs=True)
-            assert completion.token_ids == reference.token_ids, (mode, p.messages)
-            assert completion.logprobs == pytest.approx(reference.logprobs, abs=1e-4)
+    assert_engine_equals_plain_generate(engine, prompts)
 
 
 def test_positions_continue_past_the_prompt_s_largest_on_every_axis(qwen):
