@@ -41,12 +41,13 @@ def text_of(tokens: int, tokenizer, rng: random.Random) -> str:
     return " ".join(out)
 
 
-def bimode_rows(n: int, tokenizer, seed: int = 0) -> list:
+def bimode_rows(n: int, tokenizer, seed: int = 0, longest: int = 4000) -> list:
+    """n records, a third thinking with 500 to `longest` tokens of reasoning, the rest direct with 10 to 200."""
     rng = random.Random(seed)
     records = [s.to_record() for s in synthetic.generate(n, seed=2, families=["count", "shell", "tally"])]
     for r in records:
         if rng.random() < 1 / 3:
-            r.mode, r.reasoning = "think", text_of(rng.randint(500, 4000), tokenizer, rng)
+            r.mode, r.reasoning = "think", text_of(rng.randint(500, longest), tokenizer, rng)
         else:
             r.mode, r.reasoning = "no_think", None
             r.answer = r.direct_answer = text_of(rng.randint(10, 200), tokenizer, rng)

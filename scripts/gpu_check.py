@@ -113,7 +113,10 @@ def anneal_case(model: str, form: str) -> dict:
 
     sizes = SIZES[form]
     work = Path(tempfile.mkdtemp(prefix="bimode_gpu_check_"))
-    write_records(bimode_rows(sizes["rows"], AutoTokenizer.from_pretrained(model)), work / "train.jsonl")
+    # every row within a pack's length: bimode anneal refuses a longer one (a bad row) rather than truncate it
+    longest = min(4000, sizes["max_length"] - 512)
+    write_records(bimode_rows(sizes["rows"], AutoTokenizer.from_pretrained(model), longest=longest),
+                  work / "train.jsonl")
     gpu = form == "gpu"
     model_args = ModelConfig(attn_implementation="flash_attention_2" if gpu and has("flash_attn") else None)
     trainer = side_trainer(model, work / "train.jsonl", work / "out", "packed", 1, sizes["max_length"],

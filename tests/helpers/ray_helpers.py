@@ -22,18 +22,55 @@ class FailingOn:
         return run
 
 
+@dataclass
 class SocketProbe:
     """A pool worker that answers each batch with the listening sockets it sees while its actor is alive (the
-    actor's own servers included)."""
+    actor's own servers included), of Ray's processes and the driver (`driver_pid`) only: under `make test`'s two
+    workers the other worker's tests open sockets of their own meanwhile."""
+
+    driver_pid: int
 
     def __call__(self):
-        return lambda _: listening_sockets()
+        return lambda _: listening_sockets(owners=ray_processes() | {self.driver_pid})
 
 
-def listening_sockets() -> set[tuple[str, int]]:
-    """(address, port) of every listening TCP socket of this machine's network namespace, from /proc/net."""
+def ray_processes() -> set[int]:
+    """The processes whose command line names Ray (its GCS, raylet, dashboard, workers `ray::...`)."""
+    import os
+
+    pids = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                command = open(f"/proc/{entry}/cmdline", "rb").read().replace(b"\0", b" ")
+            except OSError:
+                continue
+            if b"ray" in command.lower():
+                pids.add(int(entry))
+    return pids
+
+
+def _socket_inodes(pids: set[int]) -> set[str]:
+    import os
+
+    inodes = set()
+    for pid in pids:
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("socket:["):
+                    inodes.add(target[len("socket:["):-1])
+        except OSError:  # the process ended meanwhile
+            continue
+    return inodes
+
+
+def listening_sockets(owners: set[int] | None = None) -> set[tuple[str, int]]:
+    """(address, port) of every listening TCP socket of this machine's network namespace, from /proc/net; with
+    `owners`, only those some of these processes hold."""
     import ipaddress
 
+    held = None if owners is None else _socket_inodes(owners)
     found = set()
     for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
         try:
@@ -43,7 +80,7 @@ def listening_sockets() -> set[tuple[str, int]]:
         for line in lines:
             fields = line.split()
             local, state = fields[1], fields[3]
-            if state != "0A":  # LISTEN
+            if state != "0A" or (held is not None and fields[9] not in held):  # LISTEN, of the owners
                 continue
             address, port = local.split(":")
             raw = bytes.fromhex(address)
