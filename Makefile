@@ -7,9 +7,11 @@ TORCH_SPEC ?= torch==2.13.0
 PIP_LOCAL := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 PYTEST_ARGS ?=
 # `make test` runs the suite in this many pytest-xdist workers, each test file whole on one worker (its
-# module-scoped servers and models built once), torch at one thread a worker (tests/conftest.py); 0: one process
+# module-scoped servers and models built once), torch at one thread a worker (tests/conftest.py); 0: one process.
+# Files go out in tests/conftest.py's order (xdist would sort them by test count): the trained model's first
+# user leads, so one worker trains it while the other runs files that need no model
 TEST_WORKERS ?= 2
-XDIST = -n $(TEST_WORKERS) --dist loadfile
+XDIST = -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 # The CPU torch into the environment of python $(1): from local wheels where this machine has them, else from
 # PyTorch's CPU index (a plain PyPI install would pull the multi-GB CUDA build).
 install_cpu_torch = $(if $(PIP_LOCAL),$(1) -m pip install $(PIP_LOCAL) "$(TORCH_SPEC)" || )$(1) -m pip install \
