@@ -9,6 +9,12 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # to one thread: two torch jobs of two threads each on two cores slow each other several-fold (a test run
     # beside a demo went from 80 s to 9 min)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # a rendezvous port of each worker's own for TRL's colocated vLLM (which takes MASTER_PORT, else the first free
+    # of 29500, 23456, ...: two workers' runs at once both took 29500, and one failed)
+    if not os.environ.get("MASTER_PORT"):
+        from tests.helpers.servers import free_port
+
+        os.environ["MASTER_PORT"] = str(free_port())
 
 KINDS = ("unit", "distributed", "integration")  # the folders under tests/, each a marker of the same name
 
