@@ -85,11 +85,15 @@ def test_short_mode_has_empty_reasoning(client, samples):
         assert response.usage.completion_tokens_details.reasoning_tokens == 0
 
 
-def test_streaming_gives_the_same_text(client, samples):
+@pytest.mark.parametrize("mode", ["think", "auto"])
+def test_streaming_gives_the_same_text(client, samples, mode):
+    """The openai client's stream: reasoning_content and content add up to the plain answer, and each choice's last
+    chunk carries the plain answer's `bimode` field (the mode taken and p_think: what the chat page shows)."""
     kwargs = dict(model="tiny", messages=_messages(samples[2]), max_tokens=32,
-                  extra_body={"chat_template_kwargs": {"thinking_mode": "think"}})
-    full = client.chat.completions.create(**kwargs).choices[0].message
-    reasoning, content, finish, chunks = "", "", None, 0
+                  extra_body={"chat_template_kwargs": {"thinking_mode": mode}})
+    plain = client.chat.completions.create(**kwargs).choices[0]
+    full = plain.message
+    reasoning, content, finish, chunks, decisions = "", "", None, 0, []
     for chunk in client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs):
         if not chunk.choices:
             assert chunk.usage.completion_tokens > 0
@@ -99,8 +103,17 @@ def test_streaming_gives_the_same_text(client, samples):
         reasoning += (delta.model_extra or {}).get("reasoning_content") or ""
         content += delta.content or ""
         finish = chunk.choices[0].finish_reason or finish
-    assert chunks > 3 and (reasoning, content) == (full.model_extra["reasoning_content"], full.content)
+        if "bimode" in (chunk.choices[0].model_extra or {}):
+            decisions.append((chunk.choices[0].finish_reason, chunk.choices[0].model_extra["bimode"]))
+    # the role, then the text in pieces, then the finish (auto mode here answers in a token or two)
+    assert chunks >= (4 if mode == "think" else 3)
+    assert (reasoning or None, content) == (full.model_extra["reasoning_content"], full.content)
     assert finish == "stop"
+    assert decisions == [("stop", plain.model_extra["bimode"])]  # once, on the last chunk
+    decision = decisions[0][1]
+    assert decision["mode"] == ("think" if reasoning else "no_think")
+    if mode == "auto":
+        assert 0.0 <= decision["p_think"] <= 1.0
 
 
 def test_budget_is_applied(client, samples):

@@ -191,7 +191,7 @@ class ChatService:
     def reply(self, job: Job, prepared: Prepared, created: int, completions: list[Completion]) -> JSONResponse:
         choices = [{"index": i, "message": responses.message(c), "finish_reason": responses.finish_reason(c),
                     "logprobs": responses.logprobs(self.tokenizer, c, prepared.params.logprobs),
-                    "bimode": {"mode": c.split.mode, "p_think": c.p_think, "budget_hit": c.finish_reason == "budget"}}
+                    "bimode": responses.decision(c)}
                    for i, c in enumerate(completions)]
         return JSONResponse({"id": job.request_id, "object": "chat.completion", "created": created,
                              "model": self.model_name, "choices": choices,

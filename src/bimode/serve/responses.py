@@ -23,6 +23,15 @@ def message(completion: Completion) -> dict:
     return {"role": "assistant", "content": split.content, "reasoning": reasoning, "reasoning_content": reasoning}
 
 
+def decision(completion: Completion) -> dict:
+    """bimode's own field of a choice (`choices[i].bimode`, beside OpenAI's; clients ignore fields they do not
+    know): the mode the answer took (think, no_think, or malformed: the think block never closed), auto mode's
+    `p_think` when it was read (None in forced modes) and whether the thinking budget cut the reasoning short.
+    A plain response and a stream's last chunk of each choice carry the same."""
+    return {"mode": completion.split.mode, "p_think": completion.p_think,
+            "budget_hit": completion.finish_reason == "budget"}
+
+
 def delta(part: Delta) -> dict:
     out = {}
     if part.reasoning:

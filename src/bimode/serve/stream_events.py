@@ -46,12 +46,16 @@ class StreamEvents:
         return self.chunk(index, delta) if delta else None
 
     def finish(self, index: int, completion: Completion) -> str:
-        """A sample's last chunk: what is left (held-back text, a cut-off character) and its finish reason."""
+        """A sample's last chunk: what is left (held-back text, a cut-off character), its finish reason and, as
+        in a plain response, its `bimode` field (the mode taken, p_think; the chat page shows them)."""
         rest = self.texts[index].finish(completion.prompt_suffix, completion.text)
-        return self.chunk(index, responses.delta(rest), responses.finish_reason(completion))
+        return self.chunk(index, responses.delta(rest), responses.finish_reason(completion),
+                          responses.decision(completion))
 
-    def chunk(self, index: int, delta: dict, finish: str | None = None) -> str:
+    def chunk(self, index: int, delta: dict, finish: str | None = None, decision: dict | None = None) -> str:
         choice = {"index": index, "delta": delta, "finish_reason": finish}
+        if decision is not None:
+            choice["bimode"] = decision
         if self.logprobs:  # the entries of the tokens this chunk brings (none: null, as vLLM sends)
             choice["logprobs"] = {"content": self.unsent[index]} if self.unsent[index] else None
             self.unsent[index] = []
