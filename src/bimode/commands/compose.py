@@ -32,15 +32,30 @@ class ComposeConfig:
 
 
 def make_parser(prog: str = "bimode compose") -> CommandParser:
-    return CommandParser((ComposeConfig,), prog=prog, description=HELP)
+    return CommandParser((ComposeConfig,), prog=prog, description=HELP + ", with its model card (README.md in the Hub's format: docs/commands.md, 'Model cards')")
 
 
 def main(cfg: ComposeConfig) -> int:
+    from bimode.models.card_files import write_card
     from bimode.models.compose import compose
 
     out = Path(cfg.out)
     if out.exists() and any(out.iterdir()) and not cfg.overwrite:
         raise OutputExistsError(f"{out} is not empty; pass --overwrite to replace it")
     compose(cfg.vision, cfg.llm, out, seed=cfg.seed, vision_feature_layer=cfg.vision_feature_layer)
+    write_card(out, composed_card_facts(cfg))
     print(f"composed model written to {out} (projector fresh: train it first, e.g. --config r4b_stage1_projector)")
     return 0
+
+
+def composed_card_facts(cfg: ComposeConfig):
+    """The composed model's card: both parts as its base models where their Hub ids are known, their license
+    where they share one."""
+    from bimode.models.card import CardFacts, config_settings
+    from bimode.models.card_files import lineage
+
+    (vision_base, vision_license, _), (llm_base, llm_license, _) = lineage(cfg.vision), lineage(cfg.llm)
+    return CardFacts(stage="composed", start_model=f"vision: {cfg.vision}; language model: {cfg.llm}",
+                     base_model=vision_base + llm_base,
+                     license=vision_license if vision_license == llm_license else None,
+                     settings=config_settings(cfg, skip=("vision", "llm", "out", "overwrite")))

@@ -43,6 +43,10 @@ class EvalCommandConfig:
         "help": "OpenAI-compatible URL of an LLM judge for text answers"})
     judge_model: str | None = field(default=None, metadata={"help": "judge model id (default: the endpoint's first)"})
     overwrite: bool = field(default=False, metadata={"help": "start again instead of resuming"})
+    card: bool = field(default=False, metadata={
+        "help": "write this run's per-mode and per-level table into MODEL/README.md, the model card, between "
+                "markers, so a later --card run replaces it (a folder without a card gets a short one); a local "
+                "MODEL and a whole run only (not an --endpoint or one shard)"})
     trust_remote_code: bool = field(default=False, metadata={"help": "allow the checkpoint's own code"})
 
     def __post_init__(self):
@@ -55,6 +59,9 @@ class EvalCommandConfig:
             raise UsageError("--endpoint_model names the model at an --endpoint; a local model is MODEL")
         if self.judge_model and not self.judge:
             raise UsageError("--judge_model names the model at a --judge URL; give --judge too")
+        if self.card and (self.endpoint or not Path(self.model.removeprefix("vllm:")).is_dir()):
+            raise UsageError(f"--card writes into a local MODEL folder's card; {self.endpoint or self.model} is not a "
+                             "local folder")
         if not self.bench or not self.out:
             raise UsageError("--bench FILE [FILE ...] and --out DIR are required")
 
@@ -73,6 +80,9 @@ def main(cmd: EvalCommandConfig, cfg: EvalConfig, cluster: ClusterConfig) -> int
     from bimode.parallel.shards import Shard
 
     out = Path(cmd.out)
+    if cmd.card and cluster.num_shards > 1:
+        raise UsageError("--card needs the whole run's table: run the shards without it, then `bimode eval merge "
+                         "SHARD_DIR ... --out DIR --card`")
     if cmd.overwrite and out.exists():
         shutil.rmtree(out)
     if cmd.endpoint:
@@ -111,6 +121,12 @@ def main(cmd: EvalCommandConfig, cfg: EvalConfig, cluster: ClusterConfig) -> int
     if rejected:
         print(f"rejected {rejected} rows (not scored; reasons in {out / 'rejects.jsonl'})")
     print(f"report: {out / 'report.md'}; metrics: {out / 'metrics.json'}; samples: {samples}")
+    if cmd.card:
+        from bimode.eval.report import card_source, card_table
+        from bimode.models.card_files import write_eval_table
+
+        table = card_table(metrics, card_source(cmd.bench, cfg))
+        print(f"model card: {write_eval_table(cmd.model.removeprefix('vllm:'), table)}")
     return 0
 
 

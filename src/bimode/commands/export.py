@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from bimode.commands import help_text
 from bimode.commands.parsing import CommandParser
@@ -31,16 +32,28 @@ class ExportConfig:
 
 
 def make_parser(prog: str = "bimode export") -> CommandParser:
-    return CommandParser((ExportConfig,), prog=prog, description=HELP)
+    return CommandParser((ExportConfig,), prog=prog, description=HELP + ", with its model card (README.md in the Hub's format: docs/commands.md, 'Model cards')")
 
 
 def main(cfg: ExportConfig) -> int:
     import torch
 
+    from bimode.models.card_files import write_card
     from bimode.models.loading import export_merged
 
     dtype = cfg.dtype if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
     out = export_merged(cfg.merge, cfg.out, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
                         overwrite=cfg.overwrite)
-    print(f"merged model saved to {out}")
+    write_card(out, merged_card_facts(cfg))
+    print(f"merged model saved to {out} (its model card: {Path(out) / 'README.md'})")
     return 0
+
+
+def merged_card_facts(cfg: ExportConfig):
+    """The merged model's card: the adapter's base models, license and stages (from its card), then the merge."""
+    from bimode.models.card import CardFacts
+    from bimode.models.card_files import lineage
+
+    base, license_, earlier = lineage(cfg.merge)
+    return CardFacts(stage="lora-merged", start_model=cfg.merge, base_model=base, license=license_,
+                     earlier=earlier, settings={"dtype": cfg.dtype} if cfg.dtype != "auto" else {})

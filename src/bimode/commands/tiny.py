@@ -28,11 +28,14 @@ def make_parser(prog: str = "bimode tiny") -> CommandParser:
 
 
 def main(cfg: TinyCommandConfig) -> int:
+    from bimode.models.card import CardFacts
+    from bimode.models.card_files import write_card
     from bimode.models.tiny import TinyConfig, build_tiny
 
     out = Path(cfg.out)
     if out.exists() and any(out.iterdir()) and not cfg.overwrite:
         raise OutputExistsError(f"{out} is not empty; pass --overwrite to replace it")
     build_tiny(out, TinyConfig(seed=cfg.seed))
+    write_card(out, CardFacts(stage="tiny", settings={"seed": cfg.seed}))
     print(f"tiny model written to {out}")
     return 0

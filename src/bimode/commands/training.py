@@ -19,22 +19,27 @@ def training_command(name: str, config: str, what: str, recipes: str):
 
         config_class = getattr(importlib.import_module(module_name), class_name)
         return CommandParser((config_class, ModelConfig), prog=prog,
-                             description=f"{help_text(name)} (recipes: {recipes})")
+                             description=f"{help_text(name)} (recipes: {recipes}). Saves the model to "
+                                         "OUTPUT_DIR/final with its model card, README.md in the Hub's format "
+                                         "(docs/commands.md, 'Model cards').")
 
     def main(cfg, model_args) -> int:
-        return train_command(importlib.import_module(module_name).build_trainer, cfg, model_args, what)
+        return train_command(importlib.import_module(module_name).build_trainer, cfg, model_args, what, stage=name)
 
     return make_parser, main
 
 
-def train_command(build, cfg, model_args, what: str) -> int:
-    """`bimode anneal` / `bimode bpo` once parsed (bimode/commands): build the trainer, train, save, end."""
+def train_command(build, cfg, model_args, what: str, stage: str) -> int:
+    """`bimode anneal` / `bimode bpo` once parsed (bimode/commands): build the trainer, train, save with its model
+    card (README.md: the stage, start model, data and recipe, for the Hub), end."""
+    from bimode.train.model_card import write_training_card
     from bimode.train.processes import end_processes
     from bimode.train.run import train_and_save
 
     trainer = build(cfg, model_args=model_args)
     out = train_and_save(trainer, cfg.resume_from_checkpoint)
     if trainer.accelerator.is_main_process:
-        print(f"{what} saved to {out}", flush=True)
+        write_training_card(out, stage, cfg, model_args)
+        print(f"{what} saved to {out} (its model card: {out / 'README.md'})", flush=True)
     end_processes(trainer)
     return 0

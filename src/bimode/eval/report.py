@@ -151,3 +151,42 @@ def compare_runs(run_a: Path, run_b: Path) -> str:
                          f"{'yes' if outside else 'no'} | {_num(sa['tokens'])} | {_num(sb['tokens'])} | "
                          f"{_pct(sa['thinking_rate'])} | {_pct(sb['thinking_rate'])} |")
     return "\n".join(lines) + "\n"
+
+
+def card_table(metrics: dict, source: str) -> str:
+    """The eval table a model card carries (`bimode eval --card`): per benchmark, each mode's accuracy, tokens
+    and thinking rate, then per difficulty level; `source` says what was run (files, settings)."""
+    lines = [f"{source}", "", "Accuracy in % with its 95% bootstrap interval; tokens: mean generated tokens "
+             "(thinking and answer); thinks: the share of answers with reasoning.", "",
+             "| benchmark | mode | n | accuracy % (95% CI) | tokens | thinking tokens | thinks % |",
+             "|---|---|---|---|---|---|---|"]
+    for bench, m in metrics["benchmarks"].items():
+        for mode, s in m["modes"].items():
+            lines.append(f"| {bench} | {mode} | {s['n']} | {_pct(s['accuracy'])} ({_pct(s['ci95'][0])}-"
+                         f"{_pct(s['ci95'][1])}) | {_num(s['tokens'])} | {_num(s['thinking_tokens'])} | "
+                         f"{_pct(s['thinking_rate'])} |")
+    for bench, m in metrics["benchmarks"].items():
+        levels = m.get("by_level") or {}
+        if not levels:
+            continue
+        lines += ["", f"By difficulty level, {bench}:", "",
+                  "| level | n | acc no_think | acc auto | acc think | auto thinks % | tok auto | tok think |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for level, g in levels.items():
+            gm = g["modes"]
+            get = lambda mode, key: gm.get(mode, {}).get(key)
+            n = max((s["n"] for s in gm.values()), default=0)
+            lines.append(f"| {level} | {n} | " + " | ".join(_pct(get(mo, "accuracy")) for mo in MODES)
+                         + f" | {_pct(get('auto', 'thinking_rate'))} | {_num(get('auto', 'tokens'))} | "
+                         f"{_num(get('think', 'tokens'))} |")
+    return "\n".join(lines)
+
+
+def card_source(bench: list, cfg) -> str:
+    """The line above a card's eval table: what `bimode eval` ran (cfg: its EvalConfig)."""
+    settings = [f"modes {', '.join(cfg.modes)}",
+                f"max_new_tokens {cfg.max_new_tokens if cfg.max_new_tokens else 'the model default'}"]
+    settings += [f"{name} {getattr(cfg, name)}" for name in ("max_thinking_tokens", "think_threshold", "limit")
+                 if getattr(cfg, name) is not None]
+    files = ", ".join(f"`{Path(b).name}`" for b in bench)
+    return f"`bimode eval` on {files}, greedy: " + "; ".join(settings) + "."
