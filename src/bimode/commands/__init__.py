@@ -13,7 +13,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("data", "synth"): ("data_synth", "generate the synthetic multimodal reasoning world"),
     ("data", "convert"): ("data_convert", "convert LLaVA / ShareGPT / QA files into records"),
     ("chat",): ("chat", "chat with a model: streamed, reasoning shown apart from the answer"),
-    ("serve",): ("serve", "OpenAI-compatible server (/v1/chat/completions, /v1/models, /health)"),
+    ("serve",): ("serve", "OpenAI-compatible server (/v1/chat/completions, /v1/models, /health) and a chat page at /"),
     ("eval",): ("eval", "evaluate a model in each mode, local or at an endpoint"),
     ("eval", "compare"): ("eval_compare", "two eval runs side by side (say, before and after BPO)"),
     ("eval", "calibrate"): ("eval_calibrate", "pick auto mode's think threshold from an eval run"),

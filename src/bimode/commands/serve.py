@@ -64,6 +64,9 @@ class ServeConfig:
     default_chat_template_kwargs: dict | str | None = field(default=None, metadata={
         "help": 'JSON applied under each request\'s chat_template_kwargs, e.g. \'{"thinking_mode": "short"}\''})
     trust_remote_code: bool = field(default=False, metadata={"help": "allow the checkpoint's own code"})
+    no_ui: bool = field(default=False, metadata={
+        "help": "leave out the chat page at / (on by default: drop an image, pick a mode, watch the answer and its "
+                "reasoning stream; it calls /v1 like any client, with the API key typed into it)"})
 
     def __post_init__(self):
         if not self.model:

@@ -12,6 +12,8 @@ length before it is tokenized, tokenizing and image decoding run in worker threa
 wait for the engine (503 with Retry-After past it), and a request whose deadline passes or whose client goes away
 stops generating at the engine's next step (serve/limits.py). Every field of a request is honoured or refused
 (serve/requests.py). docs/serving_and_eval.md has the limits and what a hostile-traffic test measured.
+
+At `/` a chat page (serve/page.py, the files in serve/ui/) talks to /v1/chat/completions like any client.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from bimode.serve.drain import Drain
 from bimode.serve.errors import error_response
 from bimode.serve.limits import BODY_TIMEOUT_S, ServerLimits, engine_limits, resolve_limits
 from bimode.serve.metrics import ServerMetrics
+from bimode.serve.page import add_page
 from bimode.serve.requests import MODEL_MODES
 
 
@@ -53,9 +56,9 @@ class RequireKey:
 
 
 def create_app(engine, model_name: str, limits: ServerLimits = ServerLimits(), api_key: str | None = None,
-               body_timeout_s: float = BODY_TIMEOUT_S):
-    """The app. With `api_key`, every /v1 request needs `Authorization: Bearer <api_key>`. `app.state.drain`
-    (Drain) is started by `serve` on SIGTERM."""
+               body_timeout_s: float = BODY_TIMEOUT_S, ui: bool = True):
+    """The app. With `api_key`, every /v1 request needs `Authorization: Bearer <api_key>`. `ui`: the chat page at
+    `/` (serve/page.py; it asks for the key itself). `app.state.drain` (Drain) is started by `serve` on SIGTERM."""
     app = FastAPI(title="bimode", description="OpenAI-compatible auto-thinking VLM server")
     drain = app.state.drain = Drain()
     metrics = ServerMetrics()
@@ -85,6 +88,8 @@ def create_app(engine, model_name: str, limits: ServerLimits = ServerLimits(), a
     async def chat(request: Request):
         return await service.chat(request)
 
+    if ui:
+        add_page(app)
     return app
 
 
@@ -97,7 +102,7 @@ def serve(cfg) -> None:
     engine = local_engine(cfg.model, trust_remote_code=cfg.trust_remote_code, max_batch_rows=cfg.max_batch)
     name = cfg.served_model_name or Path(cfg.model).name
     app = create_app(engine, name, ServerLimits.from_config(cfg),
-                     api_key=cfg.api_key or os.environ.get("BIMODE_API_KEY") or None)
+                     api_key=cfg.api_key or os.environ.get("BIMODE_API_KEY") or None, ui=not cfg.no_ui)
     run_app(app, cfg.host, cfg.port, cfg.shutdown_timeout)
 
 
