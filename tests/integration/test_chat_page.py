@@ -210,6 +210,8 @@ def test_think_mode_streams_its_reasoning_into_a_collapsible_block(page, server,
 
 
 def test_errors_are_shown_as_the_server_words_them(page, server, image, tmp_path):
+    from playwright.sync_api import expect
+
     path, _, question = image
     noise = tmp_path / "noise.png"  # incompressible: its data URL is past the request limit
     pixels = random.Random(0).randbytes(300 * 300 * 3)
@@ -250,6 +252,28 @@ def test_errors_are_shown_as_the_server_words_them(page, server, image, tmp_path
     assert page.locator("#error").text_content() == ("HTTP 503: the server is busy: 64 requests are waiting; retry "
                                                      "later (Retry-After: 1 s)")
     page.unroute("**/v1/chat/completions")
+
+    # a stream that the server ends with an error event (a deadline passed), replayed in the server's shape
+    page.route("**/v1/chat/completions", lambda route: route.fulfill(
+        status=200, headers={"Content-Type": "text/event-stream"},
+        body=_event({"role": "assistant", "content": ""}) + _event({"content": "half"})
+        + 'data: {"error": {"message": "request timed out", "code": 504}}\n\ndata: [DONE]\n\n'))
+    turn = script.ask(page, question, "auto")
+    assert page.locator("#error").text_content() == "HTTP 504: request timed out"
+    assert turn.locator(".answer").text_content() == "half" and "failed" in turn.get_attribute("class")
+    page.unroute("**/v1/chat/completions")
+
+    # Stop: a request the server has not answered yet is given up on
+    waiting = []
+    page.route("**/v1/chat/completions", lambda route: waiting.append(route))  # never answered
+    page.fill("#prompt", question)
+    page.click("#send")
+    page.wait_for_selector("#stop:not([disabled])")
+    page.click("#stop")
+    expect(page.locator("#error")).to_have_text("stopped")
+    assert waiting and page.is_enabled("#send") and page.input_value("#prompt") == question
+    page.unroute("**/v1/chat/completions")
+
     body = _sent(page, lambda: script.ask(page, question, "no_think", max_tokens="8"))
     assert body["messages"] == [_user(question)]  # failed turns are not part of the conversation
     assert "done" in page.locator(".turn.assistant").last.get_attribute("class")
