@@ -36,3 +36,23 @@ def test_no_ui_is_a_flag_of_bimode_serve():
 
     assert serve.make_parser().parse_args_and_config(["m"])[0].no_ui is False  # the page is on by default
     assert serve.make_parser().parse_args_and_config(["m", "--no_ui"])[0].no_ui is True
+
+
+def test_the_server_sends_model_markup_as_it_is(tiny_tokenizer):
+    """The page writes model output as text, so the server must neither escape nor strip markup: a streamed
+    answer's deltas carry the model's characters exactly (tags that look like `</think>` included)."""
+    import json
+
+    from bimode.modes import ThinkingMode
+    from bimode.serve import responses
+    from bimode.serve.stream_events import sse
+    from bimode.streaming import ResponseStream
+
+    reasoning, answer = '<b>x</b> <th <img src=x onerror="alert(1)">', "<script>alert(2)</script> &amp; </em>"
+    ids = tiny_tokenizer(reasoning + "\n</think>\n\n" + answer, add_special_tokens=False)["input_ids"]
+    text = ResponseStream(tiny_tokenizer, ThinkingMode.THINK.prompt_suffix)
+    deltas = [text.add(token) for token in ids] + [text.finish(ThinkingMode.THINK.prompt_suffix,
+                                                               tiny_tokenizer.decode(ids))]
+    events = [json.loads(sse(responses.delta(d))[len("data: "):]) for d in deltas if d]
+    assert "".join(e.get("reasoning_content", "") for e in events).strip() == reasoning
+    assert "".join(e.get("content", "") for e in events).strip() == answer
