@@ -114,6 +114,10 @@ def _sent(page, action) -> dict:
     return json.loads(request.value.post_data)
 
 
+def _number(text: str | None) -> float | None:
+    return None if text is None else float(text)  # a JavaScript number's text reads back to the same float
+
+
 def _shown(turn) -> dict:
     """What an assistant turn shows."""
     details = turn.locator("details.reasoning")
@@ -121,7 +125,7 @@ def _shown(turn) -> dict:
             "reasoning": details.locator(".reasoning-text").text_content() if details.is_visible() else None,
             "mode": turn.locator(".decision").get_attribute("data-mode"),
             "decision": turn.locator(".decision").text_content(),
-            "p_think": turn.locator(".p-think").get_attribute("data-value"),
+            "p_think": _number(turn.locator(".p-think").get_attribute("data-value")),
             "thinking_tokens": turn.locator(".tokens").get_attribute("data-thinking"),
             "answer_tokens": turn.locator(".tokens").get_attribute("data-answer")}
 
@@ -132,7 +136,7 @@ def _expected(reply: dict) -> dict:
     thinking = usage["completion_tokens_details"]["reasoning_tokens"]
     return {"answer": choice["message"]["content"], "reasoning": choice["message"]["reasoning_content"],
             "mode": choice["bimode"]["mode"],
-            "p_think": None if choice["bimode"]["p_think"] is None else str(choice["bimode"]["p_think"]),
+            "p_think": choice["bimode"]["p_think"],
             "thinking_tokens": str(thinking), "answer_tokens": str(usage["completion_tokens"] - thinking)}
 
 
@@ -174,7 +178,7 @@ def test_auto_mode_shows_its_decision_and_the_conversation_continues(page, serve
     assert _shown(first) == {**_expected(plain), "decision": _shown(first)["decision"]}
     assert _shown(first)["decision"].startswith({"think": "decided to think", "no_think": "decided not to think"}[
         plain["choices"][0]["bimode"]["mode"]])
-    assert 0 < float(_shown(first)["p_think"]) < 1
+    assert 0 < _shown(first)["p_think"] < 1
 
     body = _sent(page, lambda: script.ask(page, question, "no_think", max_tokens="64"))
     answer = plain["choices"][0]["message"]
@@ -308,7 +312,7 @@ def test_markup_is_shown_as_text(page, server):
     assert (shown["answer"], shown["reasoning"]) == (MARKUP, MARKUP)
     assert turn.locator(".answer *, .reasoning-text *").count() == 0
     assert (shown["decision"], shown["p_think"], shown["thinking_tokens"], shown["answer_tokens"]) == (
-        "decided to think", "0.75", "5", "4")
+        "decided to think", 0.75, "5", "4")
     assert turn.locator(".p-think").text_content() == "p_think 0.750"
     assert page.evaluate("window.pwned") is None
 
