@@ -71,10 +71,14 @@ def _stage(name: str, done: Path, out: Path) -> bool:
     return True
 
 
-def _save(model, processor, path: Path) -> None:
+def _save(model, processor, path: Path, card) -> None:
+    """The model, its processor and its card (models/card.py's CardFacts) in `path`."""
+    from bimode.models.card_files import write_card
+
     tmp = path.with_name(path.name + ".tmp")
     model.save_pretrained(tmp)
     processor.save_pretrained(tmp)
+    write_card(tmp, card, title=path.name)
     if path.exists():
         shutil.rmtree(path)
     tmp.rename(path)  # a model folder exists only once complete: resume can trust it
@@ -84,16 +88,19 @@ def run_demo(cfg: DemoConfig) -> int:
     import torch
 
     from bimode.curate import CurateConfig, run_curation
-    from bimode.eval.report import write_report
+    from bimode.eval.report import card_source, card_table, write_report
     from bimode.eval.runner import EvalConfig, read_samples, run_eval
     from bimode.generation.backends import build_backend
     from bimode.models import load_model
+    from bimode.models.card import CardFacts
+    from bimode.models.card_files import lineage, row_counts, write_card, write_eval_table
     from bimode.models.tiny import build_tiny
     from bimode.recipes import load_recipe, recipe_values
     from bimode.train.anneal import AnnealConfig
     from bimode.train.anneal import build_trainer as anneal_trainer
     from bimode.train.bpo.trainer import BPOConfig
     from bimode.train.bpo.trainer import build_trainer as bpo_trainer
+    from bimode.train.model_card import training_card_facts
     from bimode.train.sft_warmup import SimpleSFTConfig, train_sft
 
     out, seed = Path(cfg.out), cfg.seed
@@ -118,7 +125,10 @@ def run_demo(cfg: DemoConfig) -> int:
                               data / f"{split}.jsonl", overwrite=True)
         timed("world", world)
     if _stage("tiny model", out / "tiny" / "config.json", out):
-        timed("tiny model", lambda: build_tiny(out / "tiny"))
+        def tiny():
+            build_tiny(out / "tiny")
+            write_card(out / "tiny", CardFacts(stage="tiny"))
+        timed("tiny model", tiny)
     # The annotator learns both formats: curation samples its non-thinking answers, and annealing starts from
     # it. A non-thinking-only warm-up answered level-1 shell questions at chance, so its labels did not
     # follow difficulty, and annealing from it learned traces poorly (docs/demo_results.md).
@@ -127,7 +137,10 @@ def run_demo(cfg: DemoConfig) -> int:
             model, processor = load_model(out / "tiny", dtype=torch.float32)
             train_sft(model, processor, read_records(data / "train.jsonl"), modes=TARGET_MODES,
                       cfg=SimpleSFTConfig(steps=cfg.warmup_steps, seed=seed))
-            _save(model, processor, out / "annotator")
+            _save(model, processor, out / "annotator", CardFacts(
+                stage="sft-warmup", start_model=str(out / "tiny"), earlier=lineage(out / "tiny")[2],
+                settings={"steps": cfg.warmup_steps, "modes": ", ".join(m.value for m in TARGET_MODES), "seed": seed},
+                data=row_counts([data / "train.jsonl"])))
         timed("annotator warm-up", warmup)
     curate_cfg = load_recipe(CurateConfig, "tiny_curate", seed=seed, annotator_name="tiny annotator (both-format "
                              "warm-up)", **_overrides(
@@ -148,7 +161,7 @@ def run_demo(cfg: DemoConfig) -> int:
                                      logging_steps=50, seed=seed, **_TRAINER_COMMON)
             trainer = anneal_trainer(anneal_cfg)
             trainer.train()
-            _save(trainer.model, trainer.processing_class, out / "annealed")
+            _save(trainer.model, trainer.processing_class, out / "annealed", training_card_facts("anneal", anneal_cfg))
         timed("annealing", anneal)
     if _stage("BPO (bi-mode rollouts, mixed-group advantages)", out / "bpo" / "config.json", out):
         def bpo():
@@ -162,7 +175,7 @@ def run_demo(cfg: DemoConfig) -> int:
                                   **_overrides(mode_token_loss=cfg.bpo_mode_token_loss, beta=cfg.bpo_beta))
             trainer = bpo_trainer(bpo_cfg)
             trainer.train()
-            _save(trainer.model, trainer.processing_class, out / "bpo")
+            _save(trainer.model, trainer.processing_class, out / "bpo", training_card_facts("bpo", bpo_cfg))
         timed("BPO", bpo)
     for name, title in (("annealed", "Annealed tiny model"), ("bpo", "Tiny model after BPO")):
         if _stage(f"evaluation of the {name} model (auto, think, no_think)", out / f"eval_{name}" / "report.md", out):
@@ -172,11 +185,15 @@ def run_demo(cfg: DemoConfig) -> int:
                 samples = run_eval(engine, [data / "eval.jsonl"], out / f"eval_{name}", eval_cfg)
                 write_report(read_samples(samples), out / f"eval_{name}", title=title)
             timed(f"evaluation ({name})", evaluate)
+        # each model's card carries its eval table (rewritten from the metrics, so a resumed run has it too)
+        metrics = json.loads((out / f"eval_{name}" / "metrics.json").read_text())
+        write_eval_table(out / name, card_table(metrics, card_source([data / "eval.jsonl"],
+                                                                     load_recipe(EvalConfig, "tiny_eval"))))
     _write_report(out, summary, timings, time.time() - start)
     _print_samples(out / "eval_bpo" / "samples.jsonl", "model after BPO")
     print((out / "report.md").read_text())
-    print(f"done in {time.time() - start:.0f} s; the final model is in {out / 'bpo'} "
-          f"(try `bimode chat {out / 'bpo'}` or `bimode serve {out / 'bpo'}`)")
+    print(f"done in {time.time() - start:.0f} s; the final model is in {out / 'bpo'}, its model card with its eval "
+          f"table in {out / 'bpo' / 'README.md'} (try `bimode chat {out / 'bpo'}` or `bimode serve {out / 'bpo'}`)")
     return 0
 
 

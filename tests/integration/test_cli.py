@@ -169,11 +169,27 @@ def test_quick_demo_runs_every_stage_and_resumes_from_a_wheel_install(tmp_path, 
         assert (f"| all | {modes['think']['n']} | {100 * modes['no_think']['accuracy']:.1f} | "
                 f"{100 * modes['think']['accuracy']:.1f} | {100 * modes['auto']['accuracy']:.1f} |") in section
     assert "| after BPO, auto thinks on level 1 <= 20% |" in report
+    # every model folder carries a card the Hub's library reads, its stages from the tiny model on; each trained
+    # model's card carries its eval table, the metrics files' numbers
+    from huggingface_hub import ModelCard
+
+    for name, stages in (("tiny", ["tiny"]), ("annotator", ["tiny", "sft-warmup"]),
+                         ("annealed", ["tiny", "sft-warmup", "anneal"]), ("bpo", ["tiny", "sft-warmup", "anneal", "bpo"])):
+        card = ModelCard.load(out / name / "README.md")
+        assert card.data.pipeline_tag == "image-text-to-text" and stages[-1] in card.data.tags, name
+        assert [line.split(": ")[1] for line in card.text.splitlines() if line.startswith("### Stage: ")] == stages
+    for name in ("annealed", "bpo"):
+        [(bench, metrics)] = json.loads((out / f"eval_{name}" / "metrics.json").read_text())["benchmarks"].items()
+        table = (out / name / "README.md").read_text().split("<!-- bimode-eval:start -->")[1]
+        auto = metrics["modes"]["auto"]
+        assert f"| {bench} | auto | {auto['n']} | {100 * auto['accuracy']:.1f} (" in table, name
+        assert f"By difficulty level, {bench}:" in table
     curation = json.loads((out / "curation" / "summary.json").read_text())
     for level, share in curation["think_share_by_level"].items():
         assert f"| {level} | {100 * share:.0f}% |" in report
     second = run("demo", "--quick", "--out", str(out)).stdout
     assert "[bi-mode annealing on the curated mix] already done" in second and "[world] already done" in second
+    assert (out / "bpo" / "README.md").read_text().count("<!-- bimode-eval:start -->") == 1  # replaced, not added
 
 
 def test_demo_passes_its_seed_to_every_stage(monkeypatch, tmp_path):

@@ -4,6 +4,7 @@ the README.md written into a checkpoint folder (models/card.py renders it)."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import yaml
@@ -11,6 +12,8 @@ import yaml
 from bimode.io import atomic_write_text
 from bimode.models.card import CARD_FILE, MADE, PIPELINE_TAG, CardFacts, looks_like_hub_id, marked_part, \
     render_card, with_eval_table
+
+FRONT_MATTER = re.compile(r"---[ \t]*\n(.*?)\n---[ \t]*(?:\n|$)", re.S)
 
 
 def read_card(folder: str | Path) -> tuple[dict, str]:
@@ -20,10 +23,9 @@ def read_card(folder: str | Path) -> tuple[dict, str]:
     if not path.is_file():
         return {}, ""
     text = path.read_text(encoding="utf-8", errors="replace")
-    if not text.startswith("---"):
-        return {}, text
+    front = FRONT_MATTER.match(text)  # the Hub's rule: YAML between a first line "---" and the next such line
     try:
-        meta = yaml.safe_load(text.split("---", 2)[1]) if text.count("---") >= 2 else {}
+        meta = yaml.safe_load(front.group(1)) if front else {}
     except yaml.YAMLError:
         meta = {}
     return (meta if isinstance(meta, dict) else {}), text
