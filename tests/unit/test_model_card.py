@@ -126,6 +126,35 @@ def test_the_cards_transformers_example_runs(tiny_dir, tmp_path):
     assert namespace["output"].shape[1] > namespace["inputs"]["input_ids"].shape[1]
 
 
+def test_the_cards_openai_client_example_runs_against_bimode_serve(tiny_dir, monkeypatch):
+    import base64
+    import io
+
+    from PIL import Image
+
+    import bimode.serve.app
+    from bimode.models.card import SERVING_USAGE
+    from tests.helpers.servers import serve_in_thread
+
+    apps = []
+    monkeypatch.setattr(bimode.serve.app, "run_app", lambda app, *args: apps.append(app))  # what `serve` would run
+    assert main(["serve", str(tiny_dir), "--max-tokens", "64"]) == 0 and len(apps) == 1
+    png = io.BytesIO()
+    Image.new("RGB", (32, 32), "red").save(png, format="PNG")
+    code = re.findall(r"```python\n(.*?)```", SERVING_USAGE, re.S)[0]
+    base, stop = serve_in_thread(apps[0])
+    try:
+        code = code.replace("http://127.0.0.1:8000/v1", base + "/v1").replace("max_tokens=1024", "max_tokens=6")
+        namespace = {}
+        exec(code.replace("data:image/png;base64,...",  # noqa: S102 (the card's own code)
+                          "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()), namespace)
+    finally:
+        stop()
+    message = namespace["message"]
+    assert namespace["response"].usage.completion_tokens > 0 and message.content is not None
+    assert hasattr(message, "reasoning_content")  # the field the example prints, as bimode serve sends it
+
+
 @pytest.fixture
 def hub_tiny(tiny_dir, tmp_path):
     """The tiny model as if downloaded from the Hub: its config names its Hub id, its card a license."""
