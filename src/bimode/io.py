@@ -11,16 +11,17 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write text so that the file is either the old one or the new one, never a half."""
+def atomic_write_text(path: str | os.PathLike, text: str | Iterable[str]) -> None:
+    """Write text (a string, or pieces of it as they come: nothing held whole) so that the file is either the old
+    one or the new one, never a half."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+            fh.writelines([text] if isinstance(text, str) else text)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; the file it replaces was not
         os.replace(tmp, path)
     except BaseException:
@@ -39,23 +40,36 @@ def jsonl_text(rows: Iterable[dict]) -> str:
 
 
 def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
-    """Rewrite a JSONL file atomically."""
-    atomic_write_text(path, jsonl_text(rows))
+    """Rewrite a JSONL file atomically, writing the rows as they come."""
+    atomic_write_text(path, (json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows))
 
 
 def read_log(path: str | os.PathLike) -> list[dict]:
     """The complete lines of a JSONL log, in order; blank lines and a line cut by a kill are skipped."""
+    return [row for _, row in iter_log(path)]
+
+
+def iter_log(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
+    """(byte offset, row) of each complete line of a JSONL log, as `read_log` reads them, one at a time."""
     path = Path(path)
-    rows = []
-    if path.exists():
-        with open(path, encoding="utf-8") as fh:
-            for line in fh:
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError:
-                        continue
-    return rows
+    if not path.exists():
+        return
+    with open(path, "rb") as fh:
+        offset = 0
+        for line in fh:
+            if line.strip():
+                try:
+                    yield offset, json.loads(line)
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    pass
+            offset += len(line)
+
+
+def read_line_at(path: str | os.PathLike, offset: int) -> dict:
+    """The JSON row of the log line at `offset` (found by `iter_log`)."""
+    with open(path, "rb") as fh:
+        fh.seek(offset)
+        return json.loads(fh.readline())
 
 
 def append_log(path: str | os.PathLike, rows: Iterable[dict]) -> None:

@@ -99,7 +99,10 @@ def test_ray_curation_on_two_workers_cut_off_midway_resumes_to_the_one_process_o
     assert isinstance(actor, RemoteTraceback) and "ray_helpers.py" in str(actor), str(actor)
     finished = [entry["batch"] for entry in read_log(tmp_path / "ray" / "batches.jsonl")]
     assert finished and 4 not in finished
-    run_curation(None, [inputs], tmp_path / "ray", CFG, progress=False, pool=RayPool(worker, "local", num_workers=2))
+    # resumed with the batches handed to Ray two at a time: the driver's stream goes out in windows (each on actors
+    # of its own), and the windows' results join as one run's
+    run_curation(None, [inputs], tmp_path / "ray", CFG, progress=False,
+                 pool=RayPool(worker, "local", num_workers=2, window=2))
     batches = [entry["batch"] for entry in read_log(tmp_path / "ray" / "batches.jsonl")]
     assert batches[:len(finished)] == finished and sorted(batches) == list(range(5))  # each batch ran once
     run_curation(engine, [inputs], tmp_path / "single", CFG, reasoner=engine, progress=False)

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-import string
-from collections import defaultdict
 
 from bimode.data.records import Record
 from bimode.modes import extract_answer
@@ -158,12 +156,6 @@ def is_verifiable(record: Record) -> bool:
     return kind in VERIFIABLE_TYPES
 
 
-def _normalize(text: str) -> str:
-    text = text.lower().replace("<image>", " ")
-    text = "".join(" " if c in string.punctuation else c for c in text)
-    return " ".join(text.split())
-
-
 def image_key(record: Record) -> str:
     """A hash of the record's image contents (paths and bytes alike)."""
     from bimode.data.records import png_bytes
@@ -177,33 +169,15 @@ def image_key(record: Record) -> str:
     return digest.hexdigest()
 
 
-def _shingles(text: str, n: int = 3) -> set:
-    words = text.split()
-    return {" ".join(words[i:i + n]) for i in range(max(1, len(words) - n + 1))}
-
-
 def find_duplicates(records: list[Record], threshold: float = 0.9) -> dict[str, str]:
     """{duplicate id: id of the first record it repeats}: same images and the same normalised question,
-    or word-trigram Jaccard similarity >= threshold with one before it (compared within equal images)."""
-    duplicates: dict[str, str] = {}
-    seen: dict[str, dict[str, str]] = defaultdict(dict)  # image key -> normalised text -> id
-    shingles: dict[str, list[tuple[set, str]]] = defaultdict(list)
-    for record in records:
-        key = image_key(record)
-        text = _normalize(record.question)
-        if text in seen[key]:
-            duplicates[record.id] = seen[key][text]
-            continue
-        mine = _shingles(text)
-        for other, other_id in shingles[key]:
-            union = len(mine | other)
-            if union and len(mine & other) / union >= threshold:
-                duplicates[record.id] = other_id
-                break
-        else:
-            seen[key][text] = record.id
-            shingles[key].append((mine, record.id))
-    return duplicates
+    or word-trigram Jaccard similarity >= threshold with one before it (same images; found by MinHash LSH and
+    checked exactly: bimode.curate.dedup)."""
+    from bimode.curate.dedup import DuplicateFinder
+
+    finder = DuplicateFinder(threshold)
+    found = {record.id: finder.check(record.id, image_key(record), record.question) for record in records}
+    return {rid: first for rid, first in found.items() if first is not None}
 
 
 def blocked_keyword(trace: str, keywords=DEFAULT_BLOCKED_KEYWORDS) -> str | None:

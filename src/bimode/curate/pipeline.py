@@ -17,26 +17,30 @@ which would label the query thinking; a cut trace fails verification and loses t
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import shutil
 import time
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Iterable, Iterator
 
+from bimode.curate.dedup import DuplicateFinder
 from bimode.curate.heuristics import (
-    DEFAULT_BLOCKED_KEYWORDS, UNCLEAR, blocked_keyword, find_duplicates, is_verifiable, parse_verdict,
-    performance_label,
+    DEFAULT_BLOCKED_KEYWORDS, UNCLEAR, blocked_keyword, image_key, is_verifiable, parse_verdict, performance_label,
 )
-from bimode.data.records import Record, record_to_dict
-from bimode.data.rejects import REJECTS_FILE, from_error, image_error, reject, write_rejects
+from bimode.disk_index import DiskIndex
+from bimode.data.records import Record, count_rows, record_to_dict
+from bimode.data.rejects import REJECTS_FILE, from_error, image_error, reject
 from bimode.errors import MissingInputError, OutputExistsError, UsageError
 from bimode.generation.defaults import DEFAULT_LIMIT_HELP, PAPER_MAX_NEW_TOKENS, default_max_new_tokens
 from bimode.generation.types import Prompt, SamplingParams
-from bimode.io import append_log, read_log, write_jsonl
+from bimode.io import append_log, iter_log, write_jsonl
 from bimode.modes import ThinkingMode
+from bimode.parallel.batch_log import BatchLog, ids_hash
+from bimode.parallel.batch_run import BatchRun, Progress, chunked
 from bimode.parallel.pool import LocalPool
-from bimode.parallel.batch_run import BatchRun, Progress, cut
 from bimode.parallel.shards import MANIFEST, Shard, check_shards, read_manifest
 from bimode.scoring import accuracy_reward
 from bimode.seeds import row_seed
@@ -44,6 +48,8 @@ from bimode.seeds import row_seed
 OUTPUT_FILES = ("curated.jsonl", REJECTS_FILE, "summary.json", "summary.md")
 JUDGE_MAX_NEW_TOKENS = 32  # one word is asked for; room for a short sentence, which is parsed too
 PROGRESS_FILE = "batches.jsonl"  # the resume log: one line per finished batch
+SET_ASIDE_FILE = "input_rejects.jsonl"  # rows set aside while reading (unreadable, duplicates), rewritten each run
+INDEX_FILE = ".curate_index.sqlite"  # the scratch index of what the run has read (bimode.disk_index)
 
 
 @dataclass
@@ -199,11 +205,6 @@ def _generate_traces(reasoner, records: list[Record], cfg: CurateConfig) -> dict
     return traces
 
 
-def _finished_batches(progress: Path) -> dict[int, dict]:
-    """Batches already done: one JSON line each; a line cut by a kill is skipped (the batch is redone)."""
-    return {entry["batch"]: entry for entry in read_log(progress)}
-
-
 @dataclass
 class CurateWorker:
     """What one worker needs to curate batches, picklable: built into a batch function on each Ray actor (one
@@ -235,17 +236,20 @@ class CurateWorker:
                                  judge_template=self.judge_template)
 
 
-def read_inputs(inputs: list, input_format: str = "auto") -> tuple[list[Record], list[dict], dict[str, str]]:
-    """Every record of the input files, the rows that could not be read (as rejects), and each id's file."""
+def unique_records(inputs: list, input_format: str, cfg: CurateConfig, index: DiskIndex,
+                   set_aside) -> Iterator[tuple[Record, str]]:
+    """Each record of the input files, in order, with its file, as it is read; the rows that cannot be read and the
+    questions that repeat an earlier one (bimode.curate.dedup) go to `set_aside(reject)` instead."""
     from bimode.data.convert import iter_converted
 
-    read_rejects: list[dict] = []
-    records, source = [], {}
+    finder = DuplicateFinder(cfg.near_duplicate_threshold, index, seed=0)
     for path in inputs:
-        for record in iter_converted(path, input_format, on_error=lambda exc: read_rejects.append(from_error(exc))):
-            records.append(record)
-            source.setdefault(record.id, str(path))
-    return records, read_rejects, source
+        for record in iter_converted(path, input_format, on_error=lambda exc: set_aside(from_error(exc))):
+            first = finder.check(record.id, image_key(record), record.question)
+            if first is None:
+                yield record, str(path)
+            else:
+                set_aside(reject(f"duplicate of {first}", field="question", id=record.id, file=str(path)))
 
 
 def run_curation(backend, inputs: list, out: Path, cfg: CurateConfig | None = None, reasoner=None,
@@ -253,68 +257,98 @@ def run_curation(backend, inputs: list, out: Path, cfg: CurateConfig | None = No
                  shard: Shard = Shard(), identity: dict | None = None) -> dict:
     """Curate every input file into out/; resumes when out/ holds a partial run of the same command.
 
-    The unique records are cut into batches of `cfg.batch_size`, in input order; each batch runs through `pool`
-    (default: this process, on `backend` and `reasoner`; a `bimode.parallel.pool.RayPool` of `CurateWorker`s on a
-    cluster) and is logged as it finishes. With `shard` of K, only the batches numbered shard.index mod K run and
-    out/ is a shard folder for `merge_curation`; `identity` (JSON-able: the models' specs) joins the fingerprint
-    that tells shards of one run from another's. Returns the summary (a shard's: its manifest)."""
+    The input is read as a stream: duplicates are found as rows are read (what is kept per row lives in a scratch
+    index on disk, `INDEX_FILE`), and the unique records are cut into batches of `cfg.batch_size`, in input order,
+    each handed out as soon as it is full, so the driver's memory does not grow with the input (bench/
+    driver_memory.py). Each batch runs through `pool` (default: this process, on `backend` and `reasoner`; a
+    `bimode.parallel.pool.RayPool` of `CurateWorker`s on a cluster) and is logged as it finishes. With `shard` of
+    K, only the batches numbered shard.index mod K run and out/ is a shard folder for `merge_curation`; `identity`
+    (JSON-able: the models' specs) joins the fingerprint that tells shards of one run from another's. Returns the
+    summary (a shard's: its manifest)."""
     cfg = cfg or CurateConfig()
     start = time.time()
     out = Path(out)
     if (out / "summary.json").exists() or (out / PROGRESS_FILE).exists() or (out / MANIFEST).exists():
         if overwrite:
-            for name in OUTPUT_FILES + (PROGRESS_FILE, MANIFEST):
+            for name in OUTPUT_FILES + (PROGRESS_FILE, MANIFEST, SET_ASIDE_FILE):
                 (out / name).unlink(missing_ok=True)
         elif (out / "summary.json").exists():
             raise OutputExistsError(f"{out} holds a finished curation; pass --overwrite to redo it")
     out.mkdir(parents=True, exist_ok=True)
-    records, read_rejects, source = read_inputs(inputs, input_format)
-    duplicates = find_duplicates(records, cfg.near_duplicate_threshold)
-    unique = [r for r in records if r.id not in duplicates]
-    batches = cut(unique, cfg.batch_size)
-    run = BatchRun.begin(out, "curate", PROGRESS_FILE, len(batches), shard,
+    run = BatchRun.begin(out, "curate", PROGRESS_FILE, shard,
                          settings={"cfg": asdict(cfg), "input_format": input_format}, inputs=inputs, identity=identity)
-
-    def with_file(rows: list[dict]) -> list[dict]:  # a record's rejects name the file it came from
-        return [{**r, "file": r.get("file") or source.get(r.get("id"))} for r in rows]
-
     progress_path = out / PROGRESS_FILE
-    done = _finished_batches(progress_path)
-    for index, entry in done.items():  # a resumed batch must be the batch this command cuts, row for row
-        if index >= len(batches) or entry["ids"] != [r.id for r in batches[index]]:
-            raise OutputExistsError(f"{progress_path}: batch {index} was cut from other inputs or another batch_size "
-                                    "than this command's; run the command that started it, or pass --overwrite")
-    mine = [i for i in range(len(batches)) if run.owns(i)]
     if pool is None:
         pool = LocalPool(CurateWorker(cfg).bind(backend, reasoner))
+    total = sum(n or 0 for n in map(count_rows, inputs)) if shard.whole else None
+    bar = Progress("curate", "query", total or None, enabled=progress)
+    with DiskIndex(out / INDEX_FILE) as index, open(out / SET_ASIDE_FILE, "w", encoding="utf-8") as set_aside:
+        log = BatchLog(index)
+        log.scan(progress_path)
+        in_flight: dict[int, dict[str, str]] = {}  # batch -> {id: file} of the batches handed out
+        cut = {"batches": 0}
 
-    def write(index: int, result: tuple[list[Record], list[dict]]) -> int:
-        kept, rejects = result
-        rows = [record_to_dict(r, image_dir=out / "curated_images", base_dir=out) for r in kept]
-        entry = {"batch": index, "ids": [r.id for r in batches[index]], "curated": rows,
-                 "rejects": with_file(rejects)}
-        append_log(progress_path, [entry])  # one line per batch: all or nothing
-        done[index] = entry
-        return len(batches[index])
+        def put_aside(row: dict) -> None:
+            set_aside.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+            bar.advance(1)
 
-    run.run(pool, ((i, batches[i]) for i in mine if i not in done), write,
-            Progress("curate", "query", total=sum(len(batches[i]) for i in mine),
-                     done=sum(len(batches[i]) for i in mine if i in done)) if progress else None)
-    input_rejects = read_rejects + with_file([reject(f"duplicate of {first}", field="question", id=rid)
-                                              for rid, first in duplicates.items()])
-    if not shard.whole:
-        run.finish(input_rejects=input_rejects, seconds=round(time.time() - start, 1))
-        return read_manifest(out)
-    return finish_curation(out, [done[i] for i in sorted(done)], input_rejects, time.time() - start)
+        def work() -> Iterator[tuple[int, list[Record]]]:
+            for number, batch in enumerate(chunked(unique_records(inputs, input_format, cfg, index, put_aside),
+                                                   cfg.batch_size)):
+                cut["batches"] = number + 1
+                records = [record for record, _ in batch]
+                logged = log.ids_hash(number)
+                if logged is not None:  # a resumed batch must be the batch this command cuts, row for row
+                    if logged != ids_hash([r.id for r in records]):
+                        raise OutputExistsError(
+                            f"{progress_path}: batch {number} was cut from other inputs or another batch_size than "
+                            "this command's; run the command that started it, or pass --overwrite")
+                    bar.advance(len(records))
+                elif run.owns(number):
+                    in_flight[number] = {record.id: file for record, file in batch}
+                    yield number, records
+
+        def write(number: int, result: tuple[list[Record], list[dict]]) -> int:
+            kept, rejects = result
+            files = in_flight.pop(number)
+            rows = [record_to_dict(r, image_dir=out / "curated_images", base_dir=out) for r in kept]
+            rejects = [{**r, "file": r.get("file") or files.get(r.get("id"))} for r in rejects]
+            append_log(progress_path, [{"batch": number, "ids": list(files), "curated": rows, "rejects": rejects}])
+            return len(files)  # one line per batch: all or nothing
+
+        run.run(pool, work(), write, bar)
+        set_aside.flush()
+        last = log.last()
+        if last is not None and last >= cut["batches"]:
+            raise OutputExistsError(f"{progress_path}: batch {last} is past the {cut['batches']} batches this "
+                                    "command's inputs make; run the command that started it, or pass --overwrite")
+        if not shard.whole:
+            run.finish(cut["batches"], seconds=round(time.time() - start, 1))
+            return read_manifest(out)
+        log.scan(progress_path)  # the batches this run logged too, for the outputs
+        return finish_curation(out, log.entries(), read_log_rows(out / SET_ASIDE_FILE), time.time() - start)
 
 
-def finish_curation(out: Path, entries: list[dict], input_rejects: list[dict], seconds: float) -> dict:
-    """curated.jsonl, rejects.jsonl and the summaries from the finished batches' log entries, in batch order."""
-    curated = [row for entry in entries for row in entry["curated"]]
-    rejects = input_rejects + [row for entry in entries for row in entry["rejects"]]
-    write_jsonl(out / "curated.jsonl", curated)
-    rejects = write_rejects(out / REJECTS_FILE, rejects)
-    return summarize(out, curated, rejects, seconds)
+def read_log_rows(path: Path) -> Iterator[dict]:
+    return (row for _, row in iter_log(path))
+
+
+def finish_curation(out: Path, entries: Iterable[dict], input_rejects: Iterable[dict], seconds: float) -> dict:
+    """curated.jsonl, rejects.jsonl and the summaries from the finished batches' log entries, in batch order, read
+    and written one at a time: the rows set aside while reading come first in rejects.jsonl, then each batch's."""
+    tally = Tally()
+    batch_rejects = out / ".batch_rejects.jsonl"  # spooled while curated.jsonl is written: one pass over the log
+    with open(batch_rejects, "w", encoding="utf-8") as spool:
+        def curated_rows() -> Iterator[dict]:
+            for entry in entries:
+                for row in entry["rejects"]:
+                    spool.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+                yield from map(tally.curated, entry["curated"])
+
+        write_jsonl(out / "curated.jsonl", curated_rows())
+    write_jsonl(out / REJECTS_FILE, map(tally.rejected, itertools.chain(input_rejects, read_log_rows(batch_rejects))))
+    batch_rejects.unlink()
+    return summarize(out, tally, seconds)
 
 
 def merge_curation(folders: list, out: Path, overwrite: bool = False) -> dict:
@@ -325,38 +359,58 @@ def merge_curation(folders: list, out: Path, overwrite: bool = False) -> dict:
     shards = check_shards(folders, "curate")
     if (out / "summary.json").exists() and not overwrite:
         raise OutputExistsError(f"{out} holds a finished curation; pass --overwrite to replace it")
-    entries: dict[int, dict] = {}
-    for folder, manifest in shards:
-        for index, entry in _finished_batches(folder / PROGRESS_FILE).items():
-            if not Shard(manifest["shard_index"], manifest["num_shards"]).owns(index):
-                raise UsageError(f"{folder}: batch {index} is not shard {manifest['shard_index']}'s")
-            entries[index] = entry
-    missing = [i for i in range(shards[0][1]["num_batches"]) if i not in entries]
-    if missing:
-        raise UsageError(f"cannot merge: batches {missing[:10]} are in no shard's {PROGRESS_FILE}")
     out.mkdir(parents=True, exist_ok=True)
-    for folder, _ in shards:  # images the curated rows point to, relative to the shard folder, then to out/
-        if (folder / "curated_images").is_dir() and folder.resolve() != out.resolve():
-            shutil.copytree(folder / "curated_images", out / "curated_images", dirs_exist_ok=True)
-    seconds = max(m.get("seconds", 0.0) for _, m in shards)  # the shards ran side by side: the longest
-    return finish_curation(out, [entries[i] for i in sorted(entries)], shards[0][1].get("input_rejects", []), seconds)
+    with DiskIndex(out / INDEX_FILE) as index:
+        log = BatchLog(index)
+        for folder, manifest in shards:
+            owner = Shard(manifest["shard_index"], manifest["num_shards"])
+            try:
+                log.scan(folder / PROGRESS_FILE, owns=owner.owns)
+            except ValueError as exc:
+                raise UsageError(f"{folder}: {exc} is not shard {manifest['shard_index']}'s") from None
+        have = log.numbers()
+        missing = [i for i in range(shards[0][1]["num_batches"]) if i not in have]
+        if missing:
+            raise UsageError(f"cannot merge: batches {missing[:10]} are in no shard's {PROGRESS_FILE}")
+        for folder, _ in shards:  # images the curated rows point to, relative to the shard folder, then to out/
+            if (folder / "curated_images").is_dir() and folder.resolve() != out.resolve():
+                shutil.copytree(folder / "curated_images", out / "curated_images", dirs_exist_ok=True)
+        seconds = max(m.get("seconds", 0.0) for _, m in shards)  # the shards ran side by side: the longest
+        # every shard read every input: the first one's rows set aside stand for all
+        return finish_curation(out, log.entries(), read_log_rows(shards[0][0] / SET_ASIDE_FILE), seconds)
 
 
-def summarize(out: Path, curated: list[dict], rejects: list[dict], seconds: float) -> dict:
-    by_domain: dict = defaultdict(Counter)
-    by_level: dict = defaultdict(Counter)
-    for row in curated:
-        by_domain[row.get("domain") or "unknown"][row["mode"]] += 1
+class Tally:
+    """The summary's counts, kept as the rows go by."""
+
+    def __init__(self):
+        self.by_domain: dict = defaultdict(Counter)
+        self.by_level: dict = defaultdict(Counter)
+        self.reasons: Counter = Counter()
+
+    def curated(self, row: dict) -> dict:
+        self.by_domain[row.get("domain") or "unknown"][row["mode"]] += 1
         if row.get("level") is not None:
-            by_level[row["level"]][row["mode"]] += 1
-    total = Counter(row["mode"] for row in curated)
-    reasons = Counter(r["reason"].split(" of ")[0] if r["reason"].startswith("duplicate") else r["reason"]
-                      for r in rejects)
+            self.by_level[row["level"]][row["mode"]] += 1
+        return row
+
+    def rejected(self, row: dict) -> dict:
+        reason = row["reason"]
+        self.reasons[reason.split(" of ")[0] if reason.startswith("duplicate") else reason] += 1
+        return row
+
+
+def summarize(out: Path, tally: Tally, seconds: float) -> dict:
+    total = Counter()
+    for counts in tally.by_domain.values():
+        total.update(counts)
+    curated, rejected = total["think"] + total["no_think"], sum(tally.reasons.values())
+    reasons = tally.reasons
     summary = {
-        "total": {"think": total["think"], "no_think": total["no_think"], "curated": len(curated),
-                  "rejected": len(rejects)},
-        "by_domain": {d: dict(c) for d, c in sorted(by_domain.items())},
-        "think_share_by_level": {str(lv): c["think"] / (c["think"] + c["no_think"]) for lv, c in sorted(by_level.items())},
+        "total": {"think": total["think"], "no_think": total["no_think"], "curated": curated, "rejected": rejected},
+        "by_domain": {d: dict(c) for d, c in sorted(tally.by_domain.items())},
+        "think_share_by_level": {str(lv): c["think"] / (c["think"] + c["no_think"])
+                                 for lv, c in sorted(tally.by_level.items())},
         "rejects_by_reason": dict(reasons.most_common()),
         "seconds": round(seconds, 1),
     }
@@ -364,11 +418,11 @@ def summarize(out: Path, curated: list[dict], rejects: list[dict], seconds: floa
     lines = ["# Curation summary", "", "| domain | thinking | non-thinking | total |", "|---|---|---|---|"]
     for domain, counts in summary["by_domain"].items():
         lines.append(f"| {domain} | {counts.get('think', 0)} | {counts.get('no_think', 0)} | {sum(counts.values())} |")
-    lines.append(f"| **all** | {total['think']} | {total['no_think']} | {len(curated)} |")
+    lines.append(f"| **all** | {total['think']} | {total['no_think']} | {curated} |")
     if summary["think_share_by_level"]:
         lines += ["", "| level | labelled thinking |", "|---|---|"]
         lines += [f"| {lv} | {100 * share:.0f}% |" for lv, share in summary["think_share_by_level"].items()]
-    lines += ["", f"Rejected: {len(rejects)}", ""] + [f"- {reason}: {n}" for reason, n in reasons.most_common()]
+    lines += ["", f"Rejected: {rejected}", ""] + [f"- {reason}: {n}" for reason, n in reasons.most_common()]
     lines += ["", f"Time: {seconds:.0f} s"]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     return summary

@@ -294,7 +294,30 @@ def normalize_plain(row: Any, path: Path, row_number: int) -> Any:
     return row
 
 
+def count_rows(path: str | os.PathLike) -> int | None:
+    """How many rows a record file has, read cheaply (lines of a .jsonl, a .parquet's metadata), or None where that
+    would mean parsing it: for progress bars."""
+    path = Path(path)
+    try:
+        if path.suffix == ".jsonl" and path.is_file():
+            count, last = 0, b"\n"
+            with open(path, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 16), b""):
+                    count += chunk.count(b"\n")
+                    last = chunk[-1:]
+            return count + (last != b"\n")
+        if path.suffix == ".parquet" and path.is_file():
+            import pyarrow.parquet as pq
+
+            return pq.ParquetFile(path).metadata.num_rows
+    except OSError:
+        return None
+    return None
+
+
 def iter_raw_rows(path: Path, on_error=None) -> Iterator[tuple[int, Any]]:
+    """(row number, raw row) of a record file, read as a stream (a .json list is parsed whole: use .jsonl or
+    .parquet for large inputs)."""
     if path.is_dir():
         import datasets
 
@@ -322,11 +345,11 @@ def iter_raw_rows(path: Path, on_error=None) -> Iterator[tuple[int, Any]]:
         if not isinstance(data, list):
             raise RecordError("a .json record file must hold a list of objects", path)
         yield from enumerate(data, start=1)
-    elif path.suffix == ".parquet":
+    elif path.suffix == ".parquet":  # a record batch at a time: a large file is never held whole
         import pyarrow.parquet as pq
 
-        for i, row in enumerate(pq.read_table(path).to_pylist(), start=1):
-            yield i, row
+        rows = (row for batch in pq.ParquetFile(path).iter_batches(batch_size=1024) for row in batch.to_pylist())
+        yield from enumerate(rows, start=1)
     else:
         raise RecordError(f"unknown record format {path.suffix!r}: use .jsonl, .json, .parquet or a dataset dir",
                           path)

@@ -3,8 +3,9 @@
 Per-sample rows go to `samples.jsonl`, appended batch by batch and keyed by (bench, id, mode): a re-run
 skips what is there, so an interrupted eval resumes. Bad benchmark rows (unreadable, no gold answer, an image
 that is missing or does not decode) go to `rejects.jsonl` with file, row, field and reason, as curation's do
-(`bimode.data.rejects`), and every other row is scored. They are found before generation starts and found
-again by a resumed run, which rewrites the file rather than appending to it.
+(`bimode.data.rejects`), and every other row is scored. They are found as the benchmarks are read (a stream,
+batches going out as they are cut), written when the reading ends, and found again by a resumed run, which
+rewrites the file rather than appending to it.
 
 Generation length: `max_new_tokens=None` (the default) is the model's generation config's limit, else the
 paper's 8,192 (`bimode.generation.defaults`).
@@ -13,22 +14,28 @@ paper's 8,192 (`bimode.generation.defaults`).
 from __future__ import annotations
 
 import functools
+import itertools
+import json
 import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Iterator
 
-from bimode.data.records import Record, RecordError, iter_numbered_records
+from bimode.disk_index import DiskIndex, key64
+from bimode.data.records import Record, RecordError, count_rows, iter_numbered_records
 from bimode.data.rejects import REJECTS_FILE, from_error, image_error, read_rejects, write_rejects
 from bimode.errors import OutputExistsError, UsageError
 from bimode.generation.defaults import DEFAULT_LIMIT_HELP, PAPER_MAX_NEW_TOKENS, default_max_new_tokens
 from bimode.generation.types import Prompt, SamplingParams, check_think_threshold
-from bimode.io import append_log, read_log, write_jsonl
+from bimode.io import append_log, iter_log, read_log, write_jsonl
 from bimode.modes import ThinkingMode, parse_mode_field
+from bimode.parallel.batch_run import BatchRun, Progress, chunked
 from bimode.parallel.pool import LocalPool
-from bimode.parallel.batch_run import BatchRun, Progress, cut
 from bimode.parallel.shards import Shard, check_shards
 from bimode.scoring import accuracy_reward
+
+INDEX_FILE = ".eval_index.sqlite"  # the scratch index of what the run has read (bimode.disk_index)
 
 
 @dataclass
@@ -62,22 +69,29 @@ def bench_name(path: str | os.PathLike) -> str:
     return path.parent.name + "/" + path.stem if path.stem in ("eval", "test", "train", "data") else path.stem
 
 
-def load_bench(path, limit=None, rejects: list | None = None, check_images: bool = True) -> list[Record]:
-    """Records of a benchmark file. Bad rows, rows without a gold answer, rows that repeat an earlier row's id and
-    (with check_images) rows whose images do not open go to `rejects` (without it, the first raises); `limit` counts usable records."""
+def iter_bench(path, limit=None, set_aside=None, ids: DiskIndex | None = None,
+               check_images: bool = True) -> Iterator[Record]:
+    """The usable records of a benchmark file, as they are read. Bad rows, rows without a gold answer, rows that
+    repeat an earlier row's id and (with check_images) rows whose images do not open go to `set_aside(reject)`
+    (without it, the first raises); `limit` counts usable records. `ids` keeps the ids met (a scratch index on disk:
+    a benchmark of millions of rows costs the driver no memory per row)."""
     name = bench_name(path)
+    ids = ids or DiskIndex(None)
+    ids.table("ids", ("id", "row"))
 
     def reject(exc: RecordError, record_id: str | None = None) -> None:
-        if rejects is None:
+        if set_aside is None:
             raise exc
-        rejects.append(from_error(exc, id=record_id, bench=name))
+        set_aside(from_error(exc, id=record_id, bench=name))
 
-    records, first_row = [], {}
+    usable = 0
     for row, record in iter_numbered_records(path, on_error=reject):
-        if record.id in first_row:  # samples are keyed by id: a second row with it would overwrite the first's
-            reject(RecordError(f"id {record.id} repeats row {first_row[record.id]}'s", path, row, "id"), record.id)
+        key = key64(name, record.id)
+        first = ids.get("ids", key)
+        if first is not None and first[0] == record.id:  # samples are keyed by id: a second row would overwrite
+            reject(RecordError(f"id {record.id} repeats row {first[1]}'s", path, row, "id"), record.id)
             continue
-        first_row[record.id] = row
+        ids.put("ids", key, record.id, row)
         if not record.answer:
             reject(RecordError(f"record {record.id} has no gold answer", path, row, "answer"), record.id)
             continue
@@ -85,10 +99,15 @@ def load_bench(path, limit=None, rejects: list | None = None, check_images: bool
         if problem:
             reject(RecordError(problem, path, row, "images"), record.id)
             continue
-        records.append(record)
-        if limit and len(records) >= limit:
-            break
-    return records
+        yield record
+        usable += 1
+        if limit and usable >= limit:
+            return
+
+
+def load_bench(path, limit=None, rejects: list | None = None, check_images: bool = True) -> list[Record]:
+    """`iter_bench` as a list, its rejects appended to `rejects`."""
+    return list(iter_bench(path, limit, None if rejects is None else rejects.append, check_images=check_images))
 
 
 JUDGE_PROMPT = (
@@ -111,10 +130,6 @@ def score(record: Record, response: str, judge=None) -> float:
         final = extract_answer(response)
         return 0.0 if final is None else judge_score(judge, final, record.answer)
     return accuracy_reward(response, record.answer, record.answer_type, record.choices)
-
-
-def _done_keys(samples_path: Path) -> set:
-    return {(row["bench"], row["id"], row["mode"]) for row in read_log(samples_path)}
 
 
 def eval_batch(engine, chunk: list[tuple[str, Record, list[ThinkingMode]]], params: SamplingParams,
@@ -172,46 +187,76 @@ def run_eval(engine, bench_paths: list, out_dir: Path, cfg: EvalConfig | None = 
              judge=None, pool=None, shard: Shard = Shard(), identity: dict | None = None) -> Path:
     """Generate and score every (record, mode); returns the samples file. `judge`: a backend (an LLM judge)
     for open-ended answers (answer_type "text"), else they are matched. Rows that cannot be evaluated are
-    written to out_dir/rejects.jsonl before generation starts (see the module docstring).
+    written to out_dir/rejects.jsonl (see the module docstring).
 
-    The usable records of all benchmarks, in order, are cut into batches of `cfg.batch_size`; each batch runs the
-    modes it still lacks through `pool` (default: this process, on `engine`; a `bimode.parallel.pool.RayPool` of
-    `EvalWorker`s on a cluster), its rows appended as it finishes. With `shard` of K only the batches numbered
-    shard.index mod K run, and out_dir is a shard folder for `merge_eval` (`identity`, the model's spec, joins the
-    fingerprint that tells shards of one run from another's)."""
+    The benchmarks are read as a stream: the usable records, in order, are cut into batches of `cfg.batch_size`,
+    each handed out as soon as it is full, and what the driver must remember per row (the ids met, the samples
+    already scored) lives in a scratch index on disk, so its memory does not grow with the benchmarks (bench/
+    driver_memory.py). Each batch runs the modes it still lacks through `pool` (default: this process, on `engine`;
+    a `bimode.parallel.pool.RayPool` of `EvalWorker`s on a cluster), its rows appended as it finishes. With `shard`
+    of K only the batches numbered shard.index mod K run, and out_dir is a shard folder for `merge_eval`
+    (`identity`, the model's spec, joins the fingerprint that tells shards of one run from another's)."""
     cfg = cfg or EvalConfig()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     samples_path = out_dir / "samples.jsonl"
-    done = _done_keys(samples_path)
-    rejects: list = []
     modes = [ThinkingMode.parse(m) for m in cfg.modes]
-    records = [(bench_name(path), record) for path in bench_paths for record in load_bench(path, cfg.limit, rejects)]
-    batches = cut(records, cfg.batch_size)
-    run = BatchRun.begin(out_dir, "eval", "samples.jsonl", len(batches), shard, settings={"cfg": asdict(cfg)},
+    run = BatchRun.begin(out_dir, "eval", "samples.jsonl", shard, settings={"cfg": asdict(cfg)},
                          inputs=bench_paths, identity=identity)
-    # this run's benchmarks were read afresh: their rejects replace the old ones, other benchmarks' stay
-    names = {bench_name(p) for p in bench_paths}
-    kept = [r for r in read_rejects(out_dir / REJECTS_FILE) if r.get("bench") not in names]
-    if kept or rejects or (out_dir / REJECTS_FILE).exists():
-        write_rejects(out_dir / REJECTS_FILE, kept + rejects)
-    work = {}
-    for index, batch in enumerate(batches):
-        chunk = [(name, record, [m for m in modes if (name, record.id, m.value) not in done]) for name, record in batch]
-        chunk = [item for item in chunk if item[2]]
-        if chunk and run.owns(index):
-            work[index] = chunk
     if pool is None:
         pool = LocalPool(EvalWorker(cfg, "").bind(engine, judge))
+    rows_known = [count_rows(p) for p in bench_paths]
+    total = None
+    if shard.whole and None not in rows_known:
+        total = len(modes) * sum(min(n, cfg.limit) if cfg.limit else n for n in rows_known)
+    bar = Progress("eval", "sample", total or None, enabled=progress)
+    spool = out_dir / ".rejects.new.jsonl"
+    with DiskIndex(out_dir / INDEX_FILE, {"done": ()}) as index, open(spool, "w", encoding="utf-8") as new_rejects:
+        index.put_many("done", ((key64(row["bench"], str(row["id"]), row["mode"]),) for _, row in iter_log(samples_path)))
 
-    def write(index: int, rows: list[dict]) -> int:
-        append_log(samples_path, rows)  # one write per batch: a kill loses at most the batches in flight
-        return len(rows)
+        def set_aside(row: dict) -> None:
+            new_rejects.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+            bar.advance(len(modes))
 
-    total = sum(len(todo) for chunk in work.values() for _, _, todo in chunk)
-    run.run(pool, work.items(), write, Progress("eval", "sample", total) if progress else None)
-    run.finish()
+        def records() -> Iterator[tuple[str, Record]]:
+            for path in bench_paths:
+                name = bench_name(path)
+                for record in iter_bench(path, cfg.limit, set_aside, index):
+                    yield name, record
+
+        def work() -> Iterator[tuple[int, list]]:
+            for number, batch in enumerate(chunked(records(), cfg.batch_size)):
+                chunk = [(name, record, [m for m in modes if not index.has("done", key64(name, str(record.id), m.value))])
+                         for name, record in batch]
+                bar.advance(sum(len(modes) - len(todo) for _, _, todo in chunk))
+                chunk = [item for item in chunk if item[2]]
+                if chunk and run.owns(number):
+                    yield number, chunk
+                cut["batches"] = number + 1
+            new_rejects.flush()  # the benchmarks are read: their rejects are known
+            write_eval_rejects(out_dir, bench_paths, spool)
+
+        def write(index_: int, rows: list[dict]) -> int:
+            append_log(samples_path, rows)  # one write per batch: a kill loses at most the batches in flight
+            return len(rows)
+
+        cut = {"batches": 0}
+        run.run(pool, work(), write, bar)
+    spool.unlink(missing_ok=True)
+    run.finish(cut["batches"])
     return samples_path
+
+
+def write_eval_rejects(out_dir: Path, bench_paths: list, spool: Path) -> None:
+    """rejects.jsonl: this run's benchmarks' rejects (read afresh: they replace the old ones), other benchmarks'
+    kept."""
+    names = {bench_name(p) for p in bench_paths}
+    path = out_dir / REJECTS_FILE
+    kept = (row for _, row in iter_log(path) if row.get("bench") not in names)
+    rows = itertools.chain(kept, (row for _, row in iter_log(spool)))  # written aside, then put in the old one's place
+    first = next(rows, None)
+    if first is not None or path.exists():
+        write_jsonl(path, itertools.chain([] if first is None else [first], rows))
 
 
 def merge_eval(folders: list, out_dir: Path, overwrite: bool = False) -> Path:

@@ -9,6 +9,7 @@ is raised here as itself (`bimode.parallel.failures`), so both pools end a run a
 
 from __future__ import annotations
 
+import itertools
 import os
 import pickle
 from typing import Any, Callable, Iterable, Iterator
@@ -56,23 +57,30 @@ class _Actor:
 
 
 class RayPool:
-    """Batches on `num_workers` Ray actors (one Ray Data actor pool), each holding what `make_worker` builds."""
+    """Batches on `num_workers` Ray actors (one Ray Data actor pool), each holding what `make_worker` builds.
+
+    The batches are taken from the driver's stream `window` at a time (a Ray Data dataset is built from a list):
+    the driver holds one window's payloads, not the run's; each window starts its actor pool afresh (the worker is
+    built again: at a thousand batches a window, seconds against the window's hours on a real model)."""
 
     def __init__(self, make_worker: Callable[[], Callable[[Any], Any]], address: str, num_workers: int = 1,
-                 cpus_per_worker: float = 1.0, gpus_per_worker: float = 0.0):
+                 cpus_per_worker: float = 1.0, gpus_per_worker: float = 0.0, window: int = 1024):
         self.make_worker, self.address, self.num_workers = make_worker, address, num_workers
-        self.cpus_per_worker, self.gpus_per_worker = cpus_per_worker, gpus_per_worker
+        self.cpus_per_worker, self.gpus_per_worker, self.window = cpus_per_worker, gpus_per_worker, window
 
     def imap(self, items: Iterable[Item]) -> Iterator[tuple[int, Any]]:
         from bimode.compat.ray_api import start_or_join
 
-        items = [{"index": index, "payload": pickle.dumps(payload)} for index, payload in items]
-        if not items:
+        items = iter(items)
+        windows = iter(lambda: list(itertools.islice(items, self.window)), [])
+        first = next(windows, None)
+        if not first:
             return
         needed = int(-(-self.num_workers * self.cpus_per_worker // 1))
         started = start_or_join(self.address, num_cpus=max(os.cpu_count() or 1, needed))
         try:
-            yield from self._run(items)
+            for window in itertools.chain([first], windows):
+                yield from self._run([{"index": index, "payload": pickle.dumps(payload)} for index, payload in window])
         finally:
             if started:
                 import ray
@@ -118,5 +126,5 @@ def _ray_failure(exc: Exception, finished: int, total: int) -> WorkerFailed:
         return WorkerFailed(
             f"a Ray worker's process died (killed or crashed: out of memory, a lost node, a signal) once more than "
             f"the {RESTARTS} restarts each worker gets, each of which retried the batch it was running; {finished} "
-            f"of this run's {total} batches had come back: {type(exc).__name__}: {str(exc)[:500]}")
+            f"of the {total} batches handed to Ray together had come back: {type(exc).__name__}: {str(exc)[:500]}")
     return WorkerFailed(f"the Ray run failed: {type(exc).__name__}: {str(exc)[-3000:]}")
