@@ -79,7 +79,8 @@ class CurateConfig:
         "help": "file of keywords, one a line, that replaces blocked_keywords"})
     max_question_chars: int = field(default=8000, metadata={"help": "longer questions are rejected"})
     near_duplicate_threshold: float = field(default=0.9, metadata={
-        "help": "trigram Jaccard similarity above which two questions are near-duplicates (the later is rejected)"})
+        "help": "trigram Jaccard similarity from which two questions of the same images are near-duplicates (the "
+                "later is rejected; found by MinHash LSH, checked exactly: docs/cluster.md); above 1: exact only"})
     annotator_name: str = field(default="", metadata={
         "help": "name recorded with each label (default: the --annotator given)"})
 
@@ -99,6 +100,9 @@ class CurateConfig:
             raise UsageError(f"max_correct must be in [0, n_samples), got {self.max_correct} of {self.n_samples}")
         if self.batch_size < 1:
             raise UsageError(f"batch_size must be at least 1, got {self.batch_size}")
+        if self.near_duplicate_threshold <= 0:
+            raise UsageError(f"near_duplicate_threshold must be above 0 (above 1: exact duplicates only), got "
+                             f"{self.near_duplicate_threshold}")
 
 
 def default_judge_prompt() -> str:
