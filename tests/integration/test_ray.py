@@ -1,7 +1,7 @@
 """`bimode curate` and `bimode eval` on a local Ray cluster of 2 actors (docs/cluster.md): the same files as one
 process, a run cut off midway resumed without redoing finished batches, what an actor raises raised as one process
 raises it, an actor process killed mid-run (retried on a restarted actor, each batch logged once) or killed on every
-try (the run stops with the resume hint, nothing lost), and a cluster that listens on 127.0.0.1 only."""
+try (curation and eval: the run stops with the resume hint, nothing lost), and a cluster that listens on 127.0.0.1 only."""
 
 import json
 import os
@@ -195,3 +195,32 @@ def test_a_curation_whose_actor_dies_on_every_try_stops_with_the_resume_hint_and
     batches = [entry["batch"] for entry in read_log(tmp_path / "ray" / "batches.jsonl")]
     assert batches[:len(finished)] == finished and sorted(batches) == [0, 1, 2]  # none redone, none lost
     assert _outputs(tmp_path / "ray") == few_single
+
+
+def test_an_eval_whose_actor_dies_on_every_try_stops_with_the_resume_hint_and_resumes(cluster, engine, trained_tiny,
+                                                                                      few, tmp_path, monkeypatch):
+    """As for curation, with `bimode eval`: the last batch kills its actor on every try; the command stops with the
+    resume hint, the samples scored before are in samples.jsonl, and the same command without the killer scores the
+    rest, each (id, mode) once, as one process scores them."""
+    from bimode.cli import main
+    from bimode.parallel.pool import RESTARTS
+
+    kill, log = _last_id(few), str(tmp_path / "ray" / "samples.jsonl")
+    monkeypatch.setattr("bimode.commands.eval.make_pool",
+                        lambda worker, cluster: RayPool(KilledOn(worker, kill, log), "local", cluster.num_workers))
+    evaluate = ["eval", str(trained_tiny), "--bench", str(few), "--out", str(tmp_path / "ray"), "--max_new_tokens",
+                "16", "--batch_size", "3", "--ray_address", "local", "--num_workers", "2"]
+    with pytest.raises(WorkerFailed, match=f"died .* more than the {RESTARTS} restarts") as error:
+        main(evaluate)
+    assert "run the same command to resume" in " ".join(getattr(error.value, "__notes__", [])), error.value
+    scored = read_log(tmp_path / "ray" / "samples.jsonl")
+    assert scored and kill not in {row["id"] for row in scored}  # what finished before is on disk
+    monkeypatch.undo()  # the same command, no killer
+    assert main(evaluate) == 0
+    ray = read_log(tmp_path / "ray" / "samples.jsonl")
+    assert ray[:len(scored)] == scored  # none redone
+    single = read_samples(run_eval(engine, [few], tmp_path / "single", EvalConfig(max_new_tokens=16, batch_size=3),
+                                   progress=False))
+    key = lambda r: (r["bench"], r["id"], r["mode"])  # noqa: E731
+    assert len({key(r) for r in ray}) == len(ray) == len(single) == 27  # none lost, none twice
+    assert sorted(ray, key=key) == sorted(single, key=key)
