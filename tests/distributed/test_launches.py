@@ -18,20 +18,30 @@ pytestmark = [pytest.mark.internals, pytest.mark.slow]  # internals: runs at bot
 def test_the_readme_two_process_anneal_shards_the_data_and_saves_a_working_model(tmp_path, tiny_dir):
     """docs/annealing.md's CPU command, `accelerate launch --config_file configs/accelerate/cpu2.yaml -m bimode.cli
     anneal --config tiny_anneal --use_cpu true ...`: each rank trains on its own rows, and the saved model
-    generates in the bi-mode format."""
+    generates in the bi-mode format; two bad rows are set aside by both processes alike and named once."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     train_file = tmp_path / "train.jsonl"
     write_records([s.to_record() for s in synthetic.generate(64, seed=3, families=["count", "shell"], max_level=2)],
                   train_file)
+    # two bad rows (issue 39): checked before step 1 by both processes, set aside with --skip_bad_rows, named once
+    (tmp_path / "not_an_image.png").write_text("text, not pixels")
+    good = json.loads(train_file.read_text().splitlines()[0])
+    with open(train_file, "a") as fh:
+        for bad_id, image in (("bad-missing", str(tmp_path / "nope.png")), ("bad-text", "not_an_image.png")):
+            fh.write(json.dumps({**good, "id": bad_id, "images": [image]}) + "\n")
     out = tmp_path / "ddp"
     launch_two_cpu_processes(
         "anneal_ranks.py", "--config", "tiny_anneal", "--use_cpu", "true", "--model_path", str(tiny_dir),
         "--train_files", str(train_file), "--output_dir", str(out), "--max_steps", "3",
-        "--per_device_train_batch_size", "4", "--report_to", "none", "--save_strategy", "no")
+        "--per_device_train_batch_size", "4", "--report_to", "none", "--save_strategy", "no", "--skip_bad_rows", "true")
+    rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
+    assert sorted((r["id"], r["row"], r["field"]) for r in rejects) == [("bad-missing", 65, "images"),
+                                                                       ("bad-text", 66, "images")]
     rows = [json.loads((out / f"rows-{rank}.json").read_text()) for rank in (0, 1)]
     assert len(rows[0]) >= 12 and len(rows[1]) >= 12
     assert not set(rows[0]) & set(rows[1])  # each rank saw its own shard
+    assert not {"bad-missing", "bad-text"} & (set(rows[0]) | set(rows[1]))  # neither trained on a bad row
     final = out / "final"
     assert (final / "model.safetensors").exists() and (final / "chat_template.jinja").exists()
     model, processor = AutoModelForImageTextToText.from_pretrained(final), AutoProcessor.from_pretrained(final)
