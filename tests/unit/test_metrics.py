@@ -94,3 +94,27 @@ def test_grouping_by_bench_level_family():
     assert g["benchmarks"]["b"]["by_level"]["1"]["modes"]["think"]["n"] == 4
     assert g["benchmarks"]["c"]["by_family"]["g"]["modes"]["auto"]["n"] == 1
     assert g["overall"]["modes"]["think"]["n"] == 5
+
+
+def test_the_uncertainty_coefficient_is_the_share_of_the_decisions_entropy_a_label_removes():
+    from bimode.eval.metrics import uncertainty_coefficient
+
+    assert uncertainty_coefficient([True, True, False, False], ["a", "a", "b", "b"]) == 1.0  # the label fixes it
+    assert uncertainty_coefficient([True, False, True, False], ["a", "a", "b", "b"]) == 0.0  # it tells nothing
+    # by hand: H(decision) = H(3/4) = 0.8113 bits; H(decision | label) = 1/2 x 0 + 1/2 x 1 = 0.5 bits
+    h = -(0.75 * math.log2(0.75) + 0.25 * math.log2(0.25))
+    assert uncertainty_coefficient([True, True, True, False], ["a", "a", "b", "b"]) == pytest.approx(1 - 0.5 / h)
+    assert uncertainty_coefficient([True, True], ["a", "b"]) is None  # one decision everywhere: nothing to explain
+
+
+def test_routing_explained_by_a_family_for_auto_and_for_the_oracle():
+    from bimode.eval.metrics import routing_explained_by
+
+    # ROWS' auto thinks on q2 and q4, the oracle on q2 and q3: families {q1, q3} and {q2, q4} fix auto's decision
+    # and tell nothing of the oracle's
+    family = {"q1": "a", "q2": "b", "q3": "a", "q4": "b"}
+    rows = [{**r, "family": family[r["id"]]} for r in ROWS]
+    assert routing_explained_by(rows, "family") == {"n": 4, "auto": 1.0, "oracle": 0.0}
+    # a query without its auto row is left out; no query with all three modes: nothing measured
+    assert routing_explained_by([r for r in rows if not (r["id"] == "q4" and r["mode"] == "auto")])["n"] == 3
+    assert routing_explained_by([r for r in rows if r["mode"] != "auto"]) == {"n": 0}

@@ -108,6 +108,45 @@ def mode_selection(rows: list[dict]) -> dict:
             "mcc": matthews(picked, needed), "need_think_rate": mean(1.0 if n else 0.0 for n in needed)}
 
 
+def _entropy(labels: list) -> float:
+    """Shannon entropy (bits) of the labels' empirical distribution."""
+    n = len(labels)
+    return -sum(c / n * math.log2(c / n) for c in (labels.count(v) for v in set(labels)))
+
+
+def uncertainty_coefficient(decisions: list[bool], groups: list) -> float | None:
+    """How much of the decisions the group label explains: U = 1 - H(decision | group) / H(decision) (Theil's U,
+    the share of the decision's entropy the label removes). 1: within each group every decision is the same (the
+    label fixes it); 0: the decision is spread alike in every group. None where every decision is the same (nothing
+    to explain)."""
+    total = _entropy(decisions)
+    if total == 0:
+        return None
+    by_group: dict = defaultdict(list)
+    for decision, group in zip(decisions, groups):
+        by_group[group].append(decision)
+    conditional = sum(len(d) / len(decisions) * _entropy(d) for d in by_group.values())
+    return 1.0 - conditional / total
+
+
+def routing_explained_by(rows: list[dict], key: str = "family") -> dict:
+    """How much of the routing one label (`key`: family, level) explains, as `uncertainty_coefficient`, for auto
+    mode's decision (thought or not) and for the oracle router's (think iff the thinking answer is right and the
+    direct one wrong, `oracle_choice`), over the queries that have all three modes. A router that routes by family
+    alone scores 1; the oracle's own figure says how much of the ideal decision the label could carry."""
+    auto, oracle, labels = [], [], []
+    for modes in by_query(rows).values():
+        if not {"think", "no_think", "auto"} <= set(modes):
+            continue
+        auto.append(bool(modes["auto"]["thought"]))
+        oracle.append(oracle_choice(modes["think"], modes["no_think"]) == "think")
+        labels.append(modes["auto"].get(key))
+    if not auto:
+        return {"n": 0}
+    return {"n": len(auto), "auto": uncertainty_coefficient(auto, labels),
+            "oracle": uncertainty_coefficient(oracle, labels)}
+
+
 def threshold_curve(rows: list[dict], thresholds: list[float] | None = None) -> list[dict]:
     """Accuracy and tokens if auto thought exactly when p_think >= t, from the forced-mode outcomes.
 
