@@ -17,6 +17,8 @@
   `position_ids.size(1)` tokens, the batch axis of Qwen-VL's (4, 1, T) packed positions (`count_packed_tokens`).
 - `GRPOTrainer._get_per_token_logps_and_entropies` called as the trainer scores rollouts for its loss
   (`completion_logps`) and as TRL's own implementation (`trl_completion_logps`), so tests compare the two.
+- `GRPOTrainer._compute_loss` scoring the policy through `_get_per_token_logps_and_entropies` once per call, with
+  gradients, one column per completion token (`LossLogps`: the decision terms reuse that forward's log-probs).
 """
 
 from __future__ import annotations
@@ -131,3 +133,35 @@ def colocated_llm_arguments(**kwargs):
         yield
     finally:
         trl_vllm.LLM = llm_class
+
+
+class LossLogps:
+    """The per-token log-probs GRPOTrainer's loss scored the policy with. TRL 1.16's `_compute_loss` calls
+    `_get_per_token_logps_and_entropies` once, with gradients (the old and reference log-probs are scored earlier, in
+    `_generate_and_score_completions`); BPOTrainer's override hands each result to `saw`, which keeps it only while
+    `watching()`, and `taken()` is the one the loss used, refusing any other count."""
+
+    def __init__(self):
+        self._watching: list | None = None
+        self._kept: list = []
+
+    def saw(self, logps) -> None:
+        if self._watching is not None:
+            self._watching.append(logps)
+
+    @contextmanager
+    def watching(self):
+        self._watching = []
+        try:
+            yield
+        finally:
+            self._kept, self._watching = self._watching, None
+
+    def taken(self):
+        """The log-probs kept by the last `watching()`, handed over once (so their graph is not held after)."""
+        kept, self._kept = self._kept, []
+        if len(kept) != 1:
+            raise RuntimeError(f"TRL's loss scored the policy {len(kept)} times, where TRL 1.16 scores it once "
+                               "through _get_per_token_logps_and_entropies: this TRL release changed an internal "
+                               "bimode's decision terms rely on (docs/internals.md)")
+        return kept[0]

@@ -38,7 +38,7 @@ from trl.models import unwrap_model_for_generation
 
 from bimode.compat.overrides import check_overrides
 from bimode.compat.peft_api import expose_output_bias
-from bimode.compat.trl_api import log_metric, rollout_extra_field
+from bimode.compat.trl_api import LossLogps, log_metric, rollout_extra_field
 from bimode.data.records import Record, read_records
 from bimode.errors import UsageError
 from bimode.generation.engine import TransformersEngine
@@ -46,9 +46,10 @@ from bimode.generation.types import SamplingParams, token_counts
 from bimode.modes import ThinkingMode
 from bimode.train.adapters import AdapterFields, added_rows, build_peft_config
 from bimode.train.bad_rows import BadRowsMixin, RowImages
-from bimode.train.bpo.core import (MODE_OBJECTIVES, ROLLOUT_LAYOUTS, decision_advantages, forced_env_mask,
-                                   mode_token_loss, parse_mode_token_loss, per_mode_stats, response_mode,
-                                   rollout_modes)
+from bimode.train.bpo.core import (MODE_OBJECTIVES, ROLLOUT_LAYOUTS, decision_advantages, mode_token_loss,
+                                   parse_mode_token_loss, per_mode_stats, response_mode, rollout_modes)
+from bimode.train.bpo.decision import (DECISION_LOSSES, DECISION_TARGETS, decision_cross_entropy, decision_env_mask,
+                                       decision_target_weights, decoupled_decision_loss)
 from bimode.train.bpo.probe import PThinkProbe, pick_probe
 from bimode.train.bpo.rewards import GuardedReward, build_rewards, make_thinking_cost, weighted_rewards
 from bimode.train.bpo.rollouts import ROLLOUT_FIELD, RolloutBatch, group_prompts
@@ -69,6 +70,10 @@ MODE_CODES = {"think": 0, "no_think": 1, "malformed": 2}
 ENGINE_BYPASSED_FIELDS = {"min_p": (None, 0.0), "repetition_penalty": (1.0,), "generation_kwargs": (None, {}),
                           "cache_implementation": (None,), "use_transformers_paged": (False,),
                           "use_transformers_continuous_batching": (False,)}
+CLIPPED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")  # TRL's loss types with the PPO-clipped term
+# the generation batch's per-rollout fields the decision terms read in compute_loss (TRL shuffles and splits every
+# (B,) tensor of the batch with the rest)
+DECISION_ADVANTAGES, DECISION_TARGET_WEIGHTS = "bimode_decision_advantages", "bimode_decision_target_weights"
 log = logging.getLogger(__name__)
 
 
@@ -92,6 +97,23 @@ class BPOConfig(StartFields, RowCheckFields, AdapterFields, GRPOConfig):
     decision_scale: float = field(default=1.0, metadata={
         "help": "decision objective: the decision advantage's size against the response tokens' "
                 "group-normalized advantage"})
+    decision_loss: str = field(default="tokens", metadata={
+        "help": "how the decision token (the forced suffix's first token) enters the loss: tokens (one completion "
+                "token among the rest, BPO's) or decoupled (Thinkless' DeGRPO: its own PPO-clipped term averaged "
+                "over rollouts, times decision_weight, the rest of the suffix as mode_token_loss says; docs/bpo.md, "
+                "'Learning the decision per query'). Needs rollout bimode"})
+    decision_weight: float = field(default=1.0, metadata={
+        "help": "decoupled decision loss: its weight against the responses' loss (DeGRPO's alpha; the decision's "
+                "own step size)"})
+    decision_target: str = field(default="off", metadata={
+        "help": "a supervised decision target from each query's forced groups, as a cross-entropy on the decision "
+                "token: off, hard (think iff thinking's accuracy beats the direct answer's by more than "
+                "direct_margin) or soft (sigmoid((think acc - direct acc - direct_margin) / "
+                "decision_target_temperature)). Needs rollout bimode"})
+    decision_target_weight: float = field(default=1.0, metadata={
+        "help": "decision target: the cross-entropy's weight against the responses' loss (its own step size)"})
+    decision_target_temperature: float = field(default=0.1, metadata={
+        "help": "soft decision target: the accuracy gap over which the target goes from direct to think"})
     thinking_cost_per_token: float = field(default=0.0, metadata={
         "help": "reward lost per thinking token, summed with the rewards before BPO's group normalization "
                 "(0: none, the paper's BPO)"})
@@ -130,15 +152,20 @@ class BPOConfig(StartFields, RowCheckFields, AdapterFields, GRPOConfig):
         weight = parse_mode_token_loss(self.mode_token_loss)
         if self.mode_objective not in MODE_OBJECTIVES:  # read now, so an objective registered by a user counts
             raise UsageError(f"mode_objective must be one of {tuple(MODE_OBJECTIVES)}, not {self.mode_objective!r}")
-        if self.mode_objective != "bpo" and (self.rollout != "bimode" or weight == 0.0):
+        decoupled = self.decision_loss == "decoupled"
+        if self.mode_objective != "bpo" and (self.rollout != "bimode" or (weight == 0.0 and not decoupled)):
             raise UsageError(f"mode_objective {self.mode_objective} trains the forced mode tokens: it needs "
-                             f"rollout bimode and mode_token_loss above 0 (got rollout {self.rollout}, "
-                             f"mode_token_loss {self.mode_token_loss})")
-        for name in ("thinking_cost_per_token", "thinking_cost_per_think", "direct_margin", "decision_scale"):
+                             f"rollout bimode and mode_token_loss above 0 or decision_loss decoupled (got rollout "
+                             f"{self.rollout}, mode_token_loss {self.mode_token_loss})")
+        self._check_decision_options()
+        for name in ("thinking_cost_per_token", "thinking_cost_per_think", "direct_margin", "decision_scale",
+                     "decision_weight", "decision_target_weight", "decision_target_temperature"):
             value = getattr(self, name)
             if not math.isfinite(value) or (name != "direct_margin" and value < 0):
                 raise UsageError(f"{name} must be a finite number{'' if name == 'direct_margin' else ' >= 0'}, "
                                  f"got {value}")
+        if self.decision_target_temperature == 0:
+            raise UsageError("decision_target_temperature must be above 0 (a hard target is decision_target hard)")
         if not self.use_vllm:
             for name, holding in ENGINE_BYPASSED_FIELDS.items():
                 if getattr(self, name) not in holding:
@@ -147,6 +174,23 @@ class BPOConfig(StartFields, RowCheckFields, AdapterFields, GRPOConfig):
                                      "leave it unset or set use_vllm (TRL's vLLM generation reads it)")
         fp32_unless_asked_on_cpu(self)
         super().__post_init__()
+
+    def _check_decision_options(self) -> None:
+        """decision_loss and decision_target (train/bpo/decision.py): known names, bimode rollouts, and for the
+        decoupled loss a TRL loss_type whose per-token term is the PPO-clipped surrogate it repeats."""
+        if self.decision_loss not in DECISION_LOSSES:
+            raise UsageError(f"decision_loss must be one of {DECISION_LOSSES}, not {self.decision_loss!r}")
+        targets = ("off", *DECISION_TARGETS)  # read now, so a target registered by a user counts
+        if self.decision_target not in targets:
+            raise UsageError(f"decision_target must be one of {targets}, not {self.decision_target!r}")
+        for name, on in (("decision_loss", self.decision_loss != "tokens"), ("decision_target",
+                                                                              self.decision_target != "off")):
+            if on and self.rollout != "bimode":
+                raise UsageError(f"{name} {getattr(self, name)} trains the decision from the forced groups: it "
+                                 f"needs rollout bimode, got {self.rollout}")
+        if self.decision_loss == "decoupled" and self.loss_type not in CLIPPED_LOSS_TYPES:
+            raise UsageError(f"decision_loss decoupled repeats the PPO-clipped term of loss_type "
+                             f"{'/'.join(CLIPPED_LOSS_TYPES)} for the decision token, not loss_type {self.loss_type}")
 
     def frozen(self) -> set[str]:
         """Components BPO keeps fixed (the projector and language model always train)."""
@@ -176,6 +220,7 @@ class BPOTrainer(BadRowsMixin, StrictResumeMixin, GRPOTrainer):
             if args.reward_weights is not None and len(args.reward_weights) == len(self.task_rewards):
                 args.reward_weights = [*args.reward_weights, 1.0]  # the cost's size is in its own settings
         self._engine: TransformersEngine | None = None  # built on first use, on the training model
+        self.loss_logps = LossLogps()  # the log-probs TRL's loss scores the policy with, for the decision terms
         self._forward_paths_logged: set[str] = set()
         with colocated_llm_settings(args):
             super().__init__(model=model, reward_funcs=self.guarded_rewards, args=args,
@@ -244,8 +289,11 @@ class BPOTrainer(BadRowsMixin, StrictResumeMixin, GRPOTrainer):
                 taken.append(response_mode(forced + generated, decision.think_ids, decision.no_think_ids))
         if any(lp is None for lp in out["logprobs"]):
             out["logprobs"] = None
-        if self.args.rollout == "bimode" and self.mode_weight == 0.0:  # TRL leaves env_mask 0 out of the loss
-            out["env_mask"] = forced_env_mask(suffix_lengths, [len(ids) for ids in out["completion_ids"]])
+        if self.args.rollout == "bimode":  # TRL leaves env_mask 0 out of the loss and of its token count
+            env_mask = decision_env_mask(suffix_lengths, [len(ids) for ids in out["completion_ids"]],
+                                         self.mode_weight, self.args.decision_loss == "decoupled")
+            if env_mask is not None:
+                out["env_mask"] = env_mask
         # columns for reward functions (the forced mode, the mode taken, its thinking tokens) and the batch
         out.update(RolloutBatch(modes, suffix_lengths, generated_lengths, thinking, taken).reward_columns())
         return out
@@ -317,8 +365,10 @@ class BPOTrainer(BadRowsMixin, StrictResumeMixin, GRPOTrainer):
         if reason is not None:
             self._log_forward_path(f"TRL's per-row forward ({reason})", level)
             log_metric(self, "shared_prefix/rows_per_prompt_pass", 1.0, mode)
-            return super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
-                                                              **kwargs)
+            scored = super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
+                                                                **kwargs)
+            self.loss_logps.saw(scored[0])
+            return scored
         self._log_forward_path("shared-prefix forward")
         # logged, so the path taken shows where logs go (1: TRL's per-row forward)
         log_metric(self, "shared_prefix/rows_per_prompt_pass", input_ids.size(0) / len(groups.representatives), mode)
@@ -326,6 +376,7 @@ class BPOTrainer(BadRowsMixin, StrictResumeMixin, GRPOTrainer):
             logps, entropies = grouped_completion_logps(
                 model, input_ids, attention_mask, logits_to_keep, {k: kwargs[k] for k in HANDLED_IMAGE_ARGS},
                 compute_entropy, batch_size=batch_size, fused_lm_head=True, groups=groups)
+        self.loss_logps.saw(logps)
         return logps, entropies, None
 
     def _log_forward_path(self, path: str, level: int = logging.INFO) -> None:
@@ -333,6 +384,39 @@ class BPOTrainer(BadRowsMixin, StrictResumeMixin, GRPOTrainer):
         if path not in self._forward_paths_logged:
             self._forward_paths_logged.add(path)
             log.log(level, "BPO scores rollouts with %s", path)
+
+    # ---- the decision's own loss terms (train/bpo/decision.py) ----------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """TRL's loss, plus the decoupled decision loss and the decision target's cross-entropy where they are on,
+        from the decision token's log-probs in the forward TRL's loss ran (no second forward)."""
+        if DECISION_ADVANTAGES not in inputs and DECISION_TARGET_WEIGHTS not in inputs:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        with self.loss_logps.watching():
+            loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        return loss + self._decision_terms(inputs, self.loss_logps.taken()[:, 0])
+
+    def _decision_terms(self, inputs: dict, first_logps: torch.Tensor) -> torch.Tensor:
+        """Each term's mean over this micro-batch's rollouts (those in the loss: a completion masked out, e.g. a
+        truncated one under mask_truncated_completions, is out of these too), times its weight, divided as TRL
+        divides its own loss for gradient accumulation; each logged before its weight."""
+        mode = "train" if self.model.training else "eval"
+        included = inputs["completion_mask"][:, 0]
+        total = first_logps.new_zeros(())
+        if DECISION_ADVANTAGES in inputs:
+            old = inputs.get("old_per_token_logps")
+            ref = inputs.get("ref_per_token_logps") if self.args.beta != 0.0 else None
+            high = self.args.epsilon if self.args.epsilon_high is None else self.args.epsilon_high  # as TRL reads it
+            term = decoupled_decision_loss(first_logps, first_logps.detach() if old is None else old[:, 0],
+                                           inputs[DECISION_ADVANTAGES], included, self.args.epsilon, high,
+                                           None if ref is None else ref[:, 0], self.args.beta)
+            log_metric(self, "bpo/decision_loss", self.accelerator.gather(term.detach()).mean().item(), mode)
+            total = total + self.args.decision_weight * term
+        if DECISION_TARGET_WEIGHTS in inputs:
+            term = decision_cross_entropy(first_logps, inputs[DECISION_TARGET_WEIGHTS], included)
+            log_metric(self, "bpo/decision_target/cross_entropy", self.accelerator.gather(term.detach()).mean().item(),
+                       mode)
+            total = total + self.args.decision_target_weight * term
+        return total / (self.current_gradient_accumulation_steps if mode == "train" else 1.0)
 
     # ---- scoring, loss weights, logging ---------------------------------------------------------------
     def _generate_and_score_completions(self, inputs):
@@ -352,23 +436,43 @@ class BPOTrainer(BadRowsMixin, StrictResumeMixin, GRPOTrainer):
         output = super()._generate_and_score_completions(inputs)
         rollouts: RolloutBatch = rollout_extra_field(inputs, ROLLOUT_FIELD)
         advantages = output["advantages"].clone()  # each rollout's A, before any per-token weighting
-        if self.args.rollout == "bimode":  # the algorithm is core.py's; here, TRL's fields
-            forced = self._mode_decision(rollouts)
+        if self.args.rollout == "bimode":  # the algorithm is core.py's and decision.py's; here, TRL's fields
+            rewards, thinks, local = self._gathered_task_rewards(rollouts)
+            forced = self._mode_decision(rewards, thinks, local)
             output["advantages"] = mode_token_loss(output["advantages"], output["completion_mask"],
                                                    rollouts.suffix_lengths, self.mode_weight, forced)
+            if self.args.decision_loss == "decoupled":  # the decision token's own term reads these (compute_loss)
+                output[DECISION_ADVANTAGES] = (advantages if forced is None else forced).to(advantages.device)
+            if self.args.decision_target != "off":
+                output[DECISION_TARGET_WEIGHTS] = self._decision_targets(rewards, thinks, local).to(advantages.device)
         self._log_modes(rollouts, advantages)
         self.p_think_probe.maybe_run(self)
         return output, rollouts
 
-    def _mode_decision(self, rollouts: RolloutBatch) -> torch.Tensor | None:
-        """The mode objective's advantage for this process's forced mode tokens (None: the rollouts' own A),
-        from the task rewards (the thinking cost left out) gathered over processes, since a group of 2g may
-        be split across them; logs the share of queries whose direct answer wins and the decision advantage."""
+    def _gathered_task_rewards(self, rollouts: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor, slice]:
+        """The task rewards (the thinking cost left out) and whether each rollout was forced to think, gathered over
+        processes, since a group of 2g may be split across them; and this process's slice of them."""
         device = self.accelerator.device
         local = weighted_rewards(rollouts.rewards_of([func.__name__ for func in self.task_rewards]),
                                  self.reward_weights[:len(self.task_rewards)].tolist())
         thinks = torch.tensor([m == ThinkingMode.THINK for m in rollouts.modes], dtype=torch.float32)
         rewards, thinks = (self.accelerator.gather(t.to(device)).cpu() for t in (local, thinks))
+        start = self.accelerator.process_index * len(local)
+        return rewards, thinks.bool(), slice(start, start + len(local))
+
+    def _decision_targets(self, rewards: torch.Tensor, thinks: torch.Tensor, local: slice) -> torch.Tensor:
+        """This process's rollouts' weights in the decision cross-entropy (decision.decision_target_weights); logs
+        the mean target (the share of queries the target sends to thinking)."""
+        weights, y = decision_target_weights(rewards, thinks, self.num_generations, self.args.decision_target,
+                                             self.args.direct_margin, self.args.decision_target_temperature)
+        known = y[~torch.isnan(y)]
+        log_metric(self, "bpo/decision_target/think", known.mean().item() if len(known) else float("nan"))
+        return weights[local]
+
+    def _mode_decision(self, rewards: torch.Tensor, thinks: torch.Tensor, local: slice) -> torch.Tensor | None:
+        """The mode objective's advantage for this process's forced mode tokens (None: the rollouts' own A),
+        from the gathered task rewards; logs the share of queries whose direct answer wins and the decision
+        advantage."""
         margin = self.args.direct_margin
         stats = decision_advantages(rewards, thinks.bool(), self.num_generations, margin)
         log_metric(self, "bpo/direct_wins", stats.direct_wins.float().mean().item())
@@ -378,9 +482,7 @@ class BPOTrainer(BadRowsMixin, StrictResumeMixin, GRPOTrainer):
                                                            self.args.decision_scale)
         if signal is None:
             return None
-        n = len(local)
-        start = self.accelerator.process_index * n
-        return signal.forced_advantages[start:start + n]
+        return signal.forced_advantages[local]
 
     def _log_modes(self, rollouts: RolloutBatch, advantages: torch.Tensor) -> None:
         """Per taken mode: reward (as TRL sums it, unscorable rollouts left out), advantage A and generated
