@@ -8,14 +8,22 @@ over tiny_bpo.yaml) is run once per setting and seed:
   decision m [x s]      mode_objective decision, direct_margin m (AdaptThink-style decision advantage on the
                         forced mode tokens, carried at full weight), decision_scale s (default 1)
   ..., 600 steps        the same, three times as long
+  decoupled ...         decision_loss decoupled: the decision token's own loss term (Thinkless' DeGRPO), weight 1
+  target hard/soft m    decision_target hard or soft with direct_margin m: a cross-entropy on the decision token
+                        toward each query's own forced groups' verdict (docs/bpo.md, "Learning the decision per query")
 Each final model is evaluated greedily in auto, think and no_think mode on the demo's eval split (400
 questions) and on a fresh split of 600 questions drawn with a seed the project uses nowhere else. Per run:
 auto accuracy and tokens against think mode's, the oracle router (per question, the cheaper forced mode that
-is right), and each model's threshold calibrated on the eval split (max_drop 1 point, 95% confidence and the
-plain pick), checked on the fresh split. Writes results.json, frontier.md and
+is right), auto mode's thinking rate per level, its decision agreement with the oracle router (the share of
+questions where it thinks exactly where the oracle does) and how much of its decision the family label explains
+(eval.metrics.routing_explained_by; the oracle's own figure beside it), whether it met the goal (GOAL: within a
+point of think at no more than 40% of its tokens, level 1 thinking at most 10%, the top level's at least 80%), and
+each model's threshold calibrated on the eval split (max_drop 1 point, 95% confidence and the plain pick), checked
+on the fresh split. Writes results.json, frontier.md and
 frontier.png to --out; frontier.md ends with the ranges over seeds per setting (docs/thinking_cost_frontier.md).
 
     .venv/bin/python scripts/thinking_cost_frontier.py --demo runs/demo --out runs/frontier [--seeds 0 1 2]
+                    [--settings NAME ...]   # only these settings (runs already in results.json are kept)
     .venv/bin/python scripts/thinking_cost_frontier.py --table-only --markdown docs/thinking_cost_frontier.md
                     # the ranges from docs/thinking_cost_frontier_results.json (or --table-only FILE), no training
 """
@@ -36,7 +44,7 @@ from bimode.data import synthetic
 from bimode.data.records import read_records, write_records
 from bimode.demo import tiny_eval_samples, train_to_final
 from bimode.eval.calibrate import calibrate
-from bimode.eval.metrics import group_metrics, oracle_summary
+from bimode.eval.metrics import group_metrics, oracle_summary, routing_explained_by
 from bimode.eval.runner import read_samples
 from bimode.generation.engine import TransformersEngine
 from bimode.models import load_model
@@ -54,13 +62,22 @@ SETTINGS = {
     "token cost 0.03, 600 steps": dict(thinking_cost_per_token=0.03, max_steps=600),
     "decision m=0.3, 600 steps": dict(mode_objective="decision", direct_margin=0.3, mode_token_loss="on",
                                       max_steps=600),
+    # issue 37: the decision learned per query (docs/bpo.md, "Learning the decision per query")
+    "decoupled": dict(decision_loss="decoupled"),
+    "decoupled, decision m=0.3": dict(decision_loss="decoupled", mode_objective="decision", direct_margin=0.3),
+    "target hard m=0.1": dict(decision_target="hard", direct_margin=0.1),
+    "target soft m=0.1": dict(decision_target="soft", direct_margin=0.1, decision_target_temperature=0.1),
 }
 LABELS = {"think cost 0.3": "think cost 0.3 (per thinking rollout)", "decision m=0.1": "decision, margin 0.1",
           "decision m=0.3": "decision, margin 0.3", "decision m=0.3 x4": "decision, margin 0.3, scale 4",
-          "decision m=0.3, 600 steps": "decision, margin 0.3, 600 steps"}  # the table's names where they differ
+          "decision m=0.3, 600 steps": "decision, margin 0.3, 600 steps",
+          "decoupled": "decoupled decision loss (DeGRPO)",
+          "decoupled, decision m=0.3": "decoupled decision loss, decision margin 0.3",
+          "target hard m=0.1": "decision target, hard, margin 0.1",
+          "target soft m=0.1": "decision target, soft, margin 0.1, T 0.1"}  # the table's names where they differ
 PUBLISHED = Path(__file__).resolve().parents[1] / "docs" / "thinking_cost_frontier_results.json"
 FRESH_SEED = 20261204  # a seed no other part of the project draws the world with
-GOAL = {"max_drop": 1.0, "token_share": 0.4, "level1_thinking": 0.10}
+GOAL = {"max_drop": 1.0, "token_share": 0.4, "level1_thinking": 0.10, "top_level_thinking": 0.80}  # issue 37's
 
 
 def run_bpo(start: Path, demo: Path, out: Path, seed: int, setting: dict) -> Path:
@@ -92,9 +109,14 @@ def summarize(rows: list[dict]) -> dict:
            "no_think_accuracy": bench["modes"]["no_think"]["accuracy"],
            "token_share": auto["tokens"] / think["tokens"], "level1_thinking": level1,
            "thinking_by_level": {lv: m["modes"]["auto"]["thinking_rate"] for lv, m in bench["by_level"].items()},
-           "oracle_accuracy": oracle["accuracy"], "oracle_share": oracle["tokens"] / think["tokens"]}
+           "oracle_accuracy": oracle["accuracy"], "oracle_share": oracle["tokens"] / think["tokens"],
+           "decision_agreement": bench["selection"]["hybrid_accuracy"]}
+    family = routing_explained_by(rows, "family")
+    out["family_routing"], out["oracle_family_routing"] = family.get("auto"), family.get("oracle")
+    top = out["thinking_by_level"][max(out["thinking_by_level"], key=int)]
     out["goal_met"] = (out["auto_accuracy"] >= out["think_accuracy"] - GOAL["max_drop"] / 100
-                       and out["token_share"] <= GOAL["token_share"] and level1 <= GOAL["level1_thinking"])
+                       and out["token_share"] <= GOAL["token_share"] and level1 <= GOAL["level1_thinking"]
+                       and top >= GOAL["top_level_thinking"])
     return out
 
 
@@ -214,14 +236,16 @@ def main() -> None:
 
 def render(results: dict) -> str:
     lines = ["| setting | seed | auto acc | think acc | auto tokens (share of think) | L1 thinks | L6 thinks | "
-             "oracle share | goal met | fresh split: auto - think, share |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "oracle share | decision agreement | family explains (auto / oracle) | goal met | "
+             "fresh split: auto - think, share |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for entry in results.values():
         e, f = entry["eval"], entry["fresh"]
         levels = e["thinking_by_level"]
         lines.append(f"| {entry['setting']} | {entry['seed']} | {100 * e['auto_accuracy']:.1f} | "
                      f"{100 * e['think_accuracy']:.1f} | {e['auto_tokens']:.1f} ({100 * e['token_share']:.0f}%) | "
                      f"{100 * e['level1_thinking']:.0f}% | {100 * levels[max(levels, key=int)]:.0f}% | "
-                     f"{100 * e['oracle_share']:.0f}% | {'yes' if e['goal_met'] else 'no'} | "
+                     f"{100 * e['oracle_share']:.0f}% | {percents(present([e], 'decision_agreement'))} | "
+                     f"{routing_cell([e])} | {'yes' if e['goal_met'] else 'no'} | "
                      f"{100 * (f['auto_accuracy'] - f['think_accuracy']):+.1f}, {100 * f['token_share']:.0f}% |")
     lines += ["", "Each model with a calibrated threshold (picked on the eval split, max_drop 1 point), on the fresh "
                   "split:", "",
@@ -258,35 +282,68 @@ def points(values: list[float]) -> str:
     return low if low == high else f"{low} to {high}"
 
 
-def percents(values: list[float]) -> str:
-    """A range of shares (0-1) in whole percents: "60-62%", one value when they agree ("-" for none)."""
+def percents(values: list[float], none: str = "-") -> str:
+    """A range of shares (0-1) in whole percents: "60-62%", one value when they agree (`none` for none)."""
     if not values:
-        return "-"
+        return none
     low, high = f"{100 * min(values):.0f}", f"{100 * max(values):.0f}"
     return f"{low}%" if low == high else f"{low}-{high}%"
 
 
+def present(runs: list[dict], key: str) -> list[float]:
+    """The runs' values of a field that runs measured before it existed lack (or that has no value: None)."""
+    return [r[key] for r in runs if r.get(key) is not None]
+
+
+def routing_cell(runs: list[dict]) -> str:
+    """How much of the decision the family label explains, auto mode's range over the runs / the oracle router's;
+    blank for runs measured before it was (results without the fields)."""
+    if not any("family_routing" in r for r in runs):
+        return ""
+    return f"{percents(present(runs, 'family_routing'))} / {percents(present(runs, 'oracle_family_routing'))}"
+
+
+def level_table(by_setting: dict[str, list[dict]]) -> list[str]:
+    """Auto mode's thinking rate per level (eval split), each setting's range over its seeds."""
+    levels = sorted({lv for runs in by_setting.values() for r in runs for lv in r["eval"].get("thinking_by_level", {})},
+                    key=int)
+    if not levels:
+        return []
+    lines = ["", "Auto mode's thinking rate per level (eval split), range over seeds:", "",
+             "| setting | " + " | ".join(f"L{lv}" for lv in levels) + " |", "|---|" + "---|" * len(levels)]
+    for name, runs in by_setting.items():
+        cells = [percents([r["eval"]["thinking_by_level"][lv] for r in runs
+                           if lv in r["eval"].get("thinking_by_level", {})]) for lv in levels]
+        lines.append(f"| {LABELS.get(name, name)} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def ranges_table(results: dict) -> str:
-    """Per setting, the ranges over its seeds (eval split, and the fresh split), then the oracle router over every
-    run: the table docs/thinking_cost_frontier.md shows; then the calibrated thresholds' ranges on the fresh split."""
+    """Per setting, the ranges over its seeds (eval split, and the fresh split; decision agreement and the family's
+    share blank for runs measured before they were), then the oracle router over every run: the table
+    docs/thinking_cost_frontier.md shows; then auto mode's thinking rate per level, and the calibrated thresholds'
+    ranges on the fresh split."""
     by_setting: dict[str, list[dict]] = {name: [] for name in SETTINGS}  # in SETTINGS' order, the table's
     for entry in results.values():
         by_setting.setdefault(entry["setting"], []).append(entry)
     by_setting = {name: runs for name, runs in by_setting.items() if runs}
     seeds = {len(runs) for runs in by_setting.values()}
     lines = [f"| setting ({'/'.join(map(str, sorted(seeds)))} seeds) | auto - think, points | auto tokens, share of "
-             "think's | level 1 thinks | fresh split: auto - think, share |", "|---|---|---|---|---|"]
+             "think's | level 1 thinks | decision agreement with the oracle | family explains (auto / oracle) | "
+             "fresh split: auto - think, share |", "|---|---|---|---|---|---|---|"]
     for name, runs in by_setting.items():
         e, f = [r["eval"] for r in runs], [r["fresh"] for r in runs]
         lines.append(f"| {LABELS.get(name, name)} | "
                      f"{points([100 * (r['auto_accuracy'] - r['think_accuracy']) for r in e])} | "
                      f"{percents([r['token_share'] for r in e])} | {percents([r['level1_thinking'] for r in e])} | "
+                     f"{percents(present(e, 'decision_agreement'), none='')} | {routing_cell(e)} | "
                      f"{points([100 * (r['auto_accuracy'] - r['think_accuracy']) for r in f])}, "
                      f"{percents([r['token_share'] for r in f])} |")
     every = [entry["eval"] for entry in results.values()]
     lines.append(f"| oracle router (same models) | "
                  f"{points([100 * (r['oracle_accuracy'] - r['think_accuracy']) for r in every])} | "
-                 f"{percents([r['oracle_share'] for r in every])} | | |")
+                 f"{percents([r['oracle_share'] for r in every])} | | | | |")
+    lines += level_table(by_setting)
     calibrated = [(entry, c) for entry in results.values() for c in entry.get("calibrated", [])]
     if calibrated:
         lines += ["", "Calibrated thresholds (picked on the eval split, max_drop 1 point), on the fresh split:", "",
@@ -323,7 +380,7 @@ def plot(results: dict, png: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(9.5, 4.5))
-    markers = dict(zip(SETTINGS, "osD^vP<>hX"))
+    markers = dict(zip(SETTINGS, "osD^vP<>hXdpH8"))
     for name in SETTINGS:
         runs = [e["eval"] for e in results.values() if e["setting"] == name]
         if runs:

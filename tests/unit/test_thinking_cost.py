@@ -185,8 +185,27 @@ def test_the_ranges_table_gives_each_setting_its_range_over_seeds_as_the_readme_
     }
     lines = frontier_script().ranges_table(results).splitlines()
     assert lines[0].startswith("| setting (2 seeds) | auto - think, points |")
-    # 0 points is "0.0" (never "+0.0", nor "-0.0" for -0.04); one share where the seeds agree once rounded
-    assert lines[2] == "| BPO (paper) | 0.0 to +1.0 | 67-68% | 17% | 0.0 to +2.0, 68% |"
-    assert lines[3] == "| oracle router (same models) | +2.0 | 35% | | |"
+    # 0 points is "0.0" (never "+0.0", nor "-0.0" for -0.04); one share where the seeds agree once rounded; runs
+    # measured before decision agreement and the family's share were leave those cells blank
+    assert lines[2] == "| BPO (paper) | 0.0 to +1.0 | 67-68% | 17% |  |  | 0.0 to +2.0, 68% |"
+    assert lines[3] == "| oracle router (same models) | +2.0 | 35% | | | | |"
     assert "| BPO (paper) | 0.95 | 1 of 2 | -2.0 to +1.0 | 45-50% | 45% |" in lines
     assert "| all settings | 0.95 | 1 of 2 | -2.0 to +1.0 | 45-50% | 45% |" in lines
+
+
+def test_the_ranges_table_shows_decision_agreement_the_familys_share_and_thinking_per_level():
+    module = frontier_script()
+    runs = {}
+    for seed, (agreement, family) in enumerate([(0.81, 0.9), (0.85, None)]):
+        run = frontier_run(seed, 0.98, 0.98, 0.5, 0.97, 0.5, {"confidence": 0.95, "met_on_fresh": True,
+                                                              "fresh_token_share": 0.45,
+                                                              "fresh_difference": {"difference": 0.0}})
+        run["setting"] = "target hard m=0.1"
+        run["eval"].update(decision_agreement=agreement, family_routing=family, oracle_family_routing=0.2,
+                           thinking_by_level={"1": 0.0, "2": 0.25 + seed / 10, "6": 1.0})
+        runs[f"target hard m=0.1 | seed {seed}"] = run
+    lines = module.ranges_table(runs).splitlines()
+    # a model whose decision is the same on every question has no family share (None): left out of the range
+    assert lines[2] == "| decision target, hard, margin 0.1 | 0.0 | 50% | 17% | 81-85% | 90% / 20% | 0.0, 50% |"
+    assert "| setting | L1 | L2 | L6 |" in lines
+    assert "| decision target, hard, margin 0.1 | 0% | 25-35% | 100% |" in lines
