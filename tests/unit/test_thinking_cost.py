@@ -209,3 +209,23 @@ def test_the_ranges_table_shows_decision_agreement_the_familys_share_and_thinkin
     assert lines[2] == "| decision target, hard, margin 0.1 | 0.0 | 50% | 17% | 81-85% | 90% / 20% | 0.0, 50% |"
     assert "| setting | L1 | L2 | L6 |" in lines
     assert "| decision target, hard, margin 0.1 | 0% | 25-35% | 100% |" in lines
+
+
+def test_each_run_records_its_decision_agreement_and_how_much_the_family_explains():
+    from tests.unit.test_metrics import row
+
+    # q1, q3 family a (easy: the direct answer is right), q2, q4 family b (hard: only thinking is right); auto
+    # thinks on q2 and q4: it agrees with the oracle on all four, and its decision is the family's
+    family = {"q1": "a", "q2": "b", "q3": "a", "q4": "b"}
+    rows = []
+    for qid in family:
+        hard = family[qid] == "b"
+        level = 6 if hard else 1
+        rows += [row(qid, "no_think", 0 if hard else 1, 2, level=level, family=family[qid]),
+                 row(qid, "think", 1, 10, level=level, family=family[qid]),
+                 row(qid, "auto", 1, 10 if hard else 2, thought=hard, level=level, family=family[qid])]
+    summary = frontier_script().summarize(rows)
+    assert summary["decision_agreement"] == 1.0
+    assert summary["family_routing"] == 1.0 and summary["oracle_family_routing"] == 1.0
+    assert summary["thinking_by_level"] == {"1": 0.0, "6": 1.0} and summary["token_share"] == 0.6
+    assert summary["goal_met"] is False  # 60% of think's tokens, over the 40% goal
