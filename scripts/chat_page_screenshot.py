@@ -17,14 +17,12 @@ from __future__ import annotations
 import argparse
 import re
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import httpx
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from local_serve import start_serve  # noqa: E402 - beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
@@ -113,27 +111,6 @@ def capture(base: str, out: Path, image: Path, question: str, api_key: str | Non
     return out
 
 
-def serve(model: str, log: Path, flags: list[str]) -> tuple[subprocess.Popen, str]:
-    """`bimode serve MODEL FLAGS` on a free loopback port, once /health answers."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    command = [sys.executable, "-m", "bimode.cli", "serve", model, "--port", str(port),
-               *flags]
-    process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(1200):
-        if process.poll() is not None:
-            raise SystemExit(f"bimode serve exited with {process.returncode}; its log: {log}")
-        try:
-            if httpx.get(base + "/health", timeout=1).status_code == 200:
-                return process, base
-        except httpx.TransportError:
-            time.sleep(0.1)
-    process.kill()
-    raise SystemExit(f"bimode serve did not answer /health in 120 s; its log: {log}")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model", help="checkpoint folder")
@@ -150,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         image, question = sample_image(Path(scratch))
         flags = [f"--{name}={getattr(args, name)}" for name in ("think_threshold", "served_model_name")
                  if getattr(args, name)]
-        process, base = serve(args.model, Path(scratch) / "serve.log", flags)
+        process, base = start_serve(args.model, flags, Path(scratch) / "serve.log")
         try:
             print(capture(base, args.out, image, question))
         finally:

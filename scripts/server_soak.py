@@ -23,7 +23,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -34,15 +33,12 @@ from pathlib import Path
 
 import httpx
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from local_serve import start_serve  # noqa: E402 - beside this script
+
 KINDS = ("plain", "image", "n2", "stream", "stream_dropped", "plain_dropped")
 WEIGHTS = (30, 20, 10, 20, 10, 10)
 MODES = ("auto", "think", "no_think")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rss_mb(pid: int) -> float:
@@ -50,25 +46,6 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise RuntimeError(f"no VmRSS for process {pid}")
-
-
-def start_server(model: str, max_tokens: int, log_path: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    command = [sys.executable, "-m", "bimode.cli", "serve", model, "--host", "127.0.0.1", "--port", str(port),
-               "--served_model_name", "soak", "--max_tokens", str(max_tokens), "--max_queued_requests", "256"]
-    log = open(log_path, "w")
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(1200):
-        if process.poll() is not None:
-            raise SystemExit(f"bimode serve exited with {process.returncode}; its log: {log_path}")
-        try:
-            if httpx.get(base + "/health", timeout=1).status_code == 200:
-                return process, base
-        except httpx.TransportError:
-            time.sleep(0.1)
-    process.kill()
-    raise SystemExit(f"bimode serve did not answer /health in 120 s; its log: {log_path}")
 
 
 def image_urls(count: int = 4) -> list[str]:
@@ -117,7 +94,8 @@ def send(client: httpx.Client, base: str, kind: str, body: dict) -> str:
 def soak(model: str, requests: int, clients: int, warmup: int, sample_every: int, max_tokens: int, seed: int,
          log_path: Path) -> dict:
     images = image_urls()
-    process, base = start_server(model, max_tokens, log_path)
+    process, base = start_serve(model, ["--served_model_name", "soak", "--max_tokens", str(max_tokens),
+                                        "--max_queued_requests", "256"], log_path)
     rng = random.Random(seed)
     plan = [(kind, body_for(kind, rng, images, max_tokens))
             for kind in rng.choices(KINDS, weights=WEIGHTS, k=requests)]
