@@ -413,7 +413,8 @@ def test_the_servers_limits_are_built_once_from_its_config_under_the_flags_names
                       max_request_bytes=11, max_queued_requests=13, max_model_len=99, max_tokens=77,
                       default_chat_template_kwargs='{"thinking_mode": "short"}')
     limits = ServerLimits.from_config(cfg)
-    not_limits = {"model", "host", "port", "served_model_name", "api_key", "trust_remote_code", "shutdown_timeout"}
+    not_limits = {"model", "host", "port", "served_model_name", "api_key", "trust_remote_code", "shutdown_timeout",
+                  "no_ui"}
     for f in fields(ServeConfig):
         if f.name not in not_limits:
             want = Path(cfg.allow_image_dir) if f.name == "allow_image_dir" else getattr(cfg, f.name)

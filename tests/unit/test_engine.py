@@ -127,7 +127,9 @@ def test_budget_ends_thinking_at_its_length_and_an_answer_follows(setup, budget)
         if c.finish_reason == "budget":
             reasoning_ids = c.token_ids[: c.token_ids.index(engine.decision.think_close_id)]
             assert len(reasoning_ids) == budget
-            assert c.parsed.mode in ("think", "no_think") and c.parsed.answer  # closed, then answered
+            # closed, then generation goes on after the close: the answer's tokens are the model's own (a trained
+            # tiny model of some machines opens a second <think> there, which parses as malformed)
+            assert c.text.split("</think>", 1)[1].strip() and c.answer_tokens > 0
         else:
             assert natural_close and c.thinking_tokens - 1 <= budget  # it closed on its own in time
 
