@@ -189,7 +189,8 @@ def main() -> None:
     args = parser.parse_args()
     demo, out = Path(args.demo), Path(args.out)
     if args.table_only:
-        text = ranges_document(json.loads(Path(args.table_only).read_text()), args.table_only)
+        text = ranges_document(json.loads(Path(args.table_only).read_text()), args.table_only,
+                               args.markdown or "docs/thinking_cost_frontier.md")
         print(text, end="")
         if args.markdown:
             Path(args.markdown).write_text(text)
@@ -361,16 +362,17 @@ def ranges_table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def ranges_document(results: dict, source: str) -> str:
-    """The ranges table with where it came from and how to make it again."""
-    path = Path(source).resolve()
-    if path.is_relative_to(PUBLISHED.parents[1]):
-        path = path.relative_to(PUBLISHED.parents[1])
+def ranges_document(results: dict, source: str, markdown: str = "docs/thinking_cost_frontier.md") -> str:
+    """The ranges table with where it came from and how to make it again (the plot: the page's name, .png)."""
+    root = PUBLISHED.parents[1]
+    path, page = Path(source).resolve(), Path(markdown).resolve()
+    path = path.relative_to(root) if path.is_relative_to(root) else path
+    shown = page.relative_to(root) if page.is_relative_to(root) else page
     return (f"# A cost of thinking: ranges over seeds\n\nFrom {path}: {len(results)} runs of BPO from the demo's "
             f"annealed model, each setting with several seeds (`scripts/thinking_cost_frontier.py --demo runs/demo "
             f"--out runs/frontier`, docs/bpo.md). This page is that script's output:\n\n```bash\n.venv/bin/python "
-            f"scripts/thinking_cost_frontier.py --table-only {path} --markdown docs/thinking_cost_frontier.md\n```\n\n"
-            f"![accuracy against tokens, one point per run](thinking_cost_frontier.png)\n\n" + ranges_table(results))
+            f"scripts/thinking_cost_frontier.py --table-only {path} --markdown {shown}\n```\n\n"
+            f"![accuracy against tokens, one point per run]({page.with_suffix('.png').name})\n\n" + ranges_table(results))
 
 
 def plot(results: dict, png: Path) -> None:
