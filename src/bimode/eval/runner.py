@@ -105,11 +105,6 @@ def iter_bench(path, limit=None, set_aside=None, ids: DiskIndex | None = None,
             return
 
 
-def load_bench(path, limit=None, rejects: list | None = None, check_images: bool = True) -> list[Record]:
-    """`iter_bench` as a list, its rejects appended to `rejects`."""
-    return list(iter_bench(path, limit, None if rejects is None else rejects.append, check_images=check_images))
-
-
 JUDGE_PROMPT = (
     "Reference answer: {gold}\nCandidate answer: {answer}\n"
     "Does the candidate give the same answer as the reference? Reply with only yes or no."

@@ -54,14 +54,6 @@ class BatchLog:
 
     def entries(self) -> Iterator[dict]:
         """The scanned batches' log entries, in batch order."""
-        for _, file_number, offset, _ in list_rows(self.index.ordered("batches")):
+        for _, file_number, offset, _ in self.index.ordered("batches"):
             yield read_line_at(self.files[file_number], offset)
 
-
-def list_rows(cursor) -> Iterator[tuple]:
-    """Rows of a cursor, fetched in pages (the cursor stays usable while other statements run on its connection)."""
-    while True:
-        page = cursor.fetchmany(4096)
-        if not page:
-            return
-        yield from page
