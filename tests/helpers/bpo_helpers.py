@@ -15,6 +15,13 @@ def think_wins(prompts, completions, completion_ids, rollout_mode, **kwargs):
     return [float(mode == "think") for mode in rollout_mode]
 
 
+def half_the_direct_answers_right(prompts, completions, completion_ids, rollout_mode, **kwargs):
+    """Every thinking rollout right, the direct ones right and wrong in turn (half of each group's)."""
+    direct = [i for i, mode in enumerate(rollout_mode) if mode == "no_think"]
+    right_direct = set(direct[::2])
+    return [float(mode == "think" or i in right_direct) for i, mode in enumerate(rollout_mode)]
+
+
 def fails_on_thinking(prompts, completions, completion_ids, rollout_mode, **kwargs):
     if any(mode == "think" for mode in rollout_mode):
         raise RuntimeError("this reward cannot score thinking rollouts")

@@ -8,7 +8,8 @@ import torch
 
 from bimode.compat.trl_api import LossLogps
 from bimode.train.bpo.decision import (decision_cross_entropy, decision_env_mask, decision_target_weights,
-                                       decoupled_decision_loss, hard_decision_target, soft_decision_target)
+                                       decoupled_decision_loss, hard_decision_target, majority_decision_target,
+                                       soft_decision_target)
 
 from tests.helpers.bpo_helpers import LastLogged, trained_p_think_drop
 from tests.unit.test_bpo import ROWS, decision_grads, make_trainer
@@ -26,6 +27,16 @@ def test_the_hard_target_thinks_where_thinking_beats_the_direct_answer_by_more_t
     soft = soft_decision_target(think, direct, margin=0.1, temperature=0.1)
     expected = [1 / (1 + math.exp(-x)) for x in (-1.0, 1.5, 9.0)]
     assert soft[:3].tolist() == pytest.approx(expected) and math.isnan(soft[3])
+
+
+def test_the_majority_target_thinks_only_where_thinking_wins_the_vote_and_the_direct_answer_loses_it():
+    think = torch.tensor([1.0, 1.0, 1.0, 0.25, 0.5, NAN])
+    direct = torch.tensor([0.75, 0.5, 0.25, 0.0, 0.0, 0.0])
+    majority = majority_decision_target(think, direct)
+    # 3 of 4 and 2 of 4 direct answers right: greedy would be right, so direct, where hard (margin 0.1) thinks
+    assert majority[:5].tolist() == [0.0, 0.0, 1.0, 0.0, 1.0] and math.isnan(majority[5])
+    assert hard_decision_target(think, direct, margin=0.1)[:2].tolist() == [1.0, 1.0]
+    assert majority_decision_target(think, direct, margin=0.9, temperature=5.0)[:5].tolist() == majority[:5].tolist()
 
 
 def test_target_weights_put_y_on_the_thinking_rollouts_and_1_minus_y_on_the_direct_ones():
@@ -175,6 +186,23 @@ def test_the_decision_target_trains_each_rollouts_decision_toward_its_querys_ver
     logged = LastLogged(trainer)
     assert logged["bpo/decision_target/think"] == thinking_weight
     assert logged["bpo/decision_target/cross_entropy"] > 0
+
+
+@pytest.mark.parametrize("target, thinking_weight", [("hard", 1.0), ("majority", 0.0)])
+def test_the_majority_target_sends_a_query_direct_where_half_the_direct_answers_are_right(
+        tmp_path, trained_tiny, trained_families_file, target, thinking_weight):
+    """Thinking always right, direct right on one of its two rollouts: the hard target (margin 0.1) pulls the
+    thinking rollouts' decision, the majority target (half right: greedy's verdict is a coin flip, not a loss)
+    the direct ones'."""
+    trainer = make_trainer(trained_tiny, trained_families_file, tmp_path, mode_token_loss="off",
+                           decision_target=target, direct_margin=0.1,
+                           rewards=["tests.helpers.bpo_helpers:half_the_direct_answers_right"])
+    forced, _ = decision_grads(trainer)
+    if thinking_weight:
+        assert torch.all(forced[THINKS] > 0) and torch.all(forced[~THINKS] == 0)
+    else:
+        assert torch.all(forced[THINKS] == 0) and torch.all(forced[~THINKS] > 0)
+    assert LastLogged(trainer)["bpo/decision_target/think"] == thinking_weight
 
 
 def test_a_decision_target_on_ties_trains_the_decision_toward_answering_directly(tmp_path, trained_tiny,

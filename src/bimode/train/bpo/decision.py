@@ -8,7 +8,8 @@ loss by the trainer from the log-probs TRL scored the completions with (`BPOTrai
   over rollouts on its own, with its own weight, instead of being one token among a completion's;
 - a supervised decision target from the query's own forced groups (as ThinkSwitcher trains its switch on the two
   modes' pass rates, arXiv 2505.14183): a cross-entropy that pulls the decision toward "think" exactly where
-  thinking's accuracy beats the direct answer's by more than a margin.
+  thinking's accuracy beats the direct answer's by more than a margin (hard, soft), or where thinking's majority
+  verdict is right and the direct answer's is not (majority: what greedy decoding would see).
 """
 
 from __future__ import annotations
@@ -54,6 +55,19 @@ def soft_decision_target(think_accuracy: torch.Tensor, direct_accuracy: torch.Te
     gap is clear, unsure where it is within about a temperature of the margin (a tie sits at sigmoid(-margin / T),
     so a margin above 0 leans ties direct). NaN where a mode has no scorable rollout."""
     return torch.sigmoid((think_accuracy - direct_accuracy - margin) / temperature)  # NaN stays NaN
+
+
+@register_decision_target("majority")
+def majority_decision_target(think_accuracy: torch.Tensor, direct_accuracy: torch.Tensor, margin: float = 0.0,
+                             temperature: float = 0.1) -> torch.Tensor:
+    """The oracle router's rule on each forced group's majority verdict: 1 (think) where at least half the thinking
+    rollouts are right and fewer than half the direct ones, else 0. Greedy decoding (what auto mode and the
+    eval run) answers with the likeliest answer, which a majority of samples approximates; the hard target reads
+    the sampled accuracies themselves, so a direct answer right on 3 of 4 samples (greedy: right) loses to a
+    thinking group right on 4 of 4 and the query is sent to think. margin and temperature are not used. NaN where
+    a mode has no scorable rollout."""
+    target = ((think_accuracy >= 0.5) & (direct_accuracy < 0.5)).float()
+    return torch.where(_unknown(think_accuracy, direct_accuracy), torch.full_like(target, float("nan")), target)
 
 
 def decision_target_weights(rewards: torch.Tensor, thinks: torch.Tensor, num_generations: int, target: str,

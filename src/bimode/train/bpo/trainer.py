@@ -108,8 +108,9 @@ class BPOConfig(StartFields, RowCheckFields, AdapterFields, GRPOConfig):
     decision_target: str = field(default="off", metadata={
         "help": "a supervised decision target from each query's forced groups, as a cross-entropy on the decision "
                 "token: off, hard (think iff thinking's accuracy beats the direct answer's by more than "
-                "direct_margin) or soft (sigmoid((think acc - direct acc - direct_margin) / "
-                "decision_target_temperature)). Needs rollout bimode"})
+                "direct_margin), soft (sigmoid((think acc - direct acc - direct_margin) / "
+                "decision_target_temperature)) or majority (think iff at least half the thinking rollouts are "
+                "right and fewer than half the direct ones: greedy decoding's verdicts). Needs rollout bimode"})
     decision_target_weight: float = field(default=1.0, metadata={
         "help": "decision target: the cross-entropy's weight against the responses' loss (its own step size)"})
     decision_target_temperature: float = field(default=0.1, metadata={
