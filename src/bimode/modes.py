@@ -84,6 +84,16 @@ MODE_SUFFIXES = {
     ThinkingMode.NO_THINK: THINK_OPEN + "\n\n" + THINK_CLOSE + "\n\n",
 }
 
+def decision_tokens(tokenizer) -> dict[str, int]:
+    """Per forced mode, how many tokens auto mode generates that the forced mode is given in its prompt: the
+    decision after `<think>` and, for a direct answer, the closing tags (`\n` for think, `\n\n</think>\n\n` for
+    no_think). A forced mode's token count leaves them out, so a router that picks between the forced modes (the
+    oracle router) pays them on top when auto mode takes its decisions."""
+    after_open = len(MODE_SUFFIXES[ThinkingMode.AUTO])
+    return {mode.value: len(tokenizer(MODE_SUFFIXES[mode][after_open:], add_special_tokens=False)["input_ids"])
+            for mode in (ThinkingMode.THINK, ThinkingMode.NO_THINK)}
+
+
 # Names R-4B's processor uses for `thinking_mode=`; our template accepts these and ours.
 R4B_NAMES = {ThinkingMode.AUTO: "auto", ThinkingMode.THINK: "long", ThinkingMode.NO_THINK: "short"}
 

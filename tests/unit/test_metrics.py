@@ -8,6 +8,7 @@ from bimode.eval.metrics import (
     bootstrap_ci, group_metrics, matthews, mode_selection, mode_summary, oracle_summary, relative_efficiency,
     summarize, threshold_curve,
 )
+from bimode.modes import decision_tokens
 
 
 def row(qid, mode, score, tokens, thought=None, p=None, level=1, bench="b", family="f"):
@@ -42,6 +43,14 @@ def test_oracle_router():
     o = oracle_summary(ROWS)
     # picks no_think (q1, right, 2), think (q2, right, 12), think (q3, right, 14), no_think (q4, wrong, 2)
     assert o == {"n": 4, "accuracy": 0.75, "tokens": 7.5, "thinking_rate": 0.5}
+    # charged as auto mode pays: 1 decision token on each think, 3 (decision and closing tags) on each direct
+    assert oracle_summary(ROWS, {"think": 1, "no_think": 3})["tokens_as_auto"] == 7.5 + (1 + 1 + 3 + 3) / 4
+
+
+def test_decision_tokens_are_what_auto_mode_generates_beyond_each_forced_modes_prompt(tiny_processor):
+    # Qwen3's tokenizer: `\n` after <think> on a thinking answer; `\n\n`, `</think>`, `\n\n` on a direct one
+    # (in the trained tiny model's eval samples an auto-mode direct answer counts 4 tokens, the forced one 1)
+    assert decision_tokens(tiny_processor.tokenizer) == {"think": 1, "no_think": 3}
 
 
 def test_hybrid_accuracy_and_mcc():

@@ -67,17 +67,22 @@ def oracle_choice(think: dict, no_think: dict) -> str:
     return "think"
 
 
-def oracle_summary(rows: list[dict]) -> dict:
-    """Oracle accuracy and tokens over queries that have both forced modes."""
+def oracle_summary(rows: list[dict], decision_tokens: dict[str, int] | None = None) -> dict:
+    """Oracle accuracy and tokens over queries that have both forced modes. With `decision_tokens`
+    (modes.decision_tokens: per mode, what auto mode generates that the forced mode is given), also
+    `tokens_as_auto`: the oracle's choices charged as auto mode pays for them."""
     chosen = []
     for modes in by_query(rows).values():
         if "think" in modes and "no_think" in modes:
             chosen.append(modes[oracle_choice(modes["think"], modes["no_think"])])
     if not chosen:
         return {"n": 0}
-    return {"n": len(chosen), "accuracy": mean(float(r["score"]) for r in chosen),
-            "tokens": mean(r["tokens"] for r in chosen),
-            "thinking_rate": mean(1.0 if r["mode"] == "think" else 0.0 for r in chosen)}
+    out = {"n": len(chosen), "accuracy": mean(float(r["score"]) for r in chosen),
+           "tokens": mean(r["tokens"] for r in chosen),
+           "thinking_rate": mean(1.0 if r["mode"] == "think" else 0.0 for r in chosen)}
+    if decision_tokens is not None:
+        out["tokens_as_auto"] = mean(r["tokens"] + decision_tokens[r["mode"]] for r in chosen)
+    return out
 
 
 def matthews(predicted: list[bool], actual: list[bool]) -> float:
