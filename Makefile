@@ -108,8 +108,10 @@ test-fast: setup
 check-versions: setup setup-vllm
 	$(PY) scripts/check_versions.py --main $(PY) --vllm $(VLLM_PY)
 
+# `make demo ROUTER=1`: BPO with the decision learned per query (recipe tiny_bpo_router, docs/bpo.md); in a run
+# folder that has the plain demo, only BPO and its evaluation run again
 demo: setup
-	$(VENV)/bin/bimode demo
+	$(VENV)/bin/bimode demo $(if $(ROUTER),--bpo_recipe tiny_bpo_router)
 
 # The first-GPU check (scripts/gpu_check.py, docs/performance.md): both realistic models through three BPO steps
 # with colocated vLLM and three packed annealing steps, the plan against torch.cuda.max_memory_allocated, one

@@ -45,6 +45,10 @@ class DemoConfig:
     bpo_mode_token_loss: str | None = field(default=None, metadata={
         "help": "BPO mode-token loss (default: tiny_bpo.yaml's)"})
     bpo_beta: float | None = field(default=None, metadata={"help": "BPO KL weight (default: tiny_bpo.yaml's)"})
+    bpo_recipe: str = field(default="tiny_bpo", metadata={
+        "help": "the BPO stage's recipe: tiny_bpo (the paper's BPO) or tiny_bpo_router (the decision learned per "
+                "query, docs/bpo.md; `make demo ROUTER=1`). A run folder whose BPO stage used another recipe runs "
+                "BPO and its evaluation again from the annealed model"})
 
     def __post_init__(self):
         synthetic.check_families(self.families)
@@ -69,6 +73,23 @@ def _stage(name: str, done: Path, out: Path) -> bool:
         return False
     print(f"[{name}] running", flush=True)
     return True
+
+
+BPO_RECIPE_FILE = "bpo_recipe.txt"  # the recipe the run folder's BPO stage used (none: tiny_bpo, runs before it)
+
+
+def _forget_other_bpo_recipe(out: Path, recipe: str) -> None:
+    """A BPO stage done with another recipe is not this run's: its model, run and evaluation go, so that they
+    run again from the annealed model (the stages before are shared)."""
+    marker = out / BPO_RECIPE_FILE
+    done = marker.read_text().strip() if marker.exists() else "tiny_bpo"
+    if done == recipe or not (out / "bpo").exists():
+        return
+    print(f"[BPO] the run folder's BPO stage used {done}, this run {recipe}: running BPO and its evaluation again",
+          flush=True)
+    for name in ("bpo", "bpo_run", "eval_bpo"):
+        shutil.rmtree(out / name, ignore_errors=True)
+    marker.unlink(missing_ok=True)
 
 
 def _save(model, processor, path: Path, card) -> None:
@@ -163,11 +184,12 @@ def run_demo(cfg: DemoConfig) -> int:
             trainer.train()
             _save(trainer.model, trainer.processing_class, out / "annealed", training_card_facts("anneal", anneal_cfg))
         timed("annealing", anneal)
-    if _stage("BPO (bi-mode rollouts, mixed-group advantages)", out / "bpo" / "config.json", out):
+    _forget_other_bpo_recipe(out, cfg.bpo_recipe)
+    if _stage(f"BPO (bi-mode rollouts, mixed-group advantages; {cfg.bpo_recipe})", out / "bpo" / "config.json", out):
         def bpo():
             shutil.rmtree(out / "bpo_run", ignore_errors=True)  # a re-run starts its probe log afresh
             group = recipe_values("tiny_bpo")["num_generations"]  # rollouts per prompt
-            bpo_cfg = load_recipe(BPOConfig, "tiny_bpo", model_path=str(out / "annealed"),
+            bpo_cfg = load_recipe(BPOConfig, cfg.bpo_recipe, model_path=str(out / "annealed"),
                                   train_files=[str(data / "train.jsonl")], probe_files=[str(data / "eval.jsonl")],
                                   output_dir=str(out / "bpo_run"), max_steps=cfg.bpo_steps,
                                   per_device_train_batch_size=group * cfg.bpo_prompts,
@@ -176,6 +198,7 @@ def run_demo(cfg: DemoConfig) -> int:
             trainer = bpo_trainer(bpo_cfg)
             trainer.train()
             _save(trainer.model, trainer.processing_class, out / "bpo", training_card_facts("bpo", bpo_cfg))
+            (out / BPO_RECIPE_FILE).write_text(cfg.bpo_recipe + "\n")
         timed("BPO", bpo)
     for name, title in (("annealed", "Annealed tiny model"), ("bpo", "Tiny model after BPO")):
         if _stage(f"evaluation of the {name} model (auto, think, no_think)", out / f"eval_{name}" / "report.md", out):
@@ -189,7 +212,7 @@ def run_demo(cfg: DemoConfig) -> int:
         metrics = json.loads((out / f"eval_{name}" / "metrics.json").read_text())
         write_eval_table(out / name, card_table(metrics, card_source([data / "eval.jsonl"],
                                                                      load_recipe(EvalConfig, "tiny_eval"))))
-    _write_report(out, summary, timings, time.time() - start)
+    _write_report(out, summary, timings, time.time() - start, cfg.bpo_recipe)
     _print_samples(out / "eval_bpo" / "samples.jsonl", "model after BPO")
     print((out / "report.md").read_text())
     print(f"done in {time.time() - start:.0f} s; the final model is in {out / 'bpo'}, its model card with its eval "
@@ -284,23 +307,35 @@ def plot_probe(probe_file: Path, png: Path) -> None:
     plt.close(fig)
 
 
-def _write_report(out: Path, curation: dict, timings: dict, seconds: float) -> None:
+def _write_report(out: Path, curation: dict, timings: dict, seconds: float, bpo_recipe: str = "tiny_bpo") -> None:
+    from transformers import AutoTokenizer
+
+    from bimode.eval.metrics import oracle_summary
+    from bimode.eval.runner import read_samples
+    from bimode.modes import decision_tokens
+
     benches = {name: next(iter(json.loads((out / f"eval_{name}" / "metrics.json").read_text())["benchmarks"].values()))
                for name in ("annealed", "bpo")}
+    counts = decision_tokens(AutoTokenizer.from_pretrained(str(out / "bpo")))
     lines = ["# bimode demo: the R-4B recipe on the embedded default", "",
              "## Curation: share labelled thinking by difficulty level", "",
              "| level | labelled thinking |", "|---|---|"]
     lines += [f"| {lv} | {100 * s:.0f}% |" for lv, s in curation["think_share_by_level"].items()]
     lines += ["", f"{curation['total']['think']} thinking and {curation['total']['no_think']} non-thinking samples "
               f"curated; {curation['total']['rejected']} rejected.", ""]
-    for name, title in (("annealed", "Annealed model"), ("bpo", "After BPO")):
+    for name, title in (("annealed", "Annealed model"), ("bpo", f"After BPO ({bpo_recipe})")):
         lines += [f"## {title}, held-out eval split", ""] + _level_table(benches[name]) + [""]
     lines += ["## Auto mode against the oracle router (per query, the cheaper forced mode that is right)", "",
-              "| model | auto acc | auto tokens | oracle acc | oracle tokens |", "|---|---|---|---|---|"]
+              "Decision agreement: the share of questions where auto mode thinks exactly where the oracle does. "
+              "The oracle's tokens are the forced modes'; charged as auto mode pays (its decision token, and a "
+              f"direct answer's closing tags: {counts['think']} and {counts['no_think']} tokens), in brackets.", "",
+              "| model | auto acc | auto tokens | decision agreement | oracle acc | oracle tokens (as auto pays) |",
+              "|---|---|---|---|---|---|"]
     for name in ("annealed", "bpo"):
-        auto, oracle = benches[name]["modes"]["auto"], benches[name]["oracle"]
-        lines.append(f"| {name} | {100 * auto['accuracy']:.1f} | {auto['tokens']:.1f} | "
-                     f"{100 * oracle['accuracy']:.1f} | {oracle['tokens']:.1f} |")
+        auto, agreement = benches[name]["modes"]["auto"], benches[name]["selection"]["hybrid_accuracy"]
+        oracle = oracle_summary(read_samples(out / f"eval_{name}" / "samples.jsonl"), counts)
+        lines.append(f"| {name} | {100 * auto['accuracy']:.1f} | {auto['tokens']:.1f} | {100 * agreement:.0f}% | "
+                     f"{100 * oracle['accuracy']:.1f} | {oracle['tokens']:.1f} ({oracle['tokens_as_auto']:.1f}) |")
     lines += ["", "## Targets (issue #8), measured", "", "| target | measured | met |", "|---|---|---|"]
     lines += [f"| {what} | {measured} | {'yes' if met else 'no'} |"
               for what, measured, met in demo_targets(benches["annealed"], benches["bpo"])]

@@ -151,7 +151,7 @@ def test_quick_demo_runs_every_stage_and_resumes_from_a_wheel_install(tmp_path, 
     assert "Samples from the eval split (model after BPO):" in first  # it prints the BPO eval's samples
     for stage in ("[world] running", "[tiny model] running", "[annotator warm-up (SFT in both formats)] running",
                   "[curation (performance-based, N = 4, k = 1)] running", "[bi-mode annealing on the curated mix] running",
-                  "[BPO (bi-mode rollouts, mixed-group advantages)] running",
+                  "[BPO (bi-mode rollouts, mixed-group advantages; tiny_bpo)] running",
                   "[evaluation of the annealed model (auto, think, no_think)] running",
                   "[evaluation of the bpo model (auto, think, no_think)] running"):
         assert stage in first
@@ -190,6 +190,18 @@ def test_quick_demo_runs_every_stage_and_resumes_from_a_wheel_install(tmp_path, 
     second = run("demo", "--quick", "--out", str(out)).stdout
     assert "[bi-mode annealing on the curated mix] already done" in second and "[world] already done" in second
     assert (out / "bpo" / "README.md").read_text().count("<!-- bimode-eval:start -->") == 1  # replaced, not added
+    # `make demo ROUTER=1` in the same folder: only BPO (with the router recipe) and its evaluation run again
+    third = run("demo", "--quick", "--out", str(out), "--bpo_recipe", "tiny_bpo_router").stdout
+    assert "[BPO] the run folder's BPO stage used tiny_bpo, this run tiny_bpo_router" in third
+    assert "[BPO (bi-mode rollouts, mixed-group advantages; tiny_bpo_router)] running" in third
+    assert "[bi-mode annealing on the curated mix] already done" in third
+    assert "| `decision_target` | `majority` |" in (out / "bpo" / "README.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "## After BPO (tiny_bpo_router)" in report
+    for name in ("annealed", "bpo"):  # the decision agreement column is the metrics file's
+        bench = next(iter(json.loads((out / f"eval_{name}" / "metrics.json").read_text())["benchmarks"].values()))
+        assert (f"| {name} | {100 * bench['modes']['auto']['accuracy']:.1f} | {bench['modes']['auto']['tokens']:.1f} "
+                f"| {100 * bench['selection']['hybrid_accuracy']:.0f}% |") in report
 
 
 def test_demo_passes_its_seed_to_every_stage(monkeypatch, tmp_path):

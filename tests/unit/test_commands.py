@@ -9,7 +9,7 @@ import pytest
 
 from bimode.cli import main
 from bimode.commands import COMMANDS, find_command
-from bimode.recipes import RECIPES, load_recipe
+from bimode.recipes import RECIPES, load_recipe, recipe_values
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -120,7 +120,8 @@ RECIPE_CONFIGS = {"tiny_curate": "bimode.curate.pipeline:CurateConfig", "tiny_ev
                   "demo": "bimode.demo:DemoConfig", "demo_quick": "bimode.demo:DemoConfig",
                   "tiny_anneal": "bimode.train.anneal:AnnealConfig", "r4b_anneal": "bimode.train.anneal:AnnealConfig",
                   **{f"r4b_stage{s}": "bimode.train.anneal:AnnealConfig" for s in ("1_projector", "2_alignment", "3_joint")},
-                  "tiny_bpo": "bimode.train.bpo.trainer:BPOConfig", "r4b_bpo": "bimode.train.bpo.trainer:BPOConfig"}
+                  "tiny_bpo": "bimode.train.bpo.trainer:BPOConfig", "r4b_bpo": "bimode.train.bpo.trainer:BPOConfig",
+                  "tiny_bpo_router": "bimode.train.bpo.trainer:BPOConfig"}
 
 
 def test_every_recipe_loads_into_its_config():
@@ -131,6 +132,13 @@ def test_every_recipe_loads_into_its_config():
         extra = {"use_cpu": True, "bf16": False} if "Config" in name and "train" in module else {}
         cfg = load_recipe(config_class, recipe, **extra)
         assert isinstance(cfg, config_class), recipe
+
+
+def test_the_router_recipe_is_tiny_bpo_with_the_decision_learned_per_query():
+    """Recipes do not inherit, so the router's copy of tiny_bpo is held to it here: only these fields differ."""
+    plain, router = recipe_values("tiny_bpo"), recipe_values("tiny_bpo_router")
+    differs = {k for k in plain.keys() | router.keys() if plain.get(k) != router.get(k)}
+    assert differs == {"decision_target", "output_dir"} and router["decision_target"] == "majority"
 
 
 def test_a_recipe_with_an_unknown_field_names_the_file_and_field(tmp_path):
