@@ -51,7 +51,10 @@ class DemoConfig:
                 "BPO and its evaluation again from the annealed model"})
 
     def __post_init__(self):
+        from bimode.recipes import recipe_path
+
         synthetic.check_families(self.families)
+        recipe_path(self.bpo_recipe)  # an unknown recipe fails now, not after the stages before BPO
         for name in ("n_train", "n_eval", "warmup_steps", "anneal_steps", "bpo_steps", "bpo_prompts"):
             if getattr(self, name) < 1:
                 raise UsageError(f"{name} must be at least 1, got {getattr(self, name)}")

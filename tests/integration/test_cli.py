@@ -204,7 +204,7 @@ def test_quick_demo_runs_every_stage_and_resumes_from_a_wheel_install(tmp_path, 
                 f"| {100 * bench['selection']['hybrid_accuracy']:.0f}% |") in report
 
 
-def test_demo_passes_its_seed_to_every_stage(monkeypatch, tmp_path):
+def test_demo_passes_its_seed_to_every_stage(monkeypatch, tmp_path, capsys):
     import bimode.demo
     from bimode.cli import main
 
@@ -212,3 +212,6 @@ def test_demo_passes_its_seed_to_every_stage(monkeypatch, tmp_path):
     monkeypatch.setattr(bimode.demo, "run_demo", lambda cfg: seen.update(cfg=cfg) or 0)
     assert main(["demo", "--quick", "--out", str(tmp_path / "d"), "--seed", "3"]) == 0
     assert seen["cfg"].seed == 3 and seen["cfg"].n_train == 240  # demo_quick.yaml's size
+    seen.clear()  # an unknown BPO recipe is refused before any stage runs
+    assert main(["demo", "--quick", "--out", str(tmp_path / "d"), "--bpo_recipe", "tiny_bpo_rooter"]) != 0
+    assert "no recipe 'tiny_bpo_rooter'" in capsys.readouterr().err and not seen
