@@ -11,6 +11,10 @@ over tiny_bpo.yaml) is run once per setting and seed:
   decoupled ...         decision_loss decoupled: the decision token's own loss term (Thinkless' DeGRPO), weight 1
   target hard/soft m    decision_target hard or soft with direct_margin m: a cross-entropy on the decision token
                         toward each query's own forced groups' verdict (docs/bpo.md, "Learning the decision per query")
+  target majority       decision_target majority: the same toward the oracle's rule on each group's majority verdict
+  relabel round         an on-policy relabelling round: the seed's BPO (paper) model curates the train split again
+                        as the annotator (tiny_curate), is annealed on its own labels (300 steps), then the
+                        round's BPO settings run from there
 Each final model is evaluated greedily in auto, think and no_think mode on the demo's eval split (400
 questions) and on a fresh split of 600 questions drawn with a seed the project uses nowhere else. Per run:
 auto accuracy and tokens against think mode's, the oracle router (per question, the cheaper forced mode that
@@ -26,6 +30,7 @@ frontier.png to --out; frontier.md ends with the ranges over seeds per setting (
                     [--settings NAME ...]   # only these settings (runs already in results.json are kept)
     .venv/bin/python scripts/thinking_cost_frontier.py --table-only --markdown docs/thinking_cost_frontier.md
                     # the ranges from docs/thinking_cost_frontier_results.json (or --table-only FILE), no training
+                    [--readme README.md]   # also into the README, between its thinking-cost-frontier markers
 """
 
 from __future__ import annotations
@@ -39,15 +44,17 @@ from pathlib import Path
 from statistics import mean
 
 import torch
+from transformers import AutoTokenizer
 
 from bimode.data import synthetic
 from bimode.data.records import read_records, write_records
-from bimode.demo import tiny_eval_samples, train_to_final
+from bimode.demo import anneal_tiny, tiny_eval_samples, train_to_final
 from bimode.eval.calibrate import calibrate
-from bimode.eval.metrics import group_metrics, oracle_summary, routing_explained_by
+from bimode.eval.metrics import by_query, group_metrics, oracle_summary, routing_explained_by
 from bimode.eval.runner import read_samples
 from bimode.generation.engine import TransformersEngine
 from bimode.models import load_model
+from bimode.modes import decision_tokens
 from bimode.recipes import load_recipe, recipe_values
 from bimode.train.bpo.trainer import BPOConfig
 
@@ -67,6 +74,10 @@ SETTINGS = {
     "decoupled, decision m=0.3": dict(decision_loss="decoupled", mode_objective="decision", direct_margin=0.3),
     "target hard m=0.1": dict(decision_target="hard", direct_margin=0.1),
     "target soft m=0.1": dict(decision_target="soft", direct_margin=0.1, decision_target_temperature=0.1),
+    "target majority": dict(decision_target="majority"),
+    # an on-policy relabelling round: the paper's BPO model of the same seed annotates the train split again
+    # (tiny_curate), is annealed on its own labels, then BPO runs again (relabel_round below)
+    "relabel round": dict(relabel_from="BPO (paper)", relabel_anneal_steps=300),
 }
 LABELS = {"think cost 0.3": "think cost 0.3 (per thinking rollout)", "decision m=0.1": "decision, margin 0.1",
           "decision m=0.3": "decision, margin 0.3", "decision m=0.3 x4": "decision, margin 0.3, scale 4",
@@ -74,7 +85,9 @@ LABELS = {"think cost 0.3": "think cost 0.3 (per thinking rollout)", "decision m
           "decoupled": "decoupled decision loss (DeGRPO)",
           "decoupled, decision m=0.3": "decoupled decision loss, decision margin 0.3",
           "target hard m=0.1": "decision target, hard, margin 0.1",
-          "target soft m=0.1": "decision target, soft, margin 0.1, T 0.1"}  # the table's names where they differ
+          "target soft m=0.1": "decision target, soft, margin 0.1, T 0.1",
+          "target majority": "decision target, majority verdicts",
+          "relabel round": "relabelling round (BPO model annotates, anneal, BPO)"}  # the table's names where they differ
 PUBLISHED = Path(__file__).resolve().parents[1] / "docs" / "thinking_cost_frontier_results.json"
 FRESH_SEED = 20261204  # a seed no other part of the project draws the world with
 GOAL = {"max_drop": 1.0, "token_share": 0.4, "level1_thinking": 0.10, "top_level_thinking": 0.80}  # issue 37's
@@ -93,16 +106,38 @@ def run_bpo(start: Path, demo: Path, out: Path, seed: int, setting: dict) -> Pat
     return train_to_final(cfg, out)
 
 
+def relabel_round(start: Path, demo: Path, out: Path, seed: int, setting: dict) -> Path:
+    """R-4B's heuristic applied to the model it produced: `start` (a BPO model) annotates the demo's train split
+    (tiny_curate: N non-thinking answers sampled per query, thinking where at most k are right), is annealed on
+    that mix for the setting's relabel_anneal_steps, and BPO (the rest of the setting) runs from the result."""
+    from bimode.curate import CurateConfig, run_curation
+    from bimode.generation.backends import build_backend
+
+    setting = dict(setting)
+    del setting["relabel_from"]
+    steps = setting.pop("relabel_anneal_steps")
+    curated = out / "relabelled"
+    if not (curated / "summary.json").exists():
+        run_curation(build_backend(str(start)), [demo / "data" / "train.jsonl"], curated,
+                     load_recipe(CurateConfig, "tiny_curate", seed=seed, annotator_name=f"BPO model {start}"),
+                     progress=False)
+    annealed = out / "reannealed"
+    if not (annealed / "final" / "config.json").exists():
+        anneal_tiny(start, [curated / "curated.jsonl"], annealed, steps, seed)
+    return run_bpo(annealed / "final", demo, out / "bpo", seed, setting)
+
+
 def evaluate(model_dir: Path, bench: Path, out: Path) -> list[dict]:
     if not (out / "samples.jsonl").exists():
         tiny_eval_samples(model_dir, bench, out, ["auto", "think", "no_think"])
     return read_samples(out / "samples.jsonl")
 
 
-def summarize(rows: list[dict]) -> dict:
+def summarize(rows: list[dict], decision_counts: dict[str, int]) -> dict:
+    """One run's figures on one split; decision_counts: modes.decision_tokens of the model's tokenizer."""
     bench = next(iter(group_metrics(rows)["benchmarks"].values()))
     auto, think = bench["modes"]["auto"], bench["modes"]["think"]
-    oracle = oracle_summary(rows)
+    oracle = oracle_summary(rows, decision_counts)
     level1 = bench["by_level"][min(bench["by_level"], key=int)]["modes"]["auto"]["thinking_rate"]
     out = {"auto_accuracy": auto["accuracy"], "auto_tokens": auto["tokens"], "auto_thinking": auto["thinking_rate"],
            "think_accuracy": think["accuracy"], "think_tokens": think["tokens"],
@@ -110,7 +145,19 @@ def summarize(rows: list[dict]) -> dict:
            "token_share": auto["tokens"] / think["tokens"], "level1_thinking": level1,
            "thinking_by_level": {lv: m["modes"]["auto"]["thinking_rate"] for lv, m in bench["by_level"].items()},
            "oracle_accuracy": oracle["accuracy"], "oracle_share": oracle["tokens"] / think["tokens"],
+           # the oracle's choices charged as auto mode pays (its decision, a direct answer's closing tags), and
+           # every question answered directly so charged: the least a router's auto mode can spend
+           "oracle_share_as_auto": oracle["tokens_as_auto"] / think["tokens"],
+           "all_direct_share_as_auto": (bench["modes"]["no_think"]["tokens"] + decision_counts["no_think"])
+           / think["tokens"],
+           "oracle_thinking_by_level": {lv: m["oracle"]["thinking_rate"] for lv, m in bench["by_level"].items()},
            "decision_agreement": bench["selection"]["hybrid_accuracy"]}
+    # auto mode's own decisions served as a threshold serves one (the chosen mode's suffix written into the prompt,
+    # so neither the decision nor the closing tags are generated): each question's forced row in the mode auto took
+    served = [modes["think" if modes["auto"]["thought"] else "no_think"] for modes in by_query(rows).values()
+              if {"auto", "think", "no_think"} <= modes.keys()]
+    out["served_accuracy"] = mean(float(r["score"]) for r in served)
+    out["served_share"] = mean(r["tokens"] for r in served) / think["tokens"]
     family = routing_explained_by(rows, "family")
     out["family_routing"], out["oracle_family_routing"] = family.get("auto"), family.get("oracle")
     top = out["thinking_by_level"][max(out["thinking_by_level"], key=int)]
@@ -130,12 +177,21 @@ def calibrated(pick_rows: list[dict], fresh_rows: list[dict], confidence: float)
 
 
 def fresh_split(demo: Path, out: Path, n: int) -> Path:
-    families = recipe_values("demo")["families"]
+    families = sorted({r.family for r in read_records(demo / "data" / "eval.jsonl")})  # the demo run's world
     records = [replace(s.to_record(), id=f"fresh-{s.to_record().id}")
                for s in synthetic.generate(n, FRESH_SEED, "eval", families=families)]
     known = {r.id for r in read_records(demo / "data" / "eval.jsonl")}
     assert not known & {r.id for r in records}
     return write_records(records, out / "fresh.jsonl", overwrite=True)
+
+
+def train_once(start: Path, demo: Path, out: Path, name: str, seed: int) -> Path:
+    """The final model of a BPO setting and seed, trained unless its folder already holds it."""
+    run_dir = run_directory(out, name, seed)
+    if not (run_dir / "final" / "config.json").exists():
+        shutil.rmtree(run_dir, ignore_errors=True)
+        run_bpo(start, demo, run_dir, seed, SETTINGS[name])
+    return run_dir / "final"
 
 
 def run_directory(out: Path, setting: str, seed: int) -> Path:
@@ -183,6 +239,8 @@ def main() -> None:
                         help="no runs: print the ranges table from a results file (default: the published one, "
                              "docs/thinking_cost_frontier_results.json)")
     parser.add_argument("--markdown", metavar="PATH", help="with --table-only: also write the table to this file")
+    parser.add_argument("--readme", metavar="PATH", help="with --table-only: write the ranges (no thresholds) into "
+                        "this README between its thinking-cost-frontier markers")
     parser.add_argument("--diagnose", metavar="SETTING_SEED_DIR", help="instead of runs: for one finished run "
                         "(e.g. runs/frontier/BPO_paper/seed0), how often direct answers sampled at temperature 1 are "
                         "right on the level 4-6 questions its auto mode thinks on")
@@ -194,6 +252,10 @@ def main() -> None:
         print(text, end="")
         if args.markdown:
             Path(args.markdown).write_text(text)
+        if args.readme:
+            readme = Path(args.readme)
+            readme.write_text(readme_with_table(readme.read_text(), json.loads(Path(args.table_only).read_text()),
+                                                args.table_only))
         return
     if args.diagnose:
         run = Path(args.diagnose)
@@ -204,6 +266,7 @@ def main() -> None:
         raise SystemExit(f"no annealed model in {start}: run `make demo` (or `bimode demo --out {demo}`) first")
     out.mkdir(parents=True, exist_ok=True)
     fresh = fresh_split(demo, out, args.n_fresh)
+    counts = decision_tokens(AutoTokenizer.from_pretrained(str(start)))  # every run shares the tiny tokenizer
     results_path = out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     for name in args.settings:
@@ -213,21 +276,30 @@ def main() -> None:
                 continue
             run_dir = run_directory(out, name, seed)
             began = time.time()
-            if not (run_dir / "final" / "config.json").exists():
-                shutil.rmtree(run_dir, ignore_errors=True)
-                run_bpo(start, demo, run_dir, seed, SETTINGS[name])
-            eval_rows = evaluate(run_dir / "final", demo / "data" / "eval.jsonl", run_dir / "eval")
-            fresh_rows = evaluate(run_dir / "final", fresh, run_dir / "eval_fresh")
-            entry = {"setting": name, "seed": seed, "eval": summarize(eval_rows), "fresh": summarize(fresh_rows),
+            setting = SETTINGS[name]
+            if "relabel_from" in setting:
+                final = run_dir / "bpo" / "final"
+                if not (final / "config.json").exists():
+                    relabel_round(train_once(start, demo, out, setting["relabel_from"], seed), demo, run_dir, seed,
+                                  setting)
+            else:
+                final = train_once(start, demo, out, name, seed)
+            eval_rows = evaluate(final, demo / "data" / "eval.jsonl", run_dir / "eval")
+            fresh_rows = evaluate(final, fresh, run_dir / "eval_fresh")
+            entry = {"setting": name, "seed": seed, "eval": summarize(eval_rows, counts),
+                     "fresh": summarize(fresh_rows, counts),
                      "seconds": round(time.time() - began, 1)}
             results[key] = entry
             results_path.write_text(json.dumps(results, indent=1))
             print(f"{key}: auto {100 * entry['eval']['auto_accuracy']:.1f} at "
                   f"{100 * entry['eval']['token_share']:.0f}% of think's tokens", flush=True)
     for entry in results.values():  # every model's threshold, picked on the eval split, checked on the fresh one
+        run_dir = run_directory(out, entry["setting"], entry["seed"])
+        if not (run_dir / "eval_fresh" / "samples.jsonl").exists():
+            continue  # a run whose folder is gone keeps the figures it was measured with
+        pick, check = (read_samples(run_dir / part / "samples.jsonl") for part in ("eval", "eval_fresh"))
+        entry["eval"], entry["fresh"] = summarize(pick, counts), summarize(check, counts)  # fields added since
         if "calibrated" not in entry:
-            run_dir = run_directory(out, entry["setting"], entry["seed"])
-            pick, check = (read_samples(run_dir / part / "samples.jsonl") for part in ("eval", "eval_fresh"))
             entry["calibrated"] = [calibrated(pick, check, c) for c in (0.0, 0.95)]
     results_path.write_text(json.dumps(results, indent=1))
     (out / "frontier.md").write_text(render(results) + "\n" + ranges_table(results))
@@ -237,7 +309,7 @@ def main() -> None:
 
 def render(results: dict) -> str:
     lines = ["| setting | seed | auto acc | think acc | auto tokens (share of think) | L1 thinks | L6 thinks | "
-             "oracle share | decision agreement | family explains (auto / oracle) | goal met | "
+             "oracle share (as auto pays) | decision agreement | family explains (auto / oracle) | goal met | "
              "fresh split: auto - think, share |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for entry in results.values():
         e, f = entry["eval"], entry["fresh"]
@@ -245,7 +317,8 @@ def render(results: dict) -> str:
         lines.append(f"| {entry['setting']} | {entry['seed']} | {100 * e['auto_accuracy']:.1f} | "
                      f"{100 * e['think_accuracy']:.1f} | {e['auto_tokens']:.1f} ({100 * e['token_share']:.0f}%) | "
                      f"{100 * e['level1_thinking']:.0f}% | {100 * levels[max(levels, key=int)]:.0f}% | "
-                     f"{100 * e['oracle_share']:.0f}% | {percents(present([e], 'decision_agreement'))} | "
+                     f"{100 * e['oracle_share']:.0f}% ({percents(present([e], 'oracle_share_as_auto'))}) | "
+                     f"{percents(present([e], 'decision_agreement'))} | "
                      f"{routing_cell([e])} | {'yes' if e['goal_met'] else 'no'} | "
                      f"{100 * (f['auto_accuracy'] - f['think_accuracy']):+.1f}, {100 * f['token_share']:.0f}% |")
     lines += ["", "Each model with a calibrated threshold (picked on the eval split, max_drop 1 point), on the fresh "
@@ -296,6 +369,16 @@ def present(runs: list[dict], key: str) -> list[float]:
     return [r[key] for r in runs if r.get(key) is not None]
 
 
+def served_cell(runs: list[dict]) -> str:
+    """Auto mode's own decisions served with the chosen mode's suffix in the prompt: accuracy against think's and
+    the share of think's tokens, ranges over the runs; "-" for runs measured before it was."""
+    runs = [r for r in runs if "served_share" in r]
+    if not runs:
+        return "-"
+    return (f"{points([100 * (r['served_accuracy'] - r['think_accuracy']) for r in runs])}, "
+            f"{percents([r['served_share'] for r in runs])}")
+
+
 def routing_cell(runs: list[dict]) -> str:
     """How much of the decision the family label explains, auto mode's range over the runs / the oracle router's;
     blank for runs measured before it was (results without the fields)."""
@@ -316,10 +399,15 @@ def level_table(by_setting: dict[str, list[dict]]) -> list[str]:
         cells = [percents([r["eval"]["thinking_by_level"][lv] for r in runs
                            if lv in r["eval"].get("thinking_by_level", {})]) for lv in levels]
         lines.append(f"| {LABELS.get(name, name)} | " + " | ".join(cells) + " |")
+    oracle = [r["eval"]["oracle_thinking_by_level"] for runs in by_setting.values() for r in runs
+              if "oracle_thinking_by_level" in r["eval"]]
+    if oracle:
+        lines.append(f"| oracle router ({len(oracle)} models) | "
+                     + " | ".join(percents([o[lv] for o in oracle if lv in o]) for lv in levels) + " |")
     return lines
 
 
-def ranges_table(results: dict) -> str:
+def ranges_table(results: dict, thresholds: bool = True) -> str:
     """Per setting, the ranges over its seeds (eval split, and the fresh split; decision agreement and the family's
     share blank for runs measured before they were), then the oracle router over every run: the table
     docs/thinking_cost_frontier.md shows; then auto mode's thinking rate per level, and the calibrated thresholds'
@@ -331,7 +419,8 @@ def ranges_table(results: dict) -> str:
     seeds = {len(runs) for runs in by_setting.values()}
     lines = [f"| setting ({'/'.join(map(str, sorted(seeds)))} seeds) | auto - think, points | auto tokens, share of "
              "think's | level 1 thinks | decision agreement with the oracle | family explains (auto / oracle) | "
-             "fresh split: auto - think, share |", "|---|---|---|---|---|---|---|"]
+             "fresh split: auto - think, share | auto's decisions, suffix in the prompt: auto - think, share "
+             "(eval; fresh) |", "|---|---|---|---|---|---|---|---|"]
     for name, runs in by_setting.items():
         e, f = [r["eval"] for r in runs], [r["fresh"] for r in runs]
         lines.append(f"| {LABELS.get(name, name)} | "
@@ -339,14 +428,20 @@ def ranges_table(results: dict) -> str:
                      f"{percents([r['token_share'] for r in e])} | {percents([r['level1_thinking'] for r in e])} | "
                      f"{percents(present(e, 'decision_agreement'), none='')} | {routing_cell(e)} | "
                      f"{points([100 * (r['auto_accuracy'] - r['think_accuracy']) for r in f])}, "
-                     f"{percents([r['token_share'] for r in f])} |")
+                     f"{percents([r['token_share'] for r in f])} | {served_cell(e)}; {served_cell(f)} |")
     every = [entry["eval"] for entry in results.values()]
     lines.append(f"| oracle router (same models) | "
                  f"{points([100 * (r['oracle_accuracy'] - r['think_accuracy']) for r in every])} | "
-                 f"{percents([r['oracle_share'] for r in every])} | | | | |")
+                 f"{percents([r['oracle_share'] for r in every])} | | | | | |")
+    as_auto = [r for r in every if "oracle_share_as_auto" in r]
+    if as_auto:
+        lines.append(f"| oracle router, charged as auto mode pays ({len(as_auto)} models) | | "
+                     f"{percents([r['oracle_share_as_auto'] for r in as_auto])} | | | | | |")
+        lines.append(f"| every question direct, charged as auto mode pays | | "
+                     f"{percents([r['all_direct_share_as_auto'] for r in as_auto])} | | | | | |")
     lines += level_table(by_setting)
     calibrated = [(entry, c) for entry in results.values() for c in entry.get("calibrated", [])]
-    if calibrated:
+    if calibrated and thresholds:
         lines += ["", "Calibrated thresholds (picked on the eval split, max_drop 1 point), on the fresh split:", "",
                   "| setting | confidence | models meeting the goal | auto - think, points | share of think's tokens | "
                   "share, the models meeting it |", "|---|---|---|---|---|---|"]
@@ -360,6 +455,22 @@ def ranges_table(results: dict) -> str:
                              f"{percents([c['fresh_token_share'] for c in picked])} | "
                              f"{percents([c['fresh_token_share'] for c in picked if c['met_on_fresh']])} |")
     return "\n".join(lines) + "\n"
+
+
+README_START = "<!-- thinking-cost-frontier:start (written by scripts/thinking_cost_frontier.py --readme) -->"
+README_END = "<!-- thinking-cost-frontier:end -->"
+
+
+def readme_with_table(readme: str, results: dict, source: str) -> str:
+    """The README's text with the block between README_START and README_END replaced by the ranges (without the
+    calibrated thresholds) and the command that wrote them; an error where the markers are missing."""
+    if readme.count(README_START) != 1 or readme.count(README_END) != 1:
+        raise SystemExit(f"the README needs one {README_START} and one {README_END} line to write the table between")
+    head, rest = readme.split(README_START)
+    tail = rest.split(README_END)[1]
+    block = (f"\n```bash\n.venv/bin/python scripts/thinking_cost_frontier.py --table-only {source} --readme README.md"
+             f"\n```\n\n" + ranges_table(results, thresholds=False))
+    return head + README_START + "\n" + block + README_END + tail
 
 
 def ranges_document(results: dict, source: str, markdown: str = "docs/thinking_cost_frontier.md") -> str:
@@ -382,7 +493,7 @@ def plot(results: dict, png: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(9.5, 4.5))
-    markers = dict(zip(SETTINGS, "osD^vP<>hXdpH8"))
+    markers = dict(zip(SETTINGS, "osD^vP<>hXdpH8P+x1234"))
     for name in SETTINGS:
         runs = [e["eval"] for e in results.values() if e["setting"] == name]
         if runs:
@@ -391,6 +502,10 @@ def plot(results: dict, png: Path) -> None:
     oracle = [e["eval"] for e in results.values()]
     ax.scatter([100 * r["oracle_share"] for r in oracle], [100 * r["oracle_accuracy"] for r in oracle],
                marker="*", color="gray", label="oracle router (same models)", s=50)
+    as_auto = [r for r in oracle if "oracle_share_as_auto" in r]
+    if as_auto:
+        ax.scatter([100 * r["oracle_share_as_auto"] for r in as_auto], [100 * r["oracle_accuracy"] for r in as_auto],
+                   marker="*", color="black", label="oracle router, charged as auto mode pays", s=50)
     calib = [(c, e) for e in results.values() for c in e.get("calibrated", [])
              if c["confidence"] and e["setting"] == "BPO (paper)"]
     if calib:

@@ -1,6 +1,7 @@
 """A cost of thinking in BPO (docs/bpo.md, "A cost of thinking"): the decision objective and the cost in the
 reward, as pure functions and in the trainer."""
 
+import json
 import math
 
 import pytest
@@ -187,8 +188,8 @@ def test_the_ranges_table_gives_each_setting_its_range_over_seeds_as_the_readme_
     assert lines[0].startswith("| setting (2 seeds) | auto - think, points |")
     # 0 points is "0.0" (never "+0.0", nor "-0.0" for -0.04); one share where the seeds agree once rounded; runs
     # measured before decision agreement and the family's share were leave those cells blank
-    assert lines[2] == "| BPO (paper) | 0.0 to +1.0 | 67-68% | 17% |  |  | 0.0 to +2.0, 68% |"
-    assert lines[3] == "| oracle router (same models) | +2.0 | 35% | | | | |"
+    assert lines[2] == "| BPO (paper) | 0.0 to +1.0 | 67-68% | 17% |  |  | 0.0 to +2.0, 68% | -; - |"
+    assert lines[3] == "| oracle router (same models) | +2.0 | 35% | | | | | |"
     assert "| BPO (paper) | 0.95 | 1 of 2 | -2.0 to +1.0 | 45-50% | 45% |" in lines
     assert "| all settings | 0.95 | 1 of 2 | -2.0 to +1.0 | 45-50% | 45% |" in lines
 
@@ -206,7 +207,7 @@ def test_the_ranges_table_shows_decision_agreement_the_familys_share_and_thinkin
         runs[f"target hard m=0.1 | seed {seed}"] = run
     lines = module.ranges_table(runs).splitlines()
     # a model whose decision is the same on every question has no family share (None): left out of the range
-    assert lines[2] == "| decision target, hard, margin 0.1 | 0.0 | 50% | 17% | 81-85% | 90% / 20% | 0.0, 50% |"
+    assert lines[2] == "| decision target, hard, margin 0.1 | 0.0 | 50% | 17% | 81-85% | 90% / 20% | 0.0, 50% | -; - |"
     assert "| setting | L1 | L2 | L6 |" in lines
     assert "| decision target, hard, margin 0.1 | 0% | 25-35% | 100% |" in lines
 
@@ -224,8 +225,64 @@ def test_each_run_records_its_decision_agreement_and_how_much_the_family_explain
         rows += [row(qid, "no_think", 0 if hard else 1, 2, level=level, family=family[qid]),
                  row(qid, "think", 1, 10, level=level, family=family[qid]),
                  row(qid, "auto", 1, 10 if hard else 2, thought=hard, level=level, family=family[qid])]
-    summary = frontier_script().summarize(rows)
+    summary = frontier_script().summarize(rows, {"think": 1, "no_think": 3})
     assert summary["decision_agreement"] == 1.0
+    # the oracle as auto mode pays: (2 + 3) on q1, q3 and (10 + 1) on q2, q4, against think's 10 a question
+    assert summary["oracle_share_as_auto"] == 0.8 and summary["all_direct_share_as_auto"] == 0.5
+    assert summary["oracle_thinking_by_level"] == {"1": 0.0, "6": 1.0}
+    # auto's own decisions served with the suffix in the prompt: the forced rows of the modes it took
+    assert summary["served_accuracy"] == 1.0 and summary["served_share"] == (2 + 10 + 2 + 10) / 4 / 10
     assert summary["family_routing"] == 1.0 and summary["oracle_family_routing"] == 1.0
     assert summary["thinking_by_level"] == {"1": 0.0, "6": 1.0} and summary["token_share"] == 0.6
     assert summary["goal_met"] is False  # 60% of think's tokens, over the 40% goal
+
+
+def test_the_readme_table_is_written_between_its_markers_from_the_results():
+    module = frontier_script()
+    results = {"BPO (paper) | seed 0": frontier_run(0, 0.99, 0.98, 0.672, 0.9696, 0.68, {
+        "confidence": 0.95, "met_on_fresh": True, "fresh_token_share": 0.45, "fresh_difference": {"difference": 1.0}})}
+    readme = f"# x\n\nbefore\n{module.README_START}\nold table\n{module.README_END}\nafter\n"
+    written = module.readme_with_table(readme, results, "r.json")
+    assert written.startswith("# x\n\nbefore\n") and written.endswith(f"{module.README_END}\nafter\n")
+    assert "old table" not in written and "--table-only r.json --readme README.md" in written
+    assert module.ranges_table(results, thresholds=False) in written and "Calibrated thresholds" not in written
+    assert module.readme_with_table(written, results, "r.json") == written  # a second run changes nothing
+    with pytest.raises(SystemExit, match="needs one"):
+        module.readme_with_table("# no markers\n", results, "r.json")
+
+
+def test_the_readmes_frontier_table_is_the_scripts_output_from_the_published_results():
+    """The README's table is not edited by hand: it is what --readme writes from the committed results."""
+    from pathlib import Path
+
+    module = frontier_script()
+    root = Path(__file__).resolve().parents[2]
+    readme = (root / "README.md").read_text()
+    source = "docs/thinking_cost_frontier_issue37_results.json"
+    results = json.loads((root / source).read_text())
+    assert module.readme_with_table(readme, results, source) == readme
+
+
+def test_a_relabelling_round_curates_with_the_given_model_anneals_it_and_runs_bpo_from_there(tmp_path, trained_tiny):
+    """The frontier's `relabel round` (docs/bpo.md): the model annotates the demo's train split, is annealed on its
+    own labels, and BPO runs from the annealed model (sizes cut to a few steps here)."""
+    from safetensors.torch import load_file
+
+    from bimode.data import synthetic
+    from bimode.data.records import read_records, write_records
+    from tests.helpers.trained import TRAINED_FAMILIES, TRAINED_MAX_LEVEL
+
+    demo = tmp_path / "demo"
+    for split, n in (("train", 24), ("eval", 8)):
+        write_records([s.to_record() for s in synthetic.generate(n, seed=9, split=split, families=TRAINED_FAMILIES,
+                                                                  max_level=TRAINED_MAX_LEVEL)],
+                      demo / "data" / f"{split}.jsonl")
+    out = tmp_path / "round"
+    final = frontier_script().relabel_round(trained_tiny, demo, out, 0, {
+        "relabel_from": "BPO (paper)", "relabel_anneal_steps": 2, "max_steps": 1, "warmup_steps": 0})
+    summary = json.loads((out / "relabelled" / "summary.json").read_text())
+    assert summary["total"]["curated"] == len(read_records(out / "relabelled" / "curated.jsonl")) > 0
+    weights = [load_file(folder / "model.safetensors") for folder in (trained_tiny, out / "reannealed" / "final", final)]
+    name = "lm_head.weight" if "lm_head.weight" in weights[0] else next(iter(weights[0]))
+    assert final == out / "bpo" / "final"
+    assert not torch.equal(weights[0][name], weights[1][name]) and not torch.equal(weights[1][name], weights[2][name])
