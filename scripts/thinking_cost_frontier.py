@@ -15,10 +15,12 @@ over tiny_bpo.yaml) is run once per setting and seed:
   relabel round         an on-policy relabelling round: the seed's BPO (paper) model curates the train split again
                         as the annotator (tiny_curate), is annealed on its own labels (300 steps), then the
                         round's BPO settings run from there
-Each final model is evaluated greedily in auto, think and no_think mode on the demo's eval split (400
-questions) and on a fresh split of 600 questions drawn with a seed the project uses nowhere else. Per run:
+Each final model is evaluated greedily in auto, think and no_think mode, and in auto mode at think_threshold 0.5
+(its own decision read from the prompt's pass and served with the chosen suffix in the prompt, as a threshold is),
+on the demo's eval split (400 questions) and on a fresh split of 600 questions drawn with a seed the project uses
+nowhere else (from the demo run's own families). Per run:
 auto accuracy and tokens against think mode's, the oracle router (per question, the cheaper forced mode that
-is right), auto mode's thinking rate per level, its decision agreement with the oracle router (the share of
+is right; also charged as auto mode pays, modes.decision_tokens), auto mode's thinking rate per level, its decision agreement with the oracle router (the share of
 questions where it thinks exactly where the oracle does) and how much of its decision the family label explains
 (eval.metrics.routing_explained_by; the oracle's own figure beside it), whether it met the goal (GOAL: within a
 point of think at no more than 40% of its tokens, level 1 thinking at most 10%, the top level's at least 80%), and
@@ -50,7 +52,7 @@ from bimode.data import synthetic
 from bimode.data.records import read_records, write_records
 from bimode.demo import anneal_tiny, tiny_eval_samples, train_to_final
 from bimode.eval.calibrate import calibrate
-from bimode.eval.metrics import by_query, group_metrics, oracle_summary, routing_explained_by
+from bimode.eval.metrics import group_metrics, oracle_summary, routing_explained_by
 from bimode.eval.runner import read_samples
 from bimode.generation.engine import TransformersEngine
 from bimode.models import load_model
@@ -90,6 +92,7 @@ LABELS = {"think cost 0.3": "think cost 0.3 (per thinking rollout)", "decision m
           "relabel round": "relabelling round (BPO model annotates, anneal, BPO)"}  # the table's names where they differ
 PUBLISHED = Path(__file__).resolve().parents[1] / "docs" / "thinking_cost_frontier_results.json"
 FRESH_SEED = 20261204  # a seed no other part of the project draws the world with
+HALF = 0.5  # auto mode's own decision served with the suffix in the prompt: the likelier of think and no_think
 GOAL = {"max_drop": 1.0, "token_share": 0.4, "level1_thinking": 0.10, "top_level_thinking": 0.80}  # issue 37's
 
 
@@ -128,13 +131,24 @@ def relabel_round(start: Path, demo: Path, out: Path, seed: int, setting: dict) 
 
 
 def evaluate(model_dir: Path, bench: Path, out: Path) -> list[dict]:
+    """The three modes' samples, and in out/half auto mode's at think_threshold 0.5 (HALF)."""
     if not (out / "samples.jsonl").exists():
         tiny_eval_samples(model_dir, bench, out, ["auto", "think", "no_think"])
+    if not (out / "half" / "samples.jsonl").exists():
+        tiny_eval_samples(model_dir, bench, out / "half", ["auto"], think_threshold=HALF)
     return read_samples(out / "samples.jsonl")
+
+
+def with_half(rows: list[dict], out: Path) -> list[dict]:
+    """The three modes' rows with auto mode's at think_threshold 0.5 as mode "auto@0.5"."""
+    half = read_samples(out / "half" / "samples.jsonl")
+    return rows + [{**r, "mode": "auto@0.5"} for r in half]
 
 
 def summarize(rows: list[dict], decision_counts: dict[str, int]) -> dict:
     """One run's figures on one split; decision_counts: modes.decision_tokens of the model's tokenizer."""
+    half = [r for r in rows if r["mode"] == "auto@0.5"]
+    rows = [r for r in rows if r["mode"] != "auto@0.5"]
     bench = next(iter(group_metrics(rows)["benchmarks"].values()))
     auto, think = bench["modes"]["auto"], bench["modes"]["think"]
     oracle = oracle_summary(rows, decision_counts)
@@ -152,12 +166,13 @@ def summarize(rows: list[dict], decision_counts: dict[str, int]) -> dict:
            / think["tokens"],
            "oracle_thinking_by_level": {lv: m["oracle"]["thinking_rate"] for lv, m in bench["by_level"].items()},
            "decision_agreement": bench["selection"]["hybrid_accuracy"]}
-    # auto mode's own decisions served as a threshold serves one (the chosen mode's suffix written into the prompt,
-    # so neither the decision nor the closing tags are generated): each question's forced row in the mode auto took
-    served = [modes["think" if modes["auto"]["thought"] else "no_think"] for modes in by_query(rows).values()
-              if {"auto", "think", "no_think"} <= modes.keys()]
-    out["served_accuracy"] = mean(float(r["score"]) for r in served)
-    out["served_share"] = mean(r["tokens"] for r in served) / think["tokens"]
+    # auto mode's own decision served as a threshold is (p_think read from the prompt's pass, the chosen mode's
+    # suffix written into the prompt, so neither the decision nor the closing tags are generated): threshold 0.5,
+    # the likelier of the two decisions, measured as its own eval run (evaluate)
+    if half:
+        out["served_accuracy"] = mean(float(r["score"]) for r in half)
+        out["served_share"] = mean(r["tokens"] for r in half) / think["tokens"]
+        out["served_thinking"] = mean(1.0 if r["thought"] else 0.0 for r in half)
     family = routing_explained_by(rows, "family")
     out["family_routing"], out["oracle_family_routing"] = family.get("auto"), family.get("oracle")
     top = out["thinking_by_level"][max(out["thinking_by_level"], key=int)]
@@ -284,8 +299,8 @@ def main() -> None:
                                   setting)
             else:
                 final = train_once(start, demo, out, name, seed)
-            eval_rows = evaluate(final, demo / "data" / "eval.jsonl", run_dir / "eval")
-            fresh_rows = evaluate(final, fresh, run_dir / "eval_fresh")
+            eval_rows = with_half(evaluate(final, demo / "data" / "eval.jsonl", run_dir / "eval"), run_dir / "eval")
+            fresh_rows = with_half(evaluate(final, fresh, run_dir / "eval_fresh"), run_dir / "eval_fresh")
             entry = {"setting": name, "seed": seed, "eval": summarize(eval_rows, counts),
                      "fresh": summarize(fresh_rows, counts),
                      "seconds": round(time.time() - began, 1)}
@@ -297,8 +312,12 @@ def main() -> None:
         run_dir = run_directory(out, entry["setting"], entry["seed"])
         if not (run_dir / "eval_fresh" / "samples.jsonl").exists():
             continue  # a run whose folder is gone keeps the figures it was measured with
-        pick, check = (read_samples(run_dir / part / "samples.jsonl") for part in ("eval", "eval_fresh"))
+        model = run_dir / "bpo" / "final" if "relabel_from" in SETTINGS[entry["setting"]] else run_dir / "final"
+        bench = {"eval": demo / "data" / "eval.jsonl", "eval_fresh": fresh}
+        pick, check = (with_half(evaluate(model, bench[part], run_dir / part), run_dir / part)
+                       for part in ("eval", "eval_fresh"))
         entry["eval"], entry["fresh"] = summarize(pick, counts), summarize(check, counts)  # fields added since
+        pick, check = ([r for r in rows if r["mode"] != "auto@0.5"] for rows in (pick, check))
         if "calibrated" not in entry:
             entry["calibrated"] = [calibrated(pick, check, c) for c in (0.0, 0.95)]
     results_path.write_text(json.dumps(results, indent=1))
@@ -370,8 +389,9 @@ def present(runs: list[dict], key: str) -> list[float]:
 
 
 def served_cell(runs: list[dict]) -> str:
-    """Auto mode's own decisions served with the chosen mode's suffix in the prompt: accuracy against think's and
-    the share of think's tokens, ranges over the runs; "-" for runs measured before it was."""
+    """Auto mode at think_threshold 0.5 (its own decision, served with the chosen mode's suffix in the prompt):
+    accuracy against think's and the share of think's tokens, ranges over the runs; "-" for runs measured before
+    it was."""
     runs = [r for r in runs if "served_share" in r]
     if not runs:
         return "-"
@@ -419,8 +439,8 @@ def ranges_table(results: dict, thresholds: bool = True) -> str:
     seeds = {len(runs) for runs in by_setting.values()}
     lines = [f"| setting ({'/'.join(map(str, sorted(seeds)))} seeds) | auto - think, points | auto tokens, share of "
              "think's | level 1 thinks | decision agreement with the oracle | family explains (auto / oracle) | "
-             "fresh split: auto - think, share | auto's decisions, suffix in the prompt: auto - think, share "
-             "(eval; fresh) |", "|---|---|---|---|---|---|---|---|"]
+             "fresh split: auto - think, share | think_threshold 0.5 (its own decision, the suffix in the prompt): "
+             "auto - think, share (eval; fresh) |", "|---|---|---|---|---|---|---|---|"]
     for name, runs in by_setting.items():
         e, f = [r["eval"] for r in runs], [r["fresh"] for r in runs]
         lines.append(f"| {LABELS.get(name, name)} | "

@@ -396,9 +396,10 @@ def anneal_tiny(model_dir: Path, files: list[Path], out: Path, steps: int, seed:
     return train_to_final(cfg, out, log_history=False)
 
 
-def tiny_eval_samples(model_dir: Path, bench: Path, out: Path, modes, merge_adapter: bool = False) -> Path:
+def tiny_eval_samples(model_dir: Path, bench: Path, out: Path, modes, merge_adapter: bool = False,
+                      think_threshold: float | None = None) -> Path:
     """The tiny_eval recipe on one benchmark file in `modes`, the model in float32 (a LoRA adapter merged with
-    merge_adapter: the same outputs, faster); the samples file."""
+    merge_adapter: the same outputs, faster), auto mode at `think_threshold` when given; the samples file."""
     import torch
 
     from bimode.eval.runner import EvalConfig, run_eval
@@ -408,7 +409,8 @@ def tiny_eval_samples(model_dir: Path, bench: Path, out: Path, modes, merge_adap
 
     model, processor = load_model(model_dir, dtype=torch.float32, merge_adapter=merge_adapter)
     return run_eval(TransformersEngine(model, processor, max_batch_rows=96), [bench], out,
-                    load_recipe(EvalConfig, "tiny_eval", modes=list(modes)), progress=False)
+                    load_recipe(EvalConfig, "tiny_eval", modes=list(modes), think_threshold=think_threshold),
+                    progress=False)
 
 
 def evaluate_tiny(model_dir: Path, bench: Path, out: Path, modes, merge_adapter: bool = False) -> dict:

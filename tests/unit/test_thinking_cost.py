@@ -230,8 +230,12 @@ def test_each_run_records_its_decision_agreement_and_how_much_the_family_explain
     # the oracle as auto mode pays: (2 + 3) on q1, q3 and (10 + 1) on q2, q4, against think's 10 a question
     assert summary["oracle_share_as_auto"] == 0.8 and summary["all_direct_share_as_auto"] == 0.5
     assert summary["oracle_thinking_by_level"] == {"1": 0.0, "6": 1.0}
-    # auto's own decisions served with the suffix in the prompt: the forced rows of the modes it took
-    assert summary["served_accuracy"] == 1.0 and summary["served_share"] == (2 + 10 + 2 + 10) / 4 / 10
+    assert "served_share" not in summary  # no run at think_threshold 0.5 among the rows
+    # auto mode at think_threshold 0.5 (mode "auto@0.5"): thinks on q4 only, wrong on q2 (answered directly)
+    half = [{**r, "mode": "auto@0.5"} for r in rows if r["mode"] == ("think" if r["id"] == "q4" else "no_think")]
+    summary = frontier_script().summarize(rows + half, {"think": 1, "no_think": 3})
+    assert summary["served_accuracy"] == 0.75 and summary["served_share"] == (2 + 2 + 2 + 10) / 4 / 10
+    assert summary["served_thinking"] == 0.25 and summary["decision_agreement"] == 1.0  # auto's own, unchanged
     assert summary["family_routing"] == 1.0 and summary["oracle_family_routing"] == 1.0
     assert summary["thinking_by_level"] == {"1": 0.0, "6": 1.0} and summary["token_share"] == 0.6
     assert summary["goal_met"] is False  # 60% of think's tokens, over the 40% goal
@@ -279,7 +283,8 @@ def test_a_relabelling_round_curates_with_the_given_model_anneals_it_and_runs_bp
                       demo / "data" / f"{split}.jsonl")
     out = tmp_path / "round"
     final = frontier_script().relabel_round(trained_tiny, demo, out, 0, {
-        "relabel_from": "BPO (paper)", "relabel_anneal_steps": 2, "max_steps": 1, "warmup_steps": 0})
+        "relabel_from": "BPO (paper)", "relabel_anneal_steps": 2, "max_steps": 1, "warmup_steps": 0,
+        "per_device_train_batch_size": 8})
     summary = json.loads((out / "relabelled" / "summary.json").read_text())
     assert summary["total"]["curated"] == len(read_records(out / "relabelled" / "curated.jsonl")) > 0
     weights = [load_file(folder / "model.safetensors") for folder in (trained_tiny, out / "reannealed" / "final", final)]
