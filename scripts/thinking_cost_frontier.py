@@ -500,8 +500,8 @@ def ranges_document(results: dict, source: str, markdown: str = "docs/thinking_c
     path = path.relative_to(root) if path.is_relative_to(root) else path
     shown = page.relative_to(root) if page.is_relative_to(root) else page
     return (f"# A cost of thinking: ranges over seeds\n\nFrom {path}: {len(results)} runs of BPO from the demo's "
-            f"annealed model, each setting with several seeds (`scripts/thinking_cost_frontier.py --demo runs/demo "
-            f"--out runs/frontier`, docs/bpo.md). This page is that script's output:\n\n```bash\n.venv/bin/python "
+            f"annealed model, each setting with several seeds (`scripts/thinking_cost_frontier.py --demo DEMO_RUN "
+            f"--out OUT`; each run's command in docs/bpo.md). This page is that script's output:\n\n```bash\n.venv/bin/python "
             f"scripts/thinking_cost_frontier.py --table-only {path} --markdown {shown}\n```\n\n"
             f"![accuracy against tokens, one point per run]({page.with_suffix('.png').name})\n\n" + ranges_table(results))
 
