@@ -88,6 +88,10 @@ def test_images_and_the_exact_only_setting():
     assert finder.check("d", "img1", "How many red cells here?") is None  # near, but only exact ones count
     with pytest.raises(ValueError, match="above 0"):
         DuplicateFinder(0)
+    for bad in (0.0, -0.5):  # the config refuses it before any row is read, naming the field
+        with pytest.raises(ValueError, match=f"near_duplicate_threshold must be above 0 .* got {bad}"):
+            CurateConfig(near_duplicate_threshold=bad)
+    assert CurateConfig(near_duplicate_threshold=1.5).near_duplicate_threshold == 1.5
 
 
 def test_the_batch_log_index_reads_entries_back_in_batch_order(tmp_path):
