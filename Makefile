@@ -81,18 +81,23 @@ $(LMMS_VENV)/.installed: requirements/lmms-eval.txt
 		from importlib.metadata import version; print('lmms-eval', version('lmms_eval'))"
 	touch $@
 
+# The suite runs with the loopback interface as its only network (scripts/loopback_only.sh; needs root, else it
+# says so and runs on the machine's network): nothing a test starts can listen on another interface
+LOOPBACK_ONLY := scripts/loopback_only.sh
+
 # The whole suite in the main environment (the newest transformers in range), then the tests that touch library
 # internals (marker `internals`) again in vLLM's environment, at the lower end of the range (docs/internals.md).
 # A vLLM environment older than pyproject.toml is brought up to date first. The second run reuses the first run's
 # trained tiny model (tests/conftest.py); exit status 5 is pytest's "no test selected" (PYTEST_ARGS="-k name"
 # naming no internals test), not a failure.
 test: setup
-	$(PY) -m pytest $(XDIST) $(PYTEST_ARGS)
+	$(LOOPBACK_ONLY) $(PY) -m pytest $(XDIST) $(PYTEST_ARGS)
 	@if [ -f $(VLLM_VENV)/.installed ]; then \
 		$(MAKE) --no-print-directory setup-vllm && \
 		echo "The internals tests at the lower end of the supported range, in vLLM's environment:" && \
 		$(VLLM_PY) -c "import transformers; print('transformers', transformers.__version__)" && \
-		{ BIMODE_TESTS_ANY_TRAINED_VERSION=1 $(VLLM_PY) -m pytest -m internals $(XDIST) $(PYTEST_ARGS) || [ $$? -eq 5 ]; }; \
+		{ BIMODE_TESTS_ANY_TRAINED_VERSION=1 $(LOOPBACK_ONLY) $(VLLM_PY) -m pytest -m internals $(XDIST) $(PYTEST_ARGS) \
+			|| [ $$? -eq 5 ]; }; \
 	else \
 		echo "Skipped: the internals tests at the lower end of the range run in vLLM's environment (make setup-vllm)"; \
 	fi

@@ -4,6 +4,7 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach a hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")  # vLLM would look for the machine's outward address (8.8.8.8 route)
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # `make test` runs two workers (pytest-xdist), one per core: each keeps torch (and every process it starts)
     # to one thread: two torch jobs of two threads each on two cores slow each other several-fold (a test run
