@@ -130,25 +130,19 @@ def relabel_round(start: Path, demo: Path, out: Path, seed: int, setting: dict) 
     return run_bpo(annealed / "final", demo, out / "bpo", seed, setting)
 
 
-def evaluate(model_dir: Path, bench: Path, out: Path) -> list[dict]:
-    """The three modes' samples, and in out/half auto mode's at think_threshold 0.5 (HALF)."""
+def evaluate(model_dir: Path, bench: Path, out: Path) -> tuple[list[dict], list[dict]]:
+    """The three modes' samples (run unless out/ has them), and auto mode's at think_threshold 0.5 (HALF, in
+    out/half)."""
     if not (out / "samples.jsonl").exists():
         tiny_eval_samples(model_dir, bench, out, ["auto", "think", "no_think"])
     if not (out / "half" / "samples.jsonl").exists():
         tiny_eval_samples(model_dir, bench, out / "half", ["auto"], think_threshold=HALF)
-    return read_samples(out / "samples.jsonl")
+    return read_samples(out / "samples.jsonl"), read_samples(out / "half" / "samples.jsonl")
 
 
-def with_half(rows: list[dict], out: Path) -> list[dict]:
-    """The three modes' rows with auto mode's at think_threshold 0.5 as mode "auto@0.5"."""
-    half = read_samples(out / "half" / "samples.jsonl")
-    return rows + [{**r, "mode": "auto@0.5"} for r in half]
-
-
-def summarize(rows: list[dict], decision_counts: dict[str, int]) -> dict:
-    """One run's figures on one split; decision_counts: modes.decision_tokens of the model's tokenizer."""
-    half = [r for r in rows if r["mode"] == "auto@0.5"]
-    rows = [r for r in rows if r["mode"] != "auto@0.5"]
+def summarize(rows: list[dict], decision_counts: dict[str, int], half: list[dict] = ()) -> dict:
+    """One run's figures on one split; decision_counts: modes.decision_tokens of the model's tokenizer; half: its
+    auto mode's samples at think_threshold 0.5."""
     bench = next(iter(group_metrics(rows)["benchmarks"].values()))
     auto, think = bench["modes"]["auto"], bench["modes"]["think"]
     oracle = oracle_summary(rows, decision_counts)
@@ -198,6 +192,22 @@ def fresh_split(demo: Path, out: Path, n: int) -> Path:
     known = {r.id for r in read_records(demo / "data" / "eval.jsonl")}
     assert not known & {r.id for r in records}
     return write_records(records, out / "fresh.jsonl", overwrite=True)
+
+
+def measure(entry: dict, model: Path, run_dir: Path, benches: dict[str, Path], counts: dict[str, int]) -> None:
+    """A run's figures on the eval and fresh splits (evaluated unless run_dir has the samples), and its threshold
+    picked on the eval split and checked on the fresh one, into its results entry."""
+    (pick, pick_half), (check, check_half) = (evaluate(model, benches[part], run_dir / part)
+                                              for part in ("eval", "eval_fresh"))
+    entry["eval"], entry["fresh"] = summarize(pick, counts, pick_half), summarize(check, counts, check_half)
+    if "calibrated" not in entry:
+        entry["calibrated"] = [calibrated(pick, check, c) for c in (0.0, 0.95)]
+
+
+def final_model(out: Path, name: str, seed: int) -> Path:
+    """Where a setting's run keeps its final model (a relabelling round's is its second BPO's)."""
+    run_dir = run_directory(out, name, seed)
+    return run_dir / "bpo" / "final" if "relabel_from" in SETTINGS[name] else run_dir / "final"
 
 
 def train_once(start: Path, demo: Path, out: Path, name: str, seed: int) -> Path:
@@ -284,6 +294,8 @@ def main() -> None:
     counts = decision_tokens(AutoTokenizer.from_pretrained(str(start)))  # every run shares the tiny tokenizer
     results_path = out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    benches = {"eval": demo / "data" / "eval.jsonl", "eval_fresh": fresh}
+    measured_now = set()
     for name in args.settings:
         for seed in args.seeds:
             key = f"{name} | seed {seed}"
@@ -291,35 +303,24 @@ def main() -> None:
                 continue
             run_dir = run_directory(out, name, seed)
             began = time.time()
-            setting = SETTINGS[name]
-            if "relabel_from" in setting:
-                final = run_dir / "bpo" / "final"
-                if not (final / "config.json").exists():
-                    relabel_round(train_once(start, demo, out, setting["relabel_from"], seed), demo, run_dir, seed,
-                                  setting)
-            else:
-                final = train_once(start, demo, out, name, seed)
-            eval_rows = with_half(evaluate(final, demo / "data" / "eval.jsonl", run_dir / "eval"), run_dir / "eval")
-            fresh_rows = with_half(evaluate(final, fresh, run_dir / "eval_fresh"), run_dir / "eval_fresh")
-            entry = {"setting": name, "seed": seed, "eval": summarize(eval_rows, counts),
-                     "fresh": summarize(fresh_rows, counts),
-                     "seconds": round(time.time() - began, 1)}
+            setting, final = SETTINGS[name], final_model(out, name, seed)
+            if "relabel_from" not in setting:
+                train_once(start, demo, out, name, seed)
+            elif not (final / "config.json").exists():
+                relabel_round(train_once(start, demo, out, setting["relabel_from"], seed), demo, run_dir, seed, setting)
+            entry = {"setting": name, "seed": seed}
+            measure(entry, final, run_dir, benches, counts)
+            entry["seconds"] = round(time.time() - began, 1)
             results[key] = entry
+            measured_now.add(key)
             results_path.write_text(json.dumps(results, indent=1))
             print(f"{key}: auto {100 * entry['eval']['auto_accuracy']:.1f} at "
                   f"{100 * entry['eval']['token_share']:.0f}% of think's tokens", flush=True)
-    for entry in results.values():  # every model's threshold, picked on the eval split, checked on the fresh one
+    for key, entry in results.items():  # earlier runs again, for the fields added since they were measured
         run_dir = run_directory(out, entry["setting"], entry["seed"])
-        if not (run_dir / "eval_fresh" / "samples.jsonl").exists():
+        if key in measured_now or not (run_dir / "eval_fresh" / "samples.jsonl").exists():
             continue  # a run whose folder is gone keeps the figures it was measured with
-        model = run_dir / "bpo" / "final" if "relabel_from" in SETTINGS[entry["setting"]] else run_dir / "final"
-        bench = {"eval": demo / "data" / "eval.jsonl", "eval_fresh": fresh}
-        pick, check = (with_half(evaluate(model, bench[part], run_dir / part), run_dir / part)
-                       for part in ("eval", "eval_fresh"))
-        entry["eval"], entry["fresh"] = summarize(pick, counts), summarize(check, counts)  # fields added since
-        pick, check = ([r for r in rows if r["mode"] != "auto@0.5"] for rows in (pick, check))
-        if "calibrated" not in entry:
-            entry["calibrated"] = [calibrated(pick, check, c) for c in (0.0, 0.95)]
+        measure(entry, final_model(out, entry["setting"], entry["seed"]), run_dir, benches, counts)
     results_path.write_text(json.dumps(results, indent=1))
     (out / "frontier.md").write_text(render(results) + "\n" + ranges_table(results))
     plot(results, out / "frontier.png")

@@ -231,9 +231,9 @@ def test_each_run_records_its_decision_agreement_and_how_much_the_family_explain
     assert summary["oracle_share_as_auto"] == 0.8 and summary["all_direct_share_as_auto"] == 0.5
     assert summary["oracle_thinking_by_level"] == {"1": 0.0, "6": 1.0}
     assert "served_share" not in summary  # no run at think_threshold 0.5 among the rows
-    # auto mode at think_threshold 0.5 (mode "auto@0.5"): thinks on q4 only, wrong on q2 (answered directly)
-    half = [{**r, "mode": "auto@0.5"} for r in rows if r["mode"] == ("think" if r["id"] == "q4" else "no_think")]
-    summary = frontier_script().summarize(rows + half, {"think": 1, "no_think": 3})
+    # auto mode at think_threshold 0.5: thinks on q4 only, wrong on q2 (answered directly)
+    half = [{**r, "mode": "auto"} for r in rows if r["mode"] == ("think" if r["id"] == "q4" else "no_think")]
+    summary = frontier_script().summarize(rows, {"think": 1, "no_think": 3}, half)
     assert summary["served_accuracy"] == 0.75 and summary["served_share"] == (2 + 2 + 2 + 10) / 4 / 10
     assert summary["served_thinking"] == 0.25 and summary["decision_agreement"] == 1.0  # auto's own, unchanged
     assert summary["family_routing"] == 1.0 and summary["oracle_family_routing"] == 1.0
